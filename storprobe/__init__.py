@@ -1,0 +1,46 @@
+"""storprobe: tell what a disk image is from its bytes alone, without trusting it."""
+
+from .detect import open_source, probe
+from .errors import (
+    InvalidHeader,
+    ProbeError,
+    ReadLimitExceeded,
+    SourceError,
+    TruncatedHeader,
+    UnknownFormat,
+    UnsupportedVersion,
+)
+from .hookspecs import hookimpl
+from .layout import Layout
+from .model import ImageInfo
+from .registry import format_table, register, registered, unregister
+from .source import BytesSource, FileSource, Image, PathSource
+from .spec import Backing, DataFile, Features, FormatSpec, Snapshot
+
+__all__ = [
+    "Backing",
+    "BytesSource",
+    "DataFile",
+    "Features",
+    "FileSource",
+    "FormatSpec",
+    "Image",
+    "ImageInfo",
+    "InvalidHeader",
+    "Layout",
+    "PathSource",
+    "ProbeError",
+    "ReadLimitExceeded",
+    "Snapshot",
+    "SourceError",
+    "TruncatedHeader",
+    "UnknownFormat",
+    "UnsupportedVersion",
+    "format_table",
+    "hookimpl",
+    "open_source",
+    "probe",
+    "register",
+    "registered",
+    "unregister",
+]

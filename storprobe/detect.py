@@ -1,0 +1,175 @@
+"""The probing loop: choose a row of the format table, then run its callbacks.
+
+Detection follows libvirt's rule and improves on it: a row whose magic and
+version match wins (rows in table order); a magic match with an unknown version
+is reported as such, not as raw; a file-name extension counts only for rows
+without a signature; a catch-all row (raw, dir) is the fallback. Every row
+whose signature matches is listed in the result, so polyglots stay visible.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import BinaryIO
+
+from .errors import InvalidHeader, ProbeError, TruncatedHeader, UnsupportedVersion
+from .layout import read_uint
+from .model import ImageInfo
+from .registry import FormatTable, format_table
+from .source import BytesSource, ByteSource, FileSource, Image, PathSource
+from .spec import Features, FormatSpec
+
+Target = str | os.PathLike[str] | bytes | BinaryIO | ByteSource
+
+
+def open_source(target: Target) -> ByteSource:
+    """A byte source for a path, bytes, an open binary file or a source."""
+    if isinstance(target, (str, os.PathLike)):
+        return PathSource(target)
+    if isinstance(target, (bytes, bytearray, memoryview)):
+        return BytesSource(bytes(target))
+    if hasattr(target, "read_at"):
+        return target  # type: ignore[return-value]
+    return FileSource(target)  # type: ignore[arg-type]
+
+
+def probe(target: Target, *, format: str | None = None, table: FormatTable | None = None) -> ImageInfo:
+    """Probe one volume. With ``format``, trust the caller and do not detect.
+
+    Raises a :class:`~storprobe.errors.ProbeError` subclass when the volume
+    cannot be probed; never another exception for any bytes in the volume.
+    """
+    table = table or format_table()
+    source = open_source(target)
+    try:
+        img = Image(source)
+        return _probe_image(img, table, format)
+    finally:
+        if source is not target:
+            source.close()
+
+
+def _probe_image(img: Image, table: FormatTable, format: str | None) -> ImageInfo:
+    matched, rejected = _signatures(img, table.specs)
+    matches = tuple(matched)
+    if format is not None:
+        spec = table[format]
+        if (spec.magic or spec.match) and spec.name not in matched:
+            if spec.name in rejected:
+                raise rejected[spec.name]
+            raise InvalidHeader(f"not a {spec.name} image (its signature is missing)", code="wrong-format")
+        return _describe(img, spec, matched.get(spec.name, spec.header_offsets[0]), "caller", matches)
+    if matched:
+        name, offset = next(iter(matched.items()))
+        return _describe(img, table[name], offset, "magic", matches)
+    if rejected:
+        raise next(iter(rejected.values()))
+    for spec in table.specs:
+        if img.file_type in spec.file_types and spec.magic is None and spec.match is None:
+            if spec.extension and img.name.lower().endswith(spec.extension):
+                return _describe(img, spec, spec.header_offsets[0], "extension", matches)
+            if spec.catch_all:
+                return _describe(img, spec, spec.header_offsets[0], "fallback", matches)
+    raise ProbeError(f"no format applies to a {img.file_type}", code="no-format")
+
+
+def _signatures(img: Image, specs: Iterable[FormatSpec]) -> tuple[dict[str, int], dict[str, ProbeError]]:
+    """Rows whose signature and version the bytes carry (name -> header offset,
+    in table order), and rows whose signature matched but whose version or
+    header was refused (name -> the error)."""
+    matched: dict[str, int] = {}
+    rejected: dict[str, ProbeError] = {}
+    for spec in specs:
+        if img.file_type not in spec.file_types or (spec.magic is None and spec.match is None):
+            continue
+        for offset in spec.header_offsets:
+            if _signature_at(img, spec, offset):
+                try:
+                    _check_version(img, spec, offset)
+                except ProbeError as exc:
+                    rejected[spec.name] = exc
+                else:
+                    matched[spec.name] = offset
+                break
+    return matched, rejected
+
+
+def _signature_at(img: Image, spec: FormatSpec, offset: int) -> bool:
+    if offset < 0 and img.size + offset < 0:
+        return False
+    if spec.magic is not None:
+        where = (img.size + offset if offset < 0 else offset) + spec.magic_offset
+        if where < 0 or where + len(spec.magic) > img.size:
+            return False
+        if img.read(where, len(spec.magic)) == spec.magic:
+            return True
+    if spec.match is not None:
+        return _guarded(spec, "match", lambda: bool(spec.match(img.at_header(offset))))
+    return False
+
+
+def _check_version(img: Image, spec: FormatSpec, offset: int) -> None:
+    if spec.version_offset is None or spec.magic is None:
+        return
+    header = img.at_header(offset).header
+    try:
+        version = read_uint(header, spec.version_offset, spec.version_width, spec.endian)
+    except TruncatedHeader:
+        raise TruncatedHeader(f"{spec.name} header is truncated before its version field") from None
+    if version not in spec.versions:
+        raise UnsupportedVersion(spec.name, version, spec.versions)
+
+
+def _describe(img: Image, spec: FormatSpec, offset: int, evidence: str, matches: tuple[str, ...]) -> ImageInfo:
+    img.at_header(offset)
+    header = img.header
+    features = _guarded(spec, "features", lambda: spec.features(img)) if spec.features else Features()
+    if spec.size is not None:
+        virtual_size = _guarded(spec, "size", lambda: spec.size(img))
+    elif spec.size_offset is not None:
+        virtual_size = read_uint(header, spec.size_offset, spec.size_width, spec.endian) * spec.size_multiplier
+    else:
+        virtual_size = img.size
+    encryption = features.encryption
+    if encryption is None and spec.crypt_offset is not None:
+        method = read_uint(header, spec.crypt_offset, 4, spec.endian)
+        if method:
+            encryption = spec.crypt_methods.get(method, f"unknown-{method}")
+    version = None
+    if spec.version_offset is not None and spec.magic is not None:
+        version = read_uint(header, spec.version_offset, spec.version_width, spec.endian)
+    stat = img.source.stat
+    return ImageInfo(
+        filename=img.name,
+        format=spec.name,
+        virtual_size=virtual_size,
+        actual_size=stat.st_blocks * 512 if stat is not None else None,
+        file_type=img.file_type,
+        evidence=evidence,
+        matches=matches,
+        version=version,
+        cluster_size=features.cluster_size,
+        encryption=encryption,
+        dirty=features.dirty,
+        compat=features.compat,
+        flags=features.flags,
+        backing=_guarded(spec, "backing", lambda: spec.backing(img)) if spec.backing else None,
+        data_file=features.data_file,
+        snapshots=features.snapshots,
+        specific=features.specific,
+        details=features.details,
+    )
+
+
+def _guarded(spec: FormatSpec, callback: str, call):
+    """Run a plugin callback; a bug in it becomes a named error, not a traceback."""
+    try:
+        return call()
+    except ProbeError:
+        raise
+    except Exception as exc:  # a plugin defect must not escape as a traceback
+        raise ProbeError(
+            f"{spec.name} plugin's {callback} callback failed: {type(exc).__name__}: {exc}",
+            code="plugin-error",
+        ) from exc

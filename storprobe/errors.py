@@ -1,0 +1,68 @@
+"""Named errors: every reason a volume cannot be probed is one of these.
+
+Each error carries a stable ``code`` (``"truncated"``, ``"qcow2.cluster-bits"`` ...)
+so callers and tests can tell rules apart without parsing messages.
+"""
+
+from __future__ import annotations
+
+
+class ProbeError(Exception):
+    """Base of every error storprobe raises for a volume it cannot probe."""
+
+    code = "probe-error"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+    @property
+    def reason(self) -> str:
+        return str(self)
+
+
+class SourceError(ProbeError):
+    """The volume cannot be opened or read (missing, permission, FIFO, socket ...)."""
+
+    code = "source"
+
+
+class TruncatedHeader(ProbeError):
+    """A field the format needs lies beyond the end of the file."""
+
+    code = "truncated"
+
+
+class InvalidHeader(ProbeError):
+    """A header field breaks one of the format's rules; ``code`` names the rule."""
+
+    code = "invalid-header"
+
+
+class UnsupportedVersion(ProbeError):
+    """The magic of a known format matched but its version is not one we know."""
+
+    code = "unsupported-version"
+
+    def __init__(self, format_name: str, version: int, accepted: tuple[int, ...]) -> None:
+        known = ", ".join(str(v) for v in accepted)
+        super().__init__(f"{format_name} magic with unsupported version {version} (known: {known})")
+        self.format = format_name
+        self.version = version
+
+
+class ReadLimitExceeded(ProbeError):
+    """The header asks us to read more than the per-probe byte budget allows."""
+
+    code = "read-limit"
+
+
+class UnknownFormat(ProbeError):
+    """The caller named a format that no registered plugin provides."""
+
+    code = "unknown-format"
+
+
+class PluginConflict(Exception):
+    """Two plugins registered the same format name (a programming error, raised at load)."""

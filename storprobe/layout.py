@@ -1,0 +1,58 @@
+"""Header layouts written once, as data, in the order of the spec.
+
+    QCOW2_HEADER = Layout(">", "qcow2 header",
+        ("magic", "4s"),
+        ("version", "I"),
+        ...
+    )
+    hdr = QCOW2_HEADER.unpack(img.header)   # -> a named tuple
+    hdr.version
+
+A field is ``(name, struct-code)``; a name of ``None`` is padding the reader
+skips. Reading past the end of the buffer raises :class:`TruncatedHeader`.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import namedtuple
+from typing import Any
+
+from .errors import TruncatedHeader
+
+
+class Layout:
+    """A fixed-size structure: an endianness and an ordered list of fields."""
+
+    __slots__ = ("what", "_struct", "_tuple")
+
+    def __init__(self, endian: str, what: str, *fields: tuple[str | None, str]) -> None:
+        self.what = what
+        self._struct = struct.Struct(endian + "".join(code for _, code in fields))
+        names = [name for name, _ in fields if name]
+        self._tuple = namedtuple(what.replace(" ", "_").replace("-", "_"), names)
+
+    @property
+    def size(self) -> int:
+        return self._struct.size
+
+    def unpack(self, buf: bytes | memoryview, offset: int = 0) -> Any:
+        """The fields at ``offset`` of ``buf`` as a named tuple."""
+        if offset < 0 or offset + self._struct.size > len(buf):
+            raise TruncatedHeader(
+                f"{self.what} needs {self._struct.size} bytes at offset {offset}, "
+                f"only {max(0, len(buf) - offset)} available"
+            )
+        return self._tuple._make(self._struct.unpack_from(buf, offset))
+
+
+def read_uint(buf: bytes | memoryview, offset: int, width: int, endian: str) -> int:
+    """An unsigned integer of ``width`` bytes at ``offset``; TruncatedHeader if short."""
+    if offset < 0 or offset + width > len(buf):
+        raise TruncatedHeader(f"{width}-byte field at offset {offset} lies beyond the header")
+    return int.from_bytes(buf[offset : offset + width], "big" if endian == ">" else "little")
+
+
+def cstring(raw: bytes, encoding: str = "utf-8") -> str:
+    """A NUL-terminated (or NUL-padded) byte string, decoded leniently."""
+    return raw.split(b"\0", 1)[0].decode(encoding, "replace")

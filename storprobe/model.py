@@ -1,0 +1,43 @@
+"""The result of probing one volume."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .spec import Backing, DataFile, Snapshot
+
+
+@dataclass(slots=True)
+class ImageInfo:
+    """Everything storprobe learned about one volume from its bytes.
+
+    ``evidence`` says why ``format`` was chosen: ``"magic"`` (signature and
+    version), ``"extension"``, ``"fallback"`` (no signature matched) or
+    ``"caller"`` (the format was given, not probed). ``matches`` lists every
+    format whose signature the bytes carry, so polyglots are visible.
+    """
+
+    filename: str
+    format: str
+    virtual_size: int
+    actual_size: int | None
+    file_type: str = "file"
+    evidence: str = "magic"
+    matches: tuple[str, ...] = ()
+    version: int | None = None
+    cluster_size: int | None = None
+    encryption: str | None = None
+    dirty: bool = False
+    compat: str | None = None
+    flags: tuple[str, ...] | None = None
+    backing: Backing | None = None
+    data_file: DataFile | None = None
+    snapshots: tuple[Snapshot, ...] = ()
+    specific: Mapping[str, Any] | None = None
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def encrypted(self) -> bool:
+        return self.encryption is not None

@@ -1,0 +1,85 @@
+"""``qemu-img info --output=json`` for an :class:`ImageInfo`: same keys, same
+omission rules, so tools that parse qemu-img can switch. storprobe's own facts
+go under the single extra key ``"storprobe"``."""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+from .model import ImageInfo
+from .spec import Snapshot
+
+EXTRA_KEY = "storprobe"
+_PROTOCOL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+def full_backing_filename(image_name: str, backing_name: str) -> str:
+    """The backing name joined to the image's directory, as qemu-img shows it;
+    absolute names and protocol names (``nbd:``, ``json:`` ...) stay as they are."""
+    if os.path.isabs(backing_name) or _PROTOCOL.match(backing_name):
+        return backing_name
+    return os.path.join(os.path.dirname(image_name), backing_name)
+
+
+def _snapshot(snap: Snapshot) -> dict[str, Any]:
+    entry: dict[str, Any] = {}
+    if snap.icount is not None:
+        entry["icount"] = snap.icount
+    entry.update(
+        {
+            "vm-clock-nsec": snap.vm_clock_nsec % 1_000_000_000,
+            "name": snap.name,
+            "date-sec": snap.date_sec,
+            "date-nsec": snap.date_nsec,
+            "vm-clock-sec": snap.vm_clock_nsec // 1_000_000_000,
+            "id": snap.id,
+            "vm-state-size": snap.vm_state_size,
+        }
+    )
+    return entry
+
+
+def to_qemu_json(info: ImageInfo) -> dict[str, Any]:
+    """The object ``qemu-img info --output=json`` prints, plus our extra key."""
+    out: dict[str, Any] = {}
+    if info.snapshots:
+        out["snapshots"] = [_snapshot(s) for s in info.snapshots]
+    if info.backing is not None and info.backing.format is not None:
+        out["backing-filename-format"] = info.backing.format
+    out["virtual-size"] = info.virtual_size
+    out["filename"] = info.filename
+    if info.cluster_size is not None:
+        out["cluster-size"] = info.cluster_size
+    out["format"] = info.format
+    if info.actual_size is not None:
+        out["actual-size"] = info.actual_size
+    if info.specific is not None:
+        out["format-specific"] = {"type": info.format, "data": dict(info.specific)}
+    if info.encrypted:
+        out["encrypted"] = True
+    if info.backing is not None:
+        out["full-backing-filename"] = full_backing_filename(info.filename, info.backing.name)
+        out["backing-filename"] = info.backing.name
+    out["dirty-flag"] = info.dirty
+    out[EXTRA_KEY] = extras(info)
+    return out
+
+
+def extras(info: ImageInfo) -> dict[str, Any]:
+    """storprobe's facts that qemu-img does not print."""
+    extra: dict[str, Any] = {"evidence": info.evidence, "matches": list(info.matches)}
+    if info.version is not None:
+        extra["version"] = info.version
+    if info.encryption is not None:
+        extra["encryption"] = info.encryption
+    if info.compat is not None:
+        extra["compat"] = info.compat
+    if info.flags is not None:
+        extra["features"] = list(info.flags)
+    if info.data_file is not None:
+        extra["data-file"] = {"name": info.data_file.name, "raw": info.data_file.raw}
+    if info.details:
+        extra["details"] = dict(info.details)
+    return extra

@@ -1,0 +1,206 @@
+"""Byte sources and the bounded view of an image that format callbacks read.
+
+A :class:`ByteSource` is anything with a name, a size and positional reads: a
+path (opened read-only, non-blocking, never following into FIFOs or sockets),
+an open binary file, or bytes in memory. :class:`Image` wraps one with the
+header buffer read once up front and a per-probe byte budget for any further
+reads a format needs.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+from typing import BinaryIO, Protocol
+
+from .errors import ReadLimitExceeded, SourceError, TruncatedHeader
+
+#: Bytes read up front from every volume: libvirt's 0x8200, which also covers
+#: the ISO 9660 signature at 32769.
+HEAD_SIZE = 0x8200
+#: Most bytes one probe may read in all, header included; a header that asks
+#: for more is refused with ReadLimitExceeded instead of being trusted.
+READ_BUDGET = 16 * 1024 * 1024
+
+
+class ByteSource(Protocol):
+    """What the core reads a volume through."""
+
+    name: str
+    file_type: str  # "file", "block", "dir"
+    stat: os.stat_result | None
+
+    def size(self) -> int: ...
+
+    def read_at(self, offset: int, length: int) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+_KIND_BY_MODE = (
+    (stat.S_ISREG, "file"),
+    (stat.S_ISBLK, "block"),
+    (stat.S_ISDIR, "dir"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISFIFO, "FIFO"),
+    (stat.S_ISSOCK, "socket"),
+)
+
+
+def _kind(mode: int) -> str:
+    return next((kind for test, kind in _KIND_BY_MODE if test(mode)), "special file")
+
+
+class PathSource:
+    """A volume named by path. Only regular files, block devices and
+    directories are probed; anything else is a SourceError, found without
+    blocking (the open is O_NONBLOCK and the type is checked on the open fd)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.name = os.fspath(path)
+        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0)
+        try:
+            self._fd = os.open(self.name, flags)
+        except OSError as exc:
+            raise SourceError(_os_reason(exc, self.name)) from None
+        try:
+            self.stat = os.fstat(self._fd)
+            self.file_type = _kind(self.stat.st_mode)
+            if self.file_type not in ("file", "block", "dir"):
+                raise SourceError(f"is a {self.file_type}, not a volume")
+            self._size = (
+                os.lseek(self._fd, 0, os.SEEK_END) if self.file_type == "block" else self.stat.st_size
+            )
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def size(self) -> int:
+        return self._size
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        try:
+            return os.pread(self._fd, length, offset)
+        except OSError as exc:
+            raise SourceError(_os_reason(exc, self.name)) from None
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+class FileSource:
+    """An already open binary file (read with pread where it has a descriptor)."""
+
+    file_type = "file"
+
+    def __init__(self, fileobj: BinaryIO, name: str | None = None) -> None:
+        self._file = fileobj
+        self.name = name or str(getattr(fileobj, "name", "<file>"))
+        try:
+            self._fd: int | None = fileobj.fileno()
+            self.stat = os.fstat(self._fd)
+        except (OSError, AttributeError, io.UnsupportedOperation):
+            self._fd, self.stat = None, None
+
+    def size(self) -> int:
+        if self.stat is not None and stat.S_ISREG(self.stat.st_mode):
+            return os.fstat(self._fd).st_size
+        return self._file.seek(0, io.SEEK_END)
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        if self._fd is not None:
+            return os.pread(self._fd, length, offset)
+        self._file.seek(offset)
+        return self._file.read(length)
+
+    def close(self) -> None:
+        """The caller owns the file; nothing to close."""
+
+
+class BytesSource:
+    """A volume held in memory (tests, fuzzing, images already read)."""
+
+    file_type = "file"
+    stat = None
+
+    def __init__(self, data: bytes, name: str = "<bytes>") -> None:
+        self._data = bytes(data)
+        self.name = name
+
+    def size(self) -> int:
+        return len(self._data)
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        return self._data[offset : offset + length]
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+def _os_reason(exc: OSError, name: str) -> str:
+    reason = exc.strerror or str(exc)
+    if exc.errno is not None and exc.errno == getattr(os, "ENXIO", None):
+        reason = "cannot be opened (a socket or a device with no medium)"
+    return reason
+
+
+class Image:
+    """The bounded view of one volume that detection and callbacks read.
+
+    ``head`` is the first :data:`HEAD_SIZE` bytes; ``header`` the bytes at the
+    chosen format's header start (``header_offset``), which is ``head`` unless
+    the header is a trailer. :meth:`read` gets more, within :data:`READ_BUDGET`.
+    """
+
+    __slots__ = ("source", "name", "file_type", "size", "head", "header", "header_offset", "_spent")
+
+    def __init__(self, source: ByteSource) -> None:
+        self.source = source
+        self.name = source.name
+        self.file_type = source.file_type
+        self.size = source.size() if source.file_type != "dir" else 0
+        self._spent = 0
+        self.head = self._fetch(0, min(HEAD_SIZE, self.size)) if self.size else b""
+        self.header = self.head
+        self.header_offset = 0
+
+    def _fetch(self, offset: int, length: int) -> bytes:
+        self._spent += length
+        if self._spent > READ_BUDGET:
+            raise ReadLimitExceeded(
+                f"reading {length} bytes at offset {offset} would exceed the "
+                f"{READ_BUDGET}-byte read budget of one probe"
+            )
+        return self.source.read_at(offset, length)
+
+    def read(self, offset: int, length: int, *, exact: bool = True) -> bytes:
+        """``length`` bytes at ``offset`` (negative: from the end of the file).
+
+        With ``exact`` (the default) a short read raises TruncatedHeader, so a
+        field that points past the end of the file is a named error.
+        """
+        if offset < 0:
+            offset += self.size
+        if offset < 0 or length < 0:
+            raise TruncatedHeader(f"read of {length} bytes at offset {offset} is outside the file")
+        end = offset + length
+        if end <= len(self.head):
+            data = self.head[offset:end]
+        elif exact and end > self.size:
+            raise TruncatedHeader(
+                f"{length} bytes at offset {offset} run past the end of the file ({self.size} bytes)"
+            )
+        else:
+            data = self._fetch(offset, min(length, max(0, self.size - offset)))
+        if exact and len(data) != length:
+            raise TruncatedHeader(f"file ended while reading {length} bytes at offset {offset}")
+        return data
+
+    def at_header(self, offset: int) -> Image:
+        """Point ``header`` at the structure found at ``offset`` (negative: from the end)."""
+        absolute = offset + self.size if offset < 0 else offset
+        if absolute != self.header_offset:
+            self.header = self.read(absolute, min(HEAD_SIZE, self.size - absolute), exact=False)
+            self.header_offset = absolute
+        return self

@@ -1,0 +1,116 @@
+"""The format table's row type and what its callbacks return.
+
+A format is one :class:`FormatSpec`: data first (magic, version, size and crypt
+fields, as offsets into the header), then at most four small callbacks for what
+data cannot say. Offsets are relative to the header's start, which is one of
+``header_offsets`` (negative values count from the end of the file, for formats
+whose header is a trailer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from .source import Image
+
+FileType = Literal["file", "block", "dir"]
+
+
+@dataclass(frozen=True, slots=True)
+class Backing:
+    """A backing store as the image records it (never resolved or opened here)."""
+
+    name: str
+    format: str | None = None  # the recorded format; None when the image does not say
+
+
+@dataclass(frozen=True, slots=True)
+class DataFile:
+    """A qcow2-style external data file as recorded in the image."""
+
+    name: str | None
+    raw: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """An internal snapshot, with the fields ``qemu-img info`` shows."""
+
+    id: str
+    name: str
+    vm_state_size: int
+    date_sec: int
+    date_nsec: int
+    vm_clock_nsec: int
+    icount: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Features:
+    """What a format's ``features`` callback found beyond the row's plain fields.
+
+    ``specific`` is the ``data`` of qemu-img's ``format-specific`` object, with
+    qemu-img's key names; ``details`` holds storprobe's own extra facts.
+    ``flags`` are libvirt's ``<features>`` children; ``None`` means the format
+    has no feature set (no ``<features>`` element), ``()`` an empty one.
+    """
+
+    cluster_size: int | None = None
+    encryption: str | None = None
+    dirty: bool = False
+    compat: str | None = None
+    flags: tuple[str, ...] | None = None
+    snapshots: tuple[Snapshot, ...] = ()
+    data_file: DataFile | None = None
+    specific: Mapping[str, Any] | None = None
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class FormatSpec:
+    """One row of the format table."""
+
+    name: str
+    description: str = ""
+    magic: bytes | None = None
+    magic_offset: int = 0
+    header_offsets: tuple[int, ...] = (0,)
+    extension: str | None = None
+    endian: Literal["<", ">"] = "<"
+    version_offset: int | None = None
+    version_width: int = 4
+    versions: tuple[int, ...] = ()
+    size_offset: int | None = None
+    size_width: int = 8
+    size_multiplier: int = 1
+    crypt_offset: int | None = None
+    crypt_methods: Mapping[int, str] = field(default_factory=dict)
+    file_types: frozenset[FileType] = frozenset({"file", "block"})
+    match: Callable[[Image], bool] | None = None
+    size: Callable[[Image], int] | None = None
+    backing: Callable[[Image], Backing | None] | None = None
+    features: Callable[[Image], Features] | None = None
+    priority: int = 0
+
+    @property
+    def catch_all(self) -> bool:
+        """A row with no signature at all matches anything of its file types."""
+        return self.magic is None and self.match is None and self.extension is None
+
+    def sort_key(self) -> tuple:
+        """Detection order: headers at the start, deeper headers, trailers,
+        extension-only rows, catch-alls; then ``priority``, then name."""
+        if self.catch_all:
+            rank = 4
+        elif self.magic is None and self.match is None:
+            rank = 3
+        elif min(self.header_offsets) < 0:
+            rank = 2
+        elif self.magic_offset + max(self.header_offsets) > 0:
+            rank = 1
+        else:
+            rank = 0
+        return (rank, self.priority, self.name)

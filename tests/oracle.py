@@ -1,0 +1,67 @@
+"""Real tools as oracles: make images with qemu-img and friends, read qemu-img's answer."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from storprobe import probe
+from storprobe.qemu_json import EXTRA_KEY, to_qemu_json
+
+
+def require(tool: str) -> str:
+    """The path of ``tool``; skip the test, saying why, when it is not installed."""
+    path = shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/sbin")
+    if path is None:
+        pytest.skip(f"{tool} is not installed (.ci/run installs it)")
+    return path
+
+
+def run(*args: str | Path, input: bytes | None = None) -> subprocess.CompletedProcess:
+    """Run a tool, failing the test with its stderr when it fails."""
+    cmd = [str(a) for a in args]
+    cmd[0] = require(cmd[0])
+    proc = subprocess.run(cmd, capture_output=True, input=input)
+    if proc.returncode != 0:
+        pytest.fail(f"{' '.join(cmd)} failed: {proc.stderr.decode(errors='replace')}")
+    return proc
+
+
+def qemu_img_create(path: Path, fmt: str, size: str = "64M", *options: str) -> Path:
+    """``qemu-img create -f fmt [-o opt ...] path size``."""
+    args: list[str] = ["qemu-img", "create", "-q", "-f", fmt]
+    for opt in options:
+        args += ["-o", opt]
+    run(*args, path, size)
+    return path
+
+
+def qemu_info(path: Path, fmt: str | None = None) -> dict[str, Any]:
+    """What ``qemu-img info --output=json`` says of ``path``."""
+    args = ["qemu-img", "info", "--output=json", "-U"]
+    if fmt:
+        args += ["-f", fmt]
+    return json.loads(run(*args, path).stdout)
+
+
+def ours(path: Path, fmt: str | None = None) -> dict[str, Any]:
+    """Our qemu-img-shaped JSON for ``path``, without our extra key."""
+    out = to_qemu_json(probe(path, format=fmt))
+    out.pop(EXTRA_KEY)
+    return out
+
+
+def assert_same_as_qemu(path: Path, fmt: str | None = None, *, ignore: tuple[str, ...] = ()) -> dict:
+    """Differential check: our JSON equals qemu-img's, key by key (minus ``ignore``)."""
+    theirs = qemu_info(path, fmt)
+    mine = ours(path, fmt)
+    for key in ignore:
+        theirs.pop(key, None)
+        mine.pop(key, None)
+    assert mine == theirs
+    return mine
