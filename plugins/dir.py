@@ -7,4 +7,4 @@ from storprobe import FormatSpec, hookimpl
 
 @hookimpl
 def storprobe_formats() -> list[FormatSpec]:
-    return [FormatSpec(name="dir", description="directory", file_types=frozenset({"dir"}))]
+    return [FormatSpec(name="dir", description="directory", file_types=frozenset({"directory"}))]

@@ -79,7 +79,8 @@ def extras(info: ImageInfo) -> dict[str, Any]:
     if info.flags is not None:
         extra["features"] = list(info.flags)
     if info.data_file is not None:
-        extra["data-file"] = {"name": info.data_file.name, "raw": info.data_file.raw}
+        extra["data-file"] = info.data_file.name
+        extra["data-file-raw"] = info.data_file.raw
     if info.details:
         extra["details"] = dict(info.details)
     return extra

@@ -28,7 +28,7 @@ class ByteSource(Protocol):
     """What the core reads a volume through."""
 
     name: str
-    file_type: str  # "file", "block", "dir"
+    file_type: str  # "file", "block", "directory"
     stat: os.stat_result | None
 
     def size(self) -> int: ...
@@ -41,7 +41,7 @@ class ByteSource(Protocol):
 _KIND_BY_MODE = (
     (stat.S_ISREG, "file"),
     (stat.S_ISBLK, "block"),
-    (stat.S_ISDIR, "dir"),
+    (stat.S_ISDIR, "directory"),
     (stat.S_ISCHR, "character device"),
     (stat.S_ISFIFO, "FIFO"),
     (stat.S_ISSOCK, "socket"),
@@ -67,7 +67,7 @@ class PathSource:
         try:
             self.stat = os.fstat(self._fd)
             self.file_type = _kind(self.stat.st_mode)
-            if self.file_type not in ("file", "block", "dir"):
+            if self.file_type not in ("file", "block", "directory"):
                 raise SourceError(f"is a {self.file_type}, not a volume")
             self._size = (
                 os.lseek(self._fd, 0, os.SEEK_END) if self.file_type == "block" else self.stat.st_size
@@ -159,7 +159,7 @@ class Image:
         self.source = source
         self.name = source.name
         self.file_type = source.file_type
-        self.size = source.size() if source.file_type != "dir" else 0
+        self.size = source.size() if source.file_type != "directory" else 0
         self._spent = 0
         self.head = self._fetch(0, min(HEAD_SIZE, self.size)) if self.size else b""
         self.header = self.head

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:
     from .source import Image
 
-FileType = Literal["file", "block", "dir"]
+FileType = Literal["file", "block", "directory"]
 
 
 @dataclass(frozen=True, slots=True)

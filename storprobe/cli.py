@@ -1,0 +1,108 @@
+"""The ``storprobe`` command.
+
+Exit status: 0 success, 1 a volume could not be probed (one line
+``storprobe: PATH: reason`` on stderr), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from .detect import probe
+from .errors import ProbeError, UnknownFormat
+from .registry import format_table
+
+EXIT_OK, EXIT_PROBE, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="storprobe", description="Tell what a disk image is from its bytes alone."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    info = sub.add_parser("info", help="describe one volume (qemu-img info compatible)")
+    info.add_argument("-f", "--format", help="trust this format instead of probing")
+    info.add_argument("--output", choices=("human", "json"), default="human")
+    info.add_argument("path", metavar="PATH")
+
+    formats = sub.add_parser("formats", help="list the registered format table")
+    formats.add_argument("--output", choices=("human", "json"), default="human")
+    return parser
+
+
+def _info(args: argparse.Namespace) -> int:
+    try:
+        info = probe(args.path, format=args.format)
+    except ProbeError as exc:
+        print(f"storprobe: {args.path}: {exc.reason}", file=sys.stderr)
+        return EXIT_PROBE
+    if args.output == "json":
+        from .qemu_json import to_qemu_json
+
+        print(json.dumps(to_qemu_json(info), indent=4))
+    else:
+        from .human import render
+
+        print(render(info))
+    return EXIT_OK
+
+
+def _printable(magic: bytes) -> str:
+    """Magic bytes as text with escapes for the unprintable ones: ``QFI\\xfb``."""
+    return repr(magic)[2:-1]
+
+
+def _formats(args: argparse.Namespace) -> int:
+    rows = [
+        {
+            "name": row.spec.name,
+            "description": row.spec.description,
+            "magic": _printable(row.spec.magic) if row.spec.magic is not None else None,
+            "magic-offset": row.spec.magic_offset if row.spec.magic is not None else None,
+            "header-offsets": list(row.spec.header_offsets),
+            "extension": row.spec.extension,
+            "versions": list(row.spec.versions),
+            "plugin": row.plugin,
+        }
+        for row in format_table().rows
+    ]
+    if args.output == "json":
+        print(json.dumps(rows, indent=4))
+        return EXIT_OK
+    print(f"{'FORMAT':<11}{'MAGIC':<28}{'OFFSET':>7}  {'VERSIONS':<22}{'PLUGIN'}")
+    for row in rows:
+        magic = row["magic"] or "-"
+        magic = magic if len(magic) <= 26 else magic[:23] + "..."
+        offset = "-" if row["magic-offset"] is None else str(row["magic-offset"])
+        if row["header-offsets"] != [0]:
+            offset += "@" + ",".join(str(o) for o in row["header-offsets"])
+        versions = ",".join(hex(v) if v > 9 else str(v) for v in row["versions"]) or "-"
+        print(f"{row['name']:<11}{magic:<28}{offset:>7}  {versions:<22}{row['plugin']}")
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "info":
+            if args.format is not None and args.format not in format_table():
+                parser.error(f"unknown format {args.format!r} (see 'storprobe formats')")
+            return _info(args)
+        return _formats(args)
+    except UnknownFormat as exc:
+        parser.error(str(exc))
+    except BrokenPipeError:
+        sys.stderr.close()
+        return EXIT_OK
+    except KeyboardInterrupt:
+        return 130
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

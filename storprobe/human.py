@@ -1,0 +1,90 @@
+"""A short readable summary of an :class:`ImageInfo`, shaped like ``qemu-img info``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from .model import ImageInfo
+from .qemu_json import extras, full_backing_filename
+
+_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
+
+
+def size_to_str(n: int) -> str:
+    """Bytes in the largest binary unit that keeps the number under 1000 (qemu's style)."""
+    value, unit = float(n), 0
+    while value >= 1000 and unit < len(_UNITS) - 1:
+        value /= 1024
+        unit += 1
+    return f"{value:.3g} {_UNITS[unit]}"
+
+
+def _tree(value: Any, indent: int) -> list[str]:
+    pad = "    " * indent
+    lines: list[str] = []
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            label = str(key).replace("-", " ")
+            if isinstance(item, (Mapping, list)):
+                lines.append(f"{pad}{label}:")
+                lines += _tree(item, indent + 1)
+            else:
+                lines.append(f"{pad}{label}: {_scalar(item)}")
+    else:
+        for i, item in enumerate(value):
+            if isinstance(item, (Mapping, list)):
+                lines.append(f"{pad}[{i}]:")
+                lines += _tree(item, indent + 1)
+            else:
+                lines.append(f"{pad}[{i}]: {_scalar(item)}")
+    return lines
+
+
+def _scalar(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _snapshot_lines(info: ImageInfo) -> list[str]:
+    lines = ["Snapshot list:", f"{'ID':<10}{'TAG':<18}{'VM SIZE':>7}{'DATE':>21}{'VM CLOCK':>13}{'ICOUNT':>11}"]
+    for s in info.snapshots:
+        date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.date_sec))
+        secs, ms = divmod(s.vm_clock_nsec // 1_000_000, 1000)
+        clock = f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}.{ms:03d}"
+        icount = "" if s.icount is None else str(s.icount)
+        lines.append(
+            f"{s.id:<10}{s.name:<18}{size_to_str(s.vm_state_size):>7}{date:>21}{clock:>13}{icount:>11}"
+        )
+    return lines
+
+
+def render(info: ImageInfo) -> str:
+    """The human summary, one fact a line."""
+    lines = [
+        f"image: {info.filename}",
+        f"file format: {info.format}",
+        f"virtual size: {size_to_str(info.virtual_size)} ({info.virtual_size} bytes)",
+    ]
+    if info.actual_size is not None:
+        lines.append(f"disk size: {size_to_str(info.actual_size)}")
+    if info.encrypted:
+        lines.append("encrypted: yes")
+    if info.cluster_size is not None:
+        lines.append(f"cluster_size: {info.cluster_size}")
+    if info.backing is not None:
+        full = full_backing_filename(info.filename, info.backing.name)
+        suffix = f" (actual path: {full})" if full != info.backing.name else ""
+        lines.append(f"backing file: {info.backing.name}{suffix}")
+        if info.backing.format:
+            lines.append(f"backing file format: {info.backing.format}")
+    if info.snapshots:
+        lines += _snapshot_lines(info)
+    if info.specific:
+        lines.append("Format specific information:")
+        lines += _tree(info.specific, 1)
+    lines.append("storprobe:")
+    lines += _tree(extras(info), 1)
+    return "\n".join(lines)

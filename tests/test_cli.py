@@ -1,0 +1,68 @@
+"""The storprobe command: output shapes, exit status, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import pytest
+
+from storprobe.cli import main
+
+from oracle import qemu_img_create
+
+
+def storprobe(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "storprobe", *args], capture_output=True, text=True)
+
+
+def test_info_json(tmp_path):
+    qemu_img_create(tmp_path / "a.qcow2", "qcow2", "1G")
+    proc = storprobe("info", "--output", "json", str(tmp_path / "a.qcow2"))
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert (out["format"], out["virtual-size"]) == ("qcow2", 1 << 30)
+
+
+def test_info_human(tmp_path, capsys):
+    qemu_img_create(tmp_path / "a.qcow2", "qcow2", "1G")
+    assert main(["info", str(tmp_path / "a.qcow2")]) == 0
+    out = capsys.readouterr().out
+    assert "file format: qcow2" in out
+    assert "virtual size: 1 GiB (1073741824 bytes)" in out
+
+
+@pytest.mark.parametrize("kind", ["missing", "fifo", "truncated", "badversion"])
+def test_unprobeable_volume_exits_1_with_one_line(tmp_path, kind):
+    path = tmp_path / kind
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "truncated":
+        path.write_bytes(b"QFI\xfb\0\0")
+    elif kind == "badversion":
+        path.write_bytes(b"QFI\xfb" + struct.pack(">I", 42) + bytes(100))
+    proc = storprobe("info", str(path))
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"storprobe: {path}: ")
+
+
+def test_usage_errors_exit_2(tmp_path):
+    assert storprobe("info").returncode == 2
+    assert storprobe("info", "-f", "nonsense", str(tmp_path)).returncode == 2
+    assert storprobe("frobnicate").returncode == 2
+
+
+def test_formats_lists_the_table():
+    proc = storprobe("formats", "--output", "json")
+    rows = json.loads(proc.stdout)
+    names = [r["name"] for r in rows]
+    assert {"qcow2", "vmdk", "raw", "dir", "iso", "luks"} <= set(names)
+    qcow2 = next(r for r in rows if r["name"] == "qcow2")
+    assert (qcow2["magic"], qcow2["versions"], qcow2["plugin"]) == ("QFI\\xfb", [2, 3], "qcow2")
+    human = storprobe("formats").stdout
+    assert "qcow2" in human and "QFI\\xfb" in human

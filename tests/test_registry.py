@@ -1,0 +1,150 @@
+"""The format table: built-ins, third-party plugins, conflicts, caching."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+import storprobe
+from storprobe import FormatSpec, hookimpl, probe
+from storprobe.errors import PluginConflict
+from storprobe.registry import BUILTIN_PLUGINS, ENTRY_POINT_GROUP, format_table
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_builtin_tuple_matches_declared_entry_points():
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"][ENTRY_POINT_GROUP]
+    assert dict(BUILTIN_PLUGINS) == declared
+
+
+def test_every_builtin_module_lives_in_plugins_dir():
+    for _, module in BUILTIN_PLUGINS:
+        assert (ROOT / "plugins" / (module.rsplit(".", 1)[1] + ".py")).is_file()
+
+
+def test_table_has_every_builtin_format_once():
+    names = format_table().names()
+    assert len(names) == len(set(names))
+    assert {n for n, _ in BUILTIN_PLUGINS} <= set(names)
+
+
+def test_catch_alls_come_last():
+    specs = format_table().specs
+    assert [s.name for s in specs[-2:]] == ["dir", "raw"]
+
+
+def test_core_names_no_format():
+    """The core (everything in storprobe/) must not special-case any format."""
+    names = {n for n, _ in BUILTIN_PLUGINS}
+    for path in (ROOT / "storprobe").glob("*.py"):
+        if path.name == "registry.py":  # the list of built-in plugin modules
+            continue
+        text = path.read_text()
+        for name in names:
+            assert f'"{name}"' not in text, f"{path.name} names format {name}"
+
+
+class Tagged:
+    """A third-party format: 8 bytes 'STORTEST', version u16 LE at 8, size u32 LE at 12."""
+
+    @hookimpl
+    def storprobe_formats(self):
+        return [
+            FormatSpec(
+                name="stortest",
+                description="test format",
+                magic=b"STORTEST",
+                version_offset=8,
+                version_width=2,
+                versions=(7,),
+                size_offset=12,
+                size_width=4,
+                size_multiplier=512,
+            )
+        ]
+
+
+def test_registered_plugin_is_detected_without_core_change():
+    data = b"STORTEST" + (7).to_bytes(2, "little") + b"\0\0" + (8).to_bytes(4, "little") + bytes(100)
+    assert probe(data).format == "raw"
+    with storprobe.registered(Tagged(), name="tagged"):
+        info = probe(data)
+        assert (info.format, info.virtual_size, info.version) == ("stortest", 4096, 7)
+        assert "stortest" in format_table()
+    assert probe(data).format == "raw"
+    assert "stortest" not in format_table()
+
+
+def test_unknown_version_of_a_registered_format_is_reported_not_raw():
+    data = b"STORTEST" + (8).to_bytes(2, "little") + bytes(100)
+    with storprobe.registered(Tagged(), name="tagged"):
+        with pytest.raises(storprobe.UnsupportedVersion) as err:
+            probe(data)
+    assert err.value.format == "stortest" and err.value.version == 8
+
+
+def test_duplicate_format_names_conflict_at_load():
+    class Impostor:
+        @hookimpl
+        def storprobe_formats(self):
+            return [FormatSpec(name="qcow2", magic=b"NOTQCOW2")]
+
+    with storprobe.registered(Impostor(), name="impostor"):
+        with pytest.raises(PluginConflict, match="qcow2"):
+            format_table()
+    assert format_table()["qcow2"].magic == b"QFI\xfb"
+
+
+def test_extension_only_format():
+    class ByName:
+        @hookimpl
+        def storprobe_formats(self):
+            return [FormatSpec(name="byname", extension=".byname")]
+
+    with storprobe.registered(ByName(), name="byname"):
+        assert probe(storprobe.BytesSource(b"x" * 10, name="a.byname")).format == "byname"
+        assert probe(storprobe.BytesSource(b"x" * 10, name="a.other")).format == "raw"
+
+
+def _fake_distribution(tmp_path: Path) -> Path:
+    """A third-party package as pip would install it: a module plus dist-info."""
+    site = tmp_path / "site"
+    (site / "storprobe_tagged").mkdir(parents=True)
+    (site / "storprobe_tagged" / "__init__.py").write_text(
+        "from storprobe import FormatSpec, hookimpl\n"
+        "@hookimpl\n"
+        "def storprobe_formats():\n"
+        "    return [FormatSpec(name='tagged', magic=b'TAGGEDFMT', size_offset=9, size_width=2)]\n"
+    )
+    info = site / "storprobe_tagged-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: storprobe-tagged\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[{ENTRY_POINT_GROUP}]\ntagged = storprobe_tagged\n")
+    return site
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [({}, "tagged"), ({"STORPROBE_DISABLE_PLUGIN_AUTOLOAD": "1"}, "raw"), ({"STORPROBE_PLUGINS": "other"}, "raw"),
+     ({"STORPROBE_PLUGINS": "tagged"}, "tagged")],
+)
+def test_installed_entry_point_plugin(tmp_path, env, expected):
+    site = _fake_distribution(tmp_path)
+    image = tmp_path / "img"
+    image.write_bytes(b"TAGGEDFMT" + (300).to_bytes(2, "little") + bytes(50))
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("STORPROBE_")}
+    clean["PYTHONPATH"] = os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])])
+    proc = subprocess.run(
+        [sys.executable, "-m", "storprobe", "info", "--output", "json", str(image)],
+        capture_output=True, text=True, env={**clean, **env},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert f'"format": "{expected}"' in proc.stdout
+    if expected == "tagged":
+        assert '"virtual-size": 300' in proc.stdout
