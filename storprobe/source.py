@@ -19,6 +19,9 @@ from .errors import ReadLimitExceeded, SourceError, TruncatedHeader
 #: Bytes read up front from every volume: libvirt's 0x8200, which also covers
 #: the ISO 9660 signature at 32769.
 HEAD_SIZE = 0x8200
+#: Bytes read at once, and kept, when a format looks at the end of the file
+#: (VHD footers, DMG trailers, VMDK stream footers all lie in the last 4 KiB).
+TAIL_SIZE = 4096
 #: Most bytes one probe may read in all, header included; a header that asks
 #: for more is refused with ReadLimitExceeded instead of being trusted.
 READ_BUDGET = 16 * 1024 * 1024
@@ -153,7 +156,7 @@ class Image:
     the header is a trailer. :meth:`read` gets more, within :data:`READ_BUDGET`.
     """
 
-    __slots__ = ("source", "name", "file_type", "size", "head", "header", "header_offset", "_spent")
+    __slots__ = ("source", "name", "file_type", "size", "head", "header", "header_offset", "_spent", "_tail")
 
     def __init__(self, source: ByteSource) -> None:
         self.source = source
@@ -161,6 +164,7 @@ class Image:
         self.file_type = source.file_type
         self.size = source.size() if source.file_type != "directory" else 0
         self._spent = 0
+        self._tail: bytes | None = None
         self.head = self._fetch(0, min(HEAD_SIZE, self.size)) if self.size else b""
         self.header = self.head
         self.header_offset = 0
@@ -185,8 +189,13 @@ class Image:
         if offset < 0 or length < 0:
             raise TruncatedHeader(f"read of {length} bytes at offset {offset} is outside the file")
         end = offset + length
+        tail_start = max(len(self.head), self.size - TAIL_SIZE)
         if end <= len(self.head):
             data = self.head[offset:end]
+        elif offset >= tail_start and end <= self.size:
+            if self._tail is None:
+                self._tail = self._fetch(tail_start, self.size - tail_start)
+            data = self._tail[offset - tail_start : end - tail_start]
         elif exact and end > self.size:
             raise TruncatedHeader(
                 f"{length} bytes at offset {offset} run past the end of the file ({self.size} bytes)"
