@@ -27,6 +27,12 @@ def _parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="describe one volume (qemu-img info compatible)")
     info.add_argument("-f", "--format", help="trust this format instead of probing")
     info.add_argument("--output", choices=("human", "json"), default="human")
+    info.add_argument("--backing-chain", action="store_true", help="describe every image of the backing chain")
+    info.add_argument(
+        "--allow-probe", action="store_true",
+        help="follow backing files whose format had to be probed (unsafe with untrusted images)",
+    )
+    info.add_argument("--max-depth", type=int, default=None, metavar="N", help="longest backing chain followed")
     info.add_argument("path", metavar="PATH")
 
     formats = sub.add_parser("formats", help="list the registered format table")
@@ -36,18 +42,29 @@ def _parser() -> argparse.ArgumentParser:
 
 def _info(args: argparse.Namespace) -> int:
     try:
-        info = probe(args.path, format=args.format)
+        if args.backing_chain:
+            from .chain import DEFAULT_MAX_DEPTH, probe_chain
+
+            depth = DEFAULT_MAX_DEPTH if args.max_depth is None else args.max_depth
+            chain = probe_chain(args.path, format=args.format, allow_probe=args.allow_probe, max_depth=depth)
+            images, error = chain.images, chain.error
+        else:
+            images, error = [probe(args.path, format=args.format)], None
     except ProbeError as exc:
         print(f"storprobe: {args.path}: {exc.reason}", file=sys.stderr)
         return EXIT_PROBE
     if args.output == "json":
         from .qemu_json import to_qemu_json
 
-        print(json.dumps(to_qemu_json(info), indent=4))
+        shaped = [to_qemu_json(info) for info in images]
+        print(json.dumps(shaped if args.backing_chain else shaped[0], indent=4))
     else:
         from .human import render
 
-        print(render(info))
+        print("\n\n".join(render(info) for info in images))
+    if error is not None:
+        print(f"storprobe: {args.path}: {error.reason}", file=sys.stderr)
+        return EXIT_PROBE
     return EXIT_OK
 
 

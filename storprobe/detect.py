@@ -159,6 +159,7 @@ def _describe(img: Image, spec: FormatSpec, offset: int, evidence: str, matches:
         snapshots=features.snapshots,
         specific=features.specific,
         details=features.details,
+        stat=stat,
     )
 
 

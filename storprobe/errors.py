@@ -66,3 +66,41 @@ class UnknownFormat(ProbeError):
 
 class PluginConflict(Exception):
     """Two plugins registered the same format name (a programming error, raised at load)."""
+
+
+class BackingError(ProbeError):
+    """The backing chain cannot be followed past an image (the images above it
+    are still reported)."""
+
+    code = "backing"
+
+
+class BackingNameError(BackingError):
+    """A recorded backing name that cannot be understood (malformed json: or URI)."""
+
+    code = "backing.name"
+
+
+class BackingMissing(BackingError):
+    """The backing file an image names does not exist or cannot be opened."""
+
+    code = "backing.missing"
+
+
+class BackingLoop(BackingError):
+    """The chain comes back to an image already in it."""
+
+    code = "backing.loop"
+
+
+class ChainTooDeep(BackingError):
+    """The chain is longer than the configured limit."""
+
+    code = "backing.too-deep"
+
+
+class BackingFormatNotSpecified(BackingError):
+    """A backing image's format was probed, not recorded, and it has a backing
+    file itself: following it would trust the image's own claim (libvirt's rule)."""
+
+    code = "backing.format-not-specified"

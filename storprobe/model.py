@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,7 @@ class ImageInfo:
     snapshots: tuple[Snapshot, ...] = ()
     specific: Mapping[str, Any] | None = None
     details: Mapping[str, Any] = field(default_factory=dict)
+    stat: os.stat_result | None = field(default=None, repr=False, compare=False)
 
     @property
     def encrypted(self) -> bool:
