@@ -26,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="describe one volume (qemu-img info compatible)")
     info.add_argument("-f", "--format", help="trust this format instead of probing")
-    info.add_argument("--output", choices=("human", "json"), default="human")
+    info.add_argument("--output", choices=("human", "json", "xml"), default="human")
     info.add_argument("--backing-chain", action="store_true", help="describe every image of the backing chain")
     info.add_argument(
         "--allow-probe", action="store_true",
@@ -34,6 +34,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     info.add_argument("--max-depth", type=int, default=None, metavar="N", help="longest backing chain followed")
     info.add_argument("path", metavar="PATH")
+
+    scan = sub.add_parser("scan", help="probe every volume in a directory (a libvirt dir pool refresh)")
+    scan.add_argument("--output", choices=("json", "xml"), default="json")
+    scan.add_argument("--jsonl", action="store_true", help="JSON lines: one record per line, as made")
+    scan.add_argument("--recursive", action="store_true", help="descend into subdirectories")
+    scan.add_argument("directory", metavar="DIR")
+
+    validate = sub.add_parser("validate", help="validate volume XML against storprobe's schemas")
+    validate.add_argument("files", metavar="FILE.xml", nargs="+")
 
     formats = sub.add_parser("formats", help="list the registered format table")
     formats.add_argument("--output", choices=("human", "json"), default="human")
@@ -49,11 +58,15 @@ def _info(args: argparse.Namespace) -> int:
             chain = probe_chain(args.path, format=args.format, allow_probe=args.allow_probe, max_depth=depth)
             images, error = chain.images, chain.error
         else:
-            images, error = [probe(args.path, format=args.format)], None
+            chain, images, error = None, [probe(args.path, format=args.format)], None
     except ProbeError as exc:
         print(f"storprobe: {args.path}: {exc.reason}", file=sys.stderr)
         return EXIT_PROBE
-    if args.output == "json":
+    if args.output == "xml":
+        from .volume_xml import to_volume_xml
+
+        sys.stdout.write(to_volume_xml(images[0], chain))
+    elif args.output == "json":
         from .qemu_json import to_qemu_json
 
         shaped = [to_qemu_json(info) for info in images]
@@ -66,6 +79,48 @@ def _info(args: argparse.Namespace) -> int:
         print(f"storprobe: {args.path}: {error.reason}", file=sys.stderr)
         return EXIT_PROBE
     return EXIT_OK
+
+
+def _scan(args: argparse.Namespace) -> int:
+    from .scan import scan
+
+    try:
+        records = scan(args.directory, recursive=args.recursive)
+    except ProbeError as exc:
+        print(f"storprobe: {args.directory}: {exc.reason}", file=sys.stderr)
+        return EXIT_PROBE
+    if args.output == "xml":
+        from .volume_xml import scan_document
+
+        sys.stdout.write(scan_document(records))
+        return EXIT_OK
+    from .qemu_json import scan_record
+
+    if args.jsonl:
+        for record in records:
+            print(json.dumps(scan_record(record)), flush=True)
+        return EXIT_OK
+    print(json.dumps([scan_record(r) for r in records], indent=4))
+    return EXIT_OK
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from .validate import schema_errors
+
+    status = EXIT_OK
+    for name in args.files:
+        try:
+            with open(name, "rb") as f:
+                errors = schema_errors(f.read())
+        except OSError as exc:
+            errors = [exc.strerror or str(exc)]
+        for error in errors:
+            print(f"storprobe: {name}: {error}", file=sys.stderr)
+        if errors:
+            status = EXIT_PROBE
+        else:
+            print(f"{name}: valid")
+    return status
 
 
 def _printable(magic: bytes) -> str:
@@ -110,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.format is not None and args.format not in format_table():
                 parser.error(f"unknown format {args.format!r} (see 'storprobe formats')")
             return _info(args)
-        return _formats(args)
+        return {"scan": _scan, "validate": _validate, "formats": _formats}[args.command](args)
     except UnknownFormat as exc:
         parser.error(str(exc))
     except BrokenPipeError:

@@ -14,6 +14,7 @@ skips. Reading past the end of the buffer raises :class:`TruncatedHeader`.
 
 from __future__ import annotations
 
+import re
 import struct
 from collections import namedtuple
 from typing import Any
@@ -30,7 +31,7 @@ class Layout:
         self.what = what
         self._struct = struct.Struct(endian + "".join(code for _, code in fields))
         names = [name for name, _ in fields if name]
-        self._tuple = namedtuple(what.replace(" ", "_").replace("-", "_"), names)
+        self._tuple = namedtuple(re.sub(r"\W", "_", what).strip("_") or "header", names)
 
     @property
     def size(self) -> int:

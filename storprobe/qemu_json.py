@@ -9,6 +9,7 @@ import re
 from typing import Any
 
 from .model import ImageInfo
+from .scan import ScanRecord
 from .spec import Snapshot
 
 EXTRA_KEY = "storprobe"
@@ -84,3 +85,11 @@ def extras(info: ImageInfo) -> dict[str, Any]:
     if info.details:
         extra["details"] = dict(info.details)
     return extra
+
+
+def scan_record(record: ScanRecord) -> dict[str, Any]:
+    """A scan record: the image's JSON, or its path and the error that stopped it."""
+    if record.info is not None:
+        return to_qemu_json(record.info)
+    assert record.error is not None
+    return {"filename": record.path, "error": {"code": record.error.code, "message": record.error.reason}}

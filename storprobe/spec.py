@@ -94,6 +94,12 @@ class FormatSpec:
     backing: Callable[[Image], Backing | None] | None = None
     features: Callable[[Image], Features] | None = None
     priority: int = 0
+    libvirt_name: str | None = None
+
+    @property
+    def libvirt_format(self) -> str:
+        """The name libvirt's ``<format type=...>`` uses for this format."""
+        return self.libvirt_name or self.name
 
     @property
     def catch_all(self) -> bool:

@@ -18,7 +18,7 @@ def test_wheel_top_level_names_and_entry_points(tmp_path):
     (wheel,) = tmp_path.glob("storprobe-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/", 1)[0] for n in names}
-    assert {t for t in top if not t.endswith(".dist-info")} == {"storprobe", "storprobe_plugins"}
+    assert {t for t in top if not t.endswith(".dist-info")} == {"storprobe", "storprobe_plugins", "storprobe_schemas"}
     assert "storprobe_plugins/qcow2.py" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()

@@ -1,0 +1,225 @@
+"""libvirt storage-volume XML (``virsh vol-dumpxml``) for probed images.
+
+Element for element and in libvirt's order. Where libvirt is wrong about a
+format (it calls vhdx, bochs, cloop and VMDK descriptors raw) the document
+says what the bytes say; such documents validate against our schemas in
+``xml-schemas/``, which extend libvirt's.
+
+Safety: a single image's ``<backingStore>`` carries the recorded path and
+format only. Permissions and timestamps of a backing file come from ``stat``
+of that file, which is done only for a chain the caller asked to follow, so an
+untrusted image cannot make us report on arbitrary host paths.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+from lxml import etree
+
+from .backing import BackingStore
+from .chain import Chain, backing_store
+from .model import ImageInfo
+from .registry import format_table
+from .scan import ScanRecord
+
+VOLUME_TYPES = {"file": "file", "block": "block", "directory": "dir"}
+#: Our encryption method names -> libvirt's ``<encryption format=...>``.
+LIBVIRT_ENCRYPTION = {"aes": "qcow"}
+
+
+def _sub(parent: etree._Element, tag: str, text: object = None, **attrs: str) -> etree._Element:
+    element = etree.SubElement(parent, tag, attrs)
+    if text is not None:
+        element.text = str(text)
+    return element
+
+
+def _timestamp(ns: int) -> str:
+    sec, nsec = divmod(ns, 1_000_000_000)
+    return f"{sec}.{nsec:09d}" if nsec else str(sec)
+
+
+def _label(path: str) -> str | None:
+    try:
+        return os.getxattr(path, "security.selinux").rstrip(b"\0").decode()
+    except (OSError, AttributeError, UnicodeDecodeError):
+        return None
+
+
+def _permissions_and_times(parent: etree._Element, path: str, st: os.stat_result) -> None:
+    perms = _sub(parent, "permissions")
+    _sub(perms, "mode", f"{st.st_mode & 0o7777:04o}")
+    _sub(perms, "owner", st.st_uid)
+    _sub(perms, "group", st.st_gid)
+    label = _label(path)
+    if label:
+        _sub(perms, "label", label)
+    times = _sub(parent, "timestamps")
+    _sub(times, "atime", _timestamp(st.st_atime_ns))
+    _sub(times, "mtime", _timestamp(st.st_mtime_ns))
+    _sub(times, "ctime", _timestamp(st.st_ctime_ns))
+    _sub(times, "btime", "0")  # Linux stat has no birth time; libvirt prints 0 too
+
+
+def libvirt_format(info: ImageInfo) -> str:
+    table = format_table()
+    return table[info.format].libvirt_format if info.format in table else info.format
+
+
+def volume_element(info: ImageInfo, chain: Chain | None = None, key: str | None = None) -> etree._Element:
+    """The ``<volume>`` element for ``info``; with ``chain`` (whose top is
+    ``info``) the whole chain nests as ``<backingStore>`` elements."""
+    path = os.path.abspath(info.filename)
+    is_dir = info.file_type == "directory"
+    vol = etree.Element("volume", type=VOLUME_TYPES.get(info.file_type, "file"))
+    _sub(vol, "name", os.path.basename(path.rstrip("/")) or path)
+    _sub(vol, "key", key or path)
+    _sub(vol, "capacity", info.virtual_size, unit="bytes")
+    st = info.stat
+    _sub(vol, "allocation", 0 if is_dir or st is None else st.st_blocks * 512, unit="bytes")
+    if not is_dir and st is not None:
+        physical = info.virtual_size if info.file_type == "block" else st.st_size
+        _sub(vol, "physical", physical, unit="bytes")
+    target = _sub(vol, "target")
+    _sub(target, "path", path)
+    _sub(target, "format", type=libvirt_format(info))
+    if st is not None:
+        _permissions_and_times(target, path, st)
+    if info.encryption is not None:
+        _sub(target, "encryption", format=LIBVIRT_ENCRYPTION.get(info.encryption, info.encryption))
+    if info.compat is not None:
+        _sub(target, "compat", info.compat)
+    if info.cluster_size is not None:
+        _sub(target, "clusterSize", info.cluster_size, unit="B")
+    if info.flags is not None:
+        features = _sub(target, "features")
+        for flag in info.flags:
+            _sub(features, flag)
+    if chain is not None:
+        _chain_backing(vol, chain, 0)
+    elif info.backing is not None:
+        _backing_element(vol, backing_store(info), info.backing.format)
+    return vol
+
+
+def _backing_element(parent: etree._Element, store: BackingStore, fmt: str | None) -> etree._Element:
+    """``<backingStore>`` from the recorded name alone (nothing is stat'ed)."""
+    if not store.is_file:
+        return _network_backing(parent, store, fmt)
+    element = _sub(parent, "backingStore")
+    _sub(element, "path", os.path.abspath(store.path or store.name))
+    if fmt is not None:
+        _sub(element, "format", type=_libvirt_name(fmt))
+    return element
+
+
+def _libvirt_name(fmt: str) -> str:
+    table = format_table()
+    return table[fmt].libvirt_format if fmt in table else fmt
+
+
+def _network_backing(parent: etree._Element, store: BackingStore, fmt: str | None) -> etree._Element:
+    """A network backing, described the way libvirt's domain XML describes one."""
+    element = _sub(parent, "backingStore", type="network")
+    if fmt is not None:
+        _sub(element, "format", type=_libvirt_name(fmt))
+    source = _sub(element, "source", protocol=store.protocol)
+    if store.target is not None:
+        source.set("name", store.target)
+    for host in store.hosts:
+        attrs = {"transport": host.transport}
+        if host.name is not None:
+            attrs["name"] = host.name
+        if host.port is not None:
+            attrs["port"] = str(host.port)
+        if host.socket is not None:
+            attrs["socket"] = host.socket
+        _sub(source, "host", **attrs)
+    return element
+
+
+def _chain_backing(parent: etree._Element, chain: Chain, index: int) -> None:
+    """Nest the backing of ``chain.images[index]`` (and below) under ``parent``."""
+    info, store = chain.images[index], chain.stores[index] if index < len(chain.stores) else None
+    if info.backing is None or store is None:
+        return
+    if index + 1 >= len(chain.images) or not store.is_file:
+        _backing_element(parent, store, info.backing.format)
+        return
+    below = chain.images[index + 1]
+    element = _sub(parent, "backingStore")
+    path = os.path.abspath(below.filename)
+    _sub(element, "path", path)
+    _sub(element, "format", type=libvirt_format(below))
+    if below.stat is not None:
+        _permissions_and_times(element, path, below.stat)
+    _chain_backing(element, chain, index + 1)
+
+
+def to_volume_xml(info: ImageInfo, chain: Chain | None = None) -> str:
+    """The document ``virsh vol-dumpxml`` prints (2-space indent, no declaration)."""
+    return _serialize(volume_element(info, chain))
+
+
+def scan_document(records: Iterable[ScanRecord]) -> str:
+    """A ``<volumes>`` document: a ``<volume>`` per probed entry, an ``<error>``
+    per entry that could not be probed."""
+    root = etree.Element("volumes")
+    for record in records:
+        if record.info is not None:
+            root.append(volume_element(record.info))
+        else:
+            assert record.error is not None
+            _sub(root, "error", record.error.reason, path=record.path, code=record.error.code)
+    return _serialize(root)
+
+
+def _serialize(element: etree._Element) -> str:
+    etree.indent(element, space="  ")
+    return etree.tostring(element, encoding="unicode") + "\n"
+
+
+def parse_volume_xml(text: str | bytes) -> ImageInfo:
+    """Read a ``<volume>`` document back into the data model (the facts it carries)."""
+    from .spec import Backing
+
+    root = etree.fromstring(text.encode() if isinstance(text, str) else text)
+    target = root.find("target")
+    fmt_el = target.find("format") if target is not None else None
+    libvirt_name = fmt_el.get("type") if fmt_el is not None else "raw"
+    encryption_el = target.find("encryption")
+    encryption = None
+    if encryption_el is not None:
+        reverse = {v: k for k, v in LIBVIRT_ENCRYPTION.items()}
+        encryption = reverse.get(encryption_el.get("format"), encryption_el.get("format"))
+    features_el = target.find("features")
+    backing_el = root.find("backingStore")
+    backing = None
+    if backing_el is not None and backing_el.find("path") is not None:
+        bfmt = backing_el.find("format")
+        backing = Backing(backing_el.findtext("path"), _our_name(bfmt.get("type")) if bfmt is not None else None)
+    types = {v: k for k, v in VOLUME_TYPES.items()}
+    cluster = target.findtext("clusterSize")
+    return ImageInfo(
+        filename=target.findtext("path"),
+        format=_our_name(libvirt_name),
+        virtual_size=int(root.findtext("capacity")),
+        actual_size=int(root.findtext("allocation")),
+        file_type=types.get(root.get("type"), "file"),
+        evidence="caller",
+        encryption=encryption,
+        compat=target.findtext("compat"),
+        cluster_size=int(cluster) if cluster is not None else None,
+        flags=tuple(child.tag for child in features_el) if features_el is not None else None,
+        backing=backing,
+    )
+
+
+def _our_name(libvirt_name: str) -> str:
+    """Our format name for a libvirt one: the row of that name, else the row that maps to it."""
+    table = format_table()
+    if libvirt_name in table:
+        return libvirt_name
+    return next((s.name for s in table.specs if s.libvirt_format == libvirt_name), libvirt_name)

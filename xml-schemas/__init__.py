@@ -1,0 +1,1 @@
+"""storprobe's RelaxNG schemas for the XML it emits (installed as storprobe_schemas)."""
