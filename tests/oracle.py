@@ -65,3 +65,48 @@ def assert_same_as_qemu(path: Path, fmt: str | None = None, *, ignore: tuple[str
         mine.pop(key, None)
     assert mine == theirs
     return mine
+
+
+def qemu_chain_info(path: Path) -> list[dict[str, Any]]:
+    """What ``qemu-img info --backing-chain --output=json`` says of ``path``."""
+    return json.loads(run("qemu-img", "info", "--backing-chain", "--output=json", "-U", path).stdout)
+
+
+def rebase_unsafe(image: Path, backing: str, fmt: str | None = None) -> None:
+    """Rewrite an image's backing name without any check (loops, missing files)."""
+    args: list[str | Path] = ["qemu-img", "rebase", "-u", "-b", backing]
+    if fmt:
+        args += ["-F", fmt]
+    run(*args, image)
+
+
+class LibvirtPool:
+    """A transient libvirt dir pool over a directory; skips when libvirt is absent."""
+
+    URI = "qemu:///system"
+
+    def __init__(self, directory: Path, name: str) -> None:
+        require("virsh")
+        self.directory, self.name = directory, name
+        probe_conn = subprocess.run(["virsh", "-c", self.URI, "version"], capture_output=True)
+        if probe_conn.returncode != 0:
+            pytest.skip("libvirtd is not running (.ci/run starts it with 'libvirtd -d')")
+        self._virsh("pool-create-as", name, "dir", "--target", str(directory))
+
+    def _virsh(self, *args: str) -> str:
+        proc = subprocess.run(["virsh", "-c", self.URI, *args], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"virsh {' '.join(args)}: {proc.stderr.strip()}")
+        return proc.stdout
+
+    def refresh(self) -> None:
+        self._virsh("pool-refresh", self.name)
+
+    def dumpxml(self, volume: str) -> str:
+        return self._virsh("vol-dumpxml", "--pool", self.name, volume)
+
+    def volumes(self) -> list[str]:
+        return sorted(line.split()[0] for line in self._virsh("vol-list", self.name).splitlines()[2:] if line.strip())
+
+    def destroy(self) -> None:
+        subprocess.run(["virsh", "-c", self.URI, "pool-destroy", self.name], capture_output=True)
