@@ -110,3 +110,11 @@ class LibvirtPool:
 
     def destroy(self) -> None:
         subprocess.run(["virsh", "-c", self.URI, "pool-destroy", self.name], capture_output=True)
+
+
+def canonical_xml(element) -> tuple:
+    """An lxml element as nested tuples (tag, attributes, stripped text, children),
+    child order kept; ``atime`` left out, since reading a file may update it
+    between two tools' looks."""
+    children = tuple(canonical_xml(c) for c in element if c.tag != "atime")
+    return (element.tag, tuple(sorted(element.attrib.items())), (element.text or "").strip(), children)
