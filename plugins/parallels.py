@@ -1,8 +1,190 @@
-"""parallels: Parallels / ploop disk images (little-endian)."""
+"""parallels: Parallels expandable disk images (little-endian).
+
+Header per QEMU's docs/interop/parallels.txt: magic ``WithoutFreeSpace``
+(sizes in sectors, only the low 32 bits of ``nb_sectors`` count) or
+``WithouFreSpacExt`` (64-bit ``nb_sectors``), then a BAT of 32-bit entries
+and the data area. libvirt calls the format ``ploop`` (and knows only the
+``Ext`` magic); the name here stays ``parallels``, as qemu-img has it.
+
+Validation follows QEMU's block/parallels.c open (``parallels.<rule>``),
+including the Format Extension cluster QEMU reads on a read-only open, plus
+bounds QEMU leaves to later reads: the BAT and the data area must lie inside
+the file. ``in_use`` set to ``Ynot`` means the image was not closed cleanly:
+the dirty flag.
+"""
 
 from __future__ import annotations
 
-from storprobe import FormatSpec, hookimpl
+import hashlib
+
+from storprobe import Features, FormatSpec, Image, InvalidHeader, Layout, hookimpl
+
+MAGIC = b"WithoutFreeSpace"
+MAGIC_EXT = b"WithouFreSpacExt"
+
+HEADER = Layout(
+    "<",
+    "parallels header",
+    ("magic", "16s"),
+    ("version", "I"),
+    ("heads", "I"),
+    ("cylinders", "I"),
+    ("tracks", "I"),  # sectors per cluster
+    ("bat_entries", "I"),
+    ("nb_sectors", "Q"),
+    ("inuse", "I"),
+    ("data_off", "I"),  # sectors
+    ("flags", "I"),
+    ("ext_off", "Q"),  # sectors
+)
+EXT_HEADER = Layout("<", "parallels format extension header", ("magic", "Q"), ("check_sum", "16s"))
+FEATURE_HEADER = Layout(
+    "<", "parallels extension feature header", ("magic", "Q"), ("flags", "Q"), ("data_size", "I"), (None, "4x")
+)
+BITMAP_FEATURE = Layout(
+    "<", "parallels dirty bitmap feature", ("size", "Q"), ("id", "16s"), ("granularity", "I"), ("l1_size", "I")
+)
+
+SECTOR = 512
+INUSE_DIRTY = 0x746F6E59  # "Ynot": open for writing, or not closed cleanly
+MAX_TRACKS = (2**31 - 1) // 513
+MAX_BAT_ENTRIES = (2**31 - 1) // 4
+QEMU_MAX_LENGTH = 2**63 - 2**30  # QEMU's block-layer limit on a disk's length
+EXT_MAGIC = 0xAB234CEF23DCEA87
+FEATURE_END = 0
+FEATURE_DIRTY_BITMAP = 0x20385FAE252CB34A
+
+
+def is_ext(img: Image) -> bool:
+    """The second magic, for images with 64-bit sizes."""
+    return img.header[:16] == MAGIC_EXT
+
+
+def _header(img: Image):
+    """The header, checked as QEMU's parallels open checks it."""
+    hdr = HEADER.unpack(img.header)
+    if hdr.tracks == 0:
+        raise InvalidHeader("parallels image has zero sectors per cluster (tracks)", code="parallels.tracks")
+    if hdr.tracks > MAX_TRACKS:
+        raise InvalidHeader(f"parallels cluster of {hdr.tracks} sectors is too big", code="parallels.cluster-size")
+    if hdr.bat_entries > MAX_BAT_ENTRIES:
+        raise InvalidHeader(f"parallels BAT of {hdr.bat_entries} entries is too large", code="parallels.bat-entries")
+    bat_end = HEADER.size + 4 * hdr.bat_entries
+    if bat_end > img.size:
+        raise InvalidHeader(
+            f"parallels BAT of {hdr.bat_entries} entries runs past the end of the file",
+            code="parallels.bat-beyond-eof",
+        )
+    data_start = hdr.data_off * SECTOR
+    if hdr.data_off and data_start < bat_end:
+        raise InvalidHeader(
+            f"parallels data area at {data_start} overlaps the BAT (which ends at {bat_end})",
+            code="parallels.data-off-overlaps-bat",
+        )
+    if data_start > img.size:
+        raise InvalidHeader(
+            f"parallels data area at {data_start} starts past the end of the file",
+            code="parallels.data-off-beyond-eof",
+        )
+    sectors = _sectors(img, hdr)
+    if sectors > QEMU_MAX_LENGTH // SECTOR:
+        raise InvalidHeader(f"parallels disk of {sectors} sectors is too large", code="parallels.size-too-large")
+    return hdr
+
+
+def _sectors(img: Image, hdr) -> int:
+    return hdr.nb_sectors if is_ext(img) else hdr.nb_sectors & 0xFFFFFFFF
+
+
+def _extension(img: Image, hdr) -> int:
+    """Check the Format Extension cluster as QEMU does; the number of dirty bitmaps in it."""
+    cluster = hdr.tracks * SECTOR
+    offset = hdr.ext_off * SECTOR
+    if offset + cluster > img.size:
+        raise InvalidHeader(
+            f"parallels format extension cluster at {offset} runs past the end of the file",
+            code="parallels.ext-beyond-eof",
+        )
+    data = img.read(offset, cluster)
+    ext = EXT_HEADER.unpack(data)
+    if ext.magic != EXT_MAGIC:
+        raise InvalidHeader(f"parallels format extension magic is {ext.magic:#x}", code="parallels.ext-magic")
+    if hashlib.md5(data[EXT_HEADER.size :], usedforsecurity=False).digest() != ext.check_sum:
+        raise InvalidHeader("parallels format extension checksum does not match", code="parallels.ext-checksum")
+    pos, bitmaps = EXT_HEADER.size, 0
+    while True:  # each pass consumes at least one feature header: bounded by the cluster
+        if pos + FEATURE_HEADER.size > cluster:
+            raise InvalidHeader(
+                "parallels format extension has no end-of-features marker", code="parallels.ext-unterminated"
+            )
+        feature = FEATURE_HEADER.unpack(data, pos)
+        pos += FEATURE_HEADER.size
+        if feature.flags:
+            raise InvalidHeader(
+                f"parallels extension feature {feature.magic:#x} has flags {feature.flags:#x}",
+                code="parallels.ext-feature-flags",
+            )
+        padded = -(-feature.data_size // 8) * 8
+        if pos + padded > cluster:
+            raise InvalidHeader(
+                f"parallels extension feature {feature.magic:#x} runs past its cluster",
+                code="parallels.ext-feature-size",
+            )
+        if feature.magic == FEATURE_END:
+            return bitmaps
+        if feature.magic != FEATURE_DIRTY_BITMAP:
+            raise InvalidHeader(
+                f"parallels extension feature {feature.magic:#x} is unknown", code="parallels.ext-feature-unknown"
+            )
+        _check_bitmap(data, pos, feature.data_size, _sectors(img, hdr))
+        bitmaps += 1
+        pos += padded
+
+
+def _check_bitmap(data: bytes, pos: int, data_size: int, sectors: int) -> None:
+    """A dirty bitmap feature's own header, checked as QEMU checks it before loading."""
+    if data_size < BITMAP_FEATURE.size:
+        raise InvalidHeader(
+            f"parallels dirty bitmap feature of {data_size} bytes is too short", code="parallels.ext-bitmap-short"
+        )
+    bitmap = BITMAP_FEATURE.unpack(data, pos)
+    if bitmap.size != sectors:
+        raise InvalidHeader(
+            f"parallels dirty bitmap covers {bitmap.size} sectors, the disk has {sectors}",
+            code="parallels.ext-bitmap-size",
+        )
+    granularity = bitmap.granularity * SECTOR
+    if not (SECTOR <= granularity <= 2**32 - 1 and granularity & (granularity - 1) == 0):
+        raise InvalidHeader(
+            f"parallels dirty bitmap granularity {granularity} is not a power of two of 512 bytes or more",
+            code="parallels.ext-bitmap-granularity",
+        )
+    if bitmap.l1_size * 8 > data_size - BITMAP_FEATURE.size:
+        raise InvalidHeader(
+            f"parallels dirty bitmap L1 table of {bitmap.l1_size} entries exceeds its feature",
+            code="parallels.ext-bitmap-l1-size",
+        )
+
+
+def features(img: Image) -> Features:
+    hdr = _header(img)
+    data_off = hdr.data_off * SECTOR or -(-(HEADER.size + 4 * hdr.bat_entries) // SECTOR) * SECTOR
+    details = {
+        "magic": hdr.magic.decode("ascii", "replace"),
+        "cluster-size": hdr.tracks * SECTOR,
+        "heads": hdr.heads,
+        "cylinders": hdr.cylinders,
+        "bat-entries": hdr.bat_entries,
+        "data-offset": data_off,
+    }
+    if hdr.ext_off:
+        details["dirty-bitmaps"] = _extension(img, hdr)
+    details["in-use"] = hdr.inuse == INUSE_DIRTY  # qemu-img reports no dirty flag for parallels
+    return Features(dirty=None, details=details)
+
+
+def size(img: Image) -> int:
+    return _sectors(img, _header(img)) * SECTOR
 
 
 @hookimpl
@@ -11,10 +193,12 @@ def storprobe_formats() -> list[FormatSpec]:
         FormatSpec(
             name="parallels",
             description="Parallels disk image",
-            magic=b"WithoutFreeSpace",
+            libvirt_name="ploop",
+            magic=MAGIC,
+            match=is_ext,
             version_offset=16,
             versions=(2,),
-            size_offset=36,
-            size_multiplier=512,
+            size=size,
+            features=features,
         )
     ]

@@ -30,7 +30,7 @@ class ImageInfo:
     version: int | None = None
     cluster_size: int | None = None
     encryption: str | None = None
-    dirty: bool = False
+    dirty: bool | None = False
     compat: str | None = None
     flags: tuple[str, ...] | None = None
     backing: Backing | None = None

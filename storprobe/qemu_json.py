@@ -63,7 +63,8 @@ def to_qemu_json(info: ImageInfo) -> dict[str, Any]:
     if info.backing is not None:
         out["full-backing-filename"] = full_backing_filename(info.filename, info.backing.name)
         out["backing-filename"] = info.backing.name
-    out["dirty-flag"] = info.dirty
+    if info.dirty is not None:
+        out["dirty-flag"] = info.dirty
     out[EXTRA_KEY] = extras(info)
     return out
 

@@ -60,7 +60,7 @@ class Features:
 
     cluster_size: int | None = None
     encryption: str | None = None
-    dirty: bool = False
+    dirty: bool | None = False  # None: the format keeps no dirty state qemu-img reports
     compat: str | None = None
     flags: tuple[str, ...] | None = None
     snapshots: tuple[Snapshot, ...] = ()

@@ -187,8 +187,7 @@ def parse_volume_xml(text: str | bytes) -> ImageInfo:
 
     root = etree.fromstring(text.encode() if isinstance(text, str) else text)
     target = root.find("target")
-    fmt_el = target.find("format") if target is not None else None
-    libvirt_name = fmt_el.get("type") if fmt_el is not None else "raw"
+    libvirt_name = target.find("format").get("type")
     encryption_el = target.find("encryption")
     encryption = None
     if encryption_el is not None:

@@ -40,6 +40,13 @@ def test_catch_alls_come_last():
     assert [s.name for s in specs[-2:]] == ["dir", "raw"]
 
 
+#: String literals in the core that spell a format name but mean something else.
+NOT_FORMATS = {
+    ("volume_xml.py", "dir"): "libvirt's volume type for a directory",
+    ("volume_xml.py", "qcow"): "libvirt's <encryption format> for qcow/qcow2 AES",
+}
+
+
 def test_core_names_no_format():
     """No string literal in the core (storprobe/) is a format name, but the
     list of built-in plugin modules: the core special-cases no format."""
@@ -51,7 +58,8 @@ def test_core_names_no_format():
             node.value for node in ast.walk(ast.parse(path.read_text()))
             if isinstance(node, ast.Constant) and isinstance(node.value, str)
         }
-        assert not literals & names, f"{path.name} names format(s) {literals & names}"
+        named = {n for n in literals & names if (path.name, n) not in NOT_FORMATS}
+        assert not named, f"{path.name} names format(s) {named}"
 
 
 class Tagged:

@@ -1,0 +1,148 @@
+"""cloop: real images from create_compressed_fs compared with qemu-img info; a
+malformed header for every rule; random header mutations.
+
+qemu-img 7.2 prints neither cluster-size nor dirty-flag for cloop (the driver
+has no get-info); neither do we (the block size is in our details). libvirt 9.0 calls cloop raw; the
+format's own header wins here."""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+from pathlib import Path
+from xml.etree import ElementTree
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from oracle import LibvirtPool, assert_same_as_qemu, qemu_info, require, run
+
+from storprobe import ProbeError, probe
+
+PREAMBLE = b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n"
+
+
+def create_compressed_fs(tmp_path: Path, payload: bytes, block_size: int) -> Path:
+    source, image = tmp_path / "payload.bin", tmp_path / f"disk-{block_size}.cloop"
+    source.write_bytes(payload)
+    run("create_compressed_fs", "-q", "-B", str(block_size), source, image)
+    return image
+
+
+def qemu_refuses(path: Path) -> str:
+    """qemu-img info must fail on ``path``; its error message."""
+    proc = subprocess.run(
+        [require("qemu-img"), "info", "--output=json", "-U", str(path)], capture_output=True, text=True
+    )
+    assert proc.returncode != 0, f"qemu-img accepted {path}: {proc.stdout}"
+    return proc.stderr
+
+
+def hand_built(path: Path, block_size: int, n_blocks: int, table_entries: int | None = None) -> Path:
+    """The preamble, the two header words and an all-zero offsets table."""
+    entries = n_blocks + 1 if table_entries is None else table_entries
+    path.write_bytes(PREAMBLE.ljust(128, b"\0") + struct.pack(">II", block_size, n_blocks) + bytes(8 * entries))
+    return path
+
+
+def same_as_qemu(path: Path) -> dict:
+    assert "dirty-flag" not in qemu_info(path) and "cluster-size" not in qemu_info(path)
+    return assert_same_as_qemu(path)
+
+
+@pytest.mark.parametrize(
+    "length, block_size",
+    [(2 * 1024 * 1024, 65536), (1_000_000, 65536), (300_000, 512), (5 * 1024 * 1024, 256 * 1024), (65537, 65536)],
+)
+def test_images_match_qemu(tmp_path, length, block_size):
+    payload = os.urandom(length // 2) + bytes(length - length // 2)
+    image = create_compressed_fs(tmp_path, payload, block_size)
+    mine = same_as_qemu(image)
+    info = probe(image)
+    assert (mine["format"], info.evidence) == ("cloop", "magic")
+    assert info.details["block-size"] == block_size
+    assert mine["virtual-size"] == -(-length // block_size) * block_size
+
+
+def test_size_beyond_qemus_32_bit_sector_count(tmp_path):
+    """QEMU multiplies n_blocks by the sectors per block in 32 bits: 32769
+    blocks of 64 MiB (2 TiB + 64 MiB) wrap to 64 MiB there."""
+    image = hand_built(tmp_path / "huge.cloop", 64 * 1024 * 1024, 32769)
+    assert qemu_info(image)["virtual-size"] == 64 * 1024 * 1024
+    assert probe(image).virtual_size == 32769 * 64 * 1024 * 1024
+
+
+# (block size, block count, code): each breaks one rule QEMU's cloop open enforces.
+QEMU_RULES = [
+    (1000, 4, "cloop.block-size"),
+    (0, 4, "cloop.block-size-zero"),
+    (128 * 1024 * 1024, 4, "cloop.block-size-too-large"),
+    (65536, (2**32 - 2) // 8 + 1, "cloop.n-blocks"),
+    (65536, 512 * 1024 * 1024 // 8, "cloop.offsets-too-large"),
+]
+
+
+@pytest.mark.parametrize("block_size, n_blocks, code", QEMU_RULES, ids=[c for *_, c in QEMU_RULES])
+def test_malformed_header_is_refused_like_qemu(tmp_path, block_size, n_blocks, code):
+    image = hand_built(tmp_path / "bad.cloop", block_size, n_blocks, table_entries=5)
+    with pytest.raises(ProbeError) as err:
+        probe(image)
+    assert err.value.code == code
+    qemu_refuses(image)
+
+
+def test_offsets_table_past_end_of_file(tmp_path):
+    """QEMU reads zeros past the end of the file; a table outside it is malformed here."""
+    image = hand_built(tmp_path / "short.cloop", 65536, 100, table_entries=50)
+    with pytest.raises(ProbeError) as err:
+        probe(image)
+    assert err.value.code == "cloop.offsets-beyond-eof"
+
+
+def test_truncated_header(tmp_path):
+    image = tmp_path / "short.cloop"
+    image.write_bytes(PREAMBLE.ljust(130, b"\0"))
+    with pytest.raises(ProbeError) as err:
+        probe(image)
+    assert err.value.code == "truncated"
+
+
+@pytest.fixture(scope="module")
+def real_bytes(tmp_path_factory) -> bytes:
+    return create_compressed_fs(tmp_path_factory.mktemp("cloop"), os.urandom(300_000), 65536).read_bytes()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    edits=st.lists(st.tuples(st.integers(0, 200), st.integers(0, 255)), min_size=1, max_size=8),
+    cut=st.one_of(st.none(), st.integers(0, 400)),
+)
+def test_random_header_mutations_never_crash(real_bytes, edits, cut):
+    data = bytearray(real_bytes)
+    for offset, value in edits:
+        data[offset] = value
+    data = bytes(data if cut is None else data[:cut])
+    for fmt in (None, "cloop"):
+        try:
+            probe(data, format=fmt)
+        except ProbeError as exc:
+            assert exc.code != "plugin-error", exc
+
+
+def libvirt_volumes(directory: Path, tag: str) -> dict[str, tuple[str, int]]:
+    """libvirt's (format, capacity) of every file in ``directory``, from a transient dir pool."""
+    pool = LibvirtPool(directory, f"storprobe-{tag}-{os.getpid()}")
+    try:
+        volumes = {name: ElementTree.fromstring(pool.dumpxml(name)) for name in pool.volumes()}
+    finally:
+        pool.destroy()
+    return {
+        name: (vol.find("target/format").get("type"), int(vol.findtext("capacity"))) for name, vol in volumes.items()
+    }
+
+
+def test_libvirt_calls_cloop_raw(tmp_path):
+    image = create_compressed_fs(tmp_path, os.urandom(100_000), 65536)
+    assert libvirt_volumes(tmp_path, "cloop")[image.name][0] == "raw"
+    assert probe(image).format == "cloop"

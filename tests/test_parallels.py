@@ -1,0 +1,228 @@
+"""parallels: real images from qemu-img compared with qemu-img info; hand-built
+old-magic and Format Extension images; a malformed header for every rule;
+random header mutations.
+
+qemu-img 7.2 prints neither cluster-size nor dirty-flag for parallels (the
+driver has no get-info); neither do we (the cluster size is in our details)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import subprocess
+from pathlib import Path
+from xml.etree import ElementTree
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from oracle import LibvirtPool, assert_same_as_qemu, qemu_img_create, qemu_info, require
+
+from storprobe import ProbeError, format_table, probe
+
+EXT_MAGIC = 0xAB234CEF23DCEA87
+DIRTY_BITMAP = 0x20385FAE252CB34A
+
+
+def qemu_refuses(path: Path) -> str:
+    """qemu-img info must fail on ``path``; its error message."""
+    proc = subprocess.run(
+        [require("qemu-img"), "info", "--output=json", "-U", str(path)], capture_output=True, text=True
+    )
+    assert proc.returncode != 0, f"qemu-img accepted {path}: {proc.stdout}"
+    return proc.stderr
+
+
+def patched(src: Path, dst: Path, *edits: tuple[int, str, int | bytes], append: bytes = b"") -> Path:
+    """A copy of ``src`` with little-endian fields rewritten and ``append`` added at the end."""
+    data = bytearray(src.read_bytes())
+    for offset, code, value in edits:
+        struct.pack_into("<" + code, data, offset, value)
+    dst.write_bytes(bytes(data) + append)
+    return dst
+
+
+def same_as_qemu(path: Path) -> dict:
+    assert "dirty-flag" not in qemu_info(path) and "cluster-size" not in qemu_info(path)
+    return assert_same_as_qemu(path)
+
+
+def extension(cluster: int, *features: tuple[int, int, bytes], end: bool = True) -> bytes:
+    """A Format Extension cluster: magic, MD5 of the rest, feature sections."""
+    body = b"".join(struct.pack("<QQII", m, f, len(d), 0) + d + bytes(-len(d) % 8) for m, f, d in features)
+    body += bytes(24) if end else b""
+    body = body.ljust(cluster - 24, b"\0")
+    return struct.pack("<Q", EXT_MAGIC) + hashlib.md5(body, usedforsecurity=False).digest() + body
+
+
+def bitmap(sectors: int = 204800, granularity: int = 128, l1_size: int = 1) -> bytes:
+    """A dirty bitmap feature; the defaults fit the 100 MiB image below: 204800
+    sectors at 128-sector granularity is 1600 bits, so one L1 entry (0 = clear)."""
+    return struct.pack("<Q16sII", sectors, bytes(range(16)), granularity, l1_size) + bytes(8)
+
+
+@pytest.fixture
+def small(tmp_path: Path) -> Path:
+    """100 MiB in 64 KiB clusters: 1600 BAT entries, data at 64 KiB, a 64 KiB file."""
+    return qemu_img_create(tmp_path / "small.hds", "parallels", "100M", "cluster_size=64k")
+
+
+@pytest.mark.parametrize(
+    "size, options", [("64M", ()), ("100M", ("cluster_size=64k",)), ("10G", ("cluster_size=4k",)), ("1000", ())]
+)
+def test_images_match_qemu(tmp_path, size, options):
+    image = qemu_img_create(tmp_path / "a.hds", "parallels", size, *options)
+    assert same_as_qemu(image)["format"] == "parallels"
+    info = probe(image)
+    assert info.evidence == "magic" and format_table()["parallels"].libvirt_format == "ploop"
+
+
+def test_cluster_size_is_a_detail(small):
+    assert probe(small).details["cluster-size"] == 65536 and probe(small).cluster_size is None
+
+
+def test_old_magic_uses_only_the_low_32_bits_of_the_size(small, tmp_path):
+    image = patched(small, tmp_path / "old.hds", (0, "16s", b"WithoutFreeSpace"), (36, "Q", (7 << 32) | 204800))
+    assert same_as_qemu(image)["virtual-size"] == 100 * 1024 * 1024
+    assert probe(image).details["magic"] == "WithoutFreeSpace"
+
+
+def test_ext_magic_uses_all_64_bits(small, tmp_path):
+    image = patched(small, tmp_path / "big.hds", (36, "Q", (1 << 32) | 8))
+    assert same_as_qemu(image)["virtual-size"] == ((1 << 32) | 8) * 512
+
+
+def test_inuse_is_dirty(small, tmp_path):
+    image = patched(small, tmp_path / "unclean.hds", (44, "I", 0x746F6E59))
+    same_as_qemu(image)
+    assert probe(image).details["in-use"] is True
+
+
+def test_format_extension_with_a_dirty_bitmap_matches_qemu(small, tmp_path):
+    image = patched(small, tmp_path / "ext.hds", (56, "Q", 128), append=extension(65536, (DIRTY_BITMAP, 0, bitmap())))
+    same_as_qemu(image)
+    assert probe(image).details["dirty-bitmaps"] == 1
+
+
+def test_empty_format_extension_matches_qemu(small, tmp_path):
+    image = patched(small, tmp_path / "ext.hds", (56, "Q", 128), append=extension(65536))
+    same_as_qemu(image)
+    assert probe(image).details["dirty-bitmaps"] == 0
+
+
+def ext_image(small: Path, tmp_path: Path, cluster_bytes: bytes) -> Path:
+    return patched(small, tmp_path / "bad.hds", (56, "Q", 128), append=cluster_bytes)
+
+
+# (edits, appended bytes, code): each breaks one rule QEMU's parallels open enforces.
+QEMU_RULES = [
+    ([(28, "I", 0)], b"", "parallels.tracks"),
+    ([(28, "I", (2**31 - 1) // 513 + 1)], b"", "parallels.cluster-size"),
+    ([(32, "I", (2**31 - 1) // 4 + 1)], b"", "parallels.bat-entries"),
+    ([(36, "Q", 2**54)], b"", "parallels.size-too-large"),
+    ([(56, "Q", 128)], bytes(65536), "parallels.ext-magic"),
+    ([(56, "Q", 128)], extension(65536)[:30] + b"x" + extension(65536)[31:], "parallels.ext-checksum"),
+    ([(56, "Q", 128)], extension(65536, (DIRTY_BITMAP, 1, bytes(40))), "parallels.ext-feature-flags"),
+    ([(56, "Q", 128)], extension(65536, (0x1234, 0, bytes(8))), "parallels.ext-feature-unknown"),
+    ([(56, "Q", 128)], extension(65536, (DIRTY_BITMAP, 0, bytes(16))), "parallels.ext-bitmap-short"),
+    ([(56, "Q", 128)], extension(65536, (DIRTY_BITMAP, 0, bitmap(l1_size=2))), "parallels.ext-bitmap-l1-size"),
+    ([(56, "Q", 128)], extension(65536, (DIRTY_BITMAP, 0, bitmap(sectors=1))), "parallels.ext-bitmap-size"),
+    ([(56, "Q", 128)], extension(65536, (DIRTY_BITMAP, 0, bitmap(granularity=3))), "parallels.ext-bitmap-granularity"),
+    ([(56, "Q", 128)], extension(65536, (DIRTY_BITMAP, 0, bitmap().ljust(65536 - 48, b"\0")), end=False),
+     "parallels.ext-unterminated"),
+    ([(56, "Q", 1024)], b"", "parallels.ext-beyond-eof"),
+]
+
+
+@pytest.mark.parametrize("edits, tail, code", QEMU_RULES, ids=[c for *_, c in QEMU_RULES])
+def test_malformed_header_is_refused_like_qemu(small, tmp_path, edits, tail, code):
+    image = patched(small, tmp_path / "bad.hds", *edits, append=tail)
+    with pytest.raises(ProbeError) as err:
+        probe(image)
+    assert err.value.code == code
+    qemu_refuses(image)
+
+
+def test_feature_larger_than_its_cluster(small, tmp_path):
+    cluster = bytearray(extension(65536, (DIRTY_BITMAP, 0, bytes(40))))
+    struct.pack_into("<I", cluster, 24 + 16, 70000)  # the feature's data_size
+    cluster[8:24] = hashlib.md5(bytes(cluster[24:]), usedforsecurity=False).digest()
+    image = ext_image(small, tmp_path, bytes(cluster))
+    with pytest.raises(ProbeError) as err:
+        probe(image)
+    assert err.value.code == "parallels.ext-feature-size"
+    assert "exceedes" in qemu_refuses(image)
+
+
+# Bounds QEMU 7.2 does not check on open (it reads zeros past the end of the
+# file); a table or data area outside the file is malformed here.
+OWN_RULES = [
+    ([(32, "I", 20000)], "parallels.bat-beyond-eof"),
+    ([(48, "I", 1)], "parallels.data-off-overlaps-bat"),
+    ([(48, "I", 129)], "parallels.data-off-beyond-eof"),
+]
+
+
+@pytest.mark.parametrize("edits, code", OWN_RULES, ids=[c for _, c in OWN_RULES])
+def test_layout_outside_the_file(small, tmp_path, edits, code):
+    image = patched(small, tmp_path / "bad.hds", *edits)
+    with pytest.raises(ProbeError) as err:
+        probe(image)
+    assert err.value.code == code
+
+
+def test_wrong_version_is_reported(small, tmp_path):
+    with pytest.raises(ProbeError) as err:
+        probe(patched(small, tmp_path / "v3.hds", (16, "I", 3)))
+    assert err.value.code == "unsupported-version"
+
+
+@pytest.fixture(scope="module")
+def real_bytes(tmp_path_factory) -> bytes:
+    image = qemu_img_create(tmp_path_factory.mktemp("parallels") / "a.hds", "parallels", "1M", "cluster_size=4k")
+    return image.read_bytes() + extension(4096)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    edits=st.lists(
+        st.tuples(st.one_of(st.integers(0, 63), st.integers(4096, 4160)), st.integers(0, 255)), min_size=1, max_size=8
+    ),
+    ext=st.booleans(),
+    cut=st.one_of(st.none(), st.integers(0, 8192)),
+)
+def test_random_header_mutations_never_crash(real_bytes, edits, ext, cut):
+    data = bytearray(real_bytes)
+    if ext:
+        struct.pack_into("<Q", data, 56, 8)  # the extension cluster at 4096
+    for offset, value in edits:
+        data[offset] = value
+    data = bytes(data if cut is None else data[:cut])
+    for fmt in (None, "parallels"):
+        try:
+            probe(data, format=fmt)
+        except ProbeError as exc:
+            assert exc.code != "plugin-error", exc
+
+
+def libvirt_volumes(directory: Path, tag: str) -> dict[str, tuple[str, int]]:
+    """libvirt's (format, capacity) of every file in ``directory``, from a transient dir pool."""
+    pool = LibvirtPool(directory, f"storprobe-{tag}-{os.getpid()}")
+    try:
+        volumes = {name: ElementTree.fromstring(pool.dumpxml(name)) for name in pool.volumes()}
+    finally:
+        pool.destroy()
+    return {
+        name: (vol.find("target/format").get("type"), int(vol.findtext("capacity"))) for name, vol in volumes.items()
+    }
+
+
+def test_libvirt_calls_only_the_ext_magic_ploop(small, tmp_path):
+    """libvirt 9.0 also gives a ploop file's own length as its capacity."""
+    patched(small, tmp_path / "old.hds", (0, "16s", b"WithoutFreeSpace"))
+    theirs = libvirt_volumes(tmp_path, "parallels")
+    assert theirs["small.hds"] == ("ploop", small.stat().st_size)
+    assert probe(small).virtual_size == 100 * 1024 * 1024
+    assert theirs["old.hds"][0] == "raw"
+    assert probe(tmp_path / "old.hds").format == "parallels"
