@@ -1,8 +1,195 @@
-"""vpc: Microsoft Virtual PC / VHD (big-endian footer ``conectix``)."""
+"""vpc: Microsoft Virtual PC / VHD (big-endian, "Virtual Hard Disk Image Format
+Specification" v1.0; QEMU block/vpc.c).
+
+Every VHD ends with a 512-byte footer (``conectix``). Dynamic and differencing
+disks also keep a copy of it at offset 0 and a dynamic-disk header
+(``cxsparse``) at the footer's ``data_offset``. qemu-img probes a fixed VHD as
+raw (its only signature is the trailer); storprobe follows the spec and calls
+it vpc, with the size ``qemu-img info -f vpc`` gives.
+
+The virtual size follows QEMU 7.2: the CHS geometry (cylinders x heads x
+sectors x 512), except for creators known to store the real size in
+``current_size`` (Hyper-V, disk2vhd, XenServer, XenConverter, QEMU's
+``force_size``) or when the geometry is the CHS maximum; then ``current_size``.
+A differencing disk's parent is reported as its backing file (QEMU opens such
+a disk as a plain dynamic one and shows no backing).
+"""
 
 from __future__ import annotations
 
-from storprobe import FormatSpec, hookimpl
+import struct
+
+from storprobe import Backing, Features, FormatSpec, Image, InvalidHeader, Layout, hookimpl
+
+FOOTER = Layout(
+    ">",
+    "vhd footer",
+    ("cookie", "8s"),
+    ("features", "I"),
+    ("version", "I"),
+    ("data_offset", "Q"),
+    ("timestamp", "I"),
+    ("creator_app", "4s"),
+    ("creator_version", "I"),
+    ("creator_os", "4s"),
+    ("original_size", "Q"),
+    ("current_size", "Q"),
+    ("cylinders", "H"),
+    ("heads", "B"),
+    ("sectors_per_track", "B"),
+    ("disk_type", "I"),
+    ("checksum", "I"),
+    ("unique_id", "16s"),
+    ("saved_state", "B"),
+)
+FOOTER_SIZE = 512
+CHECKSUM_OFFSET = 64
+
+DYNAMIC_HEADER = Layout(
+    ">",
+    "vhd dynamic disk header",
+    ("cookie", "8s"),
+    ("data_offset", "Q"),
+    ("table_offset", "Q"),
+    ("header_version", "I"),
+    ("max_table_entries", "I"),
+    ("block_size", "I"),
+    ("checksum", "I"),
+    ("parent_unique_id", "16s"),
+    ("parent_timestamp", "I"),
+    (None, "4x"),
+    ("parent_unicode_name", "512s"),
+)
+DYNAMIC_HEADER_SIZE = 1024  # the fields above, then 8 parent locators of 24 bytes, then padding
+DYNAMIC_COOKIE = b"cxsparse"
+DYNAMIC_CHECKSUM_OFFSET = 36
+
+FIXED, DYNAMIC, DIFFERENCING = 2, 3, 4
+DISK_TYPES = {FIXED: "fixed", DYNAMIC: "dynamic", DIFFERENCING: "differencing"}
+
+#: Creator applications whose ``current_size`` QEMU 7.2 trusts over the geometry.
+CURRENT_SIZE_CREATORS = frozenset({b"win ", b"qem2", b"d2v ", b"CTXS", b"tap\0"})
+MAX_CHS_SECTORS = 65535 * 16 * 255  # the largest geometry; its disks use current_size
+MAX_SECTORS = 0xFF000000  # QEMU's limit: 2040 GiB
+MAX_TABLE_ENTRIES = 0x7FFFFFFF // 4  # QEMU: the BAT's byte size must fit an int
+UNUSED_BAT_ENTRY = 0xFFFFFFFF
+#: Largest block allocation table read to find blocks past the end of the file
+#: (a 2040 GiB disk with the usual 2 MiB blocks needs 4 MiB); a larger one is not checked.
+BAT_SCAN_LIMIT = 4 * 1024 * 1024
+
+
+def checksum(block: bytes, offset: int) -> int:
+    """The VHD checksum: one's complement of the byte sum, the field itself taken as zero."""
+    return ~(sum(block) - sum(block[offset : offset + 4])) & 0xFFFFFFFF
+
+
+def footer(img: Image):
+    """The footer the row matched (the copy at 0 or the trailer), checked."""
+    block = img.read(img.header_offset, FOOTER_SIZE)
+    foot = FOOTER.unpack(block)
+    if checksum(block, CHECKSUM_OFFSET) != foot.checksum:
+        raise InvalidHeader("VHD footer checksum is incorrect", code="vpc.checksum")
+    if foot.disk_type not in DISK_TYPES:
+        raise InvalidHeader(f"VHD disk type {foot.disk_type} is not 2, 3 or 4", code="vpc.disk-type")
+    if img.header_offset == 0 and foot.disk_type == FIXED:
+        raise InvalidHeader(
+            "footer copy at offset 0 claims a fixed disk, which keeps its footer only at the end",
+            code="vpc.fixed-copy",
+        )
+    return foot
+
+
+def uses_current_size(foot) -> bool:
+    """QEMU's rule for which size field to trust."""
+    chs = foot.cylinders * foot.heads * foot.sectors_per_track
+    return foot.creator_app in CURRENT_SIZE_CREATORS or chs == MAX_CHS_SECTORS
+
+
+def size(img: Image) -> int:
+    foot = footer(img)
+    if uses_current_size(foot):
+        sectors = foot.current_size // 512
+    else:
+        sectors = foot.cylinders * foot.heads * foot.sectors_per_track
+    if sectors > MAX_SECTORS:
+        raise InvalidHeader(f"VHD of {sectors} sectors exceeds the 2040 GiB limit", code="vpc.too-large")
+    return sectors * 512
+
+
+def dynamic_header(img: Image, foot) -> tuple:
+    """The ``cxsparse`` header of a dynamic or differencing disk and its raw bytes."""
+    if foot.data_offset > img.size - DYNAMIC_HEADER_SIZE:
+        raise InvalidHeader(
+            f"dynamic disk header offset {foot.data_offset} lies beyond the end of the file",
+            code="vpc.data-offset",
+        )
+    raw = img.read(foot.data_offset, DYNAMIC_HEADER_SIZE)
+    dyn = DYNAMIC_HEADER.unpack(raw)
+    if dyn.cookie != DYNAMIC_COOKIE:
+        raise InvalidHeader("dynamic disk header lacks its cxsparse cookie", code="vpc.dynamic-magic")
+    return dyn, raw
+
+
+def check_table(img: Image, dyn, virtual_size: int) -> bool:
+    """Check the block allocation table as QEMU does on open; False when it
+    was too large to scan for blocks past the end of the file."""
+    block = dyn.block_size
+    if block < 512 or block & (block - 1):
+        raise InvalidHeader(f"block size {block} is not a power of two of at least 512", code="vpc.block-size")
+    if dyn.max_table_entries > MAX_TABLE_ENTRIES:
+        raise InvalidHeader(f"{dyn.max_table_entries} table entries is too many", code="vpc.table-entries")
+    if dyn.max_table_entries * block < virtual_size:
+        raise InvalidHeader(
+            f"{dyn.max_table_entries} blocks of {block} bytes cannot hold {virtual_size} bytes",
+            code="vpc.table-too-small",
+        )
+    table_bytes = dyn.max_table_entries * 4
+    table_end = -(-(dyn.table_offset + table_bytes) // 512) * 512
+    if table_end > img.size:
+        raise InvalidHeader("block allocation table runs past the end of the file", code="vpc.table-offset")
+    if table_bytes > BAT_SCAN_LIMIT:
+        return False
+    entries = struct.unpack(f">{dyn.max_table_entries}I", img.read(dyn.table_offset, table_bytes))
+    last = max((e for e in entries if e != UNUSED_BAT_ENTRY), default=None)
+    if last is not None:
+        bitmap = -(-(block // (8 * 512)) // 512) * 512
+        if last * 512 + bitmap + block > img.size:
+            raise InvalidHeader(
+                "a data block lies past the end of the file (the image is truncated)", code="vpc.truncated"
+            )
+    return True
+
+
+def features(img: Image) -> Features:
+    foot = footer(img)
+    virtual_size = size(img)
+    details: dict[str, object] = {
+        "disk-type": DISK_TYPES[foot.disk_type],
+        "creator-app": foot.creator_app.decode("latin-1"),
+        "size-from": "current-size" if uses_current_size(foot) else "chs",
+    }
+    if foot.disk_type == FIXED:
+        return Features(details=details)
+    dyn, raw = dynamic_header(img, foot)
+    if not check_table(img, dyn, virtual_size):
+        details["table-not-scanned"] = f"larger than {BAT_SCAN_LIMIT} bytes"
+    if checksum(raw, DYNAMIC_CHECKSUM_OFFSET) != dyn.checksum:
+        details["dynamic-header-checksum"] = "mismatch"  # QEMU does not check it either
+    return Features(cluster_size=dyn.block_size, details=details)
+
+
+def backing(img: Image) -> Backing | None:
+    """A differencing disk's parent, by the Parent Unicode Name (UTF-16BE)."""
+    foot = footer(img)
+    if foot.disk_type != DIFFERENCING:
+        return None
+    dyn, _ = dynamic_header(img, foot)
+    raw = dyn.parent_unicode_name
+    end = next((i for i in range(0, len(raw), 2) if raw[i : i + 2] == b"\0\0"), len(raw))
+    name = raw[:end].decode("utf-16-be", "replace")
+    if not name:
+        raise InvalidHeader("differencing disk has no parent name", code="vpc.parent-name")
+    return Backing(name, "vpc")  # the spec makes a differencing disk's parent a VHD
 
 
 @hookimpl
@@ -12,10 +199,12 @@ def storprobe_formats() -> list[FormatSpec]:
             name="vpc",
             description="Virtual PC / VHD",
             magic=b"conectix",
-            header_offsets=(0, -512),
+            header_offsets=(0, -FOOTER_SIZE),
             endian=">",
             version_offset=12,
             versions=(0x00010000,),
-            size_offset=48,
+            size=size,
+            backing=backing,
+            features=features,
         )
     ]

@@ -12,6 +12,7 @@ command -v cryptsetup >/dev/null || need+=(cryptsetup-bin)
 command -v mkfs.fat >/dev/null || need+=(dosfstools)
 command -v sfdisk >/dev/null || need+=(fdisk)
 command -v xorriso >/dev/null || need+=(xorriso)
+command -v dmg2img >/dev/null || need+=(dmg2img)
 command -v virsh >/dev/null || need+=(libvirt-clients)
 command -v libvirtd >/dev/null || need+=(libvirt-daemon-system)
 if [ ${#need[@]} -gt 0 ]; then

@@ -1,0 +1,194 @@
+"""dmg: hand-built UDIF images (qemu-img cannot write dmg, and Debian has no
+tool that makes one), checked by QEMU's own dmg driver reading them back."""
+
+from __future__ import annotations
+
+import plistlib
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from oracle import assert_same_as_qemu, require, run
+
+from storprobe import ProbeError, probe
+
+TRAILER = ">4sIIIQQQQQII16sII128xQQ120xII128xIQ12x"
+RAW_CHUNK, TERMINATOR_CHUNK = 0x00000001, 0xFFFFFFFF
+
+
+def block_table(sectors: int, data_length: int) -> bytes:
+    """A "mish" block table: one raw chunk covering the disk, then the terminator."""
+    chunks = struct.pack(">IIQQQQ", RAW_CHUNK, 0, 0, sectors, 0, data_length)
+    chunks += struct.pack(">IIQQQQ", TERMINATOR_CHUNK, 0, sectors, 0, data_length, 0)
+    return struct.pack(">4sIQQQII24xII128xI", b"mish", 1, 0, sectors, 0, 0, 2, 0, 0, 2) + chunks
+
+
+def build_dmg(data: bytes, block_map: str = "xml", **trailer: int) -> bytes:
+    """An uncompressed UDIF image: data fork, block map (an XML property list
+    or a resource fork), then the koly trailer; ``trailer`` overrides fields."""
+    sectors = len(data) // 512
+    mish = block_table(sectors, len(data))
+    if block_map == "xml":
+        blkx = {"Attributes": "0x0050", "Data": mish, "ID": "0", "Name": "whole disk (Apple_HFS : 0)"}
+        fork = plistlib.dumps({"resource-fork": {"blkx": [blkx]}})
+    else:
+        resources = struct.pack(">I", len(mish)) + mish
+        fork = struct.pack(">IIII", 256, 256 + len(resources), len(resources), 0).ljust(256, b"\0") + resources
+    fields = {
+        "version": 4,
+        "header_size": 512,
+        "data_fork_offset": 0,
+        "data_fork_length": len(data),
+        "rsrc_fork_offset": len(data) if block_map == "rsrc" else 0,
+        "rsrc_fork_length": len(fork) if block_map == "rsrc" else 0,
+        "xml_offset": len(data) if block_map == "xml" else 0,
+        "xml_length": len(fork) if block_map == "xml" else 0,
+        "sector_count": sectors,
+        **trailer,
+    }
+    koly = struct.pack(
+        TRAILER,
+        b"koly",
+        fields["version"],
+        fields["header_size"],
+        1,  # flags: flattened
+        0,  # running data fork offset
+        fields["data_fork_offset"],
+        fields["data_fork_length"],
+        fields["rsrc_fork_offset"],
+        fields["rsrc_fork_length"],
+        1,  # segment number
+        1,  # segment count
+        bytes(16),
+        0,  # data checksum type (none)
+        0,
+        fields["xml_offset"],
+        fields["xml_length"],
+        0,  # master checksum type (none)
+        0,
+        1,  # image variant: device image
+        fields["sector_count"],
+    )
+    return data + fork + koly
+
+
+def disk(sectors: int) -> bytes:
+    return bytes(range(256)) * 2 * sectors
+
+
+def qemu_refuses(path: Path) -> bool:
+    proc = subprocess.run([require("qemu-img"), "info", "-U", "-f", "dmg", str(path)], capture_output=True)
+    return proc.returncode != 0
+
+
+def code_of(path: Path) -> str:
+    with pytest.raises(ProbeError) as exc:
+        probe(path)
+    return exc.value.code
+
+
+# --- hand-built images against qemu-img --------------------------------------------
+
+
+@pytest.mark.parametrize("block_map", ["xml", "rsrc"])
+@pytest.mark.parametrize("sectors", [1, 7, 2048])
+def test_matches_qemu(tmp_path: Path, block_map: str, sectors: int):
+    """qemu-img finds dmg by the .dmg name (and with -f dmg); we by the
+    trailer. Neither prints a dirty-flag or a cluster-size for dmg."""
+    path = tmp_path / "disk.dmg"
+    path.write_bytes(build_dmg(disk(sectors), block_map))
+    mine = assert_same_as_qemu(path)
+    assert mine["virtual-size"] == sectors * 512
+    assert assert_same_as_qemu(path, "dmg") == mine
+    assert "dirty-flag" not in mine
+    info = probe(path)
+    assert info.details["block-map"] == ("xml-plist" if block_map == "xml" else "resource-fork")
+    assert info.version == 4
+
+
+@pytest.mark.parametrize("block_map", ["xml", "rsrc"])
+def test_qemu_reads_the_hand_built_image(tmp_path: Path, block_map: str):
+    """Proof the builder makes a real dmg: QEMU converts it back to the data."""
+    path = tmp_path / "disk.dmg"
+    path.write_bytes(build_dmg(disk(64), block_map))
+    run("qemu-img", "convert", "-f", "dmg", "-O", "raw", path, tmp_path / "out.raw")
+    assert (tmp_path / "out.raw").read_bytes() == disk(64)
+
+
+def test_dmg2img_reads_the_hand_built_image(tmp_path: Path):
+    path = tmp_path / "disk.dmg"
+    path.write_bytes(build_dmg(disk(64)))
+    run("dmg2img", "-s", "-i", path, "-o", tmp_path / "out.img")
+    assert (tmp_path / "out.img").read_bytes() == disk(64)
+
+
+def test_found_without_the_dmg_name(tmp_path: Path):
+    path = tmp_path / "disk.img"
+    path.write_bytes(build_dmg(disk(8)))
+    assert probe(path).format == "dmg"
+
+
+# --- every validation rule --------------------------------------------------------
+
+DATA = disk(8)
+KOLY_AT = len(build_dmg(DATA)) - 512
+
+
+@pytest.mark.parametrize(
+    "trailer, code, qemu_too",
+    [
+        ({"header_size": 0x200 + 4}, "dmg.header-size", False),
+        ({"data_fork_offset": KOLY_AT + 1}, "dmg.data-fork", True),
+        ({"data_fork_length": KOLY_AT + 1}, "dmg.data-fork", False),  # QEMU checks the start only
+        ({"rsrc_fork_offset": KOLY_AT}, "dmg.rsrc-fork", True),
+        ({"rsrc_fork_length": KOLY_AT + 1}, "dmg.rsrc-fork", True),
+        ({"xml_offset": KOLY_AT}, "dmg.xml-plist", True),
+        ({"xml_length": KOLY_AT + 1}, "dmg.xml-plist", True),
+        ({"sector_count": 1 << 63}, "dmg.sector-count", True),
+        ({"xml_length": 0}, "dmg.no-block-map", True),
+        ({"version": 3}, "unsupported-version", False),  # QEMU ignores the version
+    ],
+)
+def test_rule(tmp_path: Path, trailer: dict[str, int], code: str, qemu_too: bool):
+    path = tmp_path / "bad.dmg"
+    path.write_bytes(build_dmg(DATA, **trailer))
+    assert code_of(path) == code
+    assert qemu_refuses(path) is qemu_too
+
+
+def test_xml_plist_too_large(tmp_path: Path):
+    """QEMU reads at most 16 MiB of property list; a sparse file makes room."""
+    big = 16 * 1024 * 1024 + 1
+    path = tmp_path / "bad.dmg"
+    with path.open("wb") as f:
+        f.truncate(big)
+        f.seek(big)
+        f.write(build_dmg(b"", xml_offset=0, xml_length=big, data_fork_length=0)[-512:])
+    assert code_of(path) == "dmg.xml-size"
+    assert qemu_refuses(path)
+
+
+def test_short_file_is_not_dmg(tmp_path: Path):
+    path = tmp_path / "short.dmg"
+    path.write_bytes(build_dmg(DATA)[-300:])
+    assert probe(path).format == "raw"
+
+
+# --- hostile bytes ----------------------------------------------------------------
+
+PRISTINE = build_dmg(disk(16))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 511), st.integers(0, 255)), min_size=1, max_size=8))
+def test_mutated_trailers_never_crash(mutations):
+    data = bytearray(PRISTINE)
+    for offset, value in mutations:
+        data[len(data) - 512 + offset] = value
+    try:
+        probe(bytes(data))
+    except ProbeError as exc:
+        assert exc.code != "plugin-error", exc

@@ -1,0 +1,421 @@
+"""vhdx: real images from qemu-img, hand-edited headers, region tables and
+metadata for every rule (checksums repaired, so only the intended rule breaks)."""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from oracle import assert_same_as_qemu, qemu_img_create, require, run
+
+from storprobe import Backing, ProbeError, probe
+from storprobe_plugins.vhdx import crc32c
+
+KiB, MiB = 1024, 1024 * 1024
+HEADERS = (64 * KiB, 128 * KiB)
+REGION_TABLE = 192 * KiB
+
+
+def guid(text: str) -> bytes:
+    return uuid.UUID(text).bytes_le
+
+
+BAT = guid("2DC27766-F623-4200-9D64-115E9BFD4A08")
+METADATA = guid("8B7CA206-4790-4B9A-B8FE-575F050F886E")
+FILE_PARAMETERS = guid("CAA16737-FA36-4D43-B3B6-33F0AA44E76B")
+VIRTUAL_DISK_SIZE = guid("2FA54224-CD1B-4876-B211-5DBED83BF4B8")
+PAGE_83 = guid("BECA12AB-B2E6-4523-93EF-C309E000C746")
+LOGICAL_SECTOR_SIZE = guid("8141BF1D-A96F-4709-BA47-F233A8FAAB5F")
+PARENT_LOCATOR = guid("A8D35F2D-B30B-454D-ABF7-D3D84834AB0C")
+VHDX_PARENT = guid("B04AEFB7-D19E-4A81-B789-25B8E9445913")
+UNKNOWN = guid("01234567-89AB-CDEF-0123-456789ABCDEF")
+
+
+class Vhdx:
+    """A VHDX file's bytes with the structures named, edited in place."""
+
+    def __init__(self, path: Path, data: bytes | None = None) -> None:
+        self.path = path
+        self.data = bytearray(path.read_bytes() if data is None else data)
+
+    def save(self) -> Path:
+        self.path.write_bytes(bytes(self.data))
+        return self.path
+
+    def fix_crc(self, start: int, length: int) -> None:
+        struct.pack_into("<I", self.data, start + 4, 0)
+        struct.pack_into("<I", self.data, start + 4, crc32c(bytes(self.data[start : start + length])))
+
+    def header(self, index: int, offset: int, fmt: str, value: object) -> None:
+        struct.pack_into(fmt, self.data, HEADERS[index] + offset, value)
+        self.fix_crc(HEADERS[index], 4 * KiB)
+
+    def both_headers(self, offset: int, fmt: str, value: object) -> None:
+        for index in (0, 1):
+            self.header(index, offset, fmt, value)
+
+    def region_entry(self, region: bytes) -> int:
+        count = struct.unpack_from("<I", self.data, REGION_TABLE + 8)[0]
+        for at in range(REGION_TABLE + 16, REGION_TABLE + 16 + 32 * count, 32):
+            if self.data[at : at + 16] == region:
+                return at
+        raise KeyError(region)
+
+    def regions(self, offset: int, fmt: str, value: object) -> None:
+        struct.pack_into(fmt, self.data, REGION_TABLE + offset, value)
+        self.fix_crc(REGION_TABLE, 64 * KiB)
+
+    def region_offset(self, region: bytes) -> int:
+        return struct.unpack_from("<Q", self.data, self.region_entry(region) + 16)[0]
+
+    @property
+    def metadata(self) -> int:
+        return self.region_offset(METADATA)
+
+    def item_entry(self, item: bytes) -> int:
+        count = struct.unpack_from("<H", self.data, self.metadata + 10)[0]
+        for at in range(self.metadata + 32, self.metadata + 32 + 32 * count, 32):
+            if self.data[at : at + 16] == item:
+                return at
+        raise KeyError(item)
+
+    def item(self, item: bytes) -> int:
+        """Absolute offset of a metadata item's data."""
+        return self.metadata + struct.unpack_from("<I", self.data, self.item_entry(item) + 16)[0]
+
+    def put(self, offset: int, fmt: str, value: object) -> None:
+        struct.pack_into(fmt, self.data, offset, value)
+
+    def add_item(self, item: bytes, blob: bytes, flags: int = 6, at: int = 128 * KiB) -> None:
+        count = struct.unpack_from("<H", self.data, self.metadata + 10)[0]
+        struct.pack_into("<16sIII4x", self.data, self.metadata + 32 + 32 * count, item, at, len(blob), flags)
+        self.put(self.metadata + 10, "<H", count + 1)
+        self.data[self.metadata + at : self.metadata + at + len(blob)] = blob
+
+    def make_differencing(self, pairs: dict[str, str], locator_type: bytes = VHDX_PARENT) -> None:
+        params = self.item(FILE_PARAMETERS)
+        self.put(params + 4, "<I", struct.unpack_from("<I", self.data, params + 4)[0] | 2)
+        table_size = 20 + 12 * len(pairs)
+        entries, strings = b"", b""
+        for key, value in pairs.items():
+            k, v = key.encode("utf-16-le"), value.encode("utf-16-le")
+            key_at = table_size + len(strings)
+            entries += struct.pack("<IIHH", key_at, key_at + len(k), len(k), len(v))
+            strings += k + v
+        self.add_item(PARENT_LOCATOR, struct.pack("<16s2xH", locator_type, len(pairs)) + entries + strings)
+
+
+def qemu_refuses(path: Path) -> bool:
+    proc = subprocess.run([require("qemu-img"), "info", "-U", "-f", "vhdx", str(path)], capture_output=True)
+    return proc.returncode != 0
+
+
+def code_of(path: Path) -> str:
+    with pytest.raises(ProbeError) as exc:
+        probe(path)
+    return exc.value.code
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Vhdx:
+    return Vhdx(qemu_img_create(tmp_path / "d.vhdx", "vhdx", "64M"))
+
+
+def with_data(tmp_path: Path, *options: str) -> Path:
+    raw = tmp_path / "data.raw"
+    raw.write_bytes(bytes(range(256)) * 12288)  # 3 MiB
+    path = tmp_path / "data.vhdx"
+    args = [a for option in options for a in ("-o", option)]
+    run("qemu-img", "convert", "-O", "vhdx", *args, raw, path)
+    return path
+
+
+# --- checksums, real images against qemu-img ---------------------------------------
+
+
+def test_crc32c_known_answer():
+    assert crc32c(b"123456789") == 0xE3069283
+    assert crc32c(b"") == 0
+
+
+@pytest.mark.parametrize(
+    "size, options",
+    [
+        ("64M", ()),
+        ("0", ()),  # QEMU's empty disk: a 64 MiB BAT (an unsigned wrap), not scanned
+        ("1234567K", ()),
+        ("64M", ("subformat=fixed",)),
+        ("24M", ("subformat=fixed", "block_size=8M")),
+        ("1G", ("block_size=1M",)),
+        ("1G", ("block_size=32M",)),
+        ("1G", ("block_size=256M",)),
+        ("100G", ()),
+        ("64M", ("log_size=8M",)),
+        ("64M", ("block_state_zero=off",)),
+        ("64M", ("block_state_zero=on", "block_size=2M")),
+    ],
+)
+def test_matches_qemu(tmp_path: Path, size: str, options: tuple[str, ...]):
+    path = qemu_img_create(tmp_path / "x.vhdx", "vhdx", size, *options)
+    assert_same_as_qemu(path)
+    details = probe(path).details
+    assert details["subformat"] == ("fixed" if "subformat=fixed" in options else "dynamic")
+    assert details["creator"].startswith("QEMU")
+
+
+@pytest.mark.parametrize("options", [(), ("block_size=1M",), ("subformat=fixed",)])
+def test_image_with_data_matches_qemu(tmp_path: Path, options: tuple[str, ...]):
+    assert_same_as_qemu(with_data(tmp_path, *options))
+
+
+def test_empty_disk_bat_not_scanned(tmp_path: Path):
+    path = qemu_img_create(tmp_path / "z.vhdx", "vhdx", "0")
+    assert probe(path).details["bat-not-scanned"] == "larger than 4194304 bytes"
+
+
+def test_higher_sequence_header_wins(image: Vhdx):
+    """Header 2 has the higher sequence number in a fresh image: give header 1
+    a bad log version and nothing notices; swap the numbers and it is refused."""
+    first, second = (struct.unpack_from("<Q", image.data, h + 8)[0] for h in HEADERS)
+    assert second > first
+    image.header(0, 64, "<H", 1)  # log_version
+    assert probe(image.save()).virtual_size == 64 * MiB
+    image.header(0, 8, "<Q", second + 1)
+    assert code_of(image.save()) == "vhdx.log-version"
+    assert qemu_refuses(image.path)
+
+
+def test_one_corrupt_header_is_enough(image: Vhdx):
+    image.data[HEADERS[1] + 40] ^= 0xFF  # header 2's CRC no longer matches
+    assert_same_as_qemu(image.save())
+
+
+def test_identical_headers_with_equal_sequence(image: Vhdx):
+    """Disk2VHD writes two identical headers; QEMU accepts them, so do we."""
+    image.data[HEADERS[1] : HEADERS[1] + 4 * KiB] = image.data[HEADERS[0] : HEADERS[0] + 4 * KiB]
+    assert_same_as_qemu(image.save())
+
+
+def test_4k_logical_sectors(image: Vhdx):
+    """The spec allows 4096-byte logical sectors; QEMU 7.2 refuses them
+    (later QEMU reads them, with the same virtual size). We follow the spec."""
+    image.put(image.item(LOGICAL_SECTOR_SIZE), "<I", 4096)
+    info = probe(image.save())
+    assert (info.virtual_size, info.details["logical-sector-size"]) == (64 * MiB, 4096)
+    assert qemu_refuses(image.path)
+
+
+def test_differencing_disk_reports_parent(image: Vhdx):
+    """qemu-img cannot make a differencing VHDX (and QEMU refuses to open one):
+    set has_parent and add a parent locator. The relative path is the backing
+    name; every key/value pair is in the details."""
+    pairs = {
+        "parent_linkage": "{83ed7a6b-1fc8-4f9a-9b1e-3a8f2b1c4d5e}",
+        "absolute_win32_path": "C:\\vms\\parent.vhdx",
+        "relative_path": ".\\parent.vhdx",
+    }
+    image.make_differencing(pairs)
+    info = probe(image.save())
+    assert info.backing == Backing(".\\parent.vhdx", "vhdx")
+    assert info.details["parent-locator"] == pairs
+    assert info.cluster_size == 8 * MiB
+    assert qemu_refuses(image.path)
+
+
+def test_differencing_falls_back_to_absolute_path(image: Vhdx):
+    image.make_differencing({"absolute_win32_path": "C:\\vms\\parent.vhdx"}, locator_type=UNKNOWN)
+    assert probe(image.save()).backing == Backing("C:\\vms\\parent.vhdx", None)
+
+
+def test_region_table_copy_difference_is_reported(image: Vhdx):
+    image.data[256 * KiB + 100] ^= 1
+    assert probe(image.save()).details["region-table-copy"] == "differs"
+
+
+def test_pending_log_guid_is_reported(image: Vhdx):
+    image.both_headers(48, "16s", b"\x11" * 16)
+    assert probe(image.save()).details["log-guid"] == str(uuid.UUID(bytes_le=b"\x11" * 16))
+
+
+# --- every validation rule --------------------------------------------------------
+
+
+def corrupt_both_headers(v: Vhdx) -> None:
+    for h in HEADERS:
+        v.data[h] ^= 0xFF
+
+
+def conflicting_headers(v: Vhdx) -> None:
+    v.header(1, 8, "<Q", struct.unpack_from("<Q", v.data, HEADERS[0] + 8)[0])
+    v.header(1, 32, "16s", b"\x42" * 16)  # data_write_guid
+
+
+def region_entry_field(region: bytes, offset: int, fmt: str, value: object):
+    def change(v: Vhdx) -> None:
+        v.regions(v.region_entry(region) - REGION_TABLE + offset, fmt, value)
+
+    return change
+
+
+def item_value(item: bytes, fmt: str, value: object):
+    def change(v: Vhdx) -> None:
+        v.put(v.item(item), fmt, value)
+
+    return change
+
+
+def item_entry_field(item: bytes, offset: int, fmt: str, value: object):
+    def change(v: Vhdx) -> None:
+        v.put(v.item_entry(item) + offset, fmt, value)
+
+    return change
+
+
+def bat_in_header_section(v: Vhdx) -> None:
+    """QEMU does not keep the first MiB free of regions; the spec does."""
+    region_entry_field(BAT, 16, "<Q", 512 * KiB)(v)
+    region_entry_field(BAT, 24, "<I", 64 * KiB)(v)
+
+
+def bad_parent_locator(v: Vhdx) -> None:
+    v.make_differencing({"relative_path": "p.vhdx"})
+    v.put(v.item(PARENT_LOCATOR) + 18, "<H", 5000)  # more entries than the item holds
+
+
+def parent_locator_without_path(v: Vhdx) -> None:
+    v.make_differencing({"parent_linkage": "{83ed7a6b-1fc8-4f9a-9b1e-3a8f2b1c4d5e}"})
+
+
+@pytest.mark.parametrize(
+    "change, code, qemu_too",
+    [
+        (corrupt_both_headers, "vhdx.no-valid-header", True),
+        (lambda v: v.both_headers(0, "4s", b"heaD"), "vhdx.no-valid-header", True),
+        (lambda v: v.both_headers(66, "<H", 2), "vhdx.no-valid-header", True),  # version 2
+        (conflicting_headers, "vhdx.header-conflict", True),
+        (lambda v: v.both_headers(72, "<Q", 1536 * KiB), "vhdx.log-offset", True),
+        (lambda v: v.both_headers(72, "<Q", 0), "vhdx.log-offset", True),
+        (lambda v: v.both_headers(64, "<H", 1), "vhdx.log-version", True),
+        (
+            lambda v: (v.both_headers(48, "16s", b"\1" * 16), v.both_headers(68, "<I", 1536 * KiB)),
+            "vhdx.log-length",
+            True,
+        ),
+        (lambda v: v.both_headers(72, "<Q", 64 * MiB), "vhdx.log-beyond-file", False),
+        (lambda v: v.put(REGION_TABLE + 100, "B", 1), "vhdx.region-checksum", True),
+        (lambda v: v.regions(0, "4s", b"reg1"), "vhdx.region-signature", True),
+        (lambda v: v.regions(8, "<I", 2048), "vhdx.region-count", True),
+        (region_entry_field(METADATA, 16, "<Q", 2 * MiB), "vhdx.region-overlap", True),  # onto the BAT
+        (region_entry_field(BAT, 16, "<Q", 1 * MiB), "vhdx.region-overlap", True),  # onto the log
+        (bat_in_header_section, "vhdx.region-overlap", False),
+        (region_entry_field(METADATA, 16, "<Q", 8 * MiB), "vhdx.region-beyond-file", True),
+        (region_entry_field(BAT, 0, "16s", METADATA), "vhdx.region-duplicate", True),
+        (
+            lambda v: (region_entry_field(BAT, 0, "16s", UNKNOWN)(v), region_entry_field(UNKNOWN, 28, "<I", 1)(v)),
+            "vhdx.region-required",
+            True,
+        ),
+        (region_entry_field(BAT, 0, "16s", UNKNOWN), "vhdx.region-missing", True),
+        (lambda v: v.put(v.metadata, "8s", b"metadatA"), "vhdx.metadata-signature", True),
+        (lambda v: v.put(v.metadata + 10, "<H", 2048), "vhdx.metadata-count", True),
+        (
+            lambda v: (item_entry_field(PAGE_83, 0, "16s", UNKNOWN)(v), item_entry_field(UNKNOWN, 24, "<I", 4)(v)),
+            "vhdx.metadata-required",
+            True,
+        ),
+        (item_entry_field(PAGE_83, 0, "16s", FILE_PARAMETERS), "vhdx.metadata-duplicate", True),
+        (item_entry_field(VIRTUAL_DISK_SIZE, 16, "<I", 1 * MiB), "vhdx.metadata-item-range", True),
+        (item_entry_field(VIRTUAL_DISK_SIZE, 20, "<I", 4), "vhdx.metadata-item-range", False),
+        (item_entry_field(VIRTUAL_DISK_SIZE, 16, "<I", 100), "vhdx.metadata-item-range", True),  # reads garbage
+        (
+            lambda v: (item_entry_field(PAGE_83, 0, "16s", UNKNOWN)(v), item_entry_field(UNKNOWN, 24, "<I", 0)(v)),
+            "vhdx.metadata-missing",
+            True,
+        ),
+        (item_value(FILE_PARAMETERS, "<I", 0), "vhdx.block-size", True),
+        (item_value(FILE_PARAMETERS, "<I", 512 * KiB), "vhdx.block-size", True),
+        (item_value(FILE_PARAMETERS, "<I", 3 * MiB), "vhdx.block-size", True),
+        (item_value(FILE_PARAMETERS, "<I", 512 * MiB), "vhdx.block-size", True),
+        (lambda v: v.put(v.item(FILE_PARAMETERS) + 4, "<I", 2), "vhdx.parent-locator-missing", True),
+        (item_value(LOGICAL_SECTOR_SIZE, "<I", 1024), "vhdx.logical-sector-size", True),
+        (item_value(VIRTUAL_DISK_SIZE, "<Q", 64 * 1024**4 + 512), "vhdx.virtual-size", True),
+        (item_value(VIRTUAL_DISK_SIZE, "<Q", 64 * MiB + 100), "vhdx.virtual-size-alignment", False),
+        (item_value(VIRTUAL_DISK_SIZE, "<Q", 64 * 1024**4), "vhdx.bat-too-small", True),
+        (region_entry_field(BAT, 24, "<I", 32), "vhdx.bat-too-small", True),
+        (bad_parent_locator, "vhdx.parent-locator", True),
+        (parent_locator_without_path, "vhdx.parent-locator", True),
+    ],
+)
+def test_rule(image: Vhdx, change, code: str, qemu_too: bool):
+    change(image)
+    assert code_of(image.save()) == code
+    assert qemu_refuses(image.path) is qemu_too
+
+
+def test_block_overlapping_metadata(tmp_path: Path):
+    image = Vhdx(qemu_img_create(tmp_path / "d.vhdx", "vhdx", "64M", "block_size=1M"))
+    image.put(image.region_offset(BAT), "<Q", image.metadata | 6)  # block 0 fully present, in the metadata
+    assert code_of(image.save()) == "vhdx.block-overlap"
+    assert qemu_refuses(image.path)
+
+
+def test_truncated_image(tmp_path: Path):
+    path = with_data(tmp_path)
+    with path.open("r+b") as f:
+        f.truncate(10 * MiB)  # the 3 MiB of data start at 8 MiB
+    assert code_of(path) == "vhdx.truncated"
+    assert qemu_refuses(path)
+
+
+def test_short_file_is_truncated(image: Vhdx):
+    image.data = image.data[: 100 * KiB]
+    assert code_of(image.save()) == "truncated"
+
+
+# --- hostile bytes ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> bytes:
+    return with_data(tmp_path_factory.mktemp("vhdx"), "block_size=1M").read_bytes()
+
+
+def areas(v: Vhdx) -> list[tuple[int, int]]:
+    """(start, length) of the bytes worth mutating: headers, region table,
+    metadata table and items, the start of the BAT."""
+    return [
+        (HEADERS[0], 80),
+        (HEADERS[1], 80),
+        (REGION_TABLE, 80),
+        (v.metadata, 32 * 6),
+        (v.metadata + 64 * KiB, 48),
+        (v.region_offset(BAT), 64),
+    ]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.lists(st.tuples(st.integers(0, 5), st.integers(0, 191), st.integers(0, 255)), min_size=1, max_size=8),
+    st.booleans(),
+)
+def test_mutated_headers_never_crash(pristine: bytes, mutations, fix_checksums: bool):
+    """Random bytes in every structure, checksums repaired or not (repaired,
+    the mutation reaches the rules behind them): an answer or a named error."""
+    v = Vhdx(Path("<memory>"), pristine)
+    where = areas(v)
+    for area, offset, value in mutations:
+        start, length = where[area]
+        v.data[start + offset % length] = value
+    if fix_checksums:
+        for h in HEADERS:
+            v.fix_crc(h, 4 * KiB)
+        v.fix_crc(REGION_TABLE, 64 * KiB)
+    try:
+        probe(bytes(v.data))
+    except ProbeError as exc:
+        assert exc.code != "plugin-error", exc
