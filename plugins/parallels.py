@@ -55,11 +55,6 @@ FEATURE_END = 0
 FEATURE_DIRTY_BITMAP = 0x20385FAE252CB34A
 
 
-def is_ext(img: Image) -> bool:
-    """The second magic, for images with 64-bit sizes."""
-    return img.header[:16] == MAGIC_EXT
-
-
 def _header(img: Image):
     """The header, checked as QEMU's parallels open checks it."""
     hdr = HEADER.unpack(img.header)
@@ -93,7 +88,8 @@ def _header(img: Image):
 
 
 def _sectors(img: Image, hdr) -> int:
-    return hdr.nb_sectors if is_ext(img) else hdr.nb_sectors & 0xFFFFFFFF
+    """Sectors in the disk: 64-bit with the Ext magic, 32-bit with the old one."""
+    return hdr.nb_sectors if hdr.magic == MAGIC_EXT else hdr.nb_sectors & 0xFFFFFFFF
 
 
 def _extension(img: Image, hdr) -> int:
@@ -194,8 +190,7 @@ def storprobe_formats() -> list[FormatSpec]:
             name="parallels",
             description="Parallels disk image",
             libvirt_name="ploop",
-            magic=MAGIC,
-            match=is_ext,
+            magic=(MAGIC, MAGIC_EXT),
             version_offset=16,
             versions=(2,),
             size=size,

@@ -1,8 +1,552 @@
-"""qcow2: QEMU copy-on-write versions 2 and 3 (big-endian; QEMU docs/interop/qcow2.txt)."""
+"""qcow2: QEMU copy-on-write, versions 2 and 3 (big-endian; QEMU docs/interop/qcow2.txt).
+
+Everything ``qemu-img info`` shows is read from the header, its extensions, the
+snapshot table, the bitmap directory and an embedded LUKS1 header, and checked
+the way QEMU 7.2 checks it when it opens the image. Each broken rule raises
+InvalidHeader with code ``qcow2.<rule>`` (``luks.<rule>`` for the LUKS header,
+which the luks plugin reads). Unknown incompatible feature bits
+(QEMU refuses such images) are reported in ``details``, not raised. Names
+(backing file, data file) are reported, never opened.
+"""
 
 from __future__ import annotations
 
-from storprobe import FormatSpec, hookimpl
+import struct
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+from storprobe import (
+    Backing,
+    DataFile,
+    Features,
+    FormatSpec,
+    Image,
+    InvalidHeader,
+    Layout,
+    Snapshot,
+    hookimpl,
+)
+from storprobe.layout import cstring, read_uint
+from storprobe_plugins.luks import LUKS1_HEADER_SIZE, luks_specific
+
+HEADER = Layout(
+    ">",
+    "qcow2 header",
+    ("magic", "4s"),
+    ("version", "I"),
+    ("backing_file_offset", "Q"),
+    ("backing_file_size", "I"),
+    ("cluster_bits", "I"),
+    ("size", "Q"),
+    ("crypt_method", "I"),
+    ("l1_size", "I"),
+    ("l1_table_offset", "Q"),
+    ("refcount_table_offset", "Q"),
+    ("refcount_table_clusters", "I"),
+    ("nb_snapshots", "I"),
+    ("snapshots_offset", "Q"),
+    # version 3 and later; a version 2 header ends here, at byte 72
+    ("incompatible_features", "Q"),
+    ("compatible_features", "Q"),
+    ("autoclear_features", "Q"),
+    ("refcount_order", "I"),
+    ("header_length", "I"),
+    # additional field, present only when header_length > 104
+    ("compression_type", "B"),
+)
+V2_HEADER_LENGTH = 72
+COMPRESSION_TYPE_OFFSET = 104
+#: What a version 2 header implies for the later fields (QEMU's defaults).
+V2_IMPLIED = struct.pack(">QQQIIB", 0, 0, 0, 4, V2_HEADER_LENGTH, 0)
+
+EXTENSION = Layout(">", "qcow2 header extension", ("type", "I"), ("length", "I"))
+EXT_END = 0x00000000
+EXT_BACKING_FORMAT = 0xE2792ACA
+EXT_FEATURE_NAMES = 0x6803F857
+EXT_BITMAPS = 0x23852875
+EXT_CRYPTO = 0x0537BE77
+EXT_DATA_FILE = 0x44415441
+
+FEATURE_NAME = Layout(">", "qcow2 feature name", ("type", "B"), ("bit", "B"), ("name", "46s"))
+BITMAPS_EXT = Layout(
+    ">",
+    "qcow2 bitmaps extension",
+    ("nb_bitmaps", "I"),
+    ("reserved", "I"),
+    ("directory_size", "Q"),
+    ("directory_offset", "Q"),
+)
+CRYPTO_EXT = Layout(">", "qcow2 encryption header pointer", ("offset", "Q"), ("length", "Q"))
+SNAPSHOT = Layout(
+    ">",
+    "qcow2 snapshot table entry",
+    ("l1_table_offset", "Q"),
+    ("l1_size", "I"),
+    ("id_str_size", "H"),
+    ("name_size", "H"),
+    ("date_sec", "I"),
+    ("date_nsec", "I"),
+    ("vm_clock_nsec", "Q"),
+    ("vm_state_size", "I"),
+    ("extra_data_size", "I"),
+)
+SNAPSHOT_EXTRA = Layout(
+    ">",
+    "qcow2 snapshot extra data",
+    ("vm_state_size_large", "Q"),
+    ("disk_size", "Q"),
+    ("icount", "Q"),
+)
+BITMAP_ENTRY = Layout(
+    ">",
+    "qcow2 bitmap directory entry",
+    ("bitmap_table_offset", "Q"),
+    ("bitmap_table_size", "I"),
+    ("flags", "I"),
+    ("type", "B"),
+    ("granularity_bits", "B"),
+    ("name_size", "H"),
+    ("extra_data_size", "I"),
+)
+# feature bits
+INCOMPAT_DIRTY, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE = 1 << 0, 1 << 1, 1 << 2
+INCOMPAT_COMPRESSION, INCOMPAT_EXTENDED_L2 = 1 << 3, 1 << 4
+INCOMPAT_KNOWN = (1 << 5) - 1
+COMPAT_LAZY_REFCOUNTS = 1 << 0
+AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW = 1 << 0, 1 << 1
+COMPRESSION_TYPES = {0: "zlib", 1: "zstd"}
+CRYPT_AES, CRYPT_LUKS = 1, 2
+
+# QEMU's limits (block/qcow2.h, block/qcow2-bitmap.c, block.c)
+MIN_CLUSTER_BITS, MAX_CLUSTER_BITS = 9, 21
+MAX_REFCOUNT_ORDER = 6
+MAX_BACKING_NAME = 1023
+MAX_BACKING_FORMAT = 15  # QEMU's 16-byte buffer, NUL included
+MAX_L1_BYTES = 32 * 1024 * 1024
+MAX_REFTABLE_BYTES = 8 * 1024 * 1024
+MAX_SNAPSHOTS = 65536
+MAX_SNAPSHOT_EXTRA_DATA = 1024
+MAX_SNAPSHOTS_SIZE = 1024 * MAX_SNAPSHOTS
+MAX_BITMAPS = 65535
+MAX_BITMAP_DIRECTORY_SIZE = 1024 * MAX_BITMAPS
+BITMAP_MAX_TABLE_SIZE = 0x8000000
+BITMAP_MAX_PHYS_SIZE = 0x20000000
+BITMAP_GRANULARITY_BITS = range(9, 32)
+BITMAP_MAX_NAME = 1023
+BITMAP_DIRTY_TRACKING = 1
+BITMAP_IN_USE, BITMAP_AUTO = 1 << 0, 1 << 1
+BITMAP_RESERVED_FLAGS = 0xFFFFFFFC
+BITMAP_TABLE_RESERVED = 0xFF000000000001FE  # bits 1-8 and 56-63 of a bitmap table entry
+BITMAP_TABLE_OFFSET = 0x00FFFFFFFFFFFE00
+BITMAP_TABLE_ALL_ONES = 1 << 0
+SUBCLUSTERS = 32  # per cluster with extended L2 entries
+INT_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
+UINT64 = 2**64
+MAX_LENGTH = INT64_MAX // 2**30 * 2**30  # QEMU's BDRV_MAX_LENGTH
+SECTOR = 512
+NO_ICOUNT = UINT64 - 1
+
+# key order of qemu-img 7.2's JSON (its dictionaries iterate in hash order)
+SPECIFIC_KEYS = (
+    "compat",
+    "compression-type",
+    "lazy-refcounts",
+    "bitmaps",
+    "refcount-bits",
+    "data-file",
+    "encrypt",
+    "data-file-raw",
+    "corrupt",
+    "extended-l2",
+)
+#: libvirt's <features> children of a v3 image, by the qemu-img key that says each is on
+LIBVIRT_FEATURES = (("lazy_refcounts", "lazy-refcounts"), ("extended_l2", "extended-l2"))
+LUKS_KEYS = (
+    "ivgen-alg",
+    "hash-alg",
+    "cipher-alg",
+    "uuid",
+    "ivgen-hash-alg",
+    "format",
+    "cipher-mode",
+    "slots",
+    "payload-offset",
+    "master-key-iters",
+)
+
+
+class Extensions(NamedTuple):
+    """What the header extensions say (the last of a repeated type wins, as in QEMU)."""
+
+    backing_format: str | None = None
+    data_file: str | None = None
+    feature_names: dict[int, str] = {}
+    crypto: Any = None  # CRYPTO_EXT fields
+    bitmaps: Any = None  # BITMAPS_EXT fields, None when absent or to be ignored
+
+
+def _invalid(rule: str, message: str) -> InvalidHeader:
+    return InvalidHeader(message, code=f"qcow2.{rule}")
+
+
+def _align8(n: int) -> int:
+    return (n + 7) & ~7
+
+
+def _text(raw: bytes) -> str:
+    return cstring(raw, "utf-8")
+
+
+def _int64(value: int) -> int:
+    """qemu-img prints these unsigned 64-bit fields as signed JSON integers."""
+    return value - UINT64 if value > INT64_MAX else value
+
+
+def _header(img: Image) -> Any:
+    """The header, checked; fields a version 2 header lacks take QEMU's defaults."""
+    head = img.header
+    if read_uint(head, 4, 4, ">") == 2:
+        head = head[:V2_HEADER_LENGTH] + V2_IMPLIED
+    elif read_uint(head, 100, 4, ">") <= COMPRESSION_TYPE_OFFSET:
+        head = head[:COMPRESSION_TYPE_OFFSET] + b"\0"
+    hdr = HEADER.unpack(head)
+    _check_header(hdr)
+    return hdr
+
+
+def _check_header(hdr: Any) -> None:
+    """QEMU's checks on the fixed header, in the order qcow2_do_open makes them."""
+    if not MIN_CLUSTER_BITS <= hdr.cluster_bits <= MAX_CLUSTER_BITS:
+        raise _invalid("cluster-bits", f"cluster_bits {hdr.cluster_bits} is outside 9..21")
+    cluster_size = 1 << hdr.cluster_bits
+    if hdr.version == 3 and hdr.header_length < COMPRESSION_TYPE_OFFSET:
+        raise _invalid("header-too-short", f"v3 header_length {hdr.header_length} is below 104")
+    if hdr.header_length > cluster_size:
+        raise _invalid("header-too-large", f"header_length {hdr.header_length} exceeds the cluster size")
+    if hdr.backing_file_offset > cluster_size:
+        raise _invalid("backing-offset", f"backing file offset {hdr.backing_file_offset} is beyond the first cluster")
+    if hdr.compression_type not in COMPRESSION_TYPES:
+        raise _invalid("compression-type", f"unknown compression type {hdr.compression_type}")
+    if bool(hdr.compression_type) != bool(hdr.incompatible_features & INCOMPAT_COMPRESSION):
+        raise _invalid("compression-type-bit", "compression type and its incompatible feature bit disagree")
+    if hdr.incompatible_features & INCOMPAT_EXTENDED_L2 and cluster_size // SUBCLUSTERS < SECTOR:
+        raise _invalid("extended-l2-cluster-size", "extended L2 entries need clusters of at least 16 KiB")
+    if hdr.refcount_order > MAX_REFCOUNT_ORDER:
+        raise _invalid("refcount-order", f"refcount_order {hdr.refcount_order} exceeds 6")
+    if hdr.refcount_table_clusters == 0:
+        raise _invalid("no-refcount-table", "the image has no refcount table")
+    if hdr.refcount_table_clusters > MAX_REFTABLE_BYTES // cluster_size:
+        raise _invalid("refcount-table-too-large", f"refcount table of {hdr.refcount_table_clusters} clusters")
+    _check_table_offset(
+        hdr, "refcount-table-offset", hdr.refcount_table_offset, hdr.refcount_table_clusters * cluster_size
+    )
+    if hdr.nb_snapshots > MAX_SNAPSHOTS:
+        raise _invalid("too-many-snapshots", f"{hdr.nb_snapshots} snapshots exceed QEMU's {MAX_SNAPSHOTS}")
+    _check_table_offset(hdr, "snapshot-table-offset", hdr.snapshots_offset, hdr.nb_snapshots * SNAPSHOT.size)
+    if hdr.l1_size > MAX_L1_BYTES // 8:
+        raise _invalid("l1-too-large", f"L1 table of {hdr.l1_size} entries exceeds {MAX_L1_BYTES} bytes")
+    _check_table_offset(hdr, "l1-offset", hdr.l1_table_offset, hdr.l1_size * 8)
+    l2_entry_size = 16 if hdr.incompatible_features & INCOMPAT_EXTENDED_L2 else 8
+    shift = 2 * hdr.cluster_bits - (l2_entry_size.bit_length() - 1)  # bytes one L1 entry maps
+    l1_needed = ((hdr.size + (1 << shift) - 1) % UINT64) >> shift  # QEMU's 64-bit arithmetic
+    if l1_needed > INT_MAX:
+        raise _invalid("image-too-big", f"virtual size {hdr.size} needs {l1_needed} L1 entries")
+    if hdr.l1_size < l1_needed:
+        raise _invalid("l1-too-small", f"L1 table has {hdr.l1_size} entries, virtual size needs {l1_needed}")
+    if hdr.crypt_method > CRYPT_LUKS:
+        raise _invalid("crypt-method", f"unsupported encryption method {hdr.crypt_method}")
+    if hdr.size // SECTOR * SECTOR > MAX_LENGTH:
+        raise _invalid("size-too-large", f"virtual size {hdr.size} exceeds QEMU's limit {MAX_LENGTH}")
+
+
+def _check_table_offset(hdr: Any, rule: str, offset: int, table_bytes: int) -> None:
+    """QEMU's qcow2_validate_table: the table starts on a cluster and ends below 2**63."""
+    if INT64_MAX - table_bytes < offset or offset % (1 << hdr.cluster_bits):
+        raise _invalid(rule, f"table offset {offset} is not cluster-aligned or out of range")
+
+
+def _extensions(img: Image, hdr: Any) -> Iterator[tuple[int, int, int]]:
+    """(type, data offset, length) of each header extension, as QEMU walks them: from
+    header_length up to the backing name (or the end of the first cluster)."""
+    end = hdr.backing_file_offset or 1 << hdr.cluster_bits
+    offset = hdr.header_length
+    while offset < end:  # each step advances by at least 8 bytes within one cluster
+        ext = EXTENSION.unpack(img.read(offset, EXTENSION.size))
+        offset += EXTENSION.size
+        if offset > end or ext.length > end - offset:
+            raise _invalid("extension-too-large", f"header extension {ext.type:#x} runs past its area")
+        if ext.type == EXT_END:
+            return
+        yield ext.type, offset, ext.length
+        offset += _align8(ext.length)
+
+
+def _read_extensions(img: Image, hdr: Any) -> Extensions:
+    found: dict[str, Any] = {}
+    for kind, offset, length in _extensions(img, hdr):
+        if kind == EXT_BACKING_FORMAT:
+            if length > MAX_BACKING_FORMAT:
+                raise _invalid("backing-format-too-long", f"backing format name of {length} bytes")
+            found["backing_format"] = _text(img.read(offset, length))
+        elif kind == EXT_FEATURE_NAMES:
+            found["feature_names"] = _feature_names(img.read(offset, length))
+        elif kind == EXT_CRYPTO:
+            found["crypto"] = _crypto_extension(img, hdr, offset, length)
+        elif kind == EXT_BITMAPS:
+            if length != BITMAPS_EXT.size:
+                raise _invalid("bitmaps-extension-size", f"bitmaps extension of {length} bytes")
+            if hdr.autoclear_features & AUTOCLEAR_BITMAPS:  # else QEMU ignores it as inconsistent
+                found["bitmaps"] = _bitmaps_extension(img, hdr, offset)
+        elif kind == EXT_DATA_FILE:
+            found["data_file"] = _text(img.read(offset, length))
+    return Extensions(**found)
+
+
+def _feature_names(table: bytes) -> dict[int, str]:
+    """Incompatible-feature bit -> name; like QEMU, the list ends at the first empty
+    name and the first name given for a bit wins."""
+    names: dict[int, str] = {}
+    table += bytes(-len(table) % FEATURE_NAME.size)
+    for start in range(0, len(table), FEATURE_NAME.size):
+        entry = FEATURE_NAME.unpack(table, start)
+        if entry.name[0] == 0:
+            break
+        if entry.type == 0 and entry.bit < 64:
+            names.setdefault(entry.bit, _text(entry.name))
+    return names
+
+
+def _crypto_extension(img: Image, hdr: Any, offset: int, length: int) -> Any:
+    if hdr.crypt_method != CRYPT_LUKS:
+        raise _invalid("crypto-header-unexpected", "encryption header pointer without LUKS encryption")
+    if length != CRYPTO_EXT.size:
+        raise _invalid("crypto-header-size", f"encryption header pointer of {length} bytes")
+    crypto = CRYPTO_EXT.unpack(img.read(offset, length))
+    if crypto.offset % (1 << hdr.cluster_bits):
+        raise _invalid("crypto-header-offset", f"encryption header offset {crypto.offset} is not cluster-aligned")
+    return crypto
+
+
+def _bitmaps_extension(img: Image, hdr: Any, offset: int) -> Any:
+    ext = BITMAPS_EXT.unpack(img.read(offset, BITMAPS_EXT.size))
+    if ext.reserved:
+        raise _invalid("bitmaps-reserved", "reserved field of the bitmaps extension is not zero")
+    if ext.nb_bitmaps > MAX_BITMAPS:
+        raise _invalid("too-many-bitmaps", f"{ext.nb_bitmaps} bitmaps exceed QEMU's {MAX_BITMAPS}")
+    if ext.nb_bitmaps == 0:
+        raise _invalid("no-bitmaps", "bitmaps extension with zero bitmaps")
+    if ext.directory_offset % (1 << hdr.cluster_bits):
+        raise _invalid(
+            "bitmap-directory-offset", f"bitmap directory offset {ext.directory_offset} is not cluster-aligned"
+        )
+    if ext.directory_size > MAX_BITMAP_DIRECTORY_SIZE:
+        raise _invalid("bitmap-directory-too-large", f"bitmap directory of {ext.directory_size} bytes")
+    return ext
+
+
+def _read_within_file(img: Image, offset: int, length: int, rule: str) -> bytes:
+    if offset + length > img.size:
+        raise _invalid(rule, f"{length} bytes at offset {offset} lie beyond the end of the file")
+    return img.read(offset, length)
+
+
+def _snapshots(img: Image, hdr: Any) -> tuple[Snapshot, ...]:
+    """The snapshot table (nb_snapshots is capped by _check_header). Entries are
+    8-byte aligned; each is sized before its variable part is read, and of its
+    extra data only the fields QEMU knows are read."""
+    snapshots = []
+    offset, table_length = hdr.snapshots_offset, 0
+    for _ in range(hdr.nb_snapshots):
+        offset, table_length = _align8(offset), _align8(table_length)
+        entry = SNAPSHOT.unpack(_read_within_file(img, offset, SNAPSHOT.size, "snapshot-table-beyond-file"))
+        offset += SNAPSHOT.size
+        if entry.extra_data_size > MAX_SNAPSHOT_EXTRA_DATA:
+            raise _invalid("snapshot-extra-data-too-large", f"snapshot extra data of {entry.extra_data_size} bytes")
+        table_length += SNAPSHOT.size + entry.extra_data_size + entry.id_str_size + entry.name_size
+        if table_length > MAX_SNAPSHOTS_SIZE:
+            raise _invalid("snapshot-table-too-large", f"snapshot table exceeds {MAX_SNAPSHOTS_SIZE} bytes")
+        known = min(entry.extra_data_size, SNAPSHOT_EXTRA.size)
+        extra = SNAPSHOT_EXTRA.unpack(
+            _read_within_file(img, offset, known, "snapshot-table-beyond-file").ljust(SNAPSHOT_EXTRA.size, b"\0")
+        )
+        offset += entry.extra_data_size
+        names = _read_within_file(img, offset, entry.id_str_size + entry.name_size, "snapshot-table-beyond-file")
+        offset += len(names)
+        snapshots.append(
+            Snapshot(
+                id=_text(names[: entry.id_str_size]),
+                name=_text(names[entry.id_str_size :]),
+                vm_state_size=_int64(extra.vm_state_size_large if known >= 8 else entry.vm_state_size),
+                date_sec=entry.date_sec,
+                date_nsec=entry.date_nsec,
+                vm_clock_nsec=entry.vm_clock_nsec,
+                icount=_int64(extra.icount) if known == SNAPSHOT_EXTRA.size and extra.icount != NO_ICOUNT else None,
+            )
+        )
+    return tuple(snapshots)
+
+
+def _bitmaps(img: Image, hdr: Any, ext: Any) -> list[dict[str, Any]]:
+    """qemu-img's bitmap list, checked as QEMU loads it: the whole directory first,
+    then each bitmap (unique name; unless in use, its table)."""
+    bitmaps: list[dict[str, Any]] = []
+    for entry, name in _bitmap_directory(img, hdr, ext):
+        if any(bitmap["name"] == name for bitmap in bitmaps):
+            raise _invalid("bitmap-duplicate-name", f"two bitmaps are named {name!r}")
+        if not entry.flags & BITMAP_IN_USE:
+            _check_bitmap_table(img, hdr, entry)
+        flags = [flag for bit, flag in ((BITMAP_IN_USE, "in-use"), (BITMAP_AUTO, "auto")) if entry.flags & bit]
+        bitmaps.append({"flags": flags, "name": name, "granularity": 1 << entry.granularity_bits})
+    return bitmaps
+
+
+def _bitmap_directory(img: Image, hdr: Any, ext: Any) -> list[tuple[Any, str]]:
+    """(entry, name) of each bitmap directory entry, with QEMU's checks on each."""
+    if ext.directory_size == 0:
+        raise _invalid("bitmap-directory-empty", "bitmap directory size is zero")
+    directory = _read_within_file(img, ext.directory_offset, ext.directory_size, "bitmap-directory-beyond-file")
+    entries: list[tuple[Any, str]] = []
+    position = 0
+    while position < len(directory):  # at most nb_bitmaps (<= 65535) rounds
+        if position + BITMAP_ENTRY.size > len(directory):
+            raise _invalid("bitmap-directory-broken", "bitmap directory ends inside an entry")
+        if len(entries) == ext.nb_bitmaps:
+            raise _invalid("bitmap-count", "more bitmaps in the directory than the extension says")
+        entry = BITMAP_ENTRY.unpack(directory, position)
+        entry_size = _align8(BITMAP_ENTRY.size + entry.name_size + entry.extra_data_size)
+        if position + entry_size > len(directory):
+            raise _invalid("bitmap-directory-broken", "bitmap directory ends inside an entry")
+        if entry.extra_data_size:
+            raise _invalid("bitmap-extra-data", "bitmap extra data is not supported")
+        _check_bitmap(hdr, entry)
+        name_start = position + BITMAP_ENTRY.size
+        entries.append((entry, _text(directory[name_start : name_start + entry.name_size])))
+        position += entry_size
+    if len(entries) != ext.nb_bitmaps:
+        raise _invalid("bitmap-count", "fewer bitmaps in the directory than the extension says")
+    return entries
+
+
+def _check_bitmap_table(img: Image, hdr: Any, entry: Any) -> None:
+    """QEMU loads a bitmap that is not in use: its table must have one entry per
+    cluster of the bitmap serialized in 64-bit words, each entry a valid cluster
+    pointer (QEMU reads zeros past the end of the file, so a short table is not
+    an error). The size is checked first, so a bogus table is never read."""
+    cluster_size = 1 << hdr.cluster_bits
+    length = hdr.size // SECTOR * SECTOR
+    words = ((length - 1) >> entry.granularity_bits >> 6) + 1 if length else 0
+    if -(-words * 8 // cluster_size) != entry.bitmap_table_size:
+        raise _invalid("bitmap-table-size", f"bitmap table of {entry.bitmap_table_size} clusters does not fit the disk")
+    table = img.read(entry.bitmap_table_offset, entry.bitmap_table_size * 8, exact=False)
+    for (value,) in struct.iter_unpack(">Q", table + bytes(-len(table) % 8)):
+        offset = value & BITMAP_TABLE_OFFSET
+        if value & BITMAP_TABLE_RESERVED or (offset and (value & BITMAP_TABLE_ALL_ONES or offset % cluster_size)):
+            raise _invalid("bitmap-table-entry", f"bitmap table entry {value:#x} is invalid")
+
+
+def _check_bitmap(hdr: Any, entry: Any) -> None:
+    """QEMU's constraints on one bitmap directory entry (check_dir_entry)."""
+    cluster_size = 1 << hdr.cluster_bits
+    table_bytes = entry.bitmap_table_size * cluster_size
+    broken = (
+        entry.bitmap_table_size == 0
+        or entry.bitmap_table_offset == 0
+        or entry.bitmap_table_offset % cluster_size
+        or entry.bitmap_table_size > BITMAP_MAX_TABLE_SIZE
+        or entry.granularity_bits not in BITMAP_GRANULARITY_BITS
+        or entry.flags & BITMAP_RESERVED_FLAGS
+        or entry.name_size > BITMAP_MAX_NAME
+        or entry.type != BITMAP_DIRTY_TRACKING
+        or table_bytes > BITMAP_MAX_PHYS_SIZE
+        or (not entry.flags & BITMAP_IN_USE and hdr.size // SECTOR * SECTOR > table_bytes * 8 << entry.granularity_bits)
+    )
+    if broken:
+        raise _invalid("bitmap-entry", "a bitmap directory entry breaks QEMU's constraints")
+
+
+def _luks(img: Image, crypto: Any) -> dict[str, Any]:
+    """qemu-img's ``encrypt`` object: the LUKS1 header the extension points to,
+    checked and described by the luks plugin, in qemu-img's key order."""
+    if crypto.length < LUKS1_HEADER_SIZE:
+        raise _invalid("luks-outside-extension", f"LUKS header does not fit the {crypto.length} bytes reserved")
+    info = luks_specific(img.read(crypto.offset, LUKS1_HEADER_SIZE)) | {"format": "luks"}
+    return {key: info[key] for key in LUKS_KEYS if key in info}
+
+
+def features(img: Image) -> Features:
+    hdr = _header(img)
+    ext = _read_extensions(img, hdr)
+    incompat, v3 = hdr.incompatible_features, hdr.version == 3
+    data_file = None
+    if incompat & INCOMPAT_DATA_FILE:
+        data_file = DataFile(ext.data_file, bool(hdr.autoclear_features & AUTOCLEAR_DATA_FILE_RAW))
+    encrypt = None
+    if hdr.crypt_method == CRYPT_AES:
+        encrypt = {"format": "aes"}
+    elif ext.crypto is not None:
+        encrypt = _luks(img, ext.crypto)
+    specific: dict[str, Any] = {
+        "compat": "1.1" if v3 else "0.10",
+        "compression-type": COMPRESSION_TYPES[hdr.compression_type],
+        "refcount-bits": 1 << hdr.refcount_order,
+        "encrypt": encrypt,
+    }
+    flags = None  # libvirt's <features>: none for v2
+    if v3:
+        specific |= {
+            "lazy-refcounts": bool(hdr.compatible_features & COMPAT_LAZY_REFCOUNTS),
+            "bitmaps": _bitmaps(img, hdr, ext.bitmaps) if ext.bitmaps else None,
+            "data-file": ext.data_file,
+            "data-file-raw": data_file.raw if data_file else None,
+            "corrupt": bool(incompat & INCOMPAT_CORRUPT),
+            "extended-l2": bool(incompat & INCOMPAT_EXTENDED_L2),
+        }
+        flags = tuple(flag for flag, key in LIBVIRT_FEATURES if specific[key])
+    return Features(
+        cluster_size=1 << hdr.cluster_bits,
+        dirty=bool(incompat & INCOMPAT_DIRTY),
+        compat="1.1" if v3 else None,  # libvirt writes <compat> for v3 images only
+        flags=flags,
+        snapshots=_snapshots(img, hdr),
+        data_file=data_file,
+        specific={key: specific[key] for key in SPECIFIC_KEYS if specific.get(key) is not None},
+        details=_details(hdr, ext),
+    )
+
+
+def _details(hdr: Any, ext: Extensions) -> dict[str, Any]:
+    """storprobe's extras: raw feature bits, unknown incompatible features by name
+    (QEMU refuses to open such images), where the backing name and LUKS header are."""
+    details: dict[str, Any] = {"header-length": hdr.header_length}
+    if hdr.version == 3:
+        details["incompatible-features"] = hdr.incompatible_features
+        details["compatible-features"] = hdr.compatible_features
+        details["autoclear-features"] = hdr.autoclear_features
+    unknown = [bit for bit in range(64) if hdr.incompatible_features & ~INCOMPAT_KNOWN & 1 << bit]
+    if unknown:
+        details["unknown-incompatible-features"] = [ext.feature_names.get(bit, f"bit {bit}") for bit in unknown]
+    if hdr.backing_file_offset:
+        details["backing-file-offset"] = hdr.backing_file_offset
+    if ext.crypto is not None:
+        details["encryption-header"] = {"offset": ext.crypto.offset, "length": ext.crypto.length}
+    return details
+
+
+def size(img: Image) -> int:
+    """QEMU keeps the size in whole 512-byte sectors, rounding down."""
+    return _header(img).size // SECTOR * SECTOR
+
+
+def backing(img: Image) -> Backing | None:
+    hdr = _header(img)
+    if not hdr.backing_file_offset:
+        return None
+    cluster_size = 1 << hdr.cluster_bits
+    if hdr.backing_file_size > min(MAX_BACKING_NAME, cluster_size - hdr.backing_file_offset):
+        raise _invalid("backing-name-too-long", f"backing file name of {hdr.backing_file_size} bytes")
+    name = _text(img.read(hdr.backing_file_offset, hdr.backing_file_size))
+    return Backing(name, _read_extensions(img, hdr).backing_format or None) if name else None
 
 
 @hookimpl
@@ -15,8 +559,10 @@ def storprobe_formats() -> list[FormatSpec]:
             endian=">",
             version_offset=4,
             versions=(2, 3),
-            size_offset=24,
             crypt_offset=32,
-            crypt_methods={1: "aes", 2: "luks"},
+            crypt_methods={CRYPT_AES: "aes", CRYPT_LUKS: "luks"},
+            size=size,
+            backing=backing,
+            features=features,
         )
     ]

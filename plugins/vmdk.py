@@ -1,8 +1,496 @@
-"""vmdk: VMware disks (KDMV hosted sparse, little-endian)."""
+"""vmdk: VMware virtual disks, read the way QEMU's vmdk driver opens them.
+
+Three kinds of file are a VMDK:
+
+- a hosted sparse extent, magic ``KDMV`` (VMware Virtual Disk Format 1.1,
+  section 4.1), with its descriptor embedded at sector 1: monolithicSparse, or
+  streamOptimized when its grains are deflate-compressed (then the header may
+  sit in a footer near the end of the file);
+- an ESX sparse extent, magic ``COWD`` (QEMU's "VMDK3");
+- a text descriptor file naming the extents that hold the data (monolithicFlat,
+  twoGbMaxExtentSparse/Flat, vmfs, vmfsSparse, seSparse), recognised as QEMU's
+  probe recognises it.
+
+Extents and parents are reported, never opened or looked at. QEMU reads a
+descriptor in its own way (a sparse file's descriptor always at sector 1, keys
+found as substrings anywhere in the text, extent lines scanned with sscanf);
+this plugin reads it the same way, so that what it reports is what QEMU opens.
+"""
 
 from __future__ import annotations
 
-from storprobe import FormatSpec, hookimpl
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from storprobe import (
+    Backing,
+    Features,
+    FormatSpec,
+    Image,
+    InvalidHeader,
+    Layout,
+    TruncatedHeader,
+    UnsupportedVersion,
+    hookimpl,
+)
+
+SECTOR = 512
+SPARSE_MAGIC = b"KDMV"
+COWD_MAGIC = b"COWD"
+VERSIONS = (1, 2, 3)
+GD_AT_END = 0xFFFF_FFFF_FFFF_FFFF  # gdOffset of a streamOptimized header whose footer holds the real one
+DEFLATE = 1  # compressAlgorithm
+MARKER_EOS, MARKER_FOOTER = 0, 3  # stream marker types
+FOOTER_SIZE = 3 * SECTOR  # footer marker, footer header, end-of-stream marker
+
+# QEMU's bounds (block/vmdk.c); a header beyond one is refused, not trusted.
+PROBE_SIZE = 512  # bytes QEMU's format probe sees (BLOCK_PROBE_BUF_SIZE)
+DESC_SIZE = 20 * SECTOR  # bytes QEMU searches for CID, parentCID, parentFileNameHint
+DESC_MAX = (1 << 20) - 1  # most descriptor bytes QEMU reads at all
+MAX_GRAIN_SECTORS = 0x200000  # 1 GiB grains
+MAX_GTES_PER_GT = 512
+MAX_L1_ENTRIES = 32 * 1024 * 1024
+MAX_CREATE_TYPE = 127
+MAX_HINT = 4095  # PATH_MAX - 1
+INT64_MAX = (1 << 63) - 1
+# Our own cap: 64 TiB (the largest disk QEMU's vmdk driver allows for, seSparse)
+# in the 2 GiB extents qemu-img splits a twoGbMaxExtent disk into.
+MAX_EXTENTS = 32768
+
+# createType values QEMU opens from a descriptor file.
+DESCRIPTOR_TYPES = frozenset(
+    {"monolithicFlat", "vmfs", "vmfsSparse", "seSparse", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat"}
+)
+EXTENT_TYPES = frozenset({"FLAT", "SPARSE", "VMFS", "VMFSSPARSE", "SESPARSE"})
+TEXT_VERSIONS = tuple(b"version=%d%s" % (v, end) for v in VERSIONS for end in (b"\n", b"\r\n"))
+
+SPARSE_HEADER = Layout(
+    "<",
+    "vmdk sparse header",
+    ("magic", "4s"),
+    ("version", "I"),
+    ("flags", "I"),
+    ("capacity", "Q"),  # sectors
+    ("grain_size", "Q"),  # sectors
+    ("desc_offset", "Q"),  # sectors
+    ("desc_size", "Q"),  # sectors
+    ("num_gtes_per_gt", "I"),
+    ("rgd_offset", "Q"),
+    ("gd_offset", "Q"),
+    ("overhead", "Q"),  # sectors before the first grain
+    ("unclean_shutdown", "B"),
+    (None, "4x"),  # '\n', ' ', '\r', '\n' line-ending check bytes
+    ("compress_algorithm", "H"),
+)
+STREAM_MARKER = Layout("<", "vmdk stream marker", ("value", "Q"), ("size", "I"), ("type", "I"))
+COWD_HEADER = Layout(
+    "<",
+    "vmdk COWD header",
+    ("magic", "4s"),
+    ("version", "I"),
+    ("flags", "I"),
+    ("capacity", "I"),  # sectors
+    ("grain_size", "I"),  # sectors
+    ("gd_offset", "I"),  # sectors
+    ("gd_entries", "I"),
+    ("free_sector", "I"),
+)
+
+# An extent line as QEMU's sscanf("%10s %ld %10s \"%511[^\n\r\"]\" %ld") reads it,
+# anchored on the last newline before the line's first non-space byte. The
+# possessive quantifiers take what scanf takes and never give it back.
+_EXTENT_LINE = re.compile(
+    rb"\n[ \t\r\f\v]*+(?="
+    rb"(\S{1,10}+)\s*+([+-]?+[0-9]++)\s*+(\S{1,10}+)\s*+\"([^\n\r\"]{1,511}+)"
+    rb"(?:\"\s*+([+-]?+[0-9]++))?)"
+)
+_HEX = re.compile(rb"\s*(?:0[xX])?([0-9a-fA-F]+)")
+WHITESPACE = frozenset(b" \t\n\r\f\v")
+
+
+@dataclass(frozen=True, slots=True)
+class Extent:
+    """One extent line as recorded; ``offset`` is None when the line has none."""
+
+    access: str
+    sectors: int
+    type: str
+    filename: str
+    offset: int | None
+
+    def as_dict(self) -> dict:
+        entry = {"access": self.access, "sectors": self.sectors, "type": self.type, "filename": self.filename}
+        if self.offset is not None:
+            entry["offset"] = self.offset
+        return entry
+
+
+@dataclass(frozen=True, slots=True)
+class Disk:
+    """What QEMU opens: this file's own sparse extent, or a descriptor's extents."""
+
+    kind: str  # "KDMV", "COWD" or "descriptor"
+    sectors: int  # virtual size
+    version: int | None = None
+    grain: int | None = None  # sectors per grain of this file's own sparse extent
+    compressed: bool = False
+    from_footer: bool = False
+    create_type: str = ""
+    recorded: tuple[Extent, ...] = ()  # every extent line of the descriptor text
+    extents: tuple[Extent, ...] = ()  # the descriptor's extents QEMU opens
+
+
+def match(img: Image) -> bool:
+    """COWD, or a text descriptor: after '#' comment lines and lines of spaces,
+    a ``version=1|2|3`` line within the first 512 bytes (QEMU's probe)."""
+    head = img.head[:PROBE_SIZE]
+    if head.startswith(COWD_MAGIC):
+        return True
+    pos = 0
+    while pos < len(head):
+        if head[pos] == ord("#"):
+            end = head.find(b"\n", pos)
+            pos = len(head) if end < 0 else end + 1
+        elif head[pos] == ord(" "):
+            end = len(head) - len(head[pos:].lstrip(b" "))
+            end += head.startswith(b"\r", end)
+            if not head.startswith(b"\n", end):
+                return False
+            pos = end + 1
+        else:
+            return head.startswith(TEXT_VERSIONS, pos)
+    return False
+
+
+def size(img: Image) -> int:
+    """The sparse header's capacity, or the sum of the extents QEMU opens."""
+    return _disk(img).sectors * SECTOR
+
+
+def backing(img: Image) -> Backing | None:
+    """parentFileNameHint, whatever parentCID says: QEMU opens the hint regardless."""
+    hint = _value(_keys(img), b"parentFileNameHint", MAX_HINT, "vmdk.parent-hint")
+    return Backing(_decode(hint), "vmdk") if hint else None
+
+
+def features(img: Image) -> Features:
+    """Grain size, qemu-img's format-specific data (only when QEMU can open the
+    file, which needs a CID and a parentCID) and the extent lines as recorded."""
+    disk = _disk(img)
+    keys = _keys(img)
+    details: dict = {"kind": disk.kind}
+    if disk.version is not None:
+        details["version"] = disk.version
+    if disk.from_footer:
+        details["footer"] = True
+    details["extents"] = [extent.as_dict() for extent in disk.recorded]
+    cid, parent_cid = _cid(keys, b"CID"), _cid(keys, b"parentCID")
+    specific = None
+    if cid is not None and parent_cid is not None:  # else QEMU cannot open the file
+        specific = {
+            "cid": cid,
+            "parent-cid": parent_cid,
+            "create-type": disk.create_type,
+            "extents": _extent_info(img, disk),
+        }
+    return Features(
+        cluster_size=disk.grain * SECTOR if disk.grain else None,
+        specific=specific,
+        details=details,
+    )
+
+
+def _disk(img: Image) -> Disk:
+    magic = img.head[:4]
+    if magic == SPARSE_MAGIC:
+        return _sparse(img)
+    if magic == COWD_MAGIC:
+        return _cowd(img)
+    return _descriptor(img, "descriptor", 0)
+
+
+def _sparse(img: Image) -> Disk:
+    hdr = SPARSE_HEADER.unpack(img.head)
+    _check_version(hdr.version)
+    _check_embedded_descriptor(img, hdr)
+    if hdr.capacity == 0 and hdr.desc_offset:  # QEMU then reads the descriptor as a descriptor file
+        return _descriptor(img, "KDMV", hdr.desc_offset * SECTOR, hdr.version)
+    from_footer = hdr.gd_offset == GD_AT_END
+    if from_footer:
+        hdr = _footer(img)
+        _check_version(hdr.version)
+    if not 1 <= hdr.num_gtes_per_gt <= MAX_GTES_PER_GT:
+        raise InvalidHeader(
+            f"{hdr.num_gtes_per_gt} grain table entries per grain table (1..{MAX_GTES_PER_GT})",
+            code="vmdk.gtes-per-gt",
+        )
+    _check_grain(hdr.grain_size)
+    _check_capacity(hdr.capacity)
+    _check_l1_entries(-(-hdr.capacity // (hdr.num_gtes_per_gt * hdr.grain_size)))
+    if hdr.overhead > -(-img.size // SECTOR):
+        raise InvalidHeader(
+            f"file truncated: grains start at sector {hdr.overhead}, the file has {img.size} bytes",
+            code="vmdk.overhead",
+        )
+    compressed = hdr.compress_algorithm == DEFLATE
+    return Disk(
+        kind="KDMV",
+        sectors=hdr.capacity,
+        version=hdr.version,
+        grain=hdr.grain_size,
+        compressed=compressed,
+        from_footer=from_footer,
+        create_type="streamOptimized" if compressed else "monolithicSparse",
+        recorded=_recorded(img),
+    )
+
+
+def _cowd(img: Image) -> Disk:
+    hdr = COWD_HEADER.unpack(img.head)
+    _check_grain(hdr.grain_size)
+    _check_l1_entries(hdr.gd_entries)
+    return Disk(
+        kind="COWD",
+        sectors=hdr.capacity,
+        version=hdr.version,
+        grain=hdr.grain_size,
+        recorded=_recorded(img),
+    )
+
+
+def _recorded(img: Image) -> tuple[Extent, ...]:
+    """The extent lines of a sparse file's embedded descriptor (QEMU opens none)."""
+    return tuple(extent for _, extent in _scan_extents(_keys(img)))
+
+
+def _descriptor(img: Image, kind: str, start: int, version: int | None = None) -> Disk:
+    """A descriptor QEMU opens as a descriptor file: its createType and extents."""
+    text = _text(img, start, DESC_MAX)
+    if len(text) == DESC_MAX and img.size > start + DESC_MAX:
+        raise InvalidHeader(
+            f"descriptor text runs past the {DESC_MAX} bytes QEMU reads", code="vmdk.descriptor-size"
+        )
+    raw_type = _value(text, b"createType", MAX_CREATE_TYPE, "vmdk.create-type-missing")
+    if raw_type is None:
+        raise InvalidHeader("descriptor has no createType", code="vmdk.create-type-missing")
+    create_type = _decode(raw_type)
+    if create_type not in DESCRIPTOR_TYPES:
+        raise InvalidHeader(f"unsupported createType {create_type!r}", code="vmdk.create-type")
+    scanned = _scan_extents(text)
+    extents = _opened_extents(text, scanned)
+    if not extents:
+        raise InvalidHeader("descriptor names no extent QEMU can open", code="vmdk.no-extents")
+    sectors = sum(extent.sectors for extent in extents)
+    _check_capacity(sectors)
+    return Disk(
+        kind=kind,
+        sectors=sectors,
+        version=version,
+        create_type=create_type,
+        recorded=tuple(extent for _, extent in scanned),
+        extents=extents,
+    )
+
+
+def _footer(img: Image) -> Any:
+    """The header in a streamOptimized footer, which QEMU reads 1536 bytes before
+    the end of the file rounded up to a sector (zeros past the end)."""
+    start = -(-img.size // SECTOR) * SECTOR - FOOTER_SIZE
+    if start < 0:
+        raise TruncatedHeader(f"file of {img.size} bytes is too short for a streamOptimized footer")
+    data = img.read(start, FOOTER_SIZE, exact=False).ljust(FOOTER_SIZE, b"\0")
+    marker = STREAM_MARKER.unpack(data)
+    hdr = SPARSE_HEADER.unpack(data, SECTOR)
+    eos = STREAM_MARKER.unpack(data, 2 * SECTOR)
+    if (
+        hdr.magic != SPARSE_MAGIC
+        or (marker.size, marker.type) != (0, MARKER_FOOTER)
+        or tuple(eos) != (0, 0, MARKER_EOS)
+        or hdr.gd_offset == GD_AT_END
+    ):
+        raise InvalidHeader("header says the footer holds it, but there is no valid footer", code="vmdk.footer")
+    return hdr
+
+
+def _check_version(version: int) -> None:
+    if version not in VERSIONS:
+        raise UnsupportedVersion("vmdk", version, VERSIONS)
+
+
+def _check_embedded_descriptor(img: Image, hdr: Any) -> None:
+    """QEMU reads a sparse file's descriptor at sector 1 whatever the header says,
+    so a descriptor anywhere else would be read differently by QEMU and VMware."""
+    if hdr.desc_offset == 0:
+        return
+    if hdr.desc_offset != 1:
+        raise InvalidHeader(
+            f"embedded descriptor at sector {hdr.desc_offset}, but QEMU reads it at sector 1",
+            code="vmdk.descriptor-offset",
+        )
+    if hdr.desc_size * SECTOR > DESC_MAX:
+        raise InvalidHeader(
+            f"embedded descriptor of {hdr.desc_size} sectors exceeds the {DESC_MAX} bytes QEMU reads",
+            code="vmdk.descriptor-size",
+        )
+    if (hdr.desc_offset + hdr.desc_size) * SECTOR > img.size:
+        raise InvalidHeader(
+            f"embedded descriptor (sectors {hdr.desc_offset}+{hdr.desc_size}) runs past the end of the file",
+            code="vmdk.descriptor-range",
+        )
+
+
+def _check_grain(grain: int) -> None:
+    if grain == 0 or grain & (grain - 1) or grain > MAX_GRAIN_SECTORS:
+        raise InvalidHeader(
+            f"grain of {grain} sectors (a power of two up to {MAX_GRAIN_SECTORS})", code="vmdk.grain-size"
+        )
+
+
+def _check_capacity(sectors: int) -> None:
+    if sectors * SECTOR > INT64_MAX:
+        raise InvalidHeader(f"capacity of {sectors} sectors overflows a 64-bit byte count", code="vmdk.capacity")
+
+
+def _check_l1_entries(entries: int) -> None:
+    if entries > MAX_L1_ENTRIES:
+        raise InvalidHeader(f"grain directory of {entries} entries (at most {MAX_L1_ENTRIES})", code="vmdk.l1-size")
+
+
+def _text(img: Image, start: int, limit: int) -> bytes:
+    """The descriptor text QEMU reads at ``start``: at most ``limit`` bytes, ending
+    at the first NUL or the end of the file."""
+    length = max(0, min(limit, img.size - start))
+    data = img.head[start : start + length]
+    if len(data) < length and b"\0" not in data:
+        data = img.read(start, length)
+    return data.split(b"\0", 1)[0]
+
+
+def _keys(img: Image) -> bytes:
+    """The bytes QEMU searches for CID, parentCID and parentFileNameHint: the
+    first 20 sectors of a descriptor file, or from sector 1 of a sparse file."""
+    start = SECTOR if img.head[:4] in (SPARSE_MAGIC, COWD_MAGIC) else 0
+    return _text(img, start, DESC_SIZE)
+
+
+def _value(text: bytes, key: bytes, most: int, code: str) -> bytes | None:
+    """The quoted value QEMU reads for ``key``: from two bytes after the key's first
+    occurrence anywhere (it expects ``="``) to the next double quote. None when the
+    key is absent; InvalidHeader(code) when unterminated or longer than ``most``."""
+    at = text.find(key)
+    if at < 0:
+        return None
+    start = at + len(key) + 2
+    end = text.find(b'"', start)
+    if end < 0 or end - start > most:
+        raise InvalidHeader(f"{key.decode()} value is unterminated or longer than {most} bytes", code=code)
+    return text[start:end]
+
+
+def _cid(text: bytes, key: bytes) -> int | None:
+    """The hex number one byte after the first occurrence of ``key`` (QEMU's
+    ``CID``/``parentCID`` lookup); None when the key is absent."""
+    at = text.find(key)
+    if at < 0:
+        return None
+    found = _HEX.match(text, at + len(key) + 1)
+    if found is None or len(found[1].lstrip(b"0")) > 8:
+        raise InvalidHeader(f"{key.decode()} is not a 32-bit hex number", code="vmdk.cid")
+    return int(found[1], 16)
+
+
+def _decode(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidHeader(f"descriptor text {raw[:40]!r} is not UTF-8", code="vmdk.descriptor-encoding") from None
+
+
+def _scan_extents(text: bytes) -> list[tuple[int, Extent]]:
+    """The extents QEMU's line-by-line scan reads, each with the offset it is read
+    at. Like sscanf, a scan skips whitespace over line ends, so every blank line
+    before an extent line reads that extent once more."""
+    lines = b"\n" + text  # the first line starts after a newline too
+    found: list[tuple[int, Extent]] = []
+    for line in _EXTENT_LINE.finditer(lines):
+        starts = _line_starts(lines, line.start())
+        if len(found) + starts > MAX_EXTENTS:
+            raise InvalidHeader(f"descriptor has more than {MAX_EXTENTS} extent lines", code="vmdk.extent-count")
+        at = line.end() - 1
+        access, sectors, kind, name, offset = line.groups()
+        extent = Extent(
+            access=_decode(access),
+            sectors=_int64(sectors, text, at),
+            type=_decode(kind),
+            filename=_decode(name),
+            offset=None if offset is None else _int64(offset, text, at),
+        )
+        found += [(at, extent)] * starts
+    return found
+
+
+def _line_starts(lines: bytes, newline: int) -> int:
+    """How many lines start in the whitespace that ends just after ``newline``
+    (more than MAX_EXTENTS is not counted further)."""
+    count = 0
+    while newline >= 0 and lines[newline] in WHITESPACE and count <= MAX_EXTENTS:
+        count += lines[newline] == ord("\n")
+        newline -= 1
+    return count
+
+
+def _int64(digits: bytes, text: bytes, pos: int) -> int:
+    magnitude = digits.lstrip(b"+-").lstrip(b"0")
+    if len(magnitude) > 19 or abs(value := int(digits)) > INT64_MAX:
+        raise InvalidHeader(f"number out of range in extent line {_line(text, pos)!r}", code="vmdk.extent-line")
+    return value
+
+
+def _line(text: bytes, pos: int) -> str:
+    end = text.find(b"\n", pos)
+    return text[pos : end if end >= 0 else len(text)][:200].decode("utf-8", "replace")
+
+
+def _opened_extents(text: bytes, scanned: list[tuple[int, Extent]]) -> tuple[Extent, ...]:
+    """The extents QEMU opens: RW lines of a known type with sectors > 0. An RW
+    line is invalid unless a FLAT line has an offset >= 0 and others have none."""
+    opened = []
+    for start, extent in scanned:
+        if extent.access != "RW":
+            continue
+        if extent.type == "FLAT":
+            valid = extent.offset is not None and extent.offset >= 0
+        else:
+            valid = extent.offset is None
+        if not valid:
+            raise InvalidHeader(f"invalid extent line {_line(text, start)!r}", code="vmdk.extent-line")
+        if extent.sectors > 0 and extent.type in EXTENT_TYPES:
+            opened.append(extent)
+    return tuple(opened)
+
+
+def _extent_path(image: str, name: str) -> str:
+    """An extent's name as QEMU opens and shows it: relative names are appended
+    to the descriptor's directory (everything up to its last slash)."""
+    return name if name.startswith("/") else image[: image.rfind("/") + 1] + name
+
+
+def _extent_info(img: Image, disk: Disk) -> list[dict]:
+    """qemu-img's ``extents``. Sparse extents of a descriptor file lack the
+    cluster size and compression qemu-img shows: those live in the extent files,
+    which are never opened here."""
+    if disk.grain is not None:
+        own: dict = {"compressed": True} if disk.compressed else {}
+        own["virtual-size"] = disk.sectors * SECTOR
+        own["filename"] = img.name
+        own["cluster-size"] = disk.grain * SECTOR
+        own["format"] = ""
+        return [own]
+    return [
+        {"virtual-size": e.sectors * SECTOR, "filename": _extent_path(img.name, e.filename), "format": e.type}
+        for e in disk.extents
+    ]
 
 
 @hookimpl
@@ -11,10 +499,12 @@ def storprobe_formats() -> list[FormatSpec]:
         FormatSpec(
             name="vmdk",
             description="VMware virtual disk",
-            magic=b"KDMV",
-            version_offset=4,
-            versions=(1, 2, 3),
-            size_offset=12,
-            size_multiplier=512,
+            magic=SPARSE_MAGIC,
+            # No version_offset: COWD and text descriptors match too, and their
+            # bytes 4..7 are no version; the callbacks check KDMV versions.
+            match=match,
+            size=size,
+            backing=backing,
+            features=features,
         )
     ]

@@ -133,7 +133,7 @@ def _formats(args: argparse.Namespace) -> int:
         {
             "name": row.spec.name,
             "description": row.spec.description,
-            "magic": _printable(row.spec.magic) if row.spec.magic is not None else None,
+            "magic": " | ".join(_printable(m) for m in row.spec.magics) or None,
             "magic-offset": row.spec.magic_offset if row.spec.magic is not None else None,
             "header-offsets": list(row.spec.header_offsets),
             "extension": row.spec.extension,

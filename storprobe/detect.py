@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from .errors import InvalidHeader, ProbeError, TruncatedHeader, UnsupportedVersion
 from .layout import read_uint
@@ -59,58 +59,68 @@ def _probe_image(img: Image, table: FormatTable, format: str | None) -> ImageInf
             if spec.name in rejected:
                 raise rejected[spec.name]
             raise InvalidHeader(f"not a {spec.name} image (its signature is missing)", code="wrong-format")
-        return _describe(img, spec, matched.get(spec.name, spec.header_offsets[0]), "caller", matches)
+        found = matched.get(spec.name, Signature(spec.header_offsets[0], by_magic=False))
+        return _describe(img, spec, found, "caller", matches)
     if matched:
-        name, offset = next(iter(matched.items()))
-        return _describe(img, table[name], offset, "magic", matches)
+        name, found = next(iter(matched.items()))
+        return _describe(img, table[name], found, "magic", matches)
     if rejected:
         raise next(iter(rejected.values()))
     for spec in table.specs:
         if img.file_type in spec.file_types and spec.magic is None and spec.match is None:
+            no_signature = Signature(spec.header_offsets[0], by_magic=False)
             if spec.extension and img.name.lower().endswith(spec.extension):
-                return _describe(img, spec, spec.header_offsets[0], "extension", matches)
+                return _describe(img, spec, no_signature, "extension", matches)
             if spec.catch_all:
-                return _describe(img, spec, spec.header_offsets[0], "fallback", matches)
+                return _describe(img, spec, no_signature, "fallback", matches)
     raise ProbeError(f"no format applies to a {img.file_type}", code="no-format")
 
 
-def _signatures(img: Image, specs: Iterable[FormatSpec]) -> tuple[dict[str, int], dict[str, ProbeError]]:
-    """Rows whose signature and version the bytes carry (name -> header offset,
-    in table order), and rows whose signature matched but whose version or
-    header was refused (name -> the error)."""
-    matched: dict[str, int] = {}
+class Signature(NamedTuple):
+    """Where a row's header was found, and whether its magic (so its declared
+    version field) applies, or its ``match`` callback recognised it."""
+
+    offset: int
+    by_magic: bool
+
+
+def _signatures(img: Image, specs: Iterable[FormatSpec]) -> tuple[dict[str, Signature], dict[str, ProbeError]]:
+    """Rows whose signature and version the bytes carry (in table order), and
+    rows whose signature matched but whose version or header was refused."""
+    matched: dict[str, Signature] = {}
     rejected: dict[str, ProbeError] = {}
     for spec in specs:
         if img.file_type not in spec.file_types or (spec.magic is None and spec.match is None):
             continue
         for offset in spec.header_offsets:
-            if _signature_at(img, spec, offset):
-                try:
+            found = _signature_at(img, spec, offset)
+            if found is None:
+                continue
+            try:
+                if found.by_magic:
                     _check_version(img, spec, offset)
-                except ProbeError as exc:
-                    rejected[spec.name] = exc
-                else:
-                    matched[spec.name] = offset
-                break
+            except ProbeError as exc:
+                rejected[spec.name] = exc
+            else:
+                matched[spec.name] = found
+            break
     return matched, rejected
 
 
-def _signature_at(img: Image, spec: FormatSpec, offset: int) -> bool:
+def _signature_at(img: Image, spec: FormatSpec, offset: int) -> Signature | None:
     if offset < 0 and img.size + offset < 0:
-        return False
-    if spec.magic is not None:
-        where = (img.size + offset if offset < 0 else offset) + spec.magic_offset
-        if where < 0 or where + len(spec.magic) > img.size:
-            return False
-        if img.read(where, len(spec.magic)) == spec.magic:
-            return True
-    if spec.match is not None:
-        return _guarded(spec, "match", lambda: bool(spec.match(img.at_header(offset))))
-    return False
+        return None
+    where = (img.size + offset if offset < 0 else offset) + spec.magic_offset
+    for magic in spec.magics:
+        if 0 <= where and where + len(magic) <= img.size and img.read(where, len(magic)) == magic:
+            return Signature(offset, by_magic=True)
+    if spec.match is not None and _guarded(spec, "match", lambda: bool(spec.match(img.at_header(offset)))):
+        return Signature(offset, by_magic=False)
+    return None
 
 
 def _check_version(img: Image, spec: FormatSpec, offset: int) -> None:
-    if spec.version_offset is None or spec.magic is None:
+    if spec.version_offset is None:
         return
     header = img.at_header(offset).header
     try:
@@ -121,8 +131,8 @@ def _check_version(img: Image, spec: FormatSpec, offset: int) -> None:
         raise UnsupportedVersion(spec.name, version, spec.versions)
 
 
-def _describe(img: Image, spec: FormatSpec, offset: int, evidence: str, matches: tuple[str, ...]) -> ImageInfo:
-    img.at_header(offset)
+def _describe(img: Image, spec: FormatSpec, found: Signature, evidence: str, matches: tuple[str, ...]) -> ImageInfo:
+    img.at_header(found.offset)
     header = img.header
     features = _guarded(spec, "features", lambda: spec.features(img)) if spec.features else Features()
     if spec.size is not None:
@@ -137,7 +147,7 @@ def _describe(img: Image, spec: FormatSpec, offset: int, evidence: str, matches:
         if method:
             encryption = spec.crypt_methods.get(method, f"unknown-{method}")
     version = None
-    if spec.version_offset is not None and spec.magic is not None:
+    if spec.version_offset is not None and found.by_magic:
         version = read_uint(header, spec.version_offset, spec.version_width, spec.endian)
     stat = img.source.stat
     return ImageInfo(

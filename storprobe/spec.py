@@ -75,7 +75,7 @@ class FormatSpec:
 
     name: str
     description: str = ""
-    magic: bytes | None = None
+    magic: bytes | tuple[bytes, ...] | None = None  # a tuple: alternatives with one layout
     magic_offset: int = 0
     header_offsets: tuple[int, ...] = (0,)
     extension: str | None = None
@@ -100,6 +100,13 @@ class FormatSpec:
     def libvirt_format(self) -> str:
         """The name libvirt's ``<format type=...>`` uses for this format."""
         return self.libvirt_name or self.name
+
+    @property
+    def magics(self) -> tuple[bytes, ...]:
+        """The row's magic values (none, one, or alternatives sharing one layout)."""
+        if self.magic is None:
+            return ()
+        return self.magic if isinstance(self.magic, tuple) else (self.magic,)
 
     @property
     def catch_all(self) -> bool:

@@ -102,7 +102,7 @@ def test_absolute_names_and_v2_on_v3(tmp_path):
     qemu_img_create(tmp_path / "base.qcow2", "qcow2", "16M")
     overlay(tmp_path / "top.qcow2", str(tmp_path / "base.qcow2"), "qcow2", "qcow2", "compat=0.10")
     chain = probe_chain(tmp_path / "top.qcow2")
-    assert [i.compat for i in chain.images] == ["0.10", "1.1"]
+    assert [i.version for i in chain.images] == [2, 3]
     assert chain.stores[0].name == chain.stores[0].path == str(tmp_path / "base.qcow2")
     assert ours(chain) == qemu_chain_info(tmp_path / "top.qcow2")
 

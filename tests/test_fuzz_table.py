@@ -24,7 +24,7 @@ def _with_signature(spec: FormatSpec, body: bytes, version_index: int) -> bytes:
     base = len(data) + start if start < 0 else start
     if base < 0:
         return bytes(data)
-    fields = [(spec.magic_offset, spec.magic)]
+    fields = [(spec.magic_offset, spec.magics[version_index % len(spec.magics)])]
     if spec.version_offset is not None and spec.versions:
         version = spec.versions[version_index % len(spec.versions)]
         byteorder = "big" if spec.endian == ">" else "little"
