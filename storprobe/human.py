@@ -49,14 +49,14 @@ def _scalar(value: Any) -> str:
 
 
 def _snapshot_lines(info: ImageInfo) -> list[str]:
-    lines = ["Snapshot list:", f"{'ID':<10}{'TAG':<18}{'VM SIZE':>7}{'DATE':>21}{'VM CLOCK':>13}{'ICOUNT':>11}"]
+    lines = ["Snapshot list:", f"{'ID':<10}{'TAG':<18}{'VM SIZE':>7}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}"]
     for s in info.snapshots:
         date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.date_sec))
         secs, ms = divmod(s.vm_clock_nsec // 1_000_000, 1000)
         clock = f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}.{ms:03d}"
         icount = "" if s.icount is None else str(s.icount)
         lines.append(
-            f"{s.id:<10}{s.name:<18}{size_to_str(s.vm_state_size):>7}{date:>21}{clock:>13}{icount:>11}"
+            f"{s.id:<10}{s.name:<18}{size_to_str(s.vm_state_size):>7} {date:>19}{clock:>13}{icount:>11}"
         )
     return lines
 

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import asdict
 from typing import Any
 
+from .backing import parse_backing_name
+from .errors import BackingNameError
 from .model import ImageInfo
 from .scan import ScanRecord
 from .spec import Snapshot
@@ -80,12 +83,33 @@ def extras(info: ImageInfo) -> dict[str, Any]:
         extra["compat"] = info.compat
     if info.flags is not None:
         extra["features"] = list(info.flags)
+    if info.backing is not None:
+        extra["backing-store"] = _store(info.backing.name, info.filename)
     if info.data_file is not None:
-        extra["data-file"] = info.data_file.name
-        extra["data-file-raw"] = info.data_file.raw
+        extra["data-file"] = {"raw": info.data_file.raw}
+        if info.data_file.name is not None:
+            extra["data-file"] |= _store(info.data_file.name, info.filename)
     if info.details:
         extra["details"] = dict(info.details)
     return extra
+
+
+def _store(name: str, image: str) -> dict[str, Any]:
+    """What a recorded backing or data-file name denotes (parsed, never opened)."""
+    try:
+        store = parse_backing_name(name, image)
+    except BackingNameError as exc:
+        return {"name": name, "error": {"code": exc.code, "message": exc.reason}}
+    out: dict[str, Any] = {"name": store.name, "protocol": store.protocol}
+    if store.path is not None:
+        out["path"] = store.path
+    if store.hosts:
+        out["hosts"] = [{k: v for k, v in asdict(h).items() if v is not None} for h in store.hosts]
+    if store.target is not None:
+        out["target"] = store.target
+    if store.options:
+        out["options"] = dict(store.options)
+    return out
 
 
 def scan_record(record: ScanRecord) -> dict[str, Any]:

@@ -237,3 +237,23 @@ def test_data_file_is_reported_not_opened(tmp_path):
     chain = probe_chain(tmp_path / "top.qcow2")
     assert chain.error is None
     assert chain.top.data_file is not None and chain.top.data_file.name == str(data)
+
+
+def test_json_extras_describe_backing_and_data_file(tmp_path, no_network):
+    qemu_img_create(tmp_path / "top.qcow2", "qcow2", "16M", f"data_file={tmp_path / 'd.raw'}")
+    rebase_unsafe(tmp_path / "top.qcow2", "nbd+unix:///exp?socket=/run/nbd.sock", "raw")
+    extra = to_qemu_json(probe_chain(tmp_path / "top.qcow2").top)[EXTRA_KEY]
+    assert extra["backing-store"] == {
+        "name": "nbd+unix:///exp?socket=/run/nbd.sock", "protocol": "nbd",
+        "hosts": [{"transport": "unix", "socket": "/run/nbd.sock"}], "target": "exp",
+    }
+    assert extra["data-file"] == {
+        "raw": False, "name": str(tmp_path / "d.raw"), "protocol": "file", "path": str(tmp_path / "d.raw")}
+
+
+def test_malformed_backing_name_is_reported_in_json_and_stops_the_chain(tmp_path):
+    qemu_img_create(tmp_path / "top.qcow2", "qcow2", "16M")
+    rebase_unsafe(tmp_path / "top.qcow2", "json:{not json", "raw")
+    chain = probe_chain(tmp_path / "top.qcow2")
+    assert chain.error is not None and chain.error.code == "backing.name"
+    assert to_qemu_json(chain.top)[EXTRA_KEY]["backing-store"]["error"]["code"] == "backing.name"

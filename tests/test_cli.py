@@ -66,3 +66,19 @@ def test_formats_lists_the_table():
     assert (qcow2["magic"], qcow2["versions"], qcow2["plugin"]) == ("QFI\\xfb", [2, 3], "qcow2")
     human = storprobe("formats").stdout
     assert "qcow2" in human and "QFI\\xfb" in human
+
+
+def test_human_output_is_qemu_img_info_plus_our_section(tmp_path):
+    """Everything qemu-img info prints, line for line, then storprobe's own facts."""
+    from oracle import run
+
+    base = qemu_img_create(tmp_path / "base.qcow2", "qcow2", "64M")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", "-b", base.name, "-F", "qcow2",
+        tmp_path / "top.qcow2")
+    run("qemu-img", "snapshot", "-c", "first", tmp_path / "top.qcow2")
+    run("qemu-img", "bitmap", "--add", tmp_path / "top.qcow2", "b0")
+    theirs = run("qemu-img", "info", tmp_path / "top.qcow2").stdout.decode()
+    proc = storprobe("info", str(tmp_path / "top.qcow2"))
+    ours, _, extra = proc.stdout.partition("storprobe:\n")
+    assert ours == theirs
+    assert "evidence: magic" in extra
