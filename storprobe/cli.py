@@ -1,7 +1,8 @@
 """The ``storprobe`` command.
 
 Exit status: 0 success, 1 a volume could not be probed (one line
-``storprobe: PATH: reason`` on stderr), 2 usage error.
+``storprobe: PATH: reason`` on stderr), 2 usage error, 3 ``check`` found the
+volume unsafe.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from .detect import probe
 from .errors import ProbeError, UnknownFormat
 from .registry import format_table
 
-EXIT_OK, EXIT_PROBE, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_PROBE, EXIT_USAGE, EXIT_UNSAFE = 0, 1, 2, 3
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,6 +41,15 @@ def _parser() -> argparse.ArgumentParser:
     scan.add_argument("--jsonl", action="store_true", help="JSON lines: one record per line, as made")
     scan.add_argument("--recursive", action="store_true", help="descend into subdirectories")
     scan.add_argument("directory", metavar="DIR")
+
+    check = sub.add_parser("check", help="is this image safe to hand to a hypervisor? (exit 0 safe, 3 unsafe)")
+    check.add_argument("-f", "--format", help="the format the volume is declared as (e.g. raw)")
+    check.add_argument("--allow", metavar="FORMAT,...", help="formats accepted (default: any)")
+    check.add_argument("--allow-backing", action="store_true", help="accept a backing file")
+    check.add_argument("--allow-data-file", action="store_true", help="accept a qcow2 external data file")
+    check.add_argument("--max-size", type=int, metavar="BYTES", help="largest virtual size accepted")
+    check.add_argument("--output", choices=("human", "json"), default="human")
+    check.add_argument("path", metavar="PATH")
 
     validate = sub.add_parser("validate", help="validate volume XML against storprobe's schemas")
     validate.add_argument("files", metavar="FILE.xml", nargs="+")
@@ -104,6 +114,36 @@ def _scan(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _check(args: argparse.Namespace) -> int:
+    from .safety import DEFAULT_MAX_VIRTUAL_SIZE, check, policy_from_allow
+
+    policy = policy_from_allow(
+        args.allow, allow_backing=args.allow_backing, allow_data_file=args.allow_data_file,
+        max_virtual_size=DEFAULT_MAX_VIRTUAL_SIZE if args.max_size is None else args.max_size,
+    )
+    try:
+        verdict = check(args.path, policy=policy, format=args.format)
+    except ProbeError as exc:
+        print(f"storprobe: {args.path}: {exc.reason}", file=sys.stderr)
+        return EXIT_PROBE
+    info = verdict.info
+    if args.output == "json":
+        out = {
+            "filename": verdict.path,
+            "safe": verdict.safe,
+            "format": info.format if info else None,
+            "encryption": info.encryption if info else None,
+            "hazards": [{"check": h.check, "message": h.message} for h in verdict.hazards],
+        }
+        print(json.dumps(out, indent=4))
+    else:
+        what = f"{info.format}" + (f", encrypted ({info.encryption})" if info and info.encryption else "") if info else "unreadable header"
+        print(f"{verdict.path}: {'safe' if verdict.safe else 'UNSAFE'} ({what})")
+        for hazard in verdict.hazards:
+            print(f"{hazard.check}: {hazard.message}")
+    return EXIT_OK if verdict.safe else EXIT_UNSAFE
+
+
 def _validate(args: argparse.Namespace) -> int:
     from .validate import schema_errors
 
@@ -165,7 +205,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.format is not None and args.format not in format_table():
                 parser.error(f"unknown format {args.format!r} (see 'storprobe formats')")
             return _info(args)
-        return {"scan": _scan, "validate": _validate, "formats": _formats}[args.command](args)
+        if args.command == "check" and args.format is not None and args.format not in format_table():
+            parser.error(f"unknown format {args.format!r} (see 'storprobe formats')")
+        commands = {"scan": _scan, "check": _check, "validate": _validate, "formats": _formats}
+        return commands[args.command](args)
     except UnknownFormat as exc:
         parser.error(str(exc))
     except BrokenPipeError:

@@ -44,13 +44,14 @@ def probe(target: Target, *, format: str | None = None, table: FormatTable | Non
     source = open_source(target)
     try:
         img = Image(source)
-        return _probe_image(img, table, format)
+        return describe_image(img, table, format)
     finally:
         if source is not target:
             source.close()
 
 
-def _probe_image(img: Image, table: FormatTable, format: str | None) -> ImageInfo:
+def describe_image(img: Image, table: FormatTable, format: str | None) -> ImageInfo:
+    """Choose the row for ``img`` (or take the caller's ``format``) and describe it."""
     matched, rejected = _signatures(img, table.specs)
     matches = tuple(matched)
     if format is not None:
@@ -114,7 +115,7 @@ def _signature_at(img: Image, spec: FormatSpec, offset: int) -> Signature | None
     for magic in spec.magics:
         if 0 <= where and where + len(magic) <= img.size and img.read(where, len(magic)) == magic:
             return Signature(offset, by_magic=True)
-    if spec.match is not None and _guarded(spec, "match", lambda: bool(spec.match(img.at_header(offset)))):
+    if spec.match is not None and guarded(spec, "match", lambda: bool(spec.match(img.at_header(offset)))):
         return Signature(offset, by_magic=False)
     return None
 
@@ -134,9 +135,9 @@ def _check_version(img: Image, spec: FormatSpec, offset: int) -> None:
 def _describe(img: Image, spec: FormatSpec, found: Signature, evidence: str, matches: tuple[str, ...]) -> ImageInfo:
     img.at_header(found.offset)
     header = img.header
-    features = _guarded(spec, "features", lambda: spec.features(img)) if spec.features else Features()
+    features = guarded(spec, "features", lambda: spec.features(img)) if spec.features else Features()
     if spec.size is not None:
-        virtual_size = _guarded(spec, "size", lambda: spec.size(img))
+        virtual_size = guarded(spec, "size", lambda: spec.size(img))
     elif spec.size_offset is not None:
         virtual_size = read_uint(header, spec.size_offset, spec.size_width, spec.endian) * spec.size_multiplier
     else:
@@ -164,7 +165,7 @@ def _describe(img: Image, spec: FormatSpec, found: Signature, evidence: str, mat
         dirty=features.dirty,
         compat=features.compat,
         flags=features.flags,
-        backing=_guarded(spec, "backing", lambda: spec.backing(img)) if spec.backing else None,
+        backing=guarded(spec, "backing", lambda: spec.backing(img)) if spec.backing else None,
         data_file=features.data_file,
         snapshots=features.snapshots,
         specific=features.specific,
@@ -173,7 +174,7 @@ def _describe(img: Image, spec: FormatSpec, found: Signature, evidence: str, mat
     )
 
 
-def _guarded(spec: FormatSpec, callback: str, call):
+def guarded(spec: FormatSpec, callback: str, call):
     """Run a plugin callback; a bug in it becomes a named error, not a traceback."""
     try:
         return call()

@@ -9,11 +9,12 @@ whose header is a trailer).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
+    from .model import ImageInfo
     from .source import Image
 
 FileType = Literal["file", "block", "directory"]
@@ -70,8 +71,22 @@ class Features:
 
 
 @dataclass(frozen=True, slots=True)
+class Hazard:
+    """A reason an image is not safe to hand to a hypervisor as it is."""
+
+    check: str  # a stable name: "backing-file", "polyglot", "qcow2.unknown-feature" ...
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
 class FormatSpec:
-    """One row of the format table."""
+    """One row of the format table.
+
+    ``hazards`` is called by ``storprobe check`` for every probed image, of this
+    format or another: a row flags what its own structures reveal, in its own
+    images (unknown feature bits, foreign extents) or embedded in another
+    format's bytes (a partition table inside a qcow2 header).
+    """
 
     name: str
     description: str = ""
@@ -93,6 +108,7 @@ class FormatSpec:
     size: Callable[[Image], int] | None = None
     backing: Callable[[Image], Backing | None] | None = None
     features: Callable[[Image], Features] | None = None
+    hazards: Callable[[Image, ImageInfo], Iterable[Hazard]] | None = None
     priority: int = 0
     libvirt_name: str | None = None
 
