@@ -86,7 +86,7 @@ def extras(info: ImageInfo) -> dict[str, Any]:
     if info.backing is not None:
         extra["backing-store"] = _store(info.backing.name, info.filename)
     if info.data_file is not None:
-        extra["data-file"] = {"raw": info.data_file.raw}
+        extra["data-file"] = {"raw-image": info.data_file.raw}  # qemu-img: data-file-raw
         if info.data_file.name is not None:
             extra["data-file"] |= _store(info.data_file.name, info.filename)
     if info.details:

@@ -248,7 +248,7 @@ def test_json_extras_describe_backing_and_data_file(tmp_path, no_network):
         "hosts": [{"transport": "unix", "socket": "/run/nbd.sock"}], "target": "exp",
     }
     assert extra["data-file"] == {
-        "raw": False, "name": str(tmp_path / "d.raw"), "protocol": "file", "path": str(tmp_path / "d.raw")}
+        "raw-image": False, "name": str(tmp_path / "d.raw"), "protocol": "file", "path": str(tmp_path / "d.raw")}
 
 
 def test_malformed_backing_name_is_reported_in_json_and_stops_the_chain(tmp_path):
