@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from storprobe import probe
+from storprobe import ProbeError, probe
 from storprobe.qemu_json import EXTRA_KEY, to_qemu_json
 
 
@@ -118,3 +118,28 @@ def canonical_xml(element) -> tuple:
     between two tools' looks."""
     children = tuple(canonical_xml(c) for c in element if c.tag != "atime")
     return (element.tag, tuple(sorted(element.attrib.items())), (element.text or "").strip(), children)
+
+
+def probe_or_named_error(data, *formats: str | None) -> None:
+    """Probe ``data`` (bytes or a ByteSource), detected or as each of
+    ``formats``: a result or one of our named errors, never a plugin defect."""
+    for fmt in formats or (None,):
+        try:
+            probe(data, format=fmt)
+        except ProbeError as exc:
+            assert exc.code != "plugin-error", exc
+
+
+def libvirt_volumes(directory: Path, tag: str) -> dict[str, tuple[str, int]]:
+    """libvirt's (format, capacity) of every file in ``directory``, from a transient dir pool."""
+    import os
+    from xml.etree import ElementTree
+
+    pool = LibvirtPool(directory, f"storprobe-{tag}-{os.getpid()}")
+    try:
+        volumes = {name: ElementTree.fromstring(pool.dumpxml(name)) for name in pool.volumes()}
+    finally:
+        pool.destroy()
+    return {
+        name: (vol.find("target/format").get("type"), int(vol.findtext("capacity"))) for name, vol in volumes.items()
+    }
