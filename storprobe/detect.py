@@ -113,7 +113,7 @@ def _signature_at(img: Image, spec: FormatSpec, offset: int) -> Signature | None
         return None
     where = (img.size + offset if offset < 0 else offset) + spec.magic_offset
     for magic in spec.magics:
-        if 0 <= where and where + len(magic) <= img.size and img.read(where, len(magic)) == magic:
+        if where >= 0 and where + len(magic) <= img.size and img.read(where, len(magic)) == magic:
             return Signature(offset, by_magic=True)
     if spec.match is not None and guarded(spec, "match", lambda: bool(spec.match(img.at_header(offset)))):
         return Signature(offset, by_magic=False)

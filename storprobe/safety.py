@@ -100,7 +100,7 @@ def _core_hazards(info: ImageInfo, policy: Policy) -> Iterator[Hazard]:
 def _row_hazards(img: Image, info: ImageInfo, table: FormatTable) -> Iterator[Hazard]:
     for spec in table.specs:
         if spec.hazards is not None and img.file_type in spec.file_types:
-            yield from guarded(spec, "hazards", lambda: tuple(spec.hazards(img, info)))
+            yield from guarded(spec, "hazards", lambda spec=spec: tuple(spec.hazards(img, info)))
 
 
 def policy_from_allow(allow: str | None, **flags: bool) -> Policy:
