@@ -16,7 +16,6 @@ and give the data segment's facts as details.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import Any, NamedTuple
 
@@ -246,6 +245,8 @@ def _verify_checksum(hdr: Any, area: bytes, which: str) -> None:
         raise InvalidHeader(
             f"{which} header checksum algorithm {alg!r} is not supported", code="luks.checksum-alg"
         )
+    import hashlib  # here, not at import: loading OpenSSL is a cost every process would pay
+
     digest = hashlib.new(alg)
     view = memoryview(area)
     digest.update(view[:CSUM_OFFSET])

@@ -15,8 +15,6 @@ the dirty flag.
 
 from __future__ import annotations
 
-import hashlib
-
 from storprobe import Features, FormatSpec, Image, InvalidHeader, Layout, hookimpl
 
 MAGIC = b"WithoutFreeSpace"
@@ -105,6 +103,8 @@ def _extension(img: Image, hdr) -> int:
     ext = EXT_HEADER.unpack(data)
     if ext.magic != EXT_MAGIC:
         raise InvalidHeader(f"parallels format extension magic is {ext.magic:#x}", code="parallels.ext-magic")
+    import hashlib  # here, not at import: loading OpenSSL is a cost every process would pay
+
     if hashlib.md5(data[EXT_HEADER.size :], usedforsecurity=False).digest() != ext.check_sum:
         raise InvalidHeader("parallels format extension checksum does not match", code="parallels.ext-checksum")
     pos, bitmaps = EXT_HEADER.size, 0

@@ -5,7 +5,8 @@ snapshot table, the bitmap directory and an embedded LUKS1 header, and checked
 the way QEMU 7.2 checks it when it opens the image. Each broken rule raises
 InvalidHeader with code ``qcow2.<rule>`` (``luks.<rule>`` for the LUKS header,
 which the luks plugin reads). Unknown incompatible feature bits
-(QEMU refuses such images) are reported in ``details``, not raised. Names
+(QEMU refuses such images) are reported in ``details``, not raised; they and
+the corrupt bit are the row's hazards for ``storprobe check``. Names
 (backing file, data file) are reported, never opened.
 """
 
@@ -20,7 +21,9 @@ from storprobe import (
     DataFile,
     Features,
     FormatSpec,
+    Hazard,
     Image,
+    ImageInfo,
     InvalidHeader,
     Layout,
     Snapshot,
@@ -181,9 +184,14 @@ class Extensions(NamedTuple):
 
     backing_format: str | None = None
     data_file: str | None = None
-    feature_names: dict[int, str] = {}
+    feature_table: bytes = b""  # the feature name table, parsed only when a name is needed
     crypto: Any = None  # CRYPTO_EXT fields
     bitmaps: Any = None  # BITMAPS_EXT fields, None when absent or to be ignored
+
+    @property
+    def feature_names(self) -> dict[int, str]:
+        """Incompatible-feature bit -> name, from the feature name table."""
+        return _feature_names(self.feature_table)
 
 
 def _invalid(rule: str, message: str) -> InvalidHeader:
@@ -204,7 +212,11 @@ def _int64(value: int) -> int:
 
 
 def _header(img: Image) -> Any:
-    """The header, checked; fields a version 2 header lacks take QEMU's defaults."""
+    """The header, checked (once per probe); fields a version 2 header lacks take QEMU's defaults."""
+    return img.memo(_header, _parse_header)
+
+
+def _parse_header(img: Image) -> Any:
     head = img.header
     if read_uint(head, 4, 4, ">") == 2:
         head = head[:V2_HEADER_LENGTH] + V2_IMPLIED
@@ -283,6 +295,11 @@ def _extensions(img: Image, hdr: Any) -> Iterator[tuple[int, int, int]]:
 
 
 def _read_extensions(img: Image, hdr: Any) -> Extensions:
+    """The header extensions of ``hdr`` (``_header(img)``), read once per probe."""
+    return img.memo(_read_extensions, lambda img: _parse_extensions(img, hdr))
+
+
+def _parse_extensions(img: Image, hdr: Any) -> Extensions:
     found: dict[str, Any] = {}
     for kind, offset, length in _extensions(img, hdr):
         if kind == EXT_BACKING_FORMAT:
@@ -290,7 +307,7 @@ def _read_extensions(img: Image, hdr: Any) -> Extensions:
                 raise _invalid("backing-format-too-long", f"backing format name of {length} bytes")
             found["backing_format"] = _text(img.read(offset, length))
         elif kind == EXT_FEATURE_NAMES:
-            found["feature_names"] = _feature_names(img.read(offset, length))
+            found["feature_table"] = img.read(offset, length)
         elif kind == EXT_CRYPTO:
             found["crypto"] = _crypto_extension(img, hdr, offset, length)
         elif kind == EXT_BITMAPS:
@@ -391,9 +408,11 @@ def _bitmaps(img: Image, hdr: Any, ext: Any) -> list[dict[str, Any]]:
     """qemu-img's bitmap list, checked as QEMU loads it: the whole directory first,
     then each bitmap (unique name; unless in use, its table)."""
     bitmaps: list[dict[str, Any]] = []
+    names: set[str] = set()  # up to 65535 bitmaps: no pairwise comparison
     for entry, name in _bitmap_directory(img, hdr, ext):
-        if any(bitmap["name"] == name for bitmap in bitmaps):
+        if name in names:
             raise _invalid("bitmap-duplicate-name", f"two bitmaps are named {name!r}")
+        names.add(name)
         if not entry.flags & BITMAP_IN_USE:
             _check_bitmap_table(img, hdr, entry)
         flags = [flag for bit, flag in ((BITMAP_IN_USE, "in-use"), (BITMAP_AUTO, "auto")) if entry.flags & bit]
@@ -481,11 +500,15 @@ def features(img: Image) -> Features:
     data_file = None
     if incompat & INCOMPAT_DATA_FILE:
         data_file = DataFile(ext.data_file, bool(hdr.autoclear_features & AUTOCLEAR_DATA_FILE_RAW))
+    elif hdr.autoclear_features & AUTOCLEAR_DATA_FILE_RAW:
+        raise _invalid("data-file-raw-without-data-file", "data-file-raw is set but the image has no data file")
     encrypt = None
     if hdr.crypt_method == CRYPT_AES:
         encrypt = {"format": "aes"}
     elif ext.crypto is not None:
         encrypt = _luks(img, ext.crypto)
+    elif hdr.crypt_method == CRYPT_LUKS:  # qemu-img 7.2 info crashes on such an image
+        raise _invalid("crypto-header-missing", "LUKS encryption without the header extension locating its header")
     specific: dict[str, Any] = {
         "compat": "1.1" if v3 else "0.10",
         "compression-type": COMPRESSION_TYPES[hdr.compression_type],
@@ -523,9 +546,11 @@ def _details(hdr: Any, ext: Extensions) -> dict[str, Any]:
         details["incompatible-features"] = hdr.incompatible_features
         details["compatible-features"] = hdr.compatible_features
         details["autoclear-features"] = hdr.autoclear_features
-    unknown = [bit for bit in range(64) if hdr.incompatible_features & ~INCOMPAT_KNOWN & 1 << bit]
+    unknown = hdr.incompatible_features & ~INCOMPAT_KNOWN
     if unknown:
-        details["unknown-incompatible-features"] = [ext.feature_names.get(bit, f"bit {bit}") for bit in unknown]
+        names = ext.feature_names
+        bits = [bit for bit in range(64) if unknown & 1 << bit]
+        details["unknown-incompatible-features"] = [names.get(bit, f"bit {bit}") for bit in bits]
     if hdr.backing_file_offset:
         details["backing-file-offset"] = hdr.backing_file_offset
     if ext.crypto is not None:
@@ -549,6 +574,24 @@ def backing(img: Image) -> Backing | None:
     return Backing(name, _read_extensions(img, hdr).backing_format or None) if name else None
 
 
+def hazards(img: Image, info: ImageInfo) -> Iterator[Hazard]:
+    """What QEMU itself refuses or distrusts in a qcow2 image: incompatible
+    feature bits it does not know (the image may mean something it cannot
+    read), and the corrupt bit (its metadata is known to be inconsistent)."""
+    if info.format != "qcow2":
+        return
+    unknown = info.details.get("unknown-incompatible-features")
+    if unknown:
+        yield Hazard(
+            "qcow2.unknown-feature",
+            f"unknown incompatible feature(s) {', '.join(map(repr, unknown))}: QEMU refuses such an image",
+        )
+    if info.details.get("incompatible-features", 0) & INCOMPAT_CORRUPT:
+        yield Hazard(
+            "qcow2.corrupt", "the corrupt bit is set: its metadata is known to be inconsistent (QEMU opens it read-only)"
+        )
+
+
 @hookimpl
 def storprobe_formats() -> list[FormatSpec]:
     return [
@@ -564,5 +607,6 @@ def storprobe_formats() -> list[FormatSpec]:
             size=size,
             backing=backing,
             features=features,
+            hazards=hazards,
         )
     ]

@@ -15,15 +15,26 @@ error (any bytes are a valid raw volume):
   for a volume that starts with a FAT boot sector (no partition table).
 
 :func:`partition_details` is shared with formats that may also be partitioned
-(an isohybrid ISO).
+(an isohybrid ISO). For ``storprobe check``, the row flags a partition table
+or boot sector inside another format's first-sector header (a polyglot).
 """
 
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterator
 from typing import Any
 
-from storprobe import Features, FormatSpec, Image, Layout, hookimpl
+from storprobe import (
+    Features,
+    FormatSpec,
+    Hazard,
+    Image,
+    ImageInfo,
+    Layout,
+    format_table,
+    hookimpl,
+)
 
 SECTOR = 512
 BOOT_SIGNATURE = b"\x55\xaa"  # the last two bytes of an MBR or a FAT boot sector
@@ -165,6 +176,34 @@ def features(img: Image) -> Features:
     return Features(details=fat_details(img.head) or partition_details(img.head))
 
 
+def hazards(img: Image, info: ImageInfo) -> Iterator[Hazard]:
+    """A partition table or FAT boot sector in the first sector of another
+    format's header: the volume is one thing to a hypervisor and a bootable,
+    partitioned disk to anything that reads it as raw (firmware, partition
+    scanners, a raw-declared consumer). Only formats whose header occupies
+    the first sector are judged: an ISO's system area, a fixed VHD's or a
+    DMG's first sector are the guest's disk and may hold a partition table."""
+    table = format_table()
+    if info.format not in table:
+        return
+    spec = table[info.format]
+    if spec.catch_all or spec.header_offsets != (0,) or spec.magic_offset >= SECTOR:
+        return
+    found = fat_details(img.head) or partition_details(img.head)
+    if "partition-table" in found:
+        yield Hazard(
+            "raw.partition-table",
+            f"the first sector of the {info.format} header also holds a partition table "
+            f"({found['partition-table'].upper()})",
+        )
+    elif found:
+        yield Hazard("raw.boot-sector", f"the first sector of the {info.format} header is also a FAT boot sector")
+
+
 @hookimpl
 def storprobe_formats() -> list[FormatSpec]:
-    return [FormatSpec(name="raw", description="raw disk image", size=sector_rounded_size, features=features)]
+    return [
+        FormatSpec(
+            name="raw", description="raw disk image", size=sector_rounded_size, features=features, hazards=hazards
+        )
+    ]

@@ -22,7 +22,6 @@ is not replayed or searched; a non-zero log GUID is reported in the details.
 from __future__ import annotations
 
 import sys
-import uuid
 from array import array
 from functools import lru_cache
 from typing import NamedTuple
@@ -103,8 +102,20 @@ PARENT_PATH_KEYS = ("relative_path", "absolute_win32_path", "volume_path")
 
 
 def guid(text: str) -> bytes:
-    """A GUID as the spec writes it, in its on-disk (mixed-endian) byte order."""
-    return uuid.UUID(text).bytes_le
+    """A GUID as the spec writes it, in its on-disk (mixed-endian) byte order
+    (``uuid.UUID(text).bytes_le``, without importing uuid and platform)."""
+    return _swap_fields(bytes.fromhex(text.replace("-", "")))
+
+
+def guid_text(raw: bytes) -> str:
+    """The text form of an on-disk GUID, as ``str(uuid.UUID(bytes_le=raw))``."""
+    h = _swap_fields(raw).hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def _swap_fields(raw: bytes) -> bytes:
+    """Big-endian <-> little-endian first three GUID fields (its own inverse)."""
+    return raw[3::-1] + raw[5:3:-1] + raw[7:5:-1] + raw[8:]
 
 
 BAT_REGION = guid("2DC27766-F623-4200-9D64-115E9BFD4A08")
@@ -238,7 +249,7 @@ def region_table(img: Image, taken: list[tuple[int, int]]) -> tuple[object, obje
             found[entry.guid] = entry
         elif entry.flags & REGION_REQUIRED:
             raise InvalidHeader(
-                f"unknown required region {uuid.UUID(bytes_le=entry.guid)}", code="vhdx.region-required"
+                f"unknown required region {guid_text(entry.guid)}", code="vhdx.region-required"
             )
     if len(found) != 2:
         raise InvalidHeader("region table lacks the BAT or the metadata region", code="vhdx.region-missing")
@@ -259,7 +270,7 @@ def metadata_items(img: Image, region) -> dict[bytes, Item]:
         if entry.item_id not in METADATA_ITEMS:
             if entry.flags & METADATA_REQUIRED:
                 raise InvalidHeader(
-                    f"unknown required metadata item {uuid.UUID(bytes_le=entry.item_id)}",
+                    f"unknown required metadata item {guid_text(entry.item_id)}",
                     code="vhdx.metadata-required",
                 )
             continue
@@ -400,7 +411,7 @@ def features(img: Image) -> Features:
         "physical-sector-size": vhdx.physical_sector_size,
     }
     if vhdx.header.log_guid != bytes(16):
-        details["log-guid"] = str(uuid.UUID(bytes_le=vhdx.header.log_guid))  # a log replay may be pending
+        details["log-guid"] = guid_text(vhdx.header.log_guid)  # a log replay may be pending
     if not check_bat(img, vhdx):
         details["bat-not-scanned"] = f"larger than {BAT_SCAN_LIMIT} bytes"
     if img.read(REGION_TABLE_COPY_OFFSET, REGION_TABLE_SIZE) != img.read(REGION_TABLE_OFFSET, REGION_TABLE_SIZE):

@@ -11,7 +11,9 @@ Three kinds of file are a VMDK:
   twoGbMaxExtentSparse/Flat, vmfs, vmfsSparse, seSparse), recognised as QEMU's
   probe recognises it.
 
-Extents and parents are reported, never opened or looked at. QEMU reads a
+Extents and parents are reported, never opened or looked at; for ``storprobe
+check`` the row flags extents other than the file itself, outside its
+directory, or devices (CVE-2022-47951). QEMU reads a
 descriptor in its own way (a sparse file's descriptor always at sector 1, keys
 found as substrings anywhere in the text, extent lines scanned with sscanf);
 this plugin reads it the same way, so that what it reports is what QEMU opens.
@@ -20,6 +22,7 @@ this plugin reads it the same way, so that what it reports is what QEMU opens.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +30,9 @@ from storprobe import (
     Backing,
     Features,
     FormatSpec,
+    Hazard,
     Image,
+    ImageInfo,
     InvalidHeader,
     Layout,
     TruncatedHeader,
@@ -63,6 +68,13 @@ DESCRIPTOR_TYPES = frozenset(
     {"monolithicFlat", "vmfs", "vmfsSparse", "seSparse", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat"}
 )
 EXTENT_TYPES = frozenset({"FLAT", "SPARSE", "VMFS", "VMFSSPARSE", "SESPARSE"})
+#: Extent types of a file that is one sparse extent, which its embedded descriptor may name.
+SPARSE_EXTENT_TYPES = frozenset({"SPARSE", "VMFSSPARSE", "SESPARSE"})
+#: Extents that are devices: raw device mappings, and names of device nodes
+#: (Linux, ESXi) or of Windows device namespaces.
+DEVICE_EXTENT_TYPES = frozenset({"VMFSRDM", "VMFSRAW", "VMFSPASSTHROUGHRAW"})
+DEVICE_PREFIXES = ("/dev/", "/vmfs/devices/", "\\\\.\\", "\\\\?\\")
+MAX_NAMED = 4  # extent names a hazard message lists
 TEXT_VERSIONS = tuple(b"version=%d%s" % (v, end) for v in VERSIONS for end in (b"\n", b"\r\n"))
 
 SPARSE_HEADER = Layout(
@@ -106,6 +118,7 @@ _EXTENT_LINE = re.compile(
     rb"(?:\"\s*+([+-]?+[0-9]++))?)"
 )
 _HEX = re.compile(rb"\s*(?:0[xX])?([0-9a-fA-F]+)")
+_PATH_SEPARATOR = re.compile(r"[/\\]")
 WHITESPACE = frozenset(b" \t\n\r\f\v")
 
 
@@ -493,6 +506,52 @@ def _extent_info(img: Image, disk: Disk) -> list[dict]:
     ]
 
 
+def hazards(img: Image, info: ImageInfo) -> Iterator[Hazard]:
+    """CVE-2022-47951: extents are files a hypervisor opens, so a descriptor
+    can make a flat extent of any host file. Every extent of a descriptor QEMU
+    opens is another file; a sparse file is safe when its embedded descriptor
+    names one sparse extent by a bare file name (itself, whatever it is called
+    now: QEMU opens only the file). Names outside the image's directory and
+    devices are flagged on their own, in either kind."""
+    if info.format != "vmdk":
+        return
+    disk = _disk(img)
+    named = tuple(dict.fromkeys(disk.recorded))  # a line read twice is one extent
+    only_itself = len(named) == 1 and named[0].type in SPARSE_EXTENT_TYPES and _bare(named[0].filename)
+    if disk.grain is None or (named and not only_itself):
+        yield Hazard(
+            "vmdk.external-extent",
+            f"its descriptor names extent files {_listed(named)}, which a hypervisor would open",
+        )
+    if outside := [e for e in named if _outside_directory(e.filename)]:
+        yield Hazard(
+            "vmdk.extent-path",
+            f"extent names {_listed(outside)} reach outside the image's directory (absolute, '..' or a protocol)",
+        )
+    if devices := [e for e in named if e.type in DEVICE_EXTENT_TYPES or e.filename.startswith(DEVICE_PREFIXES)]:
+        yield Hazard("vmdk.device-extent", f"extents {_listed(devices)} are devices of the host")
+
+
+def _bare(name: str) -> bool:
+    """A plain file name: no directory, no protocol."""
+    return _PATH_SEPARATOR.search(name) is None and ":" not in name and name not in ("", ".", "..")
+
+
+def _outside_directory(name: str) -> bool:
+    """Whether QEMU would open ``name`` outside the descriptor's directory: an
+    absolute path, a ``..`` component, or a protocol or drive prefix (a colon
+    before the first slash, which QEMU takes as is)."""
+    parts = _PATH_SEPARATOR.split(name)
+    return name.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]
+
+
+def _listed(extents: Sequence[Extent]) -> str:
+    """The first few names, quoted: ``'a', 'b' and 3 more``."""
+    names = [repr(e.filename) for e in extents[:MAX_NAMED]]
+    more = f" and {len(extents) - MAX_NAMED} more" if len(extents) > MAX_NAMED else ""
+    return ", ".join(names) + more
+
+
 @hookimpl
 def storprobe_formats() -> list[FormatSpec]:
     return [
@@ -506,5 +565,6 @@ def storprobe_formats() -> list[FormatSpec]:
             size=size,
             backing=backing,
             features=features,
+            hazards=hazards,
         )
     ]

@@ -84,7 +84,12 @@ def checksum(block: bytes, offset: int) -> int:
 
 
 def footer(img: Image):
-    """The footer the row matched (the copy at 0 or the trailer), checked."""
+    """The footer the row matched (the copy at 0 or the trailer), checked
+    (once per probe: size, features and backing all start from it)."""
+    return img.memo(footer, _read_footer)
+
+
+def _read_footer(img: Image):
     block = img.read(img.header_offset, FOOTER_SIZE)
     foot = FOOTER.unpack(block)
     if checksum(block, CHECKSUM_OFFSET) != foot.checksum:
@@ -149,8 +154,9 @@ def check_table(img: Image, dyn, virtual_size: int) -> bool:
         raise InvalidHeader("block allocation table runs past the end of the file", code="vpc.table-offset")
     if table_bytes > BAT_SCAN_LIMIT:
         return False
-    entries = struct.unpack(f">{dyn.max_table_entries}I", img.read(dyn.table_offset, table_bytes))
-    last = max((e for e in entries if e != UNUSED_BAT_ENTRY), default=None)
+    entries = set(struct.unpack(f">{dyn.max_table_entries}I", img.read(dyn.table_offset, table_bytes)))
+    entries.discard(UNUSED_BAT_ENTRY)
+    last = max(entries, default=None)
     if last is not None:
         bitmap = -(-(block // (8 * 512)) // 512) * 512
         if last * 512 + bitmap + block > img.size:

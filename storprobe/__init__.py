@@ -15,7 +15,7 @@ from .layout import Layout
 from .model import ImageInfo
 from .registry import format_table, register, registered, unregister
 from .source import BytesSource, FileSource, Image, PathSource
-from .spec import Backing, DataFile, Features, FormatSpec, Snapshot
+from .spec import Backing, DataFile, Features, FormatSpec, Hazard, Snapshot
 
 __all__ = [
     "Backing",
@@ -24,6 +24,7 @@ __all__ = [
     "Features",
     "FileSource",
     "FormatSpec",
+    "Hazard",
     "Image",
     "ImageInfo",
     "InvalidHeader",

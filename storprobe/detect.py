@@ -10,7 +10,8 @@ whose signature matches is listed in the result, so polyglots stay visible.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable
+from functools import partial
 from typing import BinaryIO, NamedTuple
 
 from .errors import InvalidHeader, ProbeError, TruncatedHeader, UnsupportedVersion
@@ -21,6 +22,8 @@ from .source import BytesSource, ByteSource, FileSource, Image, PathSource
 from .spec import Features, FormatSpec
 
 Target = str | os.PathLike[str] | bytes | BinaryIO | ByteSource
+#: A refused signature's error, made only when it is raised.
+Refusal = Callable[[], ProbeError]
 
 
 def open_source(target: Target) -> ByteSource:
@@ -52,13 +55,13 @@ def probe(target: Target, *, format: str | None = None, table: FormatTable | Non
 
 def describe_image(img: Image, table: FormatTable, format: str | None) -> ImageInfo:
     """Choose the row for ``img`` (or take the caller's ``format``) and describe it."""
-    matched, rejected = _signatures(img, table.specs)
+    matched, rejected = _signatures(img, table)
     matches = tuple(matched)
     if format is not None:
         spec = table[format]
         if (spec.magic or spec.match) and spec.name not in matched:
             if spec.name in rejected:
-                raise rejected[spec.name]
+                raise rejected[spec.name]()
             raise InvalidHeader(f"not a {spec.name} image (its signature is missing)", code="wrong-format")
         found = matched.get(spec.name, Signature(spec.header_offsets[0], by_magic=False))
         return _describe(img, spec, found, "caller", matches)
@@ -66,9 +69,9 @@ def describe_image(img: Image, table: FormatTable, format: str | None) -> ImageI
         name, found = next(iter(matched.items()))
         return _describe(img, table[name], found, "magic", matches)
     if rejected:
-        raise next(iter(rejected.values()))
-    for spec in table.specs:
-        if img.file_type in spec.file_types and spec.magic is None and spec.match is None:
+        raise next(iter(rejected.values()))()
+    for spec in table.unsigned:
+        if img.file_type in spec.file_types:
             no_signature = Signature(spec.header_offsets[0], by_magic=False)
             if spec.extension and img.name.lower().endswith(spec.extension):
                 return _describe(img, spec, no_signature, "extension", matches)
@@ -85,51 +88,72 @@ class Signature(NamedTuple):
     by_magic: bool
 
 
-def _signatures(img: Image, specs: Iterable[FormatSpec]) -> tuple[dict[str, Signature], dict[str, ProbeError]]:
+def _signatures(img: Image, table: FormatTable) -> tuple[dict[str, Signature], dict[str, Refusal]]:
     """Rows whose signature and version the bytes carry (in table order), and
     rows whose signature matched but whose version or header was refused."""
     matched: dict[str, Signature] = {}
-    rejected: dict[str, ProbeError] = {}
-    for spec in specs:
-        if img.file_type not in spec.file_types or (spec.magic is None and spec.match is None):
+    rejected: dict[str, Refusal] = {}
+    head, size, hits = img.head, img.size, set()
+    for start, end, index in table.magic_windows:
+        if start >= 0:
+            names = index.get(head[start:end])
+        elif size + start >= 0:
+            names = index.get(img.read(size + start, end - start))
+        else:
+            continue
+        if names:
+            hits |= names
+    for spec, magics, indexed in table.signed:
+        if img.file_type not in spec.file_types or (indexed and spec.name not in hits):
             continue
         for offset in spec.header_offsets:
-            found = _signature_at(img, spec, offset)
+            found = _signature_at(img, spec, magics, offset)
             if found is None:
                 continue
-            try:
-                if found.by_magic:
-                    _check_version(img, spec, offset)
-            except ProbeError as exc:
-                rejected[spec.name] = exc
-            else:
+            refusal = _version_refusal(img, spec, offset) if found.by_magic else None
+            if refusal is None:
                 matched[spec.name] = found
+            else:
+                rejected[spec.name] = refusal
             break
     return matched, rejected
 
 
-def _signature_at(img: Image, spec: FormatSpec, offset: int) -> Signature | None:
-    if offset < 0 and img.size + offset < 0:
+def _signature_at(img: Image, spec: FormatSpec, magics: tuple[bytes, ...], offset: int) -> Signature | None:
+    size, head = img.size, img.head
+    if offset < 0 and size + offset < 0:
         return None
-    where = (img.size + offset if offset < 0 else offset) + spec.magic_offset
-    for magic in spec.magics:
-        if where >= 0 and where + len(magic) <= img.size and img.read(where, len(magic)) == magic:
+    where = (size + offset if offset < 0 else offset) + spec.magic_offset
+    for magic in magics:
+        end = where + len(magic)
+        if where < 0 or end > size:
+            continue
+        if head.startswith(magic, where) if end <= len(head) else img.read(where, len(magic)) == magic:
             return Signature(offset, by_magic=True)
     if spec.match is not None and guarded(spec, "match", lambda: bool(spec.match(img.at_header(offset)))):
         return Signature(offset, by_magic=False)
     return None
 
 
-def _check_version(img: Image, spec: FormatSpec, offset: int) -> None:
+def _version_refusal(img: Image, spec: FormatSpec, offset: int) -> Refusal | None:
+    """None when the row has no version field or accepts the one found."""
     if spec.version_offset is None:
-        return
-    header = img.at_header(offset).header
+        return None
+    try:
+        header = img.at_header(offset).header
+    except ProbeError as exc:
+        return partial(_same, exc)
     try:
         version = read_uint(header, spec.version_offset, spec.version_width, spec.endian)
     except TruncatedHeader:
-        raise TruncatedHeader(f"{spec.name} header is truncated before its version field") from None
-    if version not in spec.versions:
-        raise UnsupportedVersion(spec.name, version, spec.versions)
+        return partial(_same, TruncatedHeader(f"{spec.name} header is truncated before its version field"))
+    if version in spec.versions:
+        return None
+    return partial(UnsupportedVersion, spec.name, version, spec.versions)
+
+
+def _same(error: ProbeError) -> ProbeError:
+    return error
 
 
 def _describe(img: Image, spec: FormatSpec, found: Signature, evidence: str, matches: tuple[str, ...]) -> ImageInfo:

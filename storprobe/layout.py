@@ -25,26 +25,26 @@ from .errors import TruncatedHeader
 class Layout:
     """A fixed-size structure: an endianness and an ordered list of fields."""
 
-    __slots__ = ("what", "_struct", "_tuple")
+    __slots__ = ("what", "size", "_unpack_from", "_names", "_tuple")
 
     def __init__(self, endian: str, what: str, *fields: tuple[str | None, str]) -> None:
         self.what = what
-        self._struct = struct.Struct(endian + "".join(code for _, code in fields))
-        names = [name for name, _ in fields if name]
-        self._tuple = namedtuple(re.sub(r"\W", "_", what).strip("_") or "header", names)
-
-    @property
-    def size(self) -> int:
-        return self._struct.size
+        layout = struct.Struct(endian + "".join(code for _, code in fields))
+        self.size: int = layout.size
+        self._unpack_from = layout.unpack_from
+        self._names = [name for name, _ in fields if name]
+        self._tuple: type | None = None  # made on first use: most layouts of a process never are
 
     def unpack(self, buf: bytes | memoryview, offset: int = 0) -> Any:
         """The fields at ``offset`` of ``buf`` as a named tuple."""
-        if offset < 0 or offset + self._struct.size > len(buf):
+        if offset < 0 or offset + self.size > len(buf):
             raise TruncatedHeader(
-                f"{self.what} needs {self._struct.size} bytes at offset {offset}, "
+                f"{self.what} needs {self.size} bytes at offset {offset}, "
                 f"only {max(0, len(buf) - offset)} available"
             )
-        return self._tuple._make(self._struct.unpack_from(buf, offset))
+        if self._tuple is None:
+            self._tuple = namedtuple(re.sub(r"\W", "_", self.what).strip("_") or "header", self._names)
+        return tuple.__new__(self._tuple, self._unpack_from(buf, offset))
 
 
 def read_uint(buf: bytes | memoryview, offset: int, width: int, endian: str) -> int:

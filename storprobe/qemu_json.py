@@ -9,7 +9,6 @@ import re
 from dataclasses import asdict
 from typing import Any
 
-from .backing import parse_backing_name
 from .errors import BackingNameError
 from .model import ImageInfo
 from .scan import ScanRecord
@@ -96,6 +95,8 @@ def extras(info: ImageInfo) -> dict[str, Any]:
 
 def _store(name: str, image: str) -> dict[str, Any]:
     """What a recorded backing or data-file name denotes (parsed, never opened)."""
+    from .backing import parse_backing_name  # only images that name one pay for its import
+
     try:
         store = parse_backing_name(name, image)
     except BackingNameError as exc:

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from importlib.machinery import PathFinder
 
 import pluggy
 
 from . import hookspecs
 from .errors import PluginConflict, UnknownFormat
+from .source import HEAD_SIZE
 from .spec import FormatSpec
 
 ENTRY_POINT_GROUP = "storprobe.formats"
@@ -53,11 +56,28 @@ class Row:
 
 
 class FormatTable:
-    """The rows of every registered plugin, in detection order, by name."""
+    """The rows of every registered plugin, in detection order, by name, and
+    indexed by magic so detection looks at each fixed window of the head once."""
 
     def __init__(self, rows: list[Row]) -> None:
         self.rows: tuple[Row, ...] = tuple(sorted(rows, key=lambda r: r.spec.sort_key()))
         self.specs: tuple[FormatSpec, ...] = tuple(r.spec for r in self.rows)
+        #: Rows with a signature: (row, its magic values, whether magic_windows decides it).
+        self.signed: tuple[tuple[FormatSpec, tuple[bytes, ...], bool], ...] = tuple(
+            (s, s.magics, _indexable(s)) for s in self.specs if s.magic is not None or s.match is not None
+        )
+        self.unsigned: tuple[FormatSpec, ...] = tuple(s for s in self.specs if s.magic is None and s.match is None)
+        windows: dict[tuple[int, int], dict[bytes, set[str]]] = {}
+        for spec, magics, indexed in self.signed:
+            for offset in spec.header_offsets if indexed else ():
+                for magic in magics:
+                    start = offset + spec.magic_offset
+                    windows.setdefault((start, start + len(magic)), {}).setdefault(magic, set()).add(spec.name)
+        #: (start, end, {magic: names of the rows it selects}) of each window of the
+        #: head, then of the tail (negative offsets count from the end of the file).
+        self.magic_windows: tuple[tuple[int, int, dict[bytes, set[str]]], ...] = tuple(
+            (start, end, index) for (start, end), index in sorted(windows.items(), key=lambda w: w[0][0] < 0)
+        )
         self._by_name = {r.spec.name: r.spec for r in self.rows}
 
     def __getitem__(self, name: str) -> FormatSpec:
@@ -71,6 +91,17 @@ class FormatTable:
 
     def names(self) -> list[str]:
         return [s.name for s in self.specs]
+
+
+def _indexable(spec: FormatSpec) -> bool:
+    """A row its magic alone decides, in the head (offsets from the start) or
+    before the end of the file (negative offsets)."""
+    return spec.match is None and all(
+        0 <= start and start + len(magic) <= HEAD_SIZE if offset >= 0 else start + len(magic) <= 0
+        for offset in spec.header_offsets
+        for magic in spec.magics
+        for start in (offset + spec.magic_offset,)
+    )
 
 
 class _Registry:
@@ -112,6 +143,11 @@ def _load_third_party(pm: pluggy.PluginManager) -> None:
     if os.environ.get("STORPROBE_DISABLE_PLUGIN_AUTOLOAD"):
         return
     only = {n.strip() for n in os.environ.get("STORPROBE_PLUGINS", "").split(",") if n.strip()}
+    declared = _declared_names()
+    if declared is not None:
+        new = {n for n in declared if pm.get_plugin(n) is None and not pm.is_blocked(n)}
+        if not (new & only if only else new):
+            return  # nothing to load: spare importlib.metadata
     if not only:
         pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
         return
@@ -120,6 +156,51 @@ def _load_third_party(pm: pluggy.PluginManager) -> None:
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if ep.name in only and pm.get_plugin(ep.name) is None:
             pm.register(ep.load(), name=ep.name)
+
+
+def _declared_names() -> set[str] | None:
+    """Names in our entry-point group that the distributions on ``sys.path``
+    declare, read from their ``entry_points.txt`` files in a fraction of the time
+    importing ``importlib.metadata`` takes. None when the path holds what only
+    importlib.metadata can read (a zip file, an egg, another metadata finder)."""
+    if any(hasattr(f, "find_distributions") and f is not PathFinder for f in sys.meta_path):
+        return None
+    names: set[str] = set()
+    for entry in sys.path:
+        if entry.lower().endswith(".egg"):
+            return None
+        try:
+            with os.scandir(entry or ".") as it:
+                infos = [e.path for e in it if e.name.lower().endswith((".dist-info", ".egg-info"))]
+        except NotADirectoryError:
+            return None
+        except OSError:
+            continue  # a path entry that does not exist
+        for info in infos:
+            try:
+                with open(os.path.join(info, "entry_points.txt"), encoding="utf-8") as f:
+                    text = f.read()
+            except OSError:
+                continue
+            if ENTRY_POINT_GROUP in text:
+                found = _group_names(text)
+                if not found:
+                    return None  # the group is named but we cannot read it: ask importlib.metadata
+                names |= found
+    return names
+
+
+def _group_names(text: str) -> set[str]:
+    """Entry-point names under our group's section of an ``entry_points.txt``."""
+    names: set[str] = set()
+    inside = False
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("["):
+            inside = line.strip("[]").strip() == ENTRY_POINT_GROUP
+        elif inside and "=" in line and not line.startswith(("#", ";")):
+            names.add(line.split("=", 1)[0].strip())
+    return names
 
 
 _registry = _Registry()

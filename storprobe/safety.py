@@ -16,15 +16,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from .detect import Target, describe_image, guarded, open_source
-from .errors import ProbeError, SourceError
+from .errors import ProbeError, SourceError, UnknownFormat
 from .model import ImageInfo
 from .registry import FormatTable, format_table
 from .source import Image
-from .spec import Hazard
+from .spec import FormatSpec, Hazard
 
 #: Largest virtual size accepted by default: 64 TiB, VHDX's and most
 #: hypervisors' limit; far beyond any real disk image, far below a hostile one.
 DEFAULT_MAX_VIRTUAL_SIZE = 64 << 40
+SECTOR = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,8 +59,9 @@ def check(
 ) -> Verdict:
     """Probe ``target`` and judge it under ``policy``.
 
-    Raises SourceError when the volume cannot be read at all; a malformed
-    header is a hazard, not an exception.
+    Raises SourceError when the volume cannot be read at all (UnknownFormat
+    for a ``format`` no plugin provides); a malformed header is a hazard, not
+    an exception.
     """
     table = table or format_table()
     source = open_source(target)
@@ -67,9 +69,9 @@ def check(
     try:
         img = Image(source)
         info = describe_image(img, table, format)
-        hazards = (*_core_hazards(info, policy), *_row_hazards(img, info, table))
+        hazards = (*_core_hazards(img, info, policy, table), *_row_hazards(img, info, table))
         return Verdict(name, info, hazards)
-    except SourceError:
+    except (SourceError, UnknownFormat):
         raise
     except ProbeError as exc:
         return Verdict(name, None, (Hazard("malformed", f"{exc.reason} ({exc.code})"),))
@@ -78,11 +80,13 @@ def check(
             source.close()
 
 
-def _core_hazards(info: ImageInfo, policy: Policy) -> Iterator[Hazard]:
+def _core_hazards(img: Image, info: ImageInfo, policy: Policy, table: FormatTable) -> Iterator[Hazard]:
     if policy.allow_formats is not None and info.format not in policy.allow_formats:
         allowed = ", ".join(sorted(policy.allow_formats)) or "none"
         yield Hazard("format", f"format {info.format} is not allowed (allowed: {allowed})")
     others = [m for m in info.matches if m != info.format]
+    if info.evidence == "caller" and table[info.format].catch_all:
+        others = [m for m in others if _in_first_sector(img, table[m])]
     if others:
         yield Hazard(
             "polyglot",
@@ -92,9 +96,24 @@ def _core_hazards(info: ImageInfo, policy: Policy) -> Iterator[Hazard]:
     if info.backing is not None and not policy.allow_backing:
         yield Hazard("backing-file", f"it names a backing file {info.backing.name!r}, which a hypervisor would open")
     if info.data_file is not None and not policy.allow_data_file:
-        yield Hazard("data-file", f"it names an external data file {info.data_file.name!r}, which a hypervisor would open")
+        named = f"names an external data file {info.data_file.name!r}" if info.data_file.name else (
+            "keeps its data in an external file whose name it does not record"
+        )
+        yield Hazard("data-file", f"it {named}, which a hypervisor would open")
     if info.virtual_size > policy.max_virtual_size:
         yield Hazard("size", f"virtual size {info.virtual_size} exceeds the limit of {policy.max_virtual_size} bytes")
+
+
+def _in_first_sector(img: Image, spec: FormatSpec) -> bool:
+    """Whether ``spec``'s signature lies in the volume's first sector. A volume
+    declared raw is the guest's disk: a signature there is what a probing
+    hypervisor sees (CVE-2008-2004), while one deeper in (an ISO's descriptors,
+    a VHD footer) is data any raw disk may hold and hypervisors read as raw."""
+    starts = [offset + spec.magic_offset for offset in spec.header_offsets if offset >= 0]
+    return any(
+        at < SECTOR and (spec.match is not None or any(img.head.startswith(magic, at) for magic in spec.magics))
+        for at in starts
+    )
 
 
 def _row_hazards(img: Image, info: ImageInfo, table: FormatTable) -> Iterator[Hazard]:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import io
 import os
 import stat
-from typing import BinaryIO, Protocol
+from collections.abc import Callable, Hashable
+from typing import BinaryIO, Protocol, TypeVar
 
 from .errors import ReadLimitExceeded, SourceError, TruncatedHeader
 
@@ -25,6 +26,8 @@ TAIL_SIZE = 4096
 #: Most bytes one probe may read in all, header included; a header that asks
 #: for more is refused with ReadLimitExceeded instead of being trusted.
 READ_BUDGET = 16 * 1024 * 1024
+
+T = TypeVar("T")
 
 
 class ByteSource(Protocol):
@@ -52,35 +55,75 @@ _KIND_BY_MODE = (
 
 
 def _kind(mode: int) -> str:
+    if stat.S_ISREG(mode):
+        return "file"
     return next((kind for test, kind in _KIND_BY_MODE if test(mode)), "special file")
+
+
+def _check_volume(mode: int) -> str:
+    """The kind of a file that may be probed; SourceError for any other."""
+    kind = _kind(mode)
+    if kind not in ("file", "block", "directory"):
+        raise SourceError(f"is a {kind}, not a volume")
+    return kind
 
 
 class PathSource:
     """A volume named by path. Only regular files, block devices and
     directories are probed; anything else is a SourceError, found without
-    blocking (the open is O_NONBLOCK and the type is checked on the open fd)."""
+    blocking and without opening it where possible (opening some devices has
+    effects): the type is checked before the open, which is O_NONBLOCK, and
+    again on the open fd."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.name = os.fspath(path)
         flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0)
         try:
+            _check_volume(os.stat(self.name).st_mode)
             self._fd = os.open(self.name, flags)
         except OSError as exc:
             raise SourceError(_os_reason(exc, self.name)) from None
         try:
             self.stat = os.fstat(self._fd)
-            self.file_type = _kind(self.stat.st_mode)
-            if self.file_type not in ("file", "block", "directory"):
-                raise SourceError(f"is a {self.file_type}, not a volume")
+            self.file_type = _check_volume(self.stat.st_mode)  # the path may have changed since
             self._size = (
                 os.lseek(self._fd, 0, os.SEEK_END) if self.file_type == "block" else self.stat.st_size
             )
+        except OSError as exc:
+            os.close(self._fd)
+            raise SourceError(_os_reason(exc, self.name)) from None
         except BaseException:
             os.close(self._fd)
             raise
 
     def size(self) -> int:
         return self._size
+
+    def prefetch(self) -> None:
+        """Ask the kernel to start reading what a probe reads first (the head
+        and the tail), so that reads of many volumes overlap; only a hint."""
+        if self.file_type == "directory" or not hasattr(os, "posix_fadvise"):
+            return
+        try:
+            os.posix_fadvise(self._fd, 0, HEAD_SIZE, os.POSIX_FADV_WILLNEED)
+            if self._size > HEAD_SIZE:
+                tail = max(HEAD_SIZE, self._size - TAIL_SIZE)
+                os.posix_fadvise(self._fd, tail, self._size - tail, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass  # a hint the file system does not take
+
+    def cached(self) -> bool | None:
+        """Whether the file's first page is in the page cache, asked without
+        waiting for the disk (``RWF_NOWAIT``); None where the system cannot tell."""
+        if self.file_type != "file" or not self._size or not hasattr(os, "RWF_NOWAIT"):
+            return None
+        try:
+            os.preadv(self._fd, [bytearray(1)], 0, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return None
+        return True
 
     def read_at(self, offset: int, length: int) -> bytes:
         try:
@@ -105,17 +148,27 @@ class FileSource:
             self.stat = os.fstat(self._fd)
         except (OSError, AttributeError, io.UnsupportedOperation):
             self._fd, self.stat = None, None
+        if self.stat is not None:
+            self.file_type = _kind(self.stat.st_mode)
+            if self.file_type not in ("file", "block"):
+                raise SourceError(f"is a {self.file_type}, not a volume")
 
     def size(self) -> int:
-        if self.stat is not None and stat.S_ISREG(self.stat.st_mode):
-            return os.fstat(self._fd).st_size
-        return self._file.seek(0, io.SEEK_END)
+        try:
+            if self.stat is not None and stat.S_ISREG(self.stat.st_mode):
+                return os.fstat(self._fd).st_size
+            return self._file.seek(0, io.SEEK_END)
+        except (OSError, ValueError) as exc:  # unseekable, closed, or failing
+            raise SourceError(f"cannot tell its size: {exc}") from None
 
     def read_at(self, offset: int, length: int) -> bytes:
-        if self._fd is not None:
-            return os.pread(self._fd, length, offset)
-        self._file.seek(offset)
-        return self._file.read(length)
+        try:
+            if self._fd is not None:
+                return os.pread(self._fd, length, offset)
+            self._file.seek(offset)
+            return self._file.read(length) or b""  # None: a non-blocking stream with nothing to read
+        except (OSError, ValueError) as exc:
+            raise SourceError(f"read failed: {exc}") from None
 
     def close(self) -> None:
         """The caller owns the file; nothing to close."""
@@ -153,10 +206,13 @@ class Image:
 
     ``head`` is the first :data:`HEAD_SIZE` bytes; ``header`` the bytes at the
     chosen format's header start (``header_offset``), which is ``head`` unless
-    the header is a trailer. :meth:`read` gets more, within :data:`READ_BUDGET`.
+    the header is a trailer. :meth:`read` gets more, within :data:`READ_BUDGET`;
+    :meth:`memo` keeps what a callback parsed for the other callbacks of the probe.
     """
 
-    __slots__ = ("source", "name", "file_type", "size", "head", "header", "header_offset", "_spent", "_tail")
+    __slots__ = (
+        "source", "name", "file_type", "size", "head", "header", "header_offset", "_spent", "_tail", "_memo"
+    )
 
     def __init__(self, source: ByteSource) -> None:
         self.source = source
@@ -165,6 +221,7 @@ class Image:
         self.size = source.size() if source.file_type != "directory" else 0
         self._spent = 0
         self._tail: bytes | None = None
+        self._memo: dict[Hashable, object] = {}
         self.head = self._fetch(0, min(HEAD_SIZE, self.size)) if self.size else b""
         self.header = self.head
         self.header_offset = 0
@@ -184,11 +241,14 @@ class Image:
         With ``exact`` (the default) a short read raises TruncatedHeader, so a
         field that points past the end of the file is a named error.
         """
+        end = offset + length
+        if 0 <= offset <= end <= len(self.head):
+            return self.head[offset:end]
         if offset < 0:
             offset += self.size
+            end = offset + length
         if offset < 0 or length < 0:
             raise TruncatedHeader(f"read of {length} bytes at offset {offset} is outside the file")
-        end = offset + length
         tail_start = max(len(self.head), self.size - TAIL_SIZE)
         if end <= len(self.head):
             data = self.head[offset:end]
@@ -207,9 +267,21 @@ class Image:
         return data
 
     def at_header(self, offset: int) -> Image:
-        """Point ``header`` at the structure found at ``offset`` (negative: from the end)."""
+        """Point ``header`` at the structure found at ``offset`` (negative: from the end).
+        Moving it forgets what :meth:`memo` kept."""
         absolute = offset + self.size if offset < 0 else offset
         if absolute != self.header_offset:
             self.header = self.read(absolute, min(HEAD_SIZE, self.size - absolute), exact=False)
             self.header_offset = absolute
+            self._memo.clear()
         return self
+
+    def memo(self, key: Hashable, compute: Callable[[Image], T]) -> T:
+        """``compute(self)``, once per probe and header: a format's ``size``,
+        ``backing`` and ``features`` callbacks share one parse of the header with
+        ``img.memo(parse_header, parse_header)``. An error is raised again, not kept."""
+        try:
+            return self._memo[key]  # type: ignore[return-value]
+        except KeyError:
+            value = self._memo[key] = compute(self)
+            return value

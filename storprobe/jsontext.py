@@ -1,0 +1,76 @@
+"""JSON text exactly as ``json.dumps(obj, indent=4)`` writes it, faster.
+
+The standard library encodes indented JSON in pure Python, one generator step
+per token; here each container is one ``join`` and strings go through the C
+string encoder. Anything but str, int, bool, None, list, tuple and dicts with
+string keys is left to ``json.dumps`` itself, so the text never differs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from json.encoder import encode_basestring_ascii as _string
+from typing import Any, TextIO
+
+
+#: A newline and the indentation of each level (grown for deeper documents).
+_NEWLINES = ["\n" + " " * (4 * level) for level in range(16)]
+
+
+def indented(obj: Any, level: int = 0) -> str:
+    """``json.dumps(obj, indent=4)``, as if nested ``level`` containers deep."""
+    kind = type(obj)
+    while level + 1 >= len(_NEWLINES):
+        _NEWLINES.append("\n" + " " * (4 * len(_NEWLINES)))
+    if kind is dict:
+        if not obj:
+            return "{}"
+        inner = _NEWLINES[level + 1]
+        items: list[str] = []
+        append = items.append
+        try:  # the common scalars inline: a call each would cost a third more
+            for key, value in obj.items():
+                kind = type(value)
+                if kind is str:
+                    append(_string(key) + ": " + _string(value))
+                elif kind is int:
+                    append(_string(key) + ": " + int.__repr__(value))
+                elif kind is bool:
+                    append(_string(key) + (": true" if value else ": false"))
+                else:
+                    append(_string(key) + ": " + _value(value, level + 1))
+        except TypeError:  # a key that is not a string: json.dumps converts it (or refuses)
+            return json.dumps(obj, indent=4).replace("\n", _NEWLINES[level])
+        return "{" + inner + ("," + inner).join(items) + _NEWLINES[level] + "}"
+    if kind is list or kind is tuple:
+        if not obj:
+            return "[]"
+        inner = _NEWLINES[level + 1]
+        return "[" + inner + ("," + inner).join([_value(value, level + 1) for value in obj]) + _NEWLINES[level] + "]"
+    return _value(obj, level)
+
+
+def _value(obj: Any, level: int) -> str:
+    kind = type(obj)
+    if kind is str:
+        return _string(obj)
+    if kind is int:
+        return int.__repr__(obj)
+    if kind is bool:
+        return "true" if obj else "false"
+    if obj is None:
+        return "null"
+    if kind is dict or kind is list or kind is tuple:
+        return indented(obj, level)
+    return json.dumps(obj, indent=4).replace("\n", _NEWLINES[level])
+
+
+def write_array(items: Iterable[Any], out: TextIO) -> None:
+    """Write ``json.dumps(list(items), indent=4)`` and a newline, item by item
+    as ``items`` yields them (memory stays flat however many there are)."""
+    separator = "[" + _NEWLINES[1]
+    for item in items:
+        out.write(separator + indented(item, 1))
+        separator = "," + _NEWLINES[1]
+    out.write("[]\n" if separator[0] == "[" else "\n]\n")

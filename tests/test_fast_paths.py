@@ -1,0 +1,131 @@
+"""The shortcuts the probing loop takes for speed decide exactly what the plain
+path decides: the magic index, the per-probe memo, the bounded reads, the
+entry-point pre-check. (Speed itself is measured by benchmarks/bench_scan.py,
+never asserted here.)"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import zipfile
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from oracle import qemu_img_create
+from storprobe import BytesSource, Image, PathSource, ProbeError, probe
+from storprobe.detect import _signatures
+from storprobe.registry import ENTRY_POINT_GROUP, BUILTIN_PLUGINS, _declared_names, _group_names, format_table
+
+TABLE = format_table()
+SIGNED = [spec for spec, _, _ in TABLE.signed if spec.magic is not None]
+
+
+def _unindexed(table):
+    """The same table with the magic index off: every row takes the plain path."""
+    plain = copy.copy(table)
+    plain.magic_windows = ()
+    plain.signed = tuple((spec, magics, False) for spec, magics, _ in table.signed)
+    return plain
+
+
+def _plant(data: bytearray, spec, choice: int) -> None:
+    offset = spec.header_offsets[choice % len(spec.header_offsets)]
+    base = len(data) + offset if offset < 0 else offset
+    magic = spec.magics[choice % len(spec.magics)]
+    at = base + spec.magic_offset
+    if at >= 0:
+        data[at : at + len(magic)] = magic
+        if spec.version_offset is not None and spec.versions and choice % 3:
+            version = spec.versions[choice % len(spec.versions)]
+            field = base + spec.version_offset
+            data[field : field + spec.version_width] = version.to_bytes(
+                spec.version_width, "big" if spec.endian == ">" else "little"
+            )
+
+
+def _outcome(table, data: bytes):
+    matched, rejected = _signatures(Image(BytesSource(data)), table)
+    refused = {name: (type(err := make()), err.code, str(err)) for name, make in rejected.items()}
+    return list(matched.items()), refused
+
+
+@given(
+    body=st.binary(max_size=1024),
+    size=st.sampled_from([0, 100, 600, 4096, 33280, 40000, 70000]),
+    planted=st.lists(st.tuples(st.sampled_from(SIGNED), st.integers(0, 11)), max_size=3),
+)
+def test_magic_index_decides_as_the_plain_path(body, size, planted):
+    data = bytearray(body.ljust(size, b"\0"))
+    for spec, choice in planted:
+        _plant(data, spec, choice)
+    assert _outcome(TABLE, bytes(data)) == _outcome(_unindexed(TABLE), bytes(data))
+
+
+def test_memo_computes_once_per_header_and_keeps_no_error():
+    img = Image(BytesSource(bytes(range(256)) * 200))
+    calls = []
+
+    def parse(image):
+        calls.append(image.header_offset)
+        return len(calls)
+
+    assert img.memo(parse, parse) == img.memo(parse, parse) == 1
+    img.at_header(-512)  # another header: what was parsed for the first is forgotten
+    assert img.memo(parse, parse) == 2
+    assert calls == [0, img.size - 512]
+
+    def broken(image):
+        calls.append("broken")
+        raise ProbeError("bad", code="x")
+
+    for _ in range(2):
+        with pytest.raises(ProbeError):
+            img.memo(broken, broken)
+    assert calls.count("broken") == 2
+
+
+class Counting:
+    """A path source that counts read calls."""
+
+    def __init__(self, path) -> None:
+        self.source, self.reads = PathSource(path), 0
+        self.name, self.file_type, self.stat = self.source.name, self.source.file_type, self.source.stat
+
+    def size(self) -> int:
+        return self.source.size()
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        self.reads += 1
+        return self.source.read_at(offset, length)
+
+    def close(self) -> None:
+        self.source.close()
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "qcow", "qed", "vmdk", "vpc", "vdi", "parallels", "raw"])
+def test_at_most_two_reads_per_probe(tmp_path, fmt):
+    """The head in one read, the tail in one more when the file is longer."""
+    source = Counting(qemu_img_create(tmp_path / f"disk.{fmt}", fmt, "1G"))
+    try:
+        assert probe(source).format == fmt
+    finally:
+        source.close()
+    assert source.reads <= 2
+
+
+def test_entry_point_precheck_reads_the_group_section():
+    text = f"[console_scripts]\nx = y:z\n\n[{ENTRY_POINT_GROUP}]\n# a comment\nmine = pkg.mod\n other =pkg.o\n[next]\nz = q"
+    assert _group_names(text) == {"mine", "other"}
+    assert {name for name, _ in BUILTIN_PLUGINS} <= _declared_names()
+
+
+def test_entry_point_precheck_defers_to_importlib_metadata_for_zips(tmp_path, monkeypatch):
+    archive = tmp_path / "plugins.zip"
+    zipfile.ZipFile(archive, "w").close()
+    monkeypatch.setattr(sys, "path", [*sys.path, str(archive)])
+    assert _declared_names() is None
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(archive)] + [os.fspath(tmp_path / "x.egg")])
+    assert _declared_names() is None
