@@ -52,7 +52,7 @@ for name in sorted(os.listdir(d)):
 NO_READAHEAD = """
 import sys
 import storprobe.scan
-storprobe.scan.READAHEAD = 0
+storprobe.scan.READAHEAD = storprobe.scan.BATCH = 1  # open, hint and read one volume at a time
 from storprobe.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -121,7 +121,7 @@ class Pool:
     def open(cls, directory: Path) -> Pool | None:
         if shutil.which("virsh") is None:
             return None
-        if subprocess.run([*VIRSH, "version"], capture_output=True).returncode != 0:
+        if subprocess.run([*VIRSH, "version"], capture_output=True, check=False).returncode != 0:
             return None
         return cls(directory)
 
@@ -129,10 +129,12 @@ class Pool:
         return [*VIRSH, "pool-refresh", self.name]
 
     def destroy(self) -> None:
-        subprocess.run([*VIRSH, "pool-destroy", self.name], capture_output=True)
+        subprocess.run([*VIRSH, "pool-destroy", self.name], capture_output=True, check=False)
 
 
-def interleaved(runs: dict[str, Callable[[], float]], repeat: int, before: Callable[[], None] = lambda: None) -> dict[str, float]:
+def interleaved(
+    runs: dict[str, Callable[[], float]], repeat: int, before: Callable[[], None] = lambda: None
+) -> dict[str, float]:
     """Median of ``repeat`` rounds, each round running every entry once, in turn."""
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeat):
@@ -149,9 +151,11 @@ def drop_caches() -> None:
 
 
 def versions() -> str:
-    qemu = subprocess.run(["qemu-img", "--version"], capture_output=True, text=True).stdout.split("\n")[0]
-    virsh = subprocess.run([*VIRSH, "--version"], capture_output=True, text=True).stdout.strip() if shutil.which("virsh") else "-"
-    return f"Python {sys.version.split()[0]}, {qemu}, libvirt {virsh}, {os.cpu_count()} CPUs"
+    qemu = subprocess.run(["qemu-img", "--version"], capture_output=True, text=True, check=False).stdout
+    virsh = "-"
+    if shutil.which("virsh"):
+        virsh = subprocess.run([*VIRSH, "--version"], capture_output=True, text=True, check=False).stdout.strip()
+    return f"Python {sys.version.split()[0]}, {qemu.splitlines()[0]}, libvirt {virsh}, {os.cpu_count()} CPUs"
 
 
 def table(rows: list[tuple[str, float]], n: int, floor: str, ours: str) -> None:
@@ -222,7 +226,8 @@ def sample_images(directory: Path) -> dict[str, Path]:
     def make(label: str, path: Path, *cmd: str) -> None:
         if path.exists():
             path.unlink()  # bximage, for one, will not overwrite
-        if shutil.which(cmd[0]) and subprocess.run(cmd, capture_output=True).returncode == 0 and path.exists():
+        made_ok = shutil.which(cmd[0]) and subprocess.run(cmd, capture_output=True, check=False).returncode == 0
+        if made_ok and path.exists():
             made[label] = path
 
     for fmt in ("qcow2", "qcow", "qed", "vmdk", "vpc", "vhdx", "vdi", "parallels", "raw"):
@@ -249,7 +254,7 @@ def sample_images(directory: Path) -> dict[str, Path]:
 
 
 def in_process(directory: Path, repeat: int) -> None:
-    from storprobe import probe
+    from storprobe import ProbeError, probe
     from storprobe.source import PathSource
 
     print("\nIn process, one image per format (warm): microseconds per probe() (median of"
@@ -259,8 +264,8 @@ def in_process(directory: Path, repeat: int) -> None:
         source = Counting(PathSource(path))
         try:
             detected = probe(source).format
-        except Exception as exc:  # a named error is still a probe; show its code
-            detected = getattr(exc, "code", type(exc).__name__)
+        except ProbeError as exc:  # a named error is still a probe; show its code
+            detected = exc.code
         finally:
             source.close()
         rounds = []
@@ -269,8 +274,8 @@ def in_process(directory: Path, repeat: int) -> None:
             for _ in range(2000):
                 try:
                     probe(path)
-                except Exception:
-                    pass
+                except ProbeError:
+                    pass  # timed all the same
             rounds.append((time.perf_counter() - start) / 2000 * 1e6)
         print(f"{label:20}{detected:>12}{statistics.median(rounds):10.1f}{source.reads:7d}")
 
@@ -292,13 +297,12 @@ def cold(pool_dir: Path, n: int, repeat: int) -> None:
         return
     storprobe = storprobe_cmd()
     scan = ["scan", str(pool_dir), "--output", "json"]
-    floor_name, ours_name = "bare loop floor", "storprobe scan (--jobs auto, default)"
+    floor_name, ours_name = "bare loop floor", "storprobe scan (read-ahead, default)"
     runs: dict[str, Callable[[], float]] = {
         floor_name: lambda: run_time([sys.executable, "-c", FLOOR, str(pool_dir)]),
-        "storprobe scan --jobs 1, read-ahead off": lambda: run_time([sys.executable, "-c", NO_READAHEAD, *scan, "--jobs", "1"]),
-        "storprobe scan --jobs 1 (read-ahead only)": lambda: run_time([*storprobe, *scan, "--jobs", "1"]),
-        "storprobe scan --jobs 4": lambda: run_time([*storprobe, *scan, "--jobs", "4"]),
+        "storprobe scan, read-ahead off": lambda: run_time([sys.executable, "-c", NO_READAHEAD, *scan]),
         ours_name: lambda: run_time([*storprobe, *scan]),
+        "storprobe scan --jobs 4 (threads)": lambda: run_time([*storprobe, *scan, "--jobs", "4"]),
     }
     medians = interleaved(runs, repeat, before=drop_caches)
     print(f"\nCold page cache (dropped before every run), {repeat} interleaved rounds, medians:")

@@ -46,9 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     scan.add_argument("--jsonl", action="store_true", help="JSON lines: one record per line, as made")
     scan.add_argument("--recursive", action="store_true", help="descend into subdirectories")
     scan.add_argument(
-        "--jobs", type=_jobs, default=None, metavar="N|auto",
-        help="threads probing ahead: faster on a cold disk, slower on a warm cache "
-        "(default auto: threads only when the volumes are not in the page cache)",
+        "--jobs", type=_positive, default=1, metavar="N",
+        help="threads probing ahead, for file systems that ignore read-ahead hints (default 1)",
     )
     scan.add_argument("directory", metavar="DIR")
 
@@ -69,14 +68,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _jobs(text: str) -> int | None:
-    """A thread count of at least 1, or None for ``auto``."""
-    if text == "auto":
-        return None
+def _positive(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number or auto, not {text!r}") from None
+        raise argparse.ArgumentTypeError(f"must be a number, not {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
     return value

@@ -13,7 +13,6 @@ from collections.abc import Iterable
 from json.encoder import encode_basestring_ascii as _string
 from typing import Any, TextIO
 
-
 #: A newline and the indentation of each level (grown for deeper documents).
 _NEWLINES = ["\n" + " " * (4 * level) for level in range(16)]
 

@@ -2,15 +2,16 @@
 pool refresh, except that one volume that cannot be probed is a record with
 its error and never stops the scan or changes another volume's record.
 
-Reads overlap without threads: each volume is opened :data:`READAHEAD` entries
-before it is probed and the kernel is asked to start reading its head and tail
+Volumes are probed in batches of :data:`BATCH` (a run of probes, then a run
+of records, is faster than alternating the two), and reads overlap without
+threads: each volume is opened up to :data:`READAHEAD` entries before it is
+probed and the kernel is asked to start reading its head and tail
 (``posix_fadvise``), so a cold disk serves many reads at once. With ``jobs`` > 1,
-threads also probe batches of entries ahead of the consumer, which overlaps
-what the hint cannot (the inode reads of stat and open) but makes every system
-call contend for the interpreter lock: faster on a cold disk, twice slower on
-a warm cache (benchmarks/bench_scan.py). ``jobs=None`` chooses: threads when
-the first volumes' heads are not in the page cache, one thread when they are.
-Records come in name order either way, with at most ``2 * jobs`` batches in flight.
+threads probe batches ahead of the consumer, for file systems that do not
+read ahead on the hint; records come in name order either way, with at most
+``2 * jobs`` batches in flight. On a local disk threads only add contention for
+the interpreter lock (benchmarks/bench_scan.py: no faster warm, slower cold),
+hence one by default.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import os
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from itertools import chain, islice
+from itertools import islice
 from typing import TYPE_CHECKING
 
 from .detect import probe
@@ -31,18 +32,13 @@ from .source import PathSource
 if TYPE_CHECKING:
     from concurrent.futures import Future
 
-#: Volumes opened, with their reads hinted to the kernel, ahead of the one probed.
-READAHEAD = 64
-
-#: Entries one thread probes per task: large enough that handing out work is
-#: cheap next to probing, small enough to keep several reads in flight.
+#: Entries probed in a row (by one thread, in one task): large enough that
+#: handing out work is cheap next to probing, small enough to keep several
+#: reads in flight and few records waiting.
 BATCH = 32
 
-#: Threads for a cold page cache when ``jobs`` is None.
-AUTO_JOBS = min(8, 2 * (os.cpu_count() or 1))
-
-#: Entries whose page-cache residency decides ``jobs=None``.
-SAMPLE = 8
+#: Volumes opened, with their reads hinted to the kernel, ahead of the one probed.
+READAHEAD = 2 * BATCH
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,12 +73,11 @@ def scan(
     *,
     recursive: bool = False,
     table: FormatTable | None = None,
-    jobs: int | None = 1,
+    jobs: int = 1,
 ) -> Iterator[ScanRecord]:
     """Probe every entry of ``directory``, yielding records in name order as
     they are made; volumes are opened and read ahead of the consumer, by
-    ``jobs`` threads when more than one (None: :data:`AUTO_JOBS` when the
-    page cache is cold, else one).
+    ``jobs`` threads when more than one.
 
     Raises SourceError at once when ``directory`` itself cannot be listed.
     """
@@ -92,41 +87,20 @@ def scan(
     except OSError as exc:
         raise SourceError(exc.strerror or str(exc)) from None
     paths = _paths(entries, recursive)
-    if jobs is None:
-        return _chosen_records(paths, table)
     return _records(paths, table) if jobs <= 1 else _parallel_records(paths, table, jobs)
 
 
-def _chosen_records(paths: Iterator[str], table: FormatTable) -> Iterator[ScanRecord]:
-    """Threads if one of the first entries is a file not in the page cache, else one."""
-    first = list(islice(paths, SAMPLE))
-    rest = chain(first, paths)
-    if any(_resident(path) is False for path in first):
-        yield from _parallel_records(rest, table, AUTO_JOBS)
-    else:
-        yield from _records(rest, table)
-
-
-def _resident(path: str) -> bool | None:
-    try:
-        source = PathSource(path)
-    except SourceError:
-        return None
-    try:
-        return source.cached()
-    finally:
-        source.close()
-
-
 def _records(paths: Iterable[str], table: FormatTable) -> Iterator[ScanRecord]:
+    """Records a batch at a time, the volumes of the batches after it opened ahead."""
+    paths = iter(paths)
     window: deque[tuple[str, PathSource | SourceError]] = deque()
     try:
-        for path in paths:
-            window.append((path, _opened(path)))
-            if len(window) > READAHEAD:
-                yield _record(*window.popleft(), table)
-        while window:
-            yield _record(*window.popleft(), table)
+        while True:
+            while len(window) < max(READAHEAD, BATCH) and (path := next(paths, None)) is not None:
+                window.append((path, _opened(path)))
+            if not window:
+                return
+            yield from [_record(*window.popleft(), table) for _ in range(min(BATCH, len(window)))]
     finally:  # a consumer that stops early leaves volumes opened ahead
         for _, source in window:
             if isinstance(source, PathSource):

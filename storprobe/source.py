@@ -112,19 +112,6 @@ class PathSource:
         except OSError:
             pass  # a hint the file system does not take
 
-    def cached(self) -> bool | None:
-        """Whether the file's first page is in the page cache, asked without
-        waiting for the disk (``RWF_NOWAIT``); None where the system cannot tell."""
-        if self.file_type != "file" or not self._size or not hasattr(os, "RWF_NOWAIT"):
-            return None
-        try:
-            os.preadv(self._fd, [bytearray(1)], 0, os.RWF_NOWAIT)
-        except BlockingIOError:
-            return False
-        except OSError:
-            return None
-        return True
-
     def read_at(self, offset: int, length: int) -> bytes:
         try:
             return os.pread(self._fd, length, offset)

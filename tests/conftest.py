@@ -5,9 +5,10 @@ from hypothesis import HealthCheck, settings
 # Tests see only the built-in formats unless a test registers its own plugin.
 os.environ.setdefault("STORPROBE_DISABLE_PLUGIN_AUTOLOAD", "1")
 
-# Fuzzing campaigns: STORPROBE_FUZZ=long runs the cross-format fuzz tests
-# (test_fuzz.py, test_fuzz_table.py) for 100000 examples each instead of 200.
-# Tests that set max_examples themselves keep their own count.
+# Fuzzing campaigns: STORPROBE_FUZZ=long runs the property tests that leave
+# max_examples to the profile (test_fuzz.py, test_fuzz_table.py, the random
+# bytes of test_safety.py) for 100000 examples each instead of 200. Tests
+# that set max_examples themselves (the per-format ones) keep their count.
 _FUZZ_SLOW = [HealthCheck.too_slow, HealthCheck.data_too_large]
 settings.register_profile("ci", max_examples=200, deadline=None, suppress_health_check=_FUZZ_SLOW)
 settings.register_profile("long", max_examples=100_000, deadline=None, suppress_health_check=_FUZZ_SLOW)

@@ -14,10 +14,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from oracle import qemu_img_create
 from storprobe import BytesSource, Image, PathSource, ProbeError, probe
 from storprobe.detect import _signatures
-from storprobe.registry import ENTRY_POINT_GROUP, BUILTIN_PLUGINS, _declared_names, _group_names, format_table
+from storprobe.registry import (
+    BUILTIN_PLUGINS,
+    ENTRY_POINT_GROUP,
+    _declared_names,
+    _group_names,
+    format_table,
+)
+
+from oracle import qemu_img_create
 
 TABLE = format_table()
 SIGNED = [spec for spec, _, _ in TABLE.signed if spec.magic is not None]

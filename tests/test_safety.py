@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from oracle import qemu_img_create, rebase_unsafe, run
 
@@ -669,7 +669,6 @@ def test_cli_usage_errors_exit_2(tmp_path):
 # ---- whatever the bytes ----------------------------------------------------------
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.binary(max_size=4096), fmt=st.sampled_from([None, "raw", "qcow2", "vmdk"]))
 def test_check_never_fails_on_any_bytes(data, fmt):
     """A verdict for any bytes; a malformed header is a named hazard, never a plugin defect."""

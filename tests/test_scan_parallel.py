@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 
 import storprobe.scan
-from oracle import qemu_img_create
 from storprobe import probe
 from storprobe.qemu_json import scan_record
 from storprobe.scan import BATCH, READAHEAD, scan
+
+from oracle import qemu_img_create
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +74,7 @@ def test_threads_probe_a_bounded_window_ahead(pool, monkeypatch):
 
 
 def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "storprobe", *args], capture_output=True, text=True, **kwargs)
+    return subprocess.run([sys.executable, "-m", "storprobe", *args], capture_output=True, text=True, check=False, **kwargs)
 
 
 def test_cli_jobs_output_is_the_same(pool):
@@ -85,39 +86,10 @@ def test_cli_jobs_output_is_the_same(pool):
     assert len(json.loads(one.stdout)) == len(os.listdir(pool))
 
 
-def test_cli_jobs_is_a_positive_number_or_auto(pool):
-    assert cli("scan", "--jobs", "auto", str(pool)).stdout == cli("scan", "--jobs", "1", str(pool)).stdout
-    for wrong, message in (("0", "at least 1"), ("many", "a number or auto")):
+def test_cli_jobs_is_a_positive_number(pool):
+    for wrong, message in (("0", "at least 1"), ("many", "must be a number")):
         proc = cli("scan", "--jobs", wrong, str(pool))
         assert proc.returncode == 2 and message in proc.stderr
-
-
-@pytest.mark.parametrize("resident", [True, False, None])
-def test_auto_jobs_threads_only_for_a_cold_cache(pool, monkeypatch, resident):
-    threaded = []
-    real = storprobe.scan._parallel_records
-    monkeypatch.setattr(storprobe.scan, "_resident", lambda path: resident)
-    monkeypatch.setattr(
-        storprobe.scan, "_parallel_records", lambda *args: threaded.append(args[2]) or real(*args)
-    )
-    assert _records(scan(pool, jobs=None)) == _records(scan(pool))
-    assert threaded == ([storprobe.scan.AUTO_JOBS] if resident is False else [])
-
-
-def test_page_cache_residency_is_asked_without_waiting(pool):
-    from storprobe import PathSource
-
-    volume = PathSource(pool / "vol0001")
-    try:
-        volume.read_at(0, 4096)
-        assert volume.cached() in (True, None)  # None: the kernel cannot tell
-    finally:
-        volume.close()
-    directory = PathSource(pool / "sub")
-    try:
-        assert directory.cached() is None
-    finally:
-        directory.close()
 
 
 class Terminal(io.StringIO):
