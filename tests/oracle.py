@@ -143,3 +143,10 @@ def libvirt_volumes(directory: Path, tag: str) -> dict[str, tuple[str, int]]:
     return {
         name: (vol.find("target/format").get("type"), int(vol.findtext("capacity"))) for name, vol in volumes.items()
     }
+
+
+def code_of(target) -> str:
+    """The code of the named error probing ``target`` (a path or bytes) must raise."""
+    with pytest.raises(ProbeError) as exc:
+        probe(target)
+    return exc.value.code

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from oracle import assert_same_as_qemu, probe_or_named_error, require, run
+from oracle import assert_same_as_qemu, code_of, probe_or_named_error, require, run
 
-from storprobe import ProbeError, probe
+from storprobe import probe
 
 TRAILER = ">4sIIIQQQQQII16sII128xQQ120xII128xIQ12x"
 RAW_CHUNK, TERMINATOR_CHUNK = 0x00000001, 0xFFFFFFFF
@@ -83,11 +83,6 @@ def qemu_refuses(path: Path) -> bool:
     proc = subprocess.run([require("qemu-img"), "info", "-U", "-f", "dmg", str(path)], capture_output=True)
     return proc.returncode != 0
 
-
-def code_of(path: Path) -> str:
-    with pytest.raises(ProbeError) as exc:
-        probe(path)
-    return exc.value.code
 
 
 # --- hand-built images against qemu-img --------------------------------------------

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from storprobe import ProbeError, TruncatedHeader, probe
 from storprobe_plugins.luks import LUKS1_HEADER_SIZE, luks_specific
 
-from oracle import assert_same_as_qemu, probe_or_named_error, qemu_info, require, run
+from oracle import assert_same_as_qemu, code_of, probe_or_named_error, qemu_info, require, run
 
 SECRET = ("--object", "secret,id=s0,data=pw")
 SLOT0 = 208  # first LUKS1 key slot; each is 48 bytes
@@ -67,11 +67,6 @@ def small_luks2(tmp_path_factory) -> bytes:
     cryptsetup_format(path, 2 << 20, "--type", "luks2", "--pbkdf", "pbkdf2", *layout)
     return path.read_bytes()
 
-
-def code_of(data: bytes) -> str:
-    with pytest.raises(ProbeError) as err:
-        probe(data)
-    return err.value.code
 
 
 # ---- LUKS1 against qemu-img -----------------------------------------------

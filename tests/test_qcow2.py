@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from oracle import assert_same_as_qemu, probe_or_named_error, qemu_img_create, qemu_info, require, run
+from oracle import assert_same_as_qemu, code_of, probe_or_named_error, qemu_img_create, qemu_info, require, run
 
-from storprobe import Backing, DataFile, ProbeError, probe
+from storprobe import Backing, DataFile, probe
 
 SECRET = ("--object", "secret,id=s0,data=pw")
 LUKS = "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10"
@@ -159,11 +159,6 @@ def rewrite_snapshots(path: Path, extra: Callable[[int, bytes], bytes]) -> Path:
     path.write_bytes(b)
     return path
 
-
-def code_of(path: Path | bytes) -> str:
-    with pytest.raises(ProbeError) as exc:
-        probe(path)
-    return exc.value.code
 
 
 # ---------------------------------------------------------------- real images

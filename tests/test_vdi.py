@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from oracle import assert_same_as_qemu, probe_or_named_error, qemu_img_create, require, run
+from oracle import assert_same_as_qemu, code_of, probe_or_named_error, qemu_img_create, require, run
 
-from storprobe import ProbeError, probe
+from storprobe import probe
 
 MAX_BLOCKS = 0x1FFFFF80  # QEMU: (INT_MAX + 1 - 512) / 4
 
@@ -29,11 +29,6 @@ def qemu_refuses(path: Path) -> bool:
     proc = subprocess.run([require("qemu-img"), "info", "-U", "-f", "vdi", str(path)], capture_output=True)
     return proc.returncode != 0
 
-
-def code_of(path: Path) -> str:
-    with pytest.raises(ProbeError) as exc:
-        probe(path)
-    return exc.value.code
 
 
 @pytest.fixture

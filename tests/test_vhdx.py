@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from oracle import assert_same_as_qemu, probe_or_named_error, qemu_img_create, require, run
+from oracle import assert_same_as_qemu, code_of, probe_or_named_error, qemu_img_create, require, run
 
-from storprobe import Backing, ProbeError, probe
+from storprobe import Backing, probe
 from storprobe_plugins.vhdx import crc32c
 
 KiB, MiB = 1024, 1024 * 1024
@@ -114,11 +114,6 @@ def qemu_refuses(path: Path) -> bool:
     proc = subprocess.run([require("qemu-img"), "info", "-U", "-f", "vhdx", str(path)], capture_output=True)
     return proc.returncode != 0
 
-
-def code_of(path: Path) -> str:
-    with pytest.raises(ProbeError) as exc:
-        probe(path)
-    return exc.value.code
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from oracle import assert_same_as_qemu, ours, probe_or_named_error, qemu_img_create, qemu_info, require, run
+from oracle import assert_same_as_qemu, code_of, ours, probe_or_named_error, qemu_img_create, qemu_info, require, run
 
 from storprobe import BytesSource, ProbeError, probe
 from storprobe.qemu_json import to_qemu_json
@@ -115,11 +115,6 @@ def qemu_refuses(path: Path) -> str:
 def details(target) -> dict:
     return to_qemu_json(probe(target))["storprobe"]["details"]
 
-
-def code_of(data: bytes) -> str:
-    with pytest.raises(ProbeError) as err:
-        probe(data)
-    return err.value.code
 
 
 # --- real images from qemu-img ---------------------------------------------

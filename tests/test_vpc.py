@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from storprobe import Backing, ProbeError, probe
-from oracle import assert_same_as_qemu, ours, probe_or_named_error, qemu_img_create, qemu_info, require, run
+from storprobe import Backing, probe
+from oracle import assert_same_as_qemu, code_of, ours, probe_or_named_error, qemu_img_create, qemu_info, require, run
 
 FOOTER = 512
 CHECKSUM = 64
@@ -47,11 +47,6 @@ def qemu_refuses(path: Path) -> bool:
     proc = subprocess.run([require("qemu-img"), "info", "-U", "-f", "vpc", str(path)], capture_output=True)
     return proc.returncode != 0
 
-
-def code_of(path: Path) -> str:
-    with pytest.raises(ProbeError) as exc:
-        probe(path)
-    return exc.value.code
 
 
 @pytest.fixture
