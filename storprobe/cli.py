@@ -11,7 +11,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from .detect import probe
@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from .scan import ScanRecord
 
 EXIT_OK, EXIT_PROBE, EXIT_USAGE, EXIT_UNSAFE = 0, 1, 2, 3
+#: JSON lines a scan writes between flushes of its output.
+SCAN_FLUSH = 32
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,8 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     scan.add_argument("--jsonl", action="store_true", help="JSON lines: one record per line, as made")
     scan.add_argument("--recursive", action="store_true", help="descend into subdirectories")
     scan.add_argument(
-        "--jobs", type=_positive, default=1, metavar="N",
-        help="threads probing ahead, for file systems that ignore read-ahead hints (default 1)",
+        "--jobs", type=_positive, default=None, metavar="N",
+        help="processes probing in parallel (default: one per usable CPU)",
     )
     scan.add_argument("directory", metavar="DIR")
 
@@ -111,39 +113,55 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _scan(args: argparse.Namespace) -> int:
-    from .scan import scan
+    from .scan import scan_map
 
     try:
-        records = _progress(scan(args.directory, recursive=args.recursive, jobs=args.jobs), args)
+        entries = scan_map(args.directory, _scan_renderer(args), recursive=args.recursive, jobs=args.jobs)
     except ProbeError as exc:
         print(f"storprobe: {args.directory}: {exc.reason}", file=sys.stderr)
         return EXIT_PROBE
+    entries = _progress(entries, args)
+    out = sys.stdout
     if args.output == "xml":
-        from .volume_xml import scan_document
+        from .volume_xml import scan_document_parts
 
-        sys.stdout.write(scan_document(records))
-        return EXIT_OK
-    from .qemu_json import scan_record
+        out.writelines(scan_document_parts(entries))
+    elif args.jsonl:
+        for count, line in enumerate(entries, 1):
+            out.write(line)
+            if count % SCAN_FLUSH == 0:
+                out.flush()  # lines go out as they are made, a batch at a time
+    else:
+        from .jsontext import write_array
 
-    if args.jsonl:
-        for record in records:
-            print(json.dumps(scan_record(record)), flush=True)
-        return EXIT_OK
-    from .jsontext import write_array
-
-    write_array(map(scan_record, records), sys.stdout)
+        write_array(entries, out)
     return EXIT_OK
 
 
-def _progress(records: Iterator[ScanRecord], args: argparse.Namespace) -> Iterator[ScanRecord]:
-    """``records``, counted on a progress bar on stderr when a person watches
+def _scan_renderer(args: argparse.Namespace) -> Callable[[ScanRecord], str]:
+    """How ``scan`` turns a record into its text (run by the worker processes)."""
+    if args.output == "xml":
+        from .volume_xml import scan_entry
+
+        return scan_entry
+    from .jsontext import indented
+    from .qemu_json import scan_record
+
+    if args.jsonl:
+        return lambda record: json.dumps(scan_record(record)) + "\n"
+    return lambda record: indented(scan_record(record), 1)
+
+
+def _progress(entries: Iterator[str], args: argparse.Namespace) -> Iterator[str]:
+    """``entries``, counted on a progress bar on stderr when a person watches
     it there (stderr a terminal, stdout not) and the scan lasts over a second."""
     if not sys.stderr.isatty() or sys.stdout.isatty():
-        return records
+        return entries
     from tqdm import tqdm
 
+    tqdm.monitor_interval = 0  # no monitor thread: the scan forks workers
     total = None if args.recursive else len(os.listdir(args.directory))
-    return tqdm(records, total=total, unit="vol", file=sys.stderr, delay=1.0, leave=False)
+    return tqdm(entries, total=total, unit="vol", file=sys.stderr, delay=1.0, leave=False)
 
 
 def _check(args: argparse.Namespace) -> int:

@@ -65,11 +65,12 @@ def _value(obj: Any, level: int) -> str:
     return json.dumps(obj, indent=4).replace("\n", _NEWLINES[level])
 
 
-def write_array(items: Iterable[Any], out: TextIO) -> None:
-    """Write ``json.dumps(list(items), indent=4)`` and a newline, item by item
-    as ``items`` yields them (memory stays flat however many there are)."""
+def write_array(entries: Iterable[str], out: TextIO) -> None:
+    """Write a JSON array of entries already rendered by ``indented(item, 1)``,
+    as ``json.dumps(items, indent=4)`` and a newline would, entry by entry as
+    they come (memory stays flat however many there are)."""
     separator = "[" + _NEWLINES[1]
-    for item in items:
-        out.write(separator + indented(item, 1))
+    for entry in entries:
+        out.write(separator + entry)
         separator = "," + _NEWLINES[1]
     out.write("[]\n" if separator[0] == "[" else "\n]\n")

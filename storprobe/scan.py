@@ -6,22 +6,19 @@ Volumes are probed in batches of :data:`BATCH` (a run of probes, then a run
 of records, is faster than alternating the two), and reads overlap without
 threads: each volume is opened up to :data:`READAHEAD` entries before it is
 probed and the kernel is asked to start reading its head and tail
-(``posix_fadvise``), so a cold disk serves many reads at once. With ``jobs`` > 1,
-threads probe batches ahead of the consumer, for file systems that do not
-read ahead on the hint; records come in name order either way, with at most
-``2 * jobs`` batches in flight. On a local disk threads only add contention for
-the interpreter lock (benchmarks/bench_scan.py: no faster warm, slower cold),
-hence one by default.
+(``posix_fadvise``), so a cold disk serves many reads at once. :func:`scan`
+yields records; :func:`scan_map` renders them (to text, say) in worker
+processes, one per CPU, each taking every ``jobs``-th batch, and yields the
+results in the same name order.
 """
 
 from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from itertools import islice
-from typing import TYPE_CHECKING
+from typing import TypeVar
 
 from .detect import probe
 from .errors import ProbeError, SourceError
@@ -29,11 +26,10 @@ from .model import ImageInfo
 from .registry import FormatTable, format_table
 from .source import PathSource
 
-if TYPE_CHECKING:
-    from concurrent.futures import Future
+T = TypeVar("T")
 
-#: Entries probed in a row (by one thread, in one task): large enough that
-#: handing out work is cheap next to probing, small enough to keep several
+#: Entries probed in a row (by one process, as one unit of work): large enough
+#: that handing out work is cheap next to probing, small enough to keep several
 #: reads in flight and few records waiting.
 BATCH = 32
 
@@ -73,21 +69,54 @@ def scan(
     *,
     recursive: bool = False,
     table: FormatTable | None = None,
-    jobs: int = 1,
 ) -> Iterator[ScanRecord]:
     """Probe every entry of ``directory``, yielding records in name order as
-    they are made; volumes are opened and read ahead of the consumer, by
-    ``jobs`` threads when more than one.
+    they are made; volumes are opened and read ahead of the consumer.
 
     Raises SourceError at once when ``directory`` itself cannot be listed.
     """
     table = table or format_table()
+    return _records(_paths(_top_listing(directory), recursive), table)
+
+
+def scan_map(
+    directory: str | os.PathLike[str],
+    render: Callable[[ScanRecord], T],
+    *,
+    recursive: bool = False,
+    table: FormatTable | None = None,
+    jobs: int | None = None,
+) -> Iterator[T]:
+    """``render(record)`` for every record :func:`scan` makes, in the same
+    order, with ``jobs`` processes probing and rendering (default: one per
+    usable CPU). ``render`` must not raise, and with more than one job its
+    results must pickle (text does). The entry list is made up front.
+
+    Raises SourceError at once when ``directory`` itself cannot be listed.
+    """
+    from .forked import usable_cpus
+
+    table = table or format_table()
+    paths = list(_paths(_top_listing(directory), recursive))
+    return _rendered(paths, render, table, jobs or usable_cpus())
+
+
+def _rendered(paths: list[str], render: Callable[[ScanRecord], T], table: FormatTable, jobs: int) -> Iterator[T]:
+    from .forked import ordered_map
+
+    def work(batch: list[str]) -> list[T]:
+        return [render(record) for record in _records(batch, table)]
+
+    batches = [paths[i : i + BATCH] for i in range(0, len(paths), BATCH)]
+    for rendered in ordered_map(work, batches, jobs):
+        yield from rendered
+
+
+def _top_listing(directory: str | os.PathLike[str]) -> list[os.DirEntry]:
     try:
-        entries = _listing(os.fspath(directory))
+        return _listing(os.fspath(directory))
     except OSError as exc:
         raise SourceError(exc.strerror or str(exc)) from None
-    paths = _paths(entries, recursive)
-    return _records(paths, table) if jobs <= 1 else _parallel_records(paths, table, jobs)
 
 
 def _records(paths: Iterable[str], table: FormatTable) -> Iterator[ScanRecord]:
@@ -126,25 +155,3 @@ def _record(path: str, source: PathSource | SourceError, table: FormatTable) -> 
         return ScanRecord(path, error=exc)
     finally:
         source.close()
-
-
-def _batch(paths: list[str], table: FormatTable) -> list[ScanRecord]:
-    return list(_records(paths, table))
-
-
-def _parallel_records(paths: Iterator[str], table: FormatTable, jobs: int) -> Iterator[ScanRecord]:
-    """Batches probed by ``jobs`` threads, yielded in submission order; a
-    sliding window of ``2 * jobs`` batches bounds the records held."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    pool = ThreadPoolExecutor(jobs, thread_name_prefix="storprobe-scan")
-    window: deque[Future[list[ScanRecord]]] = deque()
-    try:
-        while batch := list(islice(paths, BATCH)):
-            window.append(pool.submit(_batch, batch, table))
-            if len(window) >= 2 * jobs:
-                yield from window.popleft().result()
-        while window:
-            yield from window.popleft().result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)

@@ -14,7 +14,7 @@ untrusted image cannot make us report on arbitrary host paths.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from lxml import etree
 
@@ -166,14 +166,30 @@ def to_volume_xml(info: ImageInfo, chain: Chain | None = None) -> str:
 def scan_document(records: Iterable[ScanRecord]) -> str:
     """A ``<volumes>`` document: a ``<volume>`` per probed entry, an ``<error>``
     per entry that could not be probed."""
-    root = etree.Element("volumes")
-    for record in records:
-        if record.info is not None:
-            root.append(volume_element(record.info))
-        else:
-            assert record.error is not None
-            _sub(root, "error", record.error.reason, path=record.path, code=record.error.code)
-    return _serialize(root)
+    return "".join(scan_document_parts(map(scan_entry, records)))
+
+
+def scan_entry(record: ScanRecord) -> str:
+    """One record's element of a ``<volumes>`` document, as indented text."""
+    if record.info is not None:
+        element = volume_element(record.info)
+    else:
+        assert record.error is not None
+        element = etree.Element("error", path=record.path, code=record.error.code)
+        element.text = record.error.reason
+    etree.indent(element, space="  ", level=1)
+    return "  " + etree.tostring(element, encoding="unicode") + "\n"
+
+
+def scan_document_parts(entries: Iterable[str]) -> Iterator[str]:
+    """The text of a ``<volumes>`` document around entries from :func:`scan_entry`, piece by piece."""
+    opened = False
+    for entry in entries:
+        if not opened:
+            yield "<volumes>\n"
+            opened = True
+        yield entry
+    yield "</volumes>\n" if opened else "<volumes/>\n"
 
 
 def _serialize(element: etree._Element) -> str:

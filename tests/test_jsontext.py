@@ -31,7 +31,7 @@ def test_same_text_as_json_dumps(value):
 @given(st.lists(VALUES, max_size=5))
 def test_array_written_item_by_item_is_json_dumps_of_the_list(items):
     out = io.StringIO()
-    write_array(iter(items), out)
+    write_array((indented(item, 1) for item in items), out)
     assert out.getvalue() == json.dumps(items, indent=4) + "\n"
 
 

@@ -1,6 +1,6 @@
-"""Scan with read-ahead and with threads: the same records in the same order as
-one probe at a time, a bounded number probed ahead, a quiet stderr unless a
-person watches a terminal."""
+"""Scan with read-ahead and with worker processes: the same records in the same
+order as one probe at a time, children that die or are abandoned cleaned up,
+a quiet stderr unless a person watches a terminal."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import pytest
 import storprobe.scan
 from storprobe import probe
 from storprobe.qemu_json import scan_record
-from storprobe.scan import BATCH, READAHEAD, scan
+from storprobe.forked import ordered_map
+from storprobe.scan import BATCH, READAHEAD, scan, scan_map
 
 from oracle import qemu_img_create
 
@@ -57,33 +58,65 @@ def test_read_ahead_gives_the_records_of_one_probe_at_a_time(pool):
     assert _records(scan(pool)) == expected
 
 
-@pytest.mark.parametrize("jobs", [2, 5])
-def test_threads_keep_name_order_and_records(pool, jobs):
-    assert _records(scan(pool, jobs=jobs)) == _records(scan(pool))
+def _rendered(record) -> tuple:
+    return record.path, scan_record(record)
 
 
-def test_threads_probe_a_bounded_window_ahead(pool, monkeypatch):
-    probed = []
-    real = storprobe.scan.probe
-    monkeypatch.setattr(storprobe.scan, "probe", lambda source, **kw: probed.append(source) or real(source, **kw))
-    records = scan(pool, jobs=2)
-    first = next(records)
-    assert first.path.endswith("base.qcow2")
-    assert len(probed) <= 2 * 2 * BATCH  # two batches per thread, and no more until asked
-    records.close()  # stopping early cancels what was not started
+@pytest.mark.parametrize("jobs", [1, 2, 5])
+def test_worker_processes_keep_name_order_and_records(pool, jobs):
+    assert list(scan_map(pool, _rendered, jobs=jobs)) == _records(scan(pool))
+
+
+def test_ordered_map_deals_items_round_robin_and_keeps_their_order():
+    parent = os.getpid()
+    done = list(ordered_map(lambda i: (i, os.getpid()), list(range(23)), 3))
+    assert [i for i, _ in done] == list(range(23))
+    workers = [pid for _, pid in done]
+    assert workers[0::3] == [parent] * 8  # item i by process i % jobs, this one first
+    assert len(set(workers[1::3])) == len(set(workers[2::3])) == 1
+    assert len({parent, workers[1], workers[2]}) == 3
+    assert list(ordered_map(str, [], 4)) == []
+    assert list(ordered_map(str, [7], 4)) == ["7"]  # no more processes than items
+
+
+def test_a_child_that_dies_leaves_its_items_to_the_parent():
+    parent = os.getpid()
+
+    def work(i: int) -> int:
+        if os.getpid() != parent and i == 4:
+            os._exit(9)  # killed in the middle of the work
+        return i * i
+
+    assert list(ordered_map(work, list(range(12)), 2)) == [i * i for i in range(12)]
+    _assert_no_children_left()
+
+
+def test_stopping_early_kills_and_reaps_the_children():
+    results = ordered_map(lambda i: "x" * 100_000, list(range(200)), 3)
+    next(results)
+    next(results)  # children started and blocked on full pipes
+    results.close()
+    _assert_no_children_left()
+
+
+def _assert_no_children_left() -> None:
+    with pytest.raises(ChildProcessError):
+        os.waitpid(-1, os.WNOHANG)  # no child at all, not even a zombie
 
 
 def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "storprobe", *args], capture_output=True, text=True, check=False, **kwargs)
 
 
-def test_cli_jobs_output_is_the_same(pool):
-    one = cli("scan", str(pool))
-    four = cli("scan", "--jobs", "4", str(pool))
-    assert one.returncode == four.returncode == 0
-    assert one.stdout == four.stdout
-    assert one.stderr == four.stderr == ""  # no progress bar: stderr is not a terminal
-    assert len(json.loads(one.stdout)) == len(os.listdir(pool))
+@pytest.mark.parametrize("output", [[], ["--jsonl"], ["--output", "xml"]])
+def test_cli_jobs_output_is_the_same(pool, output):
+    one = cli("scan", *output, "--jobs", "1", str(pool))
+    default = cli("scan", *output, str(pool))
+    four = cli("scan", *output, "--jobs", "4", str(pool))
+    assert one.returncode == default.returncode == four.returncode == 0
+    assert one.stdout == default.stdout == four.stdout
+    assert one.stderr == default.stderr == four.stderr == ""  # no progress bar: stderr is not a terminal
+    assert one.stdout.count(str(pool)) >= len(os.listdir(pool))
 
 
 def test_cli_jobs_is_a_positive_number(pool):
