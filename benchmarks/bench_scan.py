@@ -7,8 +7,11 @@ Makes one image with ``qemu-img create`` and copies it N times into a
 directory, then prints, from one run with interleaved repetitions (medians):
 
 - whole processes, warm page cache, output to /dev/null: ``storprobe scan DIR
-  --output json``; the floor, a bare ``python -c`` loop that lists the
-  directory and opens, fstats, reads 4 KiB of and closes each file;
+  --output json`` (one worker process per CPU, the default) and with ``--jobs
+  1``; the floor, a bare ``python -c`` loop that lists the directory and opens,
+  fstats, reads 4 KiB of and closes each file; a minimal Python prober (the
+  floor plus storprobe's two reads, one struct unpack and one small JSON object
+  per file: no detection, no checks), what any Python prober costs at least;
   ``qemu-img info --output=json`` on a sample, extrapolated to N; ``virsh
   pool-refresh`` of a transient dir pool when libvirtd answers; the
   interpreter's own start. Ratios to the floor and to storprobe.
@@ -17,8 +20,8 @@ directory, then prints, from one run with interleaved repetitions (medians):
 - peak RSS of ``storprobe scan --jsonl`` and ``--output json`` for N/4 and N
   entries (flat when streaming).
 - cold page cache (root only: ``echo 3 > /proc/sys/vm/drop_caches`` before each
-  run): the floor, storprobe with its read-ahead switched off, storprobe as
-  shipped, and with ``--jobs 4``.
+  run): the floor, storprobe in one process with its read-ahead switched off,
+  in one process with read-ahead, and as shipped (read-ahead and a worker per CPU).
 
 Python processes run as an installed package runs: with a bytecode cache
 (``PYTHONPYCACHEPREFIX`` in the work directory, whatever
@@ -48,6 +51,24 @@ for name in sorted(os.listdir(d)):
     os.fstat(fd)
     os.pread(fd, 4096, 0)
     os.close(fd)
+"""
+#: The least a Python prober that prints JSON does per file: the floor's system
+#: calls and storprobe's two reads (head and tail), one struct unpack of the
+#: head, one small JSON object; no detection, no checks.
+MINIMAL = """
+import json, os, struct, sys
+d = sys.argv[1]
+fields = struct.Struct(">4sIQIIQIIQQIIQ")
+for name in sorted(os.listdir(d)):
+    path = os.path.join(d, name)
+    fd = os.open(path, os.O_RDONLY)
+    st = os.fstat(fd)
+    head = os.pread(fd, 0x8200, 0)
+    tail = os.pread(fd, 4096, max(0, st.st_size - 4096))
+    os.close(fd)
+    v = fields.unpack_from(head) if len(head) >= fields.size else (b"",) + (0,) * 12
+    print(json.dumps({"filename": path, "format": v[0].hex(), "version": v[1], "virtual-size": v[5],
+                      "cluster-size": 1 << (v[4] & 63), "actual-size": st.st_blocks * 512, "tail": tail[-512:-504].hex()}))
 """
 NO_READAHEAD = """
 import sys
@@ -180,9 +201,10 @@ def warm(pool_dir: Path, n: int, repeat: int, sample: int) -> None:
     runs: dict[str, Callable[[], float]] = {
         START: lambda: run_time([sys.executable, "-c", "pass"]),
         floor_name: lambda: run_time([sys.executable, "-c", FLOOR, str(pool_dir)]),
+        "minimal Python prober (no checks)": lambda: run_time([sys.executable, "-c", MINIMAL, str(pool_dir)]),
         ours_name: lambda: run_time([*storprobe, "scan", str(pool_dir), "--output", "json"]),
+        "storprobe scan --output json --jobs 1": lambda: run_time([*storprobe, "scan", str(pool_dir), "--jobs", "1"]),
         "storprobe scan --jsonl": lambda: run_time([*storprobe, "scan", str(pool_dir), "--jsonl"]),
-        "storprobe scan --output json --jobs 4": lambda: run_time([*storprobe, "scan", str(pool_dir), "--jobs", "4"]),
         f"qemu-img info x{n} (from {len(files)}, extrapolated)": qemu_img,
     }
     libvirt = Pool.open(pool_dir)
@@ -297,12 +319,12 @@ def cold(pool_dir: Path, n: int, repeat: int) -> None:
         return
     storprobe = storprobe_cmd()
     scan = ["scan", str(pool_dir), "--output", "json"]
-    floor_name, ours_name = "bare loop floor", "storprobe scan (read-ahead, default)"
+    floor_name, ours_name = "bare loop floor", "storprobe scan (default)"
     runs: dict[str, Callable[[], float]] = {
         floor_name: lambda: run_time([sys.executable, "-c", FLOOR, str(pool_dir)]),
-        "storprobe scan, read-ahead off": lambda: run_time([sys.executable, "-c", NO_READAHEAD, *scan]),
+        "storprobe scan --jobs 1, read-ahead off": lambda: run_time([sys.executable, "-c", NO_READAHEAD, *scan, "--jobs", "1"]),
+        "storprobe scan --jobs 1 (read-ahead)": lambda: run_time([*storprobe, *scan, "--jobs", "1"]),
         ours_name: lambda: run_time([*storprobe, *scan]),
-        "storprobe scan --jobs 4 (threads)": lambda: run_time([*storprobe, *scan, "--jobs", "4"]),
     }
     medians = interleaved(runs, repeat, before=drop_caches)
     print(f"\nCold page cache (dropped before every run), {repeat} interleaved rounds, medians:")

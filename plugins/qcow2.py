@@ -29,7 +29,7 @@ from storprobe import (
     Snapshot,
     hookimpl,
 )
-from storprobe.layout import cstring, read_uint
+from storprobe.layout import cstring
 from storprobe_plugins.luks import LUKS1_HEADER_SIZE, luks_specific
 
 HEADER = Layout(
@@ -57,6 +57,7 @@ HEADER = Layout(
     # additional field, present only when header_length > 104
     ("compression_type", "B"),
 )
+V2_VERSION = (2).to_bytes(4, "big")
 V2_HEADER_LENGTH = 72
 COMPRESSION_TYPE_OFFSET = 104
 #: What a version 2 header implies for the later fields (QEMU's defaults).
@@ -150,21 +151,6 @@ MAX_LENGTH = INT64_MAX // 2**30 * 2**30  # QEMU's BDRV_MAX_LENGTH
 SECTOR = 512
 NO_ICOUNT = UINT64 - 1
 
-# key order of qemu-img 7.2's JSON (its dictionaries iterate in hash order)
-SPECIFIC_KEYS = (
-    "compat",
-    "compression-type",
-    "lazy-refcounts",
-    "bitmaps",
-    "refcount-bits",
-    "data-file",
-    "encrypt",
-    "data-file-raw",
-    "corrupt",
-    "extended-l2",
-)
-#: libvirt's <features> children of a v3 image, by the qemu-img key that says each is on
-LIBVIRT_FEATURES = (("lazy_refcounts", "lazy-refcounts"), ("extended_l2", "extended-l2"))
 LUKS_KEYS = (
     "ivgen-alg",
     "hash-alg",
@@ -218,11 +204,11 @@ def _header(img: Image) -> Any:
 
 def _parse_header(img: Image) -> Any:
     head = img.header
-    if read_uint(head, 4, 4, ">") == 2:
+    if head[4:8] == V2_VERSION:
         head = head[:V2_HEADER_LENGTH] + V2_IMPLIED
-    elif read_uint(head, 100, 4, ">") <= COMPRESSION_TYPE_OFFSET:
+    elif len(head) >= COMPRESSION_TYPE_OFFSET and int.from_bytes(head[100:104], "big") <= COMPRESSION_TYPE_OFFSET:
         head = head[:COMPRESSION_TYPE_OFFSET] + b"\0"
-    hdr = HEADER.unpack(head)
+    hdr = HEADER.unpack(head)  # TruncatedHeader when it is shorter than its version's fields
     _check_header(hdr)
     return hdr
 
@@ -509,31 +495,37 @@ def features(img: Image) -> Features:
         encrypt = _luks(img, ext.crypto)
     elif hdr.crypt_method == CRYPT_LUKS:  # qemu-img 7.2 info crashes on such an image
         raise _invalid("crypto-header-missing", "LUKS encryption without the header extension locating its header")
+    # qemu-img 7.2's key order (its dictionaries iterate in hash order); absent values are left out
     specific: dict[str, Any] = {
         "compat": "1.1" if v3 else "0.10",
         "compression-type": COMPRESSION_TYPES[hdr.compression_type],
-        "refcount-bits": 1 << hdr.refcount_order,
-        "encrypt": encrypt,
     }
     flags = None  # libvirt's <features>: none for v2
     if v3:
-        specific |= {
-            "lazy-refcounts": bool(hdr.compatible_features & COMPAT_LAZY_REFCOUNTS),
-            "bitmaps": _bitmaps(img, hdr, ext.bitmaps) if ext.bitmaps else None,
-            "data-file": ext.data_file,
-            "data-file-raw": data_file.raw if data_file else None,
-            "corrupt": bool(incompat & INCOMPAT_CORRUPT),
-            "extended-l2": bool(incompat & INCOMPAT_EXTENDED_L2),
-        }
-        flags = tuple(flag for flag, key in LIBVIRT_FEATURES if specific[key])
+        lazy_refcounts = bool(hdr.compatible_features & COMPAT_LAZY_REFCOUNTS)
+        extended_l2 = bool(incompat & INCOMPAT_EXTENDED_L2)
+        specific["lazy-refcounts"] = lazy_refcounts
+        if ext.bitmaps:
+            specific["bitmaps"] = _bitmaps(img, hdr, ext.bitmaps)
+        flags = tuple(flag for flag, on in (("lazy_refcounts", lazy_refcounts), ("extended_l2", extended_l2)) if on)
+    specific["refcount-bits"] = 1 << hdr.refcount_order
+    if v3 and ext.data_file is not None:
+        specific["data-file"] = ext.data_file
+    if encrypt is not None:
+        specific["encrypt"] = encrypt
+    if v3:
+        if data_file is not None:
+            specific["data-file-raw"] = data_file.raw
+        specific["corrupt"] = bool(incompat & INCOMPAT_CORRUPT)
+        specific["extended-l2"] = extended_l2
     return Features(
         cluster_size=1 << hdr.cluster_bits,
         dirty=bool(incompat & INCOMPAT_DIRTY),
         compat="1.1" if v3 else None,  # libvirt writes <compat> for v3 images only
         flags=flags,
-        snapshots=_snapshots(img, hdr),
+        snapshots=_snapshots(img, hdr) if hdr.nb_snapshots else (),
         data_file=data_file,
-        specific={key: specific[key] for key in SPECIFIC_KEYS if specific.get(key) is not None},
+        specific=specific,
         details=_details(hdr, ext),
     )
 

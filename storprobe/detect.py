@@ -93,33 +93,55 @@ def _signatures(img: Image, table: FormatTable) -> tuple[dict[str, Signature], d
     rows whose signature matched but whose version or header was refused."""
     matched: dict[str, Signature] = {}
     rejected: dict[str, Refusal] = {}
-    head, size, hits = img.head, img.size, set()
-    for start, end, index in table.magic_windows:
-        if start >= 0:
-            names = index.get(head[start:end])
-        elif size + start >= 0:
-            names = index.get(img.read(size + start, end - start))
+    found = _indexed_magics(img, table)
+    for position in sorted(found.keys() | table.unindexed) if table.unindexed else sorted(found):
+        spec, magics, indexed = table.signed[position]
+        if img.file_type not in spec.file_types:
+            continue
+        if indexed:
+            signature: Signature | None = Signature(found[position][1], by_magic=True)
         else:
-            continue
-        if names:
-            hits |= names
-    for spec, magics, indexed in table.signed:
-        if img.file_type not in spec.file_types or (indexed and spec.name not in hits):
-            continue
-        for offset in spec.header_offsets:
-            found = _signature_at(img, spec, magics, offset)
-            if found is None:
+            signature = _first_signature(img, spec, magics)
+            if signature is None:
                 continue
-            refusal = _version_refusal(img, spec, offset) if found.by_magic else None
-            if refusal is None:
-                matched[spec.name] = found
-            else:
-                rejected[spec.name] = refusal
-            break
+        refusal = _version_refusal(img, spec, signature.offset) if signature.by_magic else None
+        if refusal is None:
+            matched[spec.name] = signature
+        else:
+            rejected[spec.name] = refusal
     return matched, rejected
 
 
+def _indexed_magics(img: Image, table: FormatTable) -> dict[int, tuple[int, int]]:
+    """Position in ``table.signed`` -> (rank, offset) of the first header offset
+    whose magic the bytes carry, for the rows the magic index decides."""
+    found: dict[int, tuple[int, int]] = {}
+    head, size = img.head, img.size
+    for start, key, longest, candidates in table.windows:
+        if start >= 0:
+            data, at = head, start
+            entries = candidates.get(head[start : start + key])
+        elif size + start >= 0:
+            data, at = img.read(size + start, longest), 0
+            entries = candidates.get(data[:key])
+        else:
+            continue
+        for magic, position, rank, offset in entries or ():
+            if data.startswith(magic, at) and (position not in found or rank < found[position][0]):
+                found[position] = (rank, offset)
+    return found
+
+
+def _first_signature(img: Image, spec: FormatSpec, magics: tuple[bytes, ...]) -> Signature | None:
+    for offset in spec.header_offsets:
+        signature = _signature_at(img, spec, magics, offset)
+        if signature is not None:
+            return signature
+    return None
+
+
 def _signature_at(img: Image, spec: FormatSpec, magics: tuple[bytes, ...], offset: int) -> Signature | None:
+    """The plain path: the row's magic, else its ``match`` callback, at one header offset."""
     size, head = img.size, img.head
     if offset < 0 and size + offset < 0:
         return None
@@ -156,24 +178,36 @@ def _same(error: ProbeError) -> ProbeError:
     return error
 
 
+_NO_FEATURES = Features()
+
+
 def _describe(img: Image, spec: FormatSpec, found: Signature, evidence: str, matches: tuple[str, ...]) -> ImageInfo:
     img.at_header(found.offset)
     header = img.header
-    features = guarded(spec, "features", lambda: spec.features(img)) if spec.features else Features()
-    if spec.size is not None:
-        virtual_size = guarded(spec, "size", lambda: spec.size(img))
-    elif spec.size_offset is not None:
-        virtual_size = read_uint(header, spec.size_offset, spec.size_width, spec.endian) * spec.size_multiplier
-    else:
-        virtual_size = img.size
-    encryption = features.encryption
-    if encryption is None and spec.crypt_offset is not None:
-        method = read_uint(header, spec.crypt_offset, 4, spec.endian)
-        if method:
-            encryption = spec.crypt_methods.get(method, f"unknown-{method}")
-    version = None
-    if spec.version_offset is not None and found.by_magic:
-        version = read_uint(header, spec.version_offset, spec.version_width, spec.endian)
+    callback = "features"
+    try:  # one guard for every callback: a bug in one becomes a named error, not a traceback
+        features = spec.features(img) if spec.features is not None else _NO_FEATURES
+        callback = "size"
+        if spec.size is not None:
+            virtual_size = spec.size(img)
+        elif spec.size_offset is not None:
+            virtual_size = read_uint(header, spec.size_offset, spec.size_width, spec.endian) * spec.size_multiplier
+        else:
+            virtual_size = img.size
+        encryption = features.encryption
+        if encryption is None and spec.crypt_offset is not None:
+            method = read_uint(header, spec.crypt_offset, 4, spec.endian)
+            if method:
+                encryption = spec.crypt_methods.get(method, f"unknown-{method}")
+        version = None
+        if spec.version_offset is not None and found.by_magic:
+            version = read_uint(header, spec.version_offset, spec.version_width, spec.endian)
+        callback = "backing"
+        backing = spec.backing(img) if spec.backing is not None else None
+    except ProbeError:
+        raise
+    except Exception as exc:  # a plugin defect must not escape as a traceback
+        raise _plugin_error(spec, callback, exc) from exc
     stat = img.source.stat
     return ImageInfo(
         filename=img.name,
@@ -189,7 +223,7 @@ def _describe(img: Image, spec: FormatSpec, found: Signature, evidence: str, mat
         dirty=features.dirty,
         compat=features.compat,
         flags=features.flags,
-        backing=guarded(spec, "backing", lambda: spec.backing(img)) if spec.backing else None,
+        backing=backing,
         data_file=features.data_file,
         snapshots=features.snapshots,
         specific=features.specific,
@@ -205,7 +239,10 @@ def guarded(spec: FormatSpec, callback: str, call):
     except ProbeError:
         raise
     except Exception as exc:  # a plugin defect must not escape as a traceback
-        raise ProbeError(
-            f"{spec.name} plugin's {callback} callback failed: {type(exc).__name__}: {exc}",
-            code="plugin-error",
-        ) from exc
+        raise _plugin_error(spec, callback, exc) from exc
+
+
+def _plugin_error(spec: FormatSpec, callback: str, exc: Exception) -> ProbeError:
+    return ProbeError(
+        f"{spec.name} plugin's {callback} callback failed: {type(exc).__name__}: {exc}", code="plugin-error"
+    )

@@ -17,6 +17,12 @@ from typing import Any, TextIO
 _NEWLINES = ["\n" + " " * (4 * level) for level in range(16)]
 
 
+#: Escaped ``"key": `` prefixes by key: output keys come from a small vocabulary.
+_KEYS: dict[str, str] = {}
+#: Most keys remembered (keys from an image, such as backing options, are not a vocabulary).
+KEY_CACHE_SIZE = 1024
+
+
 def indented(obj: Any, level: int = 0) -> str:
     """``json.dumps(obj, indent=4)``, as if nested ``level`` containers deep."""
     kind = type(obj)
@@ -28,17 +34,25 @@ def indented(obj: Any, level: int = 0) -> str:
         inner = _NEWLINES[level + 1]
         items: list[str] = []
         append = items.append
+        keys = _KEYS
         try:  # the common scalars inline: a call each would cost a third more
             for key, value in obj.items():
+                prefix = keys.get(key)
+                if prefix is None:
+                    prefix = _string(key) + ": "
+                    if len(keys) < KEY_CACHE_SIZE:
+                        keys[key] = prefix
                 kind = type(value)
                 if kind is str:
-                    append(_string(key) + ": " + _string(value))
+                    append(prefix + _string(value))
                 elif kind is int:
-                    append(_string(key) + ": " + int.__repr__(value))
+                    append(prefix + int.__repr__(value))
                 elif kind is bool:
-                    append(_string(key) + (": true" if value else ": false"))
+                    append(prefix + ("true" if value else "false"))
+                elif value is None:
+                    append(prefix + "null")
                 else:
-                    append(_string(key) + ": " + _value(value, level + 1))
+                    append(prefix + _value(value, level + 1))
         except TypeError:  # a key that is not a string: json.dumps converts it (or refuses)
             return json.dumps(obj, indent=4).replace("\n", _NEWLINES[level])
         return "{" + inner + ("," + inner).join(items) + _NEWLINES[level] + "}"

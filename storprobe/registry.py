@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.machinery import PathFinder
+from typing import NamedTuple
 
 import pluggy
 
@@ -62,22 +63,14 @@ class FormatTable:
     def __init__(self, rows: list[Row]) -> None:
         self.rows: tuple[Row, ...] = tuple(sorted(rows, key=lambda r: r.spec.sort_key()))
         self.specs: tuple[FormatSpec, ...] = tuple(r.spec for r in self.rows)
-        #: Rows with a signature: (row, its magic values, whether magic_windows decides it).
+        #: Rows with a signature: (row, its magic values, whether ``windows`` decides it).
         self.signed: tuple[tuple[FormatSpec, tuple[bytes, ...], bool], ...] = tuple(
             (s, s.magics, _indexable(s)) for s in self.specs if s.magic is not None or s.match is not None
         )
         self.unsigned: tuple[FormatSpec, ...] = tuple(s for s in self.specs if s.magic is None and s.match is None)
-        windows: dict[tuple[int, int], dict[bytes, set[str]]] = {}
-        for spec, magics, indexed in self.signed:
-            for offset in spec.header_offsets if indexed else ():
-                for magic in magics:
-                    start = offset + spec.magic_offset
-                    windows.setdefault((start, start + len(magic)), {}).setdefault(magic, set()).add(spec.name)
-        #: (start, end, {magic: names of the rows it selects}) of each window of the
-        #: head, then of the tail (negative offsets count from the end of the file).
-        self.magic_windows: tuple[tuple[int, int, dict[bytes, set[str]]], ...] = tuple(
-            (start, end, index) for (start, end), index in sorted(windows.items(), key=lambda w: w[0][0] < 0)
-        )
+        #: Positions in ``signed`` of the rows the index does not decide (a ``match`` callback).
+        self.unindexed: frozenset[int] = frozenset(i for i, (_, _, indexed) in enumerate(self.signed) if not indexed)
+        self.windows: tuple[Window, ...] = _windows(self.signed)
         self._by_name = {r.spec.name: r.spec for r in self.rows}
 
     def __getitem__(self, name: str) -> FormatSpec:
@@ -91,6 +84,35 @@ class FormatTable:
 
     def names(self) -> list[str]:
         return [s.name for s in self.specs]
+
+
+class Window(NamedTuple):
+    """Where magic values start, in the head (``start`` >= 0) or before the end
+    of the file (``start`` < 0): the bytes at ``start`` of the shortest magic's
+    length (``key``) select the candidates, each of which the full magic confirms."""
+
+    start: int
+    key: int
+    longest: int
+    #: key bytes -> (magic, position in ``signed``, rank of the header offset, header offset)
+    candidates: dict[bytes, tuple[tuple[bytes, int, int, int], ...]]
+
+
+def _windows(signed: tuple[tuple[FormatSpec, tuple[bytes, ...], bool], ...]) -> tuple[Window, ...]:
+    """The magic index: one window per distinct magic start, the head's first."""
+    by_start: dict[int, list[tuple[bytes, int, int, int]]] = {}
+    for position, (spec, magics, indexed) in enumerate(signed):
+        for rank, offset in enumerate(spec.header_offsets if indexed else ()):
+            for magic in magics:
+                by_start.setdefault(offset + spec.magic_offset, []).append((magic, position, rank, offset))
+    windows = []
+    for start, entries in sorted(by_start.items(), key=lambda item: (item[0] < 0, item[0])):
+        key = min(len(magic) for magic, *_ in entries)
+        candidates: dict[bytes, tuple[tuple[bytes, int, int, int], ...]] = {}
+        for entry in entries:
+            candidates[entry[0][:key]] = (*candidates.get(entry[0][:key], ()), entry)
+        windows.append(Window(start, key, max(len(magic) for magic, *_ in entries), candidates))
+    return tuple(windows)
 
 
 def _indexable(spec: FormatSpec) -> bool:

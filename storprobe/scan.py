@@ -20,13 +20,15 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
-from .detect import probe
+from .detect import describe_image
 from .errors import ProbeError, SourceError
 from .model import ImageInfo
 from .registry import FormatTable, format_table
-from .source import PathSource
+from .source import Image, PathSource
 
 T = TypeVar("T")
+#: A path to probe, and whether the directory listing says it is a regular file.
+Entry = tuple[str, bool]
 
 #: Entries probed in a row (by one process, as one unit of work): large enough
 #: that handing out work is cheap next to probing, small enough to keep several
@@ -51,11 +53,15 @@ def _listing(directory: str) -> list[os.DirEntry]:
         return sorted(it, key=lambda e: e.name)
 
 
-def _paths(entries: list[os.DirEntry], recursive: bool) -> Iterator[str]:
-    """Entry paths in name order; with ``recursive``, a directory's contents
-    follow its own entry. Symlinked directories are not descended into."""
+def _paths(entries: list[os.DirEntry], recursive: bool) -> Iterator[Entry]:
+    """(path, listed as a regular file) of each entry in name order; with
+    ``recursive``, a directory's contents follow its own entry. Symlinked
+    directories are not descended into."""
     for entry in entries:
-        yield entry.path
+        try:
+            yield entry.path, entry.is_file(follow_symlinks=False)
+        except OSError:  # its type unknown from the listing and its stat failing
+            yield entry.path, False
         if recursive and entry.is_dir(follow_symlinks=False):
             try:
                 below = _listing(entry.path)
@@ -101,10 +107,10 @@ def scan_map(
     return _rendered(paths, render, table, jobs or usable_cpus())
 
 
-def _rendered(paths: list[str], render: Callable[[ScanRecord], T], table: FormatTable, jobs: int) -> Iterator[T]:
+def _rendered(paths: list[Entry], render: Callable[[ScanRecord], T], table: FormatTable, jobs: int) -> Iterator[T]:
     from .forked import ordered_map
 
-    def work(batch: list[str]) -> list[T]:
+    def work(batch: list[Entry]) -> list[T]:
         return [render(record) for record in _records(batch, table)]
 
     batches = [paths[i : i + BATCH] for i in range(0, len(paths), BATCH)]
@@ -119,14 +125,14 @@ def _top_listing(directory: str | os.PathLike[str]) -> list[os.DirEntry]:
         raise SourceError(exc.strerror or str(exc)) from None
 
 
-def _records(paths: Iterable[str], table: FormatTable) -> Iterator[ScanRecord]:
+def _records(paths: Iterable[Entry], table: FormatTable) -> Iterator[ScanRecord]:
     """Records a batch at a time, the volumes of the batches after it opened ahead."""
     paths = iter(paths)
     window: deque[tuple[str, PathSource | SourceError]] = deque()
     try:
         while True:
-            while len(window) < max(READAHEAD, BATCH) and (path := next(paths, None)) is not None:
-                window.append((path, _opened(path)))
+            while len(window) < max(READAHEAD, BATCH) and (entry := next(paths, None)) is not None:
+                window.append((entry[0], _opened(*entry)))
             if not window:
                 return
             yield from [_record(*window.popleft(), table) for _ in range(min(BATCH, len(window)))]
@@ -136,10 +142,10 @@ def _records(paths: Iterable[str], table: FormatTable) -> Iterator[ScanRecord]:
                 source.close()
 
 
-def _opened(path: str) -> PathSource | SourceError:
+def _opened(path: str, listed_as_file: bool) -> PathSource | SourceError:
     """The volume opened and its first reads hinted, or why it cannot be opened."""
     try:
-        source = PathSource(path)
+        source = PathSource(path, listed_as_file=listed_as_file)
     except SourceError as exc:
         return exc
     source.prefetch()
@@ -150,7 +156,7 @@ def _record(path: str, source: PathSource | SourceError, table: FormatTable) -> 
     if isinstance(source, SourceError):
         return ScanRecord(path, error=source)
     try:
-        return ScanRecord(path, info=probe(source, table=table))
+        return ScanRecord(path, info=describe_image(Image(source), table, None))
     except ProbeError as exc:
         return ScanRecord(path, error=exc)
     finally:

@@ -9,6 +9,7 @@ reads a format needs.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import stat
@@ -62,10 +63,25 @@ def _kind(mode: int) -> str:
 
 def _check_volume(mode: int) -> str:
     """The kind of a file that may be probed; SourceError for any other."""
+    if stat.S_ISREG(mode):
+        return "file"
     kind = _kind(mode)
     if kind not in ("file", "block", "directory"):
         raise SourceError(f"is a {kind}, not a volume")
     return kind
+
+
+_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0)
+
+
+def _open_listed_file(path: str) -> int:
+    """``path`` opened without following a link, or -1 when it has become one."""
+    try:
+        return os.open(path, _OPEN_FLAGS | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EMLINK):  # Linux, the BSDs
+            return -1
+        raise
 
 
 class PathSource:
@@ -75,12 +91,17 @@ class PathSource:
     effects): the type is checked before the open, which is O_NONBLOCK, and
     again on the open fd."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, listed_as_file: bool = False) -> None:
+        """``listed_as_file``: a directory listing just said the entry is a
+        regular file, not a link. The check before the open is skipped and the
+        open does not follow links, so an entry swapped for a link since the
+        listing takes the careful path instead."""
         self.name = os.fspath(path)
-        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0)
         try:
-            _check_volume(os.stat(self.name).st_mode)
-            self._fd = os.open(self.name, flags)
+            self._fd = _open_listed_file(self.name) if listed_as_file else -1
+            if self._fd < 0:
+                _check_volume(os.stat(self.name).st_mode)
+                self._fd = os.open(self.name, _OPEN_FLAGS)
         except OSError as exc:
             raise SourceError(_os_reason(exc, self.name)) from None
         try:

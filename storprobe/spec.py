@@ -49,7 +49,7 @@ class Snapshot:
     icount: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made once per probe, and a frozen __init__ costs twice as much
 class Features:
     """What a format's ``features`` callback found beyond the row's plain fields.
 

@@ -57,13 +57,15 @@ def ours(path: Path, fmt: str | None = None) -> dict[str, Any]:
 
 
 def assert_same_as_qemu(path: Path, fmt: str | None = None, *, ignore: tuple[str, ...] = ()) -> dict:
-    """Differential check: our JSON equals qemu-img's, key by key (minus ``ignore``)."""
+    """Differential check: our JSON equals qemu-img's, key by key and in its key
+    order (minus ``ignore``), so the text is the same too."""
     theirs = qemu_info(path, fmt)
     mine = ours(path, fmt)
     for key in ignore:
         theirs.pop(key, None)
         mine.pop(key, None)
     assert mine == theirs
+    assert json.dumps(mine, indent=4) == json.dumps(theirs, indent=4)
     return mine
 
 

@@ -33,8 +33,9 @@ SIGNED = [spec for spec, _, _ in TABLE.signed if spec.magic is not None]
 def _unindexed(table):
     """The same table with the magic index off: every row takes the plain path."""
     plain = copy.copy(table)
-    plain.magic_windows = ()
+    plain.windows = ()
     plain.signed = tuple((spec, magics, False) for spec, magics, _ in table.signed)
+    plain.unindexed = frozenset(range(len(plain.signed)))
     return plain
 
 
