@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     scan.add_argument("--recursive", action="store_true", help="descend into subdirectories")
     scan.add_argument(
         "--jobs", type=_positive, default=None, metavar="N",
-        help="processes probing in parallel (default: one per usable CPU)",
+        help="processes probing in parallel (default: one per usable CPU, at most 8)",
     )
     scan.add_argument("directory", metavar="DIR")
 
@@ -96,7 +96,12 @@ def _info(args: argparse.Namespace) -> int:
     if args.output == "xml":
         from .volume_xml import to_volume_xml
 
-        sys.stdout.write(to_volume_xml(images[0], chain))
+        try:
+            text = to_volume_xml(images[0], chain)
+        except ProbeError as exc:  # a name XML cannot carry
+            print(f"storprobe: {args.path}: {exc.reason}", file=sys.stderr)
+            return EXIT_PROBE
+        sys.stdout.write(text)
     elif args.output == "json":
         from .qemu_json import to_qemu_json
 

@@ -82,10 +82,12 @@ def describe_image(img: Image, table: FormatTable, format: str | None) -> ImageI
 
 class Signature(NamedTuple):
     """Where a row's header was found, and whether its magic (so its declared
-    version field) applies, or its ``match`` callback recognised it."""
+    version field) applies, or its ``match`` callback recognised it; the
+    version its magic's row accepted, when the row declares a version field."""
 
     offset: int
     by_magic: bool
+    version: int | None = None
 
 
 def _signatures(img: Image, table: FormatTable) -> tuple[dict[str, Signature], dict[str, Refusal]]:
@@ -104,11 +106,13 @@ def _signatures(img: Image, table: FormatTable) -> tuple[dict[str, Signature], d
             signature = _first_signature(img, spec, magics)
             if signature is None:
                 continue
-        refusal = _version_refusal(img, spec, signature.offset) if signature.by_magic else None
-        if refusal is None:
-            matched[spec.name] = signature
-        else:
-            rejected[spec.name] = refusal
+        if signature.by_magic and spec.version_offset is not None:
+            version = _version(img, spec, signature.offset)
+            if not isinstance(version, int):
+                rejected[spec.name] = version
+                continue
+            signature = signature._replace(version=version)
+        matched[spec.name] = signature
     return matched, rejected
 
 
@@ -152,25 +156,29 @@ def _signature_at(img: Image, spec: FormatSpec, magics: tuple[bytes, ...], offse
             continue
         if head.startswith(magic, where) if end <= len(head) else img.read(where, len(magic)) == magic:
             return Signature(offset, by_magic=True)
-    if spec.match is not None and guarded(spec, "match", lambda: bool(spec.match(img.at_header(offset)))):
-        return Signature(offset, by_magic=False)
-    return None
-
-
-def _version_refusal(img: Image, spec: FormatSpec, offset: int) -> Refusal | None:
-    """None when the row has no version field or accepts the one found."""
-    if spec.version_offset is None:
+    if spec.match is None:
         return None
+    try:
+        recognised = spec.match(img.at_header(offset))
+    except ProbeError:
+        raise
+    except Exception as exc:  # a plugin defect must not escape as a traceback
+        raise _plugin_error(spec, "match", exc) from exc
+    return Signature(offset, by_magic=False) if recognised else None
+
+
+def _version(img: Image, spec: FormatSpec, offset: int) -> int | Refusal:
+    """The version in the row's version field, if the row accepts it; else why not."""
     try:
         header = img.at_header(offset).header
     except ProbeError as exc:
         return partial(_same, exc)
     try:
-        version = read_uint(header, spec.version_offset, spec.version_width, spec.endian)
+        version = read_uint(header, spec.version_offset, spec.version_width, spec.endian)  # type: ignore[arg-type]
     except TruncatedHeader:
         return partial(_same, TruncatedHeader(f"{spec.name} header is truncated before its version field"))
     if version in spec.versions:
-        return None
+        return version
     return partial(UnsupportedVersion, spec.name, version, spec.versions)
 
 
@@ -199,9 +207,6 @@ def _describe(img: Image, spec: FormatSpec, found: Signature, evidence: str, mat
             method = read_uint(header, spec.crypt_offset, 4, spec.endian)
             if method:
                 encryption = spec.crypt_methods.get(method, f"unknown-{method}")
-        version = None
-        if spec.version_offset is not None and found.by_magic:
-            version = read_uint(header, spec.version_offset, spec.version_width, spec.endian)
         callback = "backing"
         backing = spec.backing(img) if spec.backing is not None else None
     except ProbeError:
@@ -217,7 +222,7 @@ def _describe(img: Image, spec: FormatSpec, found: Signature, evidence: str, mat
         file_type=img.file_type,
         evidence=evidence,
         matches=matches,
-        version=version,
+        version=found.version,
         cluster_size=features.cluster_size,
         encryption=encryption,
         dirty=features.dirty,

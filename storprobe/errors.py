@@ -64,6 +64,13 @@ class UnknownFormat(ProbeError):
     code = "unknown-format"
 
 
+class Unrepresentable(ProbeError):
+    """A name the volume XML must carry (its path, a backing name) holds what XML
+    1.0 cannot, even escaped: control characters, bytes that are not UTF-8."""
+
+    code = "xml.unrepresentable"
+
+
 class PluginConflict(Exception):
     """Two plugins registered the same format name (a programming error, raised at load)."""
 

@@ -33,10 +33,14 @@ Entry = tuple[str, bool]
 #: Entries probed in a row (by one process, as one unit of work): large enough
 #: that handing out work is cheap next to probing, small enough to keep several
 #: reads in flight and few records waiting.
-BATCH = 32
+BATCH = 64
 
 #: Volumes opened, with their reads hinted to the kernel, ahead of the one probed.
 READAHEAD = 2 * BATCH
+
+#: Most worker processes a scan starts unless told: past a few, the one
+#: process that writes every record is the bottleneck, and each worker costs memory.
+DEFAULT_JOBS_CAP = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +99,7 @@ def scan_map(
 ) -> Iterator[T]:
     """``render(record)`` for every record :func:`scan` makes, in the same
     order, with ``jobs`` processes probing and rendering (default: one per
-    usable CPU). ``render`` must not raise, and with more than one job its
+    usable CPU, at most :data:`DEFAULT_JOBS_CAP`). ``render`` must not raise, and with more than one job its
     results must pickle (text does). The entry list is made up front.
 
     Raises SourceError at once when ``directory`` itself cannot be listed.
@@ -104,7 +108,7 @@ def scan_map(
 
     table = table or format_table()
     paths = list(_paths(_top_listing(directory), recursive))
-    return _rendered(paths, render, table, jobs or usable_cpus())
+    return _rendered(paths, render, table, jobs or min(usable_cpus(), DEFAULT_JOBS_CAP))
 
 
 def _rendered(paths: list[Entry], render: Callable[[ScanRecord], T], table: FormatTable, jobs: int) -> Iterator[T]:

@@ -14,12 +14,14 @@ untrusted image cannot make us report on arbitrary host paths.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Iterator
 
 from lxml import etree
 
 from .backing import BackingStore
 from .chain import Chain, backing_store
+from .errors import Unrepresentable
 from .model import ImageInfo
 from .registry import format_table
 from .scan import ScanRecord
@@ -29,10 +31,36 @@ VOLUME_TYPES = {"file": "file", "block": "block", "directory": "dir"}
 LIBVIRT_ENCRYPTION = {"aes": "qcow"}
 
 
+#: What XML 1.0 cannot carry, even escaped: control characters, lone surrogates
+#: (the bytes of a file name that are not UTF-8), U+FFFE and U+FFFF.
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def _xml(value: object) -> str:
+    """``value`` as XML text; Unrepresentable rather than a changed name."""
+    text = str(value)
+    if _NOT_XML.search(text):
+        raise Unrepresentable(f"{text!r} cannot be written in XML (control characters or bytes that are not UTF-8)")
+    return text
+
+
+def _escaped(text: str) -> str:
+    """``text`` with what XML cannot carry written as escapes (``\\x01``; ``\\xff``
+    for a byte that is not UTF-8), as virsh shows such names; for error records only."""
+    return _NOT_XML.sub(_escape, text)
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    if 0xDC80 <= code <= 0xDCFF:  # a byte os.fsdecode could not decode
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
 def _sub(parent: etree._Element, tag: str, text: object = None, **attrs: str) -> etree._Element:
-    element = etree.SubElement(parent, tag, attrs)
+    element = etree.SubElement(parent, tag, {name: _xml(value) for name, value in attrs.items()})
     if text is not None:
-        element.text = str(text)
+        element.text = _xml(text)
     return element
 
 
@@ -127,7 +155,7 @@ def _network_backing(parent: etree._Element, store: BackingStore, fmt: str | Non
         _sub(element, "format", type=_libvirt_name(fmt))
     source = _sub(element, "source", protocol=store.protocol)
     if store.target is not None:
-        source.set("name", store.target)
+        source.set("name", _xml(store.target))
     for host in store.hosts:
         attrs = {"transport": host.transport}
         if host.name is not None:
@@ -170,13 +198,17 @@ def scan_document(records: Iterable[ScanRecord]) -> str:
 
 
 def scan_entry(record: ScanRecord) -> str:
-    """One record's element of a ``<volumes>`` document, as indented text."""
+    """One record's element of a ``<volumes>`` document, as indented text. A
+    volume whose names XML cannot carry is an ``<error>``, its path escaped."""
+    error = record.error
     if record.info is not None:
-        element = volume_element(record.info)
-    else:
-        assert record.error is not None
-        element = etree.Element("error", path=record.path, code=record.error.code)
-        element.text = record.error.reason
+        try:
+            element = volume_element(record.info)
+        except Unrepresentable as exc:
+            error = exc
+    if error is not None:
+        element = etree.Element("error", path=_escaped(record.path), code=error.code)
+        element.text = _escaped(error.reason)
     etree.indent(element, space="  ", level=1)
     return "  " + etree.tostring(element, encoding="unicode") + "\n"
 

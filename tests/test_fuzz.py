@@ -1,8 +1,9 @@
 """Fuzzing: the regression corpus, and mutations of real images of every format.
 
 Whatever the bytes, ``probe`` gives a result or a named ProbeError and
-``check`` a verdict; a "plugin-error" (a stray exception inside a plugin) is
-a bug. Inputs that once crashed or hung a probe live in tests/corpus (see its
+``check`` a verdict, and a result renders as JSON, as text and as volume XML
+that validates (or is a named error: a name XML cannot carry); a
+"plugin-error" (a stray exception inside a plugin) is a bug. Inputs that once crashed or hung a probe live in tests/corpus (see its
 README); example counts come from the hypothesis profile (tests/conftest.py):
 ``STORPROBE_FUZZ=long python -m pytest tests/test_fuzz.py`` runs a long campaign.
 """
@@ -20,8 +21,13 @@ from hypothesis import strategies as st
 from oracle import qemu_img_create, run
 
 from storprobe import ProbeError, probe
+from storprobe.human import render
+from storprobe.jsontext import indented
+from storprobe.qemu_json import to_qemu_json
 from storprobe.safety import check
 from storprobe.source import READ_BUDGET
+from storprobe.validate import schema_errors
+from storprobe.volume_xml import to_volume_xml
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
 
@@ -60,14 +66,28 @@ def probe_and_check(data: bytes) -> str:
     and that ``check`` gives a verdict too; never a plugin defect."""
     source = Counting(data)
     try:
-        outcome = probe(source).format
+        info = probe(source)
     except ProbeError as exc:
         outcome = exc.code
+    else:
+        outcome = info.format
+        _renders(info)
     assert outcome != "plugin-error"
     assert source.bytes_read <= READ_BUDGET
     verdict = check(data)
     assert all("(plugin-error)" not in hazard.message for hazard in verdict.hazards), verdict.hazards
     return outcome
+
+
+def _renders(info) -> None:
+    indented(to_qemu_json(info))
+    render(info)
+    try:
+        xml = to_volume_xml(info)
+    except ProbeError as exc:
+        assert exc.code == "xml.unrepresentable"
+    else:
+        assert schema_errors(xml.encode()) == []
 
 
 #: What each corpus file is (or fails as) and its hazards; files not listed

@@ -99,6 +99,33 @@ def test_stopping_early_kills_and_reaps_the_children():
     _assert_no_children_left()
 
 
+def test_scan_map_refuses_an_unlistable_directory_at_once(tmp_path):
+    with pytest.raises(storprobe.SourceError):
+        scan_map(tmp_path / "missing", _rendered)  # when called, not when first iterated
+
+
+def test_cli_reader_that_goes_away_ends_the_scan_and_its_workers(pool):
+    """``storprobe scan DIR | head -1``: a quiet exit, no worker left behind."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "storprobe", "scan", "--jsonl", "--jobs", "3", str(pool)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    assert proc.stdout.readline().startswith(b"{")
+    proc.stdout.close()
+    assert proc.wait(timeout=60) == 0
+    assert proc.stderr.read() == b""
+    left = [pid for pid in os.listdir("/proc") if pid.isdigit() and _command_line(pid).endswith(str(pool))]
+    assert left == []
+
+
+def _command_line(pid: str) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
 def _assert_no_children_left() -> None:
     with pytest.raises(ChildProcessError):
         os.waitpid(-1, os.WNOHANG)  # no child at all, not even a zombie

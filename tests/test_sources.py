@@ -164,6 +164,38 @@ def test_dev_null_is_refused_before_it_is_opened(monkeypatch):
     assert opened == []
 
 
+def test_entry_listed_as_a_file_then_swapped_for_a_link_takes_the_careful_path(tmp_path, monkeypatch, qcow2_bytes):
+    """A scan trusts the listing's "regular file" and skips the stat before the
+    open, but opens without following links: an entry swapped since the listing
+    for a link to a device is stat-ed first and never opened; a link to a
+    regular file is followed, as for any path."""
+    entry = tmp_path / "vol"
+    entry.symlink_to("/dev/null")  # what the entry became after it was listed as a file
+    opened = []
+    real_open = os.open
+    monkeypatch.setattr(os, "open", lambda path, flags, *a: opened.append((path, flags)) or real_open(path, flags, *a))
+    stated = []
+    real_stat = os.stat
+    monkeypatch.setattr(os, "stat", lambda path, *a, **k: stated.append(path) or real_stat(path, *a, **k))
+    with pytest.raises(SourceError, match="character device"):
+        PathSource(entry, listed_as_file=True)
+    assert opened == [(str(entry), opened[0][1])] and opened[0][1] & os.O_NOFOLLOW  # refused, then only stat-ed
+    (tmp_path / "target.qcow2").write_bytes(qcow2_bytes)
+    entry.unlink()
+    entry.symlink_to("target.qcow2")
+    source = PathSource(entry, listed_as_file=True)
+    try:
+        assert probe(source).format == "qcow2"
+    finally:
+        source.close()
+    entry.unlink()
+    entry.write_bytes(qcow2_bytes)
+    opened.clear()
+    stated.clear()
+    PathSource(entry, listed_as_file=True).close()
+    assert (len(opened), stated) == (1, [])  # a regular file: opened once, no stat before
+
+
 def test_block_device_is_probed_read_only(tmp_path):
     """A loop device over a qcow2 image: probed like the file, as a block device."""
     import subprocess

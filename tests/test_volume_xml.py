@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
-from storprobe import probe
+from storprobe import ProbeError, probe
 from storprobe.chain import probe_chain
 from storprobe.validate import schema_errors
 from storprobe.volume_xml import parse_volume_xml, to_volume_xml
@@ -174,3 +174,41 @@ def test_cli_xml_and_validate(images, tmp_path):
     assert ok.returncode == 0, ok.stderr
     bad = subprocess.run([sys.executable, "-m", "storprobe", "validate", str(tmp_path / "bad.xml")], capture_output=True, text=True)
     assert bad.returncode == 1 and bad.stderr.startswith(f"storprobe: {tmp_path / 'bad.xml'}: ")
+
+
+def test_names_xml_cannot_carry_are_named_errors_not_changed_paths(tmp_path):
+    """XML 1.0 cannot carry control characters or bytes that are not UTF-8,
+    even escaped. libvirt 9.0 leaves such a volume out of the pool and drops
+    the control characters from a backing path (``/tmp/a\\x01b`` becomes
+    ``/tmp/ab``, another file); we refuse with a named error instead: the
+    single-image XML fails, and a scan's record becomes an ``<error>`` whose
+    path is escaped as virsh prints such names."""
+    from storprobe.scan import scan
+    from storprobe.volume_xml import scan_document
+
+    image = tmp_path / "ctl.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", "/tmp/a\x01b", "-F", "raw", image, "1M")
+    with pytest.raises(ProbeError) as caught:
+        to_volume_xml(probe(image))
+    assert caught.value.code == "xml.unrepresentable"
+    cli = subprocess.run(
+        [sys.executable, "-m", "storprobe", "info", "--output", "xml", str(image)],
+        capture_output=True, text=True, check=False,
+    )
+    assert (cli.returncode, cli.stdout) == (1, "")
+    assert cli.stderr == f"storprobe: {image}: '/tmp/a\\x01b' cannot be written in XML (control characters or bytes that are not UTF-8)\n"
+
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    (pool / "ctl\x01name").write_bytes(bytes(1024))
+    with open(bytes(pool) + b"/bad\xffname", "wb") as f:
+        f.write(bytes(1024))
+    (pool / "fine").write_bytes(bytes(1024))
+    document = scan_document(scan(pool))
+    assert schema_errors(document.encode()) == []
+    root = etree.fromstring(document.encode())
+    assert [(e.tag, e.get("path"), e.get("code")) for e in root] == [
+        ("error", f"{pool}/bad\\xffname", "xml.unrepresentable"),
+        ("error", f"{pool}/ctl\\x01name", "xml.unrepresentable"),
+        ("volume", None, None),
+    ]
