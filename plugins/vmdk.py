@@ -215,6 +215,11 @@ def features(img: Image) -> Features:
 
 
 def _disk(img: Image) -> Disk:
+    """What QEMU opens, read once per probe (the size and features callbacks share it)."""
+    return img.memo(_disk, _read_disk)
+
+
+def _read_disk(img: Image) -> Disk:
     magic = img.head[:4]
     if magic == SPARSE_MAGIC:
         return _sparse(img)
@@ -382,7 +387,12 @@ def _text(img: Image, start: int, limit: int) -> bytes:
 
 def _keys(img: Image) -> bytes:
     """The bytes QEMU searches for CID, parentCID and parentFileNameHint: the
-    first 20 sectors of a descriptor file, or from sector 1 of a sparse file."""
+    first 20 sectors of a descriptor file, or from sector 1 of a sparse file
+    (read once per probe)."""
+    return img.memo(_keys, _read_keys)
+
+
+def _read_keys(img: Image) -> bytes:
     start = SECTOR if img.head[:4] in (SPARSE_MAGIC, COWD_MAGIC) else 0
     return _text(img, start, DESC_SIZE)
 
