@@ -572,6 +572,7 @@ def storprobe_formats() -> list[FormatSpec]:
             # No version_offset: COWD and text descriptors match too, and their
             # bytes 4..7 are no version; the callbacks check KDMV versions.
             match=match,
+            match_prefixes=(COWD_MAGIC, b"#", b" ", b"version="),  # what match's text descriptors start with
             size=size,
             backing=backing,
             features=features,

@@ -100,12 +100,14 @@ def _signatures(img: Image, table: FormatTable) -> tuple[dict[str, Signature], d
         spec, magics, indexed = table.signed[position]
         if img.file_type not in spec.file_types:
             continue
-        if indexed:
-            signature: Signature | None = Signature(found[position][1], by_magic=True)
-        else:
+        if not indexed:
             signature = _first_signature(img, spec, magics)
-            if signature is None:
-                continue
+        elif found[position][2]:
+            signature = Signature(found[position][1], by_magic=True)
+        else:  # a prefix gating the row's match callback
+            signature = _matched(img, spec, found[position][1])
+        if signature is None:
+            continue
         if signature.by_magic and spec.version_offset is not None:
             version = _version(img, spec, signature.offset)
             if not isinstance(version, int):
@@ -116,10 +118,11 @@ def _signatures(img: Image, table: FormatTable) -> tuple[dict[str, Signature], d
     return matched, rejected
 
 
-def _indexed_magics(img: Image, table: FormatTable) -> dict[int, tuple[int, int]]:
-    """Position in ``table.signed`` -> (rank, offset) of the first header offset
-    whose magic the bytes carry, for the rows the magic index decides."""
-    found: dict[int, tuple[int, int]] = {}
+def _indexed_magics(img: Image, table: FormatTable) -> dict[int, tuple[int, int, bool]]:
+    """Position in ``table.signed`` -> (rank, offset, whether by magic) of the
+    first header offset whose magic (or a prefix gating the row's ``match``)
+    the bytes carry, for the rows the index decides; a magic beats a prefix."""
+    found: dict[int, tuple[int, int, bool]] = {}
     head, size = img.head, img.size
     for start, key, longest, candidates in table.windows:
         if start >= 0:
@@ -130,9 +133,11 @@ def _indexed_magics(img: Image, table: FormatTable) -> dict[int, tuple[int, int]
             entries = candidates.get(data[:key])
         else:
             continue
-        for magic, position, rank, offset in entries or ():
-            if data.startswith(magic, at) and (position not in found or rank < found[position][0]):
-                found[position] = (rank, offset)
+        for signature, position, rank, offset, is_magic in entries or ():
+            if data.startswith(signature, at):
+                best = found.get(position)
+                if best is None or (rank, not is_magic) < (best[0], not best[2]):
+                    found[position] = (rank, offset, is_magic)
     return found
 
 
@@ -156,10 +161,13 @@ def _signature_at(img: Image, spec: FormatSpec, magics: tuple[bytes, ...], offse
             continue
         if head.startswith(magic, where) if end <= len(head) else img.read(where, len(magic)) == magic:
             return Signature(offset, by_magic=True)
-    if spec.match is None:
-        return None
+    return _matched(img, spec, offset) if spec.match is not None else None
+
+
+def _matched(img: Image, spec: FormatSpec, offset: int) -> Signature | None:
+    """The row's ``match`` callback asked about the header at ``offset``."""
     try:
-        recognised = spec.match(img.at_header(offset))
+        recognised = spec.match(img.at_header(offset))  # type: ignore[misc]
     except ProbeError:
         raise
     except Exception as exc:  # a plugin defect must not escape as a traceback

@@ -87,42 +87,61 @@ class FormatTable:
 
 
 class Window(NamedTuple):
-    """Where magic values start, in the head (``start`` >= 0) or before the end
-    of the file (``start`` < 0): the bytes at ``start`` of the shortest magic's
-    length (``key``) select the candidates, each of which the full magic confirms."""
+    """Where signatures start, in the head (``start`` >= 0) or before the end of
+    the file (``start`` < 0): the bytes at ``start`` of the shortest signature's
+    length (``key``) select the candidates, each of which its full bytes confirm."""
 
     start: int
     key: int
     longest: int
-    #: key bytes -> (magic, position in ``signed``, rank of the header offset, header offset)
-    candidates: dict[bytes, tuple[tuple[bytes, int, int, int], ...]]
+    #: key bytes -> the entries it selects
+    candidates: dict[bytes, tuple[Candidate, ...]]
+
+
+class Candidate(NamedTuple):
+    """A magic value (``is_magic``), or a prefix after which a row's ``match``
+    callback is asked, of the row at ``position`` in ``signed`` and its header
+    offset of rank ``rank``."""
+
+    signature: bytes
+    position: int
+    rank: int
+    offset: int
+    is_magic: bool
 
 
 def _windows(signed: tuple[tuple[FormatSpec, tuple[bytes, ...], bool], ...]) -> tuple[Window, ...]:
-    """The magic index: one window per distinct magic start, the head's first."""
-    by_start: dict[int, list[tuple[bytes, int, int, int]]] = {}
+    """The signature index: one window per distinct start, the head's first."""
+    by_start: dict[int, list[Candidate]] = {}
     for position, (spec, magics, indexed) in enumerate(signed):
         for rank, offset in enumerate(spec.header_offsets if indexed else ()):
             for magic in magics:
-                by_start.setdefault(offset + spec.magic_offset, []).append((magic, position, rank, offset))
+                by_start.setdefault(offset + spec.magic_offset, []).append(
+                    Candidate(magic, position, rank, offset, is_magic=True)
+                )
+            for prefix in spec.match_prefixes:
+                by_start.setdefault(offset, []).append(Candidate(prefix, position, rank, offset, is_magic=False))
     windows = []
     for start, entries in sorted(by_start.items(), key=lambda item: (item[0] < 0, item[0])):
-        key = min(len(magic) for magic, *_ in entries)
-        candidates: dict[bytes, tuple[tuple[bytes, int, int, int], ...]] = {}
+        key = min(len(entry.signature) for entry in entries)
+        candidates: dict[bytes, tuple[Candidate, ...]] = {}
         for entry in entries:
-            candidates[entry[0][:key]] = (*candidates.get(entry[0][:key], ()), entry)
-        windows.append(Window(start, key, max(len(magic) for magic, *_ in entries), candidates))
+            candidates[entry.signature[:key]] = (*candidates.get(entry.signature[:key], ()), entry)
+        windows.append(Window(start, key, max(len(entry.signature) for entry in entries), candidates))
     return tuple(windows)
 
 
 def _indexable(spec: FormatSpec) -> bool:
-    """A row its magic alone decides, in the head (offsets from the start) or
-    before the end of the file (negative offsets)."""
-    return spec.match is None and all(
-        0 <= start and start + len(magic) <= HEAD_SIZE if offset >= 0 else start + len(magic) <= 0
+    """A row the index decides: its magic, and the prefixes that gate its
+    ``match`` callback (at one header offset), all in the head (offsets from
+    the start) or before the end of the file (negative offsets)."""
+    if spec.match is not None and (not spec.match_prefixes or len(spec.header_offsets) > 1):
+        return False
+    return all(
+        0 <= start and start + len(signature) <= HEAD_SIZE if offset >= 0 else start + len(signature) <= 0
         for offset in spec.header_offsets
-        for magic in spec.magics
-        for start in (offset + spec.magic_offset,)
+        for start, signature in [(offset + spec.magic_offset, m) for m in spec.magics]
+        + [(offset, p) for p in spec.match_prefixes]
     )
 
 

@@ -105,6 +105,9 @@ class FormatSpec:
     crypt_methods: Mapping[int, str] = field(default_factory=dict)
     file_types: frozenset[FileType] = frozenset({"file", "block"})
     match: Callable[[Image], bool] | None = None
+    #: What the header starts with whenever ``match`` can say yes: ``match`` is
+    #: then asked only about such bytes (none declared: about every volume).
+    match_prefixes: tuple[bytes, ...] = ()
     size: Callable[[Image], int] | None = None
     backing: Callable[[Image], Backing | None] | None = None
     features: Callable[[Image], Features] | None = None

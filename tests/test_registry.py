@@ -113,6 +113,34 @@ def test_duplicate_format_names_conflict_at_load():
     assert format_table()["qcow2"].magic == b"QFI\xfb"
 
 
+def test_match_is_asked_only_after_its_declared_prefixes():
+    """A row with a ``match`` callback and ``match_prefixes`` is decided by the
+    signature index: the callback sees only volumes whose header starts with a
+    prefix; without prefixes it sees every volume."""
+    asked: list[bytes] = []
+
+    def match(img) -> bool:
+        asked.append(img.header[:4])
+        return img.header.startswith(b"TXT:ok")
+
+    class Texty:
+        def __init__(self, prefixes: tuple[bytes, ...]) -> None:
+            self.prefixes = prefixes
+
+        @hookimpl
+        def storprobe_formats(self):
+            return [FormatSpec(name="texty", match=match, match_prefixes=self.prefixes)]
+
+    volumes = [b"TXT:ok" + bytes(50), b"TXT:no" + bytes(50), b"QFI" + bytes(60), bytes(64)]
+    with storprobe.registered(Texty((b"TXT:",)), name="texty"):
+        assert [probe(v).format for v in volumes] == ["texty", "raw", "raw", "raw"]
+    assert asked == [b"TXT:", b"TXT:"]
+    asked.clear()
+    with storprobe.registered(Texty(()), name="texty"):
+        assert [probe(v).format for v in volumes] == ["texty", "raw", "raw", "raw"]
+    assert asked == [v[:4] for v in volumes]
+
+
 def test_extension_only_format():
     class ByName:
         @hookimpl
