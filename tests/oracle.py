@@ -56,6 +56,22 @@ def ours(path: Path, fmt: str | None = None) -> dict[str, Any]:
     return out
 
 
+def qemu_img_error(path: Path, fmt: str | None = None) -> str | None:
+    """What ``qemu-img info`` says when it refuses ``path`` (its stderr), None when it opens it."""
+    args: list[str | Path] = [require("qemu-img"), "info", "--output=json", "-U"]
+    if fmt:
+        args += ["-f", fmt]
+    proc = subprocess.run([*args, path], capture_output=True, text=True, check=False)
+    return proc.stderr if proc.returncode != 0 else None
+
+
+def qemu_refuses(path: Path, fmt: str | None = None) -> str:
+    """``qemu-img info`` must refuse ``path``: its error message."""
+    error = qemu_img_error(path, fmt)
+    assert error is not None, f"qemu-img accepted {path}"
+    return error
+
+
 def assert_same_as_qemu(path: Path, fmt: str | None = None, *, ignore: tuple[str, ...] = ()) -> dict:
     """Differential check: our JSON equals qemu-img's, key by key and in its key
     order (minus ``ignore``), so the text is the same too."""

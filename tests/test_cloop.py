@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import os
 import struct
-import subprocess
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from oracle import assert_same_as_qemu, libvirt_volumes, probe_or_named_error, qemu_info, require, run
+from oracle import assert_same_as_qemu, libvirt_volumes, probe_or_named_error, qemu_info, qemu_refuses, run
 
 from storprobe import ProbeError, probe
 
@@ -28,14 +27,6 @@ def create_compressed_fs(tmp_path: Path, payload: bytes, block_size: int) -> Pat
     run("create_compressed_fs", "-q", "-B", str(block_size), source, image)
     return image
 
-
-def qemu_refuses(path: Path) -> str:
-    """qemu-img info must fail on ``path``; its error message."""
-    proc = subprocess.run(
-        [require("qemu-img"), "info", "--output=json", "-U", str(path)], capture_output=True, text=True
-    )
-    assert proc.returncode != 0, f"qemu-img accepted {path}: {proc.stdout}"
-    return proc.stderr
 
 
 def hand_built(path: Path, block_size: int, n_blocks: int, table_entries: int | None = None) -> Path:

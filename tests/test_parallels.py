@@ -9,27 +9,18 @@ from __future__ import annotations
 
 import hashlib
 import struct
-import subprocess
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from oracle import assert_same_as_qemu, libvirt_volumes, probe_or_named_error, qemu_img_create, qemu_info, require
+from oracle import assert_same_as_qemu, libvirt_volumes, probe_or_named_error, qemu_img_create, qemu_info, qemu_refuses
 
 from storprobe import ProbeError, format_table, probe
 
 EXT_MAGIC = 0xAB234CEF23DCEA87
 DIRTY_BITMAP = 0x20385FAE252CB34A
 
-
-def qemu_refuses(path: Path) -> str:
-    """qemu-img info must fail on ``path``; its error message."""
-    proc = subprocess.run(
-        [require("qemu-img"), "info", "--output=json", "-U", str(path)], capture_output=True, text=True
-    )
-    assert proc.returncode != 0, f"qemu-img accepted {path}: {proc.stdout}"
-    return proc.stderr
 
 
 def patched(src: Path, dst: Path, *edits: tuple[int, str, int | bytes], append: bytes = b"") -> Path:

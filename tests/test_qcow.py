@@ -4,24 +4,15 @@ malformed header for every rule; random header mutations."""
 from __future__ import annotations
 
 import struct
-import subprocess
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from oracle import assert_same_as_qemu, ours, probe_or_named_error, qemu_img_create, require, run
+from oracle import assert_same_as_qemu, ours, probe_or_named_error, qemu_img_create, qemu_refuses, run
 
 from storprobe import ProbeError, probe
 
-
-def qemu_refuses(path: Path) -> str:
-    """qemu-img info must fail on ``path``; its error message."""
-    proc = subprocess.run(
-        [require("qemu-img"), "info", "--output=json", "-U", str(path)], capture_output=True, text=True
-    )
-    assert proc.returncode != 0, f"qemu-img accepted {path}: {proc.stdout}"
-    return proc.stderr
 
 
 def patched(src: Path, dst: Path, *edits: tuple[int, str, int]) -> Path:

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import struct
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from oracle import assert_same_as_qemu, code_of, probe_or_named_error, qemu_img_create, qemu_info, require, run
+from oracle import assert_same_as_qemu, code_of, probe_or_named_error, qemu_img_create, qemu_info, qemu_refuses, require, run
 
 from storprobe import Backing, DataFile, probe
 
@@ -54,11 +53,6 @@ def same(path: Path) -> dict:
     assert json.dumps(mine) == json.dumps(qemu_info(path))
     return mine
 
-
-def qemu_refuses(path: Path) -> str:
-    proc = subprocess.run(["qemu-img", "info", "--output=json", "-U", str(path)], capture_output=True, text=True)
-    assert proc.returncode != 0, f"qemu-img accepted {path.name}: {proc.stdout}"
-    return proc.stderr
 
 
 def edited(src: Path, dst: Path, *edits: Edit) -> Path:

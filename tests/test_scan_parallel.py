@@ -5,7 +5,6 @@ a quiet stderr unless a person watches a terminal."""
 from __future__ import annotations
 
 import io
-import json
 import os
 import subprocess
 import sys

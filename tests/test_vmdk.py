@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from oracle import assert_same_as_qemu, code_of, ours, probe_or_named_error, qemu_img_create, qemu_info, require, run
+from oracle import assert_same_as_qemu, code_of, ours, probe_or_named_error, qemu_img_create, qemu_info, qemu_refuses, require, run
 
 from storprobe import BytesSource, ProbeError, probe
 from storprobe.qemu_json import to_qemu_json
@@ -105,11 +105,6 @@ def qemu_img_info(path: Path) -> subprocess.CompletedProcess:
         ["qemu-img", "info", "--output=json", "-U", str(path)], check=False, capture_output=True, text=True
     )
 
-
-def qemu_refuses(path: Path) -> str:
-    proc = qemu_img_info(path)
-    assert proc.returncode != 0, proc.stdout
-    return proc.stderr
 
 
 def details(target) -> dict:
