@@ -80,6 +80,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _complain(subject: str, reason: str) -> None:
+    """One line on stderr, terminal-safe: a reason may quote names from an image."""
+    from .human import shown
+
+    print(f"storprobe: {shown(subject)}: {shown(reason)}", file=sys.stderr)
+
+
 def _info(args: argparse.Namespace) -> int:
     try:
         if args.backing_chain:
@@ -91,7 +98,7 @@ def _info(args: argparse.Namespace) -> int:
         else:
             chain, images, error = None, [probe(args.path, format=args.format)], None
     except ProbeError as exc:
-        print(f"storprobe: {args.path}: {exc.reason}", file=sys.stderr)
+        _complain(args.path, exc.reason)
         return EXIT_PROBE
     if args.output == "xml":
         from .volume_xml import to_volume_xml
@@ -99,7 +106,7 @@ def _info(args: argparse.Namespace) -> int:
         try:
             text = to_volume_xml(images[0], chain)
         except ProbeError as exc:  # a name XML cannot carry
-            print(f"storprobe: {args.path}: {exc.reason}", file=sys.stderr)
+            _complain(args.path, exc.reason)
             return EXIT_PROBE
         sys.stdout.write(text)
     elif args.output == "json":
@@ -112,7 +119,7 @@ def _info(args: argparse.Namespace) -> int:
 
         print("\n\n".join(render(info) for info in images))
     if error is not None:
-        print(f"storprobe: {args.path}: {error.reason}", file=sys.stderr)
+        _complain(args.path, error.reason)
         return EXIT_PROBE
     return EXIT_OK
 
@@ -123,7 +130,7 @@ def _scan(args: argparse.Namespace) -> int:
     try:
         entries = scan_map(args.directory, _scan_renderer(args), recursive=args.recursive, jobs=args.jobs)
     except ProbeError as exc:
-        print(f"storprobe: {args.directory}: {exc.reason}", file=sys.stderr)
+        _complain(args.directory, exc.reason)
         return EXIT_PROBE
     entries = _progress(entries, args)
     out = sys.stdout
@@ -179,7 +186,7 @@ def _check(args: argparse.Namespace) -> int:
     try:
         verdict = check(args.path, policy=policy, format=args.format)
     except ProbeError as exc:
-        print(f"storprobe: {args.path}: {exc.reason}", file=sys.stderr)
+        _complain(args.path, exc.reason)
         return EXIT_PROBE
     info = verdict.info
     if args.output == "json":
@@ -210,7 +217,7 @@ def _validate(args: argparse.Namespace) -> int:
         except OSError as exc:
             errors = [exc.strerror or str(exc)]
         for error in errors:
-            print(f"storprobe: {name}: {error}", file=sys.stderr)
+            _complain(name, error)
         if errors:
             status = EXIT_PROBE
         else:

@@ -1,7 +1,15 @@
-"""A short readable summary of an :class:`ImageInfo`, shaped like ``qemu-img info``."""
+"""A short readable summary of an :class:`ImageInfo`, shaped like ``qemu-img info``.
+
+Text taken from the image (backing and snapshot names, bitmap names, extents)
+is shown with the characters a terminal acts on or hides escaped: control
+characters (an escape sequence could rewrite the screen or the clipboard, a
+newline forge a line), undecodable bytes, bidirectional overrides. qemu-img
+prints them raw; for any other text the lines are the same.
+"""
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -10,6 +18,13 @@ from .model import ImageInfo
 from .qemu_json import extras, full_backing_filename
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
+#: C0 and C1 controls, lone surrogates (bytes that were not UTF-8), bidirectional controls.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def shown(text: str) -> str:
+    """``text`` safe to print on a terminal: what it would act on or hide, as ``\\x1b``-style escapes."""
+    return _UNSAFE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 
 def size_to_str(n: int) -> str:
@@ -26,7 +41,7 @@ def _tree(value: Any, indent: int) -> list[str]:
     lines: list[str] = []
     if isinstance(value, Mapping):
         for key, item in value.items():
-            label = str(key).replace("-", " ")
+            label = shown(str(key)).replace("-", " ")
             if isinstance(item, (Mapping, list)):
                 lines.append(f"{pad}{label}:")
                 lines += _tree(item, indent + 1)
@@ -45,7 +60,7 @@ def _tree(value: Any, indent: int) -> list[str]:
 def _scalar(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    return str(value)
+    return shown(str(value))
 
 
 def _snapshot_lines(info: ImageInfo) -> list[str]:
@@ -56,7 +71,7 @@ def _snapshot_lines(info: ImageInfo) -> list[str]:
         clock = f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}.{ms:03d}"
         icount = "" if s.icount is None else str(s.icount)
         lines.append(
-            f"{s.id:<10}{s.name:<18}{size_to_str(s.vm_state_size):>7} {date:>19}{clock:>13}{icount:>11}"
+            f"{shown(s.id):<10}{shown(s.name):<18}{size_to_str(s.vm_state_size):>7} {date:>19}{clock:>13}{icount:>11}"
         )
     return lines
 
@@ -64,7 +79,7 @@ def _snapshot_lines(info: ImageInfo) -> list[str]:
 def render(info: ImageInfo) -> str:
     """The human summary, one fact a line."""
     lines = [
-        f"image: {info.filename}",
+        f"image: {shown(info.filename)}",
         f"file format: {info.format}",
         f"virtual size: {size_to_str(info.virtual_size)} ({info.virtual_size} bytes)",
     ]
@@ -76,10 +91,10 @@ def render(info: ImageInfo) -> str:
         lines.append(f"cluster_size: {info.cluster_size}")
     if info.backing is not None:
         full = full_backing_filename(info.filename, info.backing.name)
-        suffix = f" (actual path: {full})" if full != info.backing.name else ""
-        lines.append(f"backing file: {info.backing.name}{suffix}")
+        suffix = f" (actual path: {shown(full)})" if full != info.backing.name else ""
+        lines.append(f"backing file: {shown(info.backing.name)}{suffix}")
         if info.backing.format:
-            lines.append(f"backing file format: {info.backing.format}")
+            lines.append(f"backing file format: {shown(info.backing.format)}")
     if info.snapshots:
         lines += _snapshot_lines(info)
     if info.specific:

@@ -82,3 +82,19 @@ def test_human_output_is_qemu_img_info_plus_our_section(tmp_path):
     ours, _, extra = proc.stdout.partition("storprobe:\n")
     assert ours == theirs
     assert "evidence: magic" in extra
+
+
+def test_human_output_escapes_what_a_terminal_would_act_on(tmp_path):
+    """Names come from the image: an escape sequence in a backing or snapshot
+    name could rewrite the operator's screen or clipboard, a newline forge a
+    line. qemu-img prints them raw; we show them escaped."""
+    from oracle import run
+
+    image = qemu_img_create(tmp_path / "hostile.qcow2", "qcow2", "1M")
+    run("qemu-img", "snapshot", "-c", "snap\x1b[2J", image)
+    run("qemu-img", "rebase", "-u", "-b", "/x\x1b]52;c;SGk=\x07\nforged: line\u202e", "-F", "raw", image)
+    out = storprobe("info", str(image)).stdout
+    assert "backing file: /x\\x1b]52;c;SGk=\\x07\\nforged: line\\u202e\n" in out
+    assert "\n1         snap\\x1b[2J " in out
+    assert not any(ch in out for ch in "\x1b\x07\u202e")
+    assert not any(line.startswith("forged") for line in out.splitlines())
