@@ -23,8 +23,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from storprobe import (
     Backing,
@@ -122,8 +121,7 @@ _PATH_SEPARATOR = re.compile(r"[/\\]")
 WHITESPACE = frozenset(b" \t\n\r\f\v")
 
 
-@dataclass(frozen=True, slots=True)
-class Extent:
+class Extent(NamedTuple):
     """One extent line as recorded; ``offset`` is None when the line has none."""
 
     access: str
@@ -139,8 +137,7 @@ class Extent:
         return entry
 
 
-@dataclass(frozen=True, slots=True)
-class Disk:
+class Disk(NamedTuple):
     """What QEMU opens: this file's own sparse extent, or a descriptor's extents."""
 
     kind: str  # "KDMV", "COWD" or "descriptor"

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from typing import NamedTuple
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from .errors import BackingNameError
+from .spec import EMPTY
 
 #: URI schemes QEMU and libvirt accept for network backings, by protocol.
 URI_SCHEMES = {
@@ -31,8 +33,7 @@ FILE_DRIVERS = ("file", "host_device", "host_cdrom")
 JSON_LIMIT = 65536
 
 
-@dataclass(frozen=True, slots=True)
-class Host:
+class Host(NamedTuple):
     """One server of a network backing."""
 
     transport: str  # "tcp", "unix", "rdma"
@@ -41,8 +42,7 @@ class Host:
     socket: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class BackingStore:
+class BackingStore(NamedTuple):
     """What a backing name denotes. ``protocol`` is ``"file"`` for a local file,
     whose ``path`` is then resolved; otherwise a network protocol, never opened."""
 
@@ -51,7 +51,7 @@ class BackingStore:
     path: str | None = None
     hosts: tuple[Host, ...] = ()
     target: str | None = None
-    options: dict[str, str] = field(default_factory=dict)
+    options: Mapping[str, str] = EMPTY
 
     @property
     def is_file(self) -> bool:

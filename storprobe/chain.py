@@ -11,7 +11,6 @@ named errors; whatever went wrong, the images above the failure are returned.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 from .backing import BackingStore, parse_backing_name
 from .detect import probe
@@ -32,14 +31,16 @@ from .registry import FormatTable, format_table
 DEFAULT_MAX_DEPTH = 200
 
 
-@dataclass(slots=True)
 class Chain:
     """The images of a chain, top first, with what each one's backing name
     denotes; ``error`` says why the walk stopped before the end, if it did."""
 
-    images: list[ImageInfo]
-    stores: list[BackingStore | None]
-    error: BackingError | None = None
+    __slots__ = ("images", "stores", "error")
+
+    def __init__(
+        self, images: list[ImageInfo], stores: list[BackingStore | None], error: BackingError | None = None
+    ) -> None:
+        self.images, self.stores, self.error = images, stores, error
 
     @property
     def top(self) -> ImageInfo:

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
-from .spec import Backing, DataFile, Snapshot
+from .spec import EMPTY, Backing, DataFile, Snapshot
 
 
-@dataclass(slots=True)
-class ImageInfo:
+class ImageInfo(NamedTuple):
     """Everything storprobe learned about one volume from its bytes.
 
     ``evidence`` says why ``format`` was chosen: ``"magic"`` (signature and
@@ -37,8 +35,8 @@ class ImageInfo:
     data_file: DataFile | None = None
     snapshots: tuple[Snapshot, ...] = ()
     specific: Mapping[str, Any] | None = None
-    details: Mapping[str, Any] = field(default_factory=dict)
-    stat: os.stat_result | None = field(default=None, repr=False, compare=False)
+    details: Mapping[str, Any] = EMPTY
+    stat: os.stat_result | None = None  # the volume's, when it was opened by path or file
 
     @property
     def encrypted(self) -> bool:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import asdict
 from typing import Any
 
 from .errors import BackingNameError
@@ -105,7 +104,7 @@ def _store(name: str, image: str) -> dict[str, Any]:
     if store.path is not None:
         out["path"] = store.path
     if store.hosts:
-        out["hosts"] = [{k: v for k, v in asdict(h).items() if v is not None} for h in store.hosts]
+        out["hosts"] = [{k: v for k, v in h._asdict().items() if v is not None} for h in store.hosts]
     if store.target is not None:
         out["target"] = store.target
     if store.options:

@@ -14,7 +14,6 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from importlib.machinery import PathFinder
 from typing import NamedTuple
 
@@ -48,8 +47,7 @@ BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Row:
+class Row(NamedTuple):
     """A table row with the name of the plugin that provided it."""
 
     spec: FormatSpec

@@ -13,7 +13,7 @@ fact, never as a hazard.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from .detect import Target, describe_image, guarded, open_source
 from .errors import ProbeError, SourceError, UnknownFormat
@@ -28,8 +28,7 @@ DEFAULT_MAX_VIRTUAL_SIZE = 64 << 40
 SECTOR = 512
 
 
-@dataclass(frozen=True, slots=True)
-class Policy:
+class Policy(NamedTuple):
     """What the caller accepts. ``allow_formats`` None accepts every format."""
 
     allow_formats: frozenset[str] | None = None
@@ -38,8 +37,7 @@ class Policy:
     max_virtual_size: int = DEFAULT_MAX_VIRTUAL_SIZE
 
 
-@dataclass(slots=True)
-class Verdict:
+class Verdict(NamedTuple):
     """The outcome of :func:`check`: ``safe`` when there is no hazard.
 
     ``info`` is None when the header could not be understood (the hazard then
@@ -47,7 +45,7 @@ class Verdict:
 
     path: str
     info: ImageInfo | None
-    hazards: tuple[Hazard, ...] = field(default_factory=tuple)
+    hazards: tuple[Hazard, ...] = ()
 
     @property
     def safe(self) -> bool:

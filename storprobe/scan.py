@@ -17,8 +17,7 @@ from __future__ import annotations
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 from .detect import describe_image
 from .errors import ProbeError, SourceError
@@ -43,8 +42,7 @@ READAHEAD = 2 * BATCH
 DEFAULT_JOBS_CAP = 8
 
 
-@dataclass(frozen=True, slots=True)
-class ScanRecord:
+class ScanRecord(NamedTuple):
     """One directory entry: its probe result, or the error that stopped it."""
 
     path: str

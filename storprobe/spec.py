@@ -10,34 +10,33 @@ whose header is a trailer).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 if TYPE_CHECKING:
     from .model import ImageInfo
     from .source import Image
 
 FileType = Literal["file", "block", "directory"]
+#: The empty mapping a record holds by default (shared, so read-only).
+EMPTY: Mapping[Any, Any] = MappingProxyType({})
 
 
-@dataclass(frozen=True, slots=True)
-class Backing:
+class Backing(NamedTuple):
     """A backing store as the image records it (never resolved or opened here)."""
 
     name: str
     format: str | None = None  # the recorded format; None when the image does not say
 
 
-@dataclass(frozen=True, slots=True)
-class DataFile:
+class DataFile(NamedTuple):
     """A qcow2-style external data file as recorded in the image."""
 
     name: str | None
     raw: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class Snapshot:
+class Snapshot(NamedTuple):
     """An internal snapshot, with the fields ``qemu-img info`` shows."""
 
     id: str
@@ -49,8 +48,7 @@ class Snapshot:
     icount: int | None = None
 
 
-@dataclass(slots=True)  # not frozen: made once per probe, and a frozen __init__ costs twice as much
-class Features:
+class Features(NamedTuple):
     """What a format's ``features`` callback found beyond the row's plain fields.
 
     ``specific`` is the ``data`` of qemu-img's ``format-specific`` object, with
@@ -67,19 +65,17 @@ class Features:
     snapshots: tuple[Snapshot, ...] = ()
     data_file: DataFile | None = None
     specific: Mapping[str, Any] | None = None
-    details: Mapping[str, Any] = field(default_factory=dict)
+    details: Mapping[str, Any] = EMPTY
 
 
-@dataclass(frozen=True, slots=True)
-class Hazard:
+class Hazard(NamedTuple):
     """A reason an image is not safe to hand to a hypervisor as it is."""
 
     check: str  # a stable name: "backing-file", "polyglot", "qcow2.unknown-feature" ...
     message: str
 
 
-@dataclass(frozen=True, slots=True)
-class FormatSpec:
+class FormatSpec(NamedTuple):
     """One row of the format table.
 
     ``hazards`` is called by ``storprobe check`` for every probed image, of this
@@ -102,7 +98,7 @@ class FormatSpec:
     size_width: int = 8
     size_multiplier: int = 1
     crypt_offset: int | None = None
-    crypt_methods: Mapping[int, str] = field(default_factory=dict)
+    crypt_methods: Mapping[int, str] = EMPTY
     file_types: frozenset[FileType] = frozenset({"file", "block"})
     match: Callable[[Image], bool] | None = None
     #: What the header starts with whenever ``match`` can say yes: ``match`` is
