@@ -6,8 +6,9 @@ forks ``jobs - 1`` children that inherit the work list (nothing is sent to
 them), deals the items out round-robin (item ``i`` to process ``i % jobs``,
 this one included), and yields every result in item order. A child pickles its
 results into its own pipe and runs ahead only as far as the pipe holds, so
-memory stays bounded. A child that dies leaves its remaining items to this
-process; a consumer that stops early (or an exception here) kills the children.
+memory stays bounded. A child that dies, or cannot be forked, leaves its items
+to this process; a consumer that stops early (or an exception here) kills the
+children.
 Where ``os.fork`` does not exist, everything runs in this process.
 """
 
@@ -46,15 +47,17 @@ def ordered_map(work: Callable[[S], R], items: Sequence[S], jobs: int) -> Iterat
     if jobs <= 1:
         yield from map(work, items)
         return
-    children = [_Child.start(work, items, index, jobs) for index in range(1, jobs)]
+    children: list[_Child | None] = []  # None: its fork failed, its items are this process's
     try:
+        children += (_Child.start(work, items, index, jobs) for index in range(1, jobs))
         for index, item in enumerate(items):
             child = children[index % jobs - 1] if index % jobs else None
             received = child.receive() if child is not None else _NOTHING
             yield work(item) if received is _NOTHING else received  # type: ignore[misc]
     finally:
         for child in children:
-            child.stop()
+            if child is not None:
+                child.stop()
 
 
 _NOTHING = object()
@@ -68,10 +71,20 @@ class _Child:
         self.alive = True
 
     @classmethod
-    def start(cls, work: Callable[[S], R], items: Sequence[S], index: int, jobs: int) -> _Child:
-        read_fd, write_fd = os.pipe()
+    def start(cls, work: Callable[[S], R], items: Sequence[S], index: int, jobs: int) -> _Child | None:
+        """The child dealt items ``index``, ``index + jobs`` ...; None when no
+        pipe or process can be had (descriptor or process limits)."""
+        try:
+            read_fd, write_fd = os.pipe()
+        except OSError:
+            return None
         _enlarge(write_fd)
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:
+            os.close(read_fd)
+            os.close(write_fd)
+            return None
         if pid == 0:  # the child: never returns, never runs the parent's cleanup
             status = 1
             try:

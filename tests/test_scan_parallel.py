@@ -179,3 +179,22 @@ def test_stopping_early_closes_what_was_opened_ahead(pool):
     assert len(os.listdir("/proc/self/fd")) > before  # volumes opened ahead
     records.close()
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_child_that_cannot_be_forked_leaves_its_items_to_the_parent(monkeypatch):
+    """At a process limit fork fails: the items it would have had are done here."""
+    real_fork, forks = os.fork, []
+
+    def fork() -> int:
+        forks.append(1)
+        if len(forks) == 2:
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+        return real_fork()
+
+    monkeypatch.setattr(os, "fork", fork)
+    parent = os.getpid()
+    done = list(ordered_map(lambda i: (i, os.getpid() == parent), list(range(12)), 3))
+    assert [i for i, _ in done] == list(range(12))
+    assert [here for i, here in done if i % 3 == 2] == [True] * 4  # the unforked child's share
+    assert [here for i, here in done if i % 3 == 1] == [False] * 4  # the forked one did its own
+    _assert_no_children_left()
