@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,18 @@ def ours(path: Path, fmt: str | None = None) -> dict[str, Any]:
     out = to_qemu_json(probe(path, format=fmt))
     out.pop(EXTRA_KEY)
     return out
+
+
+def patched(
+    src: Path, dst: Path, *edits: tuple[int, str, int | bytes], endian: str = "<", append: bytes = b""
+) -> Path:
+    """A copy of ``src`` at ``dst`` with fields ``(offset, struct code, value)``
+    rewritten in ``endian`` byte order, and ``append`` added at the end."""
+    data = bytearray(src.read_bytes())
+    for offset, code, value in edits:
+        struct.pack_into(endian + code, data, offset, value)
+    dst.write_bytes(bytes(data) + append)
+    return dst
 
 
 def qemu_img_error(path: Path, fmt: str | None = None) -> str | None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from oracle import assert_same_as_qemu, libvirt_volumes, probe_or_named_error, qemu_info, qemu_refuses, run
+from oracle import assert_same_as_qemu, libvirt_volumes, patched, probe_or_named_error, qemu_info, qemu_refuses, run
 
 from storprobe import ProbeError, probe
 
@@ -25,13 +25,6 @@ def bximage(path: Path, size: str, mode: str = "growing") -> Path:
     return path
 
 
-
-def patched(src: Path, dst: Path, *edits: tuple[int, str, int | bytes]) -> Path:
-    data = bytearray(src.read_bytes())
-    for offset, code, value in edits:
-        struct.pack_into("<" + code, data, offset, value)
-    dst.write_bytes(bytes(data))
-    return dst
 
 
 def same_as_qemu(path: Path) -> dict:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from oracle import assert_same_as_qemu, libvirt_volumes, probe_or_named_error, qemu_img_create, qemu_info, qemu_refuses
+from oracle import assert_same_as_qemu, libvirt_volumes, patched, probe_or_named_error, qemu_img_create, qemu_info, qemu_refuses
 
 from storprobe import ProbeError, format_table, probe
 
@@ -22,14 +22,6 @@ EXT_MAGIC = 0xAB234CEF23DCEA87
 DIRTY_BITMAP = 0x20385FAE252CB34A
 
 
-
-def patched(src: Path, dst: Path, *edits: tuple[int, str, int | bytes], append: bytes = b"") -> Path:
-    """A copy of ``src`` with little-endian fields rewritten and ``append`` added at the end."""
-    data = bytearray(src.read_bytes())
-    for offset, code, value in edits:
-        struct.pack_into("<" + code, data, offset, value)
-    dst.write_bytes(bytes(data) + append)
-    return dst
 
 
 def same_as_qemu(path: Path) -> dict:

@@ -3,25 +3,18 @@ malformed header for every rule; random header mutations."""
 
 from __future__ import annotations
 
-import struct
+from functools import partial
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from oracle import assert_same_as_qemu, ours, probe_or_named_error, qemu_img_create, qemu_refuses, run
+from oracle import patched as _patched
 
 from storprobe import ProbeError, probe
 
-
-
-def patched(src: Path, dst: Path, *edits: tuple[int, str, int]) -> Path:
-    """A copy of ``src`` with big-endian fields ``(offset, struct code, value)`` rewritten."""
-    data = bytearray(src.read_bytes())
-    for offset, code, value in edits:
-        struct.pack_into(">" + code, data, offset, value)
-    dst.write_bytes(bytes(data))
-    return dst
+patched = partial(_patched, endian=">")  # qcow headers are big-endian
 
 
 @pytest.fixture

@@ -9,19 +9,11 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from oracle import assert_same_as_qemu, probe_or_named_error, qemu_img_create, qemu_refuses, run
+from oracle import assert_same_as_qemu, patched, probe_or_named_error, qemu_img_create, qemu_refuses, run
 
 from storprobe import Backing, ProbeError, probe
 
 
-
-def patched(src: Path, dst: Path, *edits: tuple[int, str, int]) -> Path:
-    """A copy of ``src`` with little-endian fields ``(offset, struct code, value)`` rewritten."""
-    data = bytearray(src.read_bytes())
-    for offset, code, value in edits:
-        struct.pack_into("<" + code, data, offset, value)
-    dst.write_bytes(bytes(data))
-    return dst
 
 
 @pytest.fixture
