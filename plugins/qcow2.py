@@ -30,6 +30,7 @@ from storprobe import (
     hookimpl,
 )
 from storprobe.layout import cstring
+from storprobe.source import TableWalker
 from storprobe_plugins.luks import LUKS1_HEADER_SIZE, luks_specific
 
 HEADER = Layout(
@@ -348,7 +349,7 @@ def _bitmaps_extension(img: Image, hdr: Any, offset: int) -> Any:
     return ext
 
 
-def _read_within_file(img: Image, offset: int, length: int, rule: str) -> bytes:
+def _read_within_file(img: Image | TableWalker, offset: int, length: int, rule: str) -> bytes:
     if offset + length > img.size:
         raise _invalid(rule, f"{length} bytes at offset {offset} lie beyond the end of the file")
     return img.read(offset, length)
@@ -360,9 +361,14 @@ def _snapshots(img: Image, hdr: Any) -> tuple[Snapshot, ...]:
     extra data only the fields QEMU knows are read."""
     snapshots = []
     offset, table_length = hdr.snapshots_offset, 0
+    table = img.walker()
+
+    def read(offset: int, length: int) -> bytes:
+        return _read_within_file(table, offset, length, "snapshot-table-beyond-file")
+
     for _ in range(hdr.nb_snapshots):
         offset, table_length = _align8(offset), _align8(table_length)
-        entry = SNAPSHOT.unpack(_read_within_file(img, offset, SNAPSHOT.size, "snapshot-table-beyond-file"))
+        entry = SNAPSHOT.unpack(read(offset, SNAPSHOT.size))
         offset += SNAPSHOT.size
         if entry.extra_data_size > MAX_SNAPSHOT_EXTRA_DATA:
             raise _invalid("snapshot-extra-data-too-large", f"snapshot extra data of {entry.extra_data_size} bytes")
@@ -370,11 +376,9 @@ def _snapshots(img: Image, hdr: Any) -> tuple[Snapshot, ...]:
         if table_length > MAX_SNAPSHOTS_SIZE:
             raise _invalid("snapshot-table-too-large", f"snapshot table exceeds {MAX_SNAPSHOTS_SIZE} bytes")
         known = min(entry.extra_data_size, SNAPSHOT_EXTRA.size)
-        extra = SNAPSHOT_EXTRA.unpack(
-            _read_within_file(img, offset, known, "snapshot-table-beyond-file").ljust(SNAPSHOT_EXTRA.size, b"\0")
-        )
+        extra = SNAPSHOT_EXTRA.unpack(read(offset, known).ljust(SNAPSHOT_EXTRA.size, b"\0"))
         offset += entry.extra_data_size
-        names = _read_within_file(img, offset, entry.id_str_size + entry.name_size, "snapshot-table-beyond-file")
+        names = read(offset, entry.id_str_size + entry.name_size)
         offset += len(names)
         snapshots.append(
             Snapshot(
