@@ -180,14 +180,16 @@ def hazards(img: Image, info: ImageInfo) -> Iterator[Hazard]:
     """A partition table or FAT boot sector in the first sector of another
     format's header: the volume is one thing to a hypervisor and a bootable,
     partitioned disk to anything that reads it as raw (firmware, partition
-    scanners, a raw-declared consumer). Only formats whose header occupies
-    the first sector are judged: an ISO's system area, a fixed VHD's or a
-    DMG's first sector are the guest's disk and may hold a partition table."""
+    scanners, a raw-declared consumer). Only images whose header occupies the
+    first sector are judged, which for a format with a header or a trailer
+    (VHD) means its magic is there (a dynamic VHD's footer copy): an ISO's
+    system area, a fixed VHD's or a DMG's first sector are the guest's disk and
+    may hold a partition table."""
     table = format_table()
     if info.format not in table:
         return
     spec = table[info.format]
-    if spec.catch_all or spec.header_offsets != (0,) or spec.magic_offset >= SECTOR:
+    if spec.catch_all or spec.magic_offset >= SECTOR or not _header_at_start(img, spec):
         return
     found = fat_details(img.head) or partition_details(img.head)
     if "partition-table" in found:
@@ -198,6 +200,12 @@ def hazards(img: Image, info: ImageInfo) -> Iterator[Hazard]:
         )
     elif found:
         yield Hazard("raw.boot-sector", f"the first sector of the {info.format} header is also a FAT boot sector")
+
+
+def _header_at_start(img: Image, spec: FormatSpec) -> bool:
+    if spec.header_offsets == (0,):
+        return True
+    return 0 in spec.header_offsets and any(img.head.startswith(m, spec.magic_offset) for m in spec.magics)
 
 
 @hookimpl

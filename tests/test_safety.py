@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from oracle import qemu_img_create, rebase_unsafe, run
+from oracle import qemu_img_create, qemu_img_error, rebase_unsafe, run
 
 from storprobe import SourceError, UnknownFormat
 from storprobe.safety import DEFAULT_MAX_VIRTUAL_SIZE, Policy, Verdict, check
@@ -518,6 +518,21 @@ def test_mbr_entry_past_a_vdi_header(tmp_path):
     path = patched(qemu_img_create(tmp_path / "a.vdi", "vdi", "64M"), (462, entry), (510, b"\x55\xaa"))
     verdict = check(path)
     assert verdict.info.format == "vdi"
+    assert checks(verdict) == ["raw.partition-table"]
+
+
+def test_partition_table_in_a_dynamic_vhds_footer_copy(tmp_path):
+    """A dynamic VHD's first sector is its footer copy, 427 reserved bytes at its
+    end: an MBR fits there (checksum refreshed, QEMU opens the image). A fixed
+    VHD's first sector is the guest's disk, judged by
+    test_declared_raw_is_safe_when_its_first_sector_is_the_guests."""
+    from test_vpc import edit
+
+    entry = struct.pack("<B3sB3sII", 0x80, bytes(3), 0x83, bytes(3), 2048, 8192)
+    path = edit(qemu_img_create(tmp_path / "a.vhd", "vpc", "64M"), (446, "16s", entry), (510, "2s", b"\x55\xaa"))
+    assert qemu_img_error(path, "vpc") is None
+    verdict = check(path)
+    assert verdict.info.format == "vpc"
     assert checks(verdict) == ["raw.partition-table"]
 
 
