@@ -271,14 +271,14 @@ def _extensions(img: Image, hdr: Any) -> Iterator[tuple[int, int, int]]:
     end = hdr.backing_file_offset or 1 << hdr.cluster_bits
     offset = hdr.header_length
     while offset < end:  # each step advances by at least 8 bytes within one cluster
-        ext = EXTENSION.unpack(img.read(offset, EXTENSION.size))
+        kind, length = EXTENSION.values(img.read(offset, EXTENSION.size))
         offset += EXTENSION.size
-        if offset > end or ext.length > end - offset:
-            raise _invalid("extension-too-large", f"header extension {ext.type:#x} runs past its area")
-        if ext.type == EXT_END:
+        if offset > end or length > end - offset:
+            raise _invalid("extension-too-large", f"header extension {kind:#x} runs past its area")
+        if kind == EXT_END:
             return
-        yield ext.type, offset, ext.length
-        offset += _align8(ext.length)
+        yield kind, offset, length
+        offset += _align8(length)
 
 
 def _read_extensions(img: Image, hdr: Any) -> Extensions:
@@ -287,24 +287,25 @@ def _read_extensions(img: Image, hdr: Any) -> Extensions:
 
 
 def _parse_extensions(img: Image, hdr: Any) -> Extensions:
-    found: dict[str, Any] = {}
+    backing_format = data_file = crypto = bitmaps = None
+    feature_table = b""
     for kind, offset, length in _extensions(img, hdr):
         if kind == EXT_BACKING_FORMAT:
             if length > MAX_BACKING_FORMAT:
                 raise _invalid("backing-format-too-long", f"backing format name of {length} bytes")
-            found["backing_format"] = _text(img.read(offset, length))
+            backing_format = _text(img.read(offset, length))
         elif kind == EXT_FEATURE_NAMES:
-            found["feature_table"] = img.read(offset, length)
+            feature_table = img.read(offset, length)
         elif kind == EXT_CRYPTO:
-            found["crypto"] = _crypto_extension(img, hdr, offset, length)
+            crypto = _crypto_extension(img, hdr, offset, length)
         elif kind == EXT_BITMAPS:
             if length != BITMAPS_EXT.size:
                 raise _invalid("bitmaps-extension-size", f"bitmaps extension of {length} bytes")
             if hdr.autoclear_features & AUTOCLEAR_BITMAPS:  # else QEMU ignores it as inconsistent
-                found["bitmaps"] = _bitmaps_extension(img, hdr, offset)
+                bitmaps = _bitmaps_extension(img, hdr, offset)
         elif kind == EXT_DATA_FILE:
-            found["data_file"] = _text(img.read(offset, length))
-    return Extensions(**found)
+            data_file = _text(img.read(offset, length))
+    return Extensions(backing_format, data_file, feature_table, crypto, bitmaps)
 
 
 def _feature_names(table: bytes) -> dict[int, str]:

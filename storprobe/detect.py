@@ -113,7 +113,7 @@ def _signatures(img: Image, table: FormatTable) -> tuple[dict[str, Signature], d
             if not isinstance(version, int):
                 rejected[spec.name] = version
                 continue
-            signature = signature._replace(version=version)
+            signature = Signature(signature.offset, True, version)
         matched[spec.name] = signature
     return matched, rejected
 
@@ -222,27 +222,28 @@ def _describe(img: Image, spec: FormatSpec, found: Signature, evidence: str, mat
     except Exception as exc:  # a plugin defect must not escape as a traceback
         raise _plugin_error(spec, callback, exc) from exc
     stat = img.source.stat
-    return ImageInfo(
-        filename=img.name,
-        format=spec.name,
-        virtual_size=virtual_size,
-        actual_size=stat.st_blocks * 512 if stat is not None else None,
-        file_type=img.file_type,
-        evidence=evidence,
-        matches=matches,
-        version=found.version,
-        cluster_size=features.cluster_size,
-        encryption=encryption,
-        dirty=features.dirty,
-        compat=features.compat,
-        flags=features.flags,
-        backing=backing,
-        data_file=features.data_file,
-        snapshots=features.snapshots,
-        specific=features.specific,
-        details=features.details,
-        stat=stat,
+    return ImageInfo(  # by position, in the field order: keywords cost 1.5 us per probe
+        img.name,  # filename
+        spec.name,  # format
+        virtual_size,
+        stat.st_blocks * 512 if stat is not None else None,  # actual_size
+        img.file_type,
+        evidence,
+        matches,
+        found.version,
+        features.cluster_size,
+        encryption,
+        features.dirty,
+        features.compat,
+        features.flags,
+        backing,
+        features.data_file,
+        features.snapshots,
+        features.specific,
+        features.details,
+        stat,
     )
+
 
 
 def guarded(spec: FormatSpec, callback: str, call):

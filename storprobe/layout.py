@@ -37,14 +37,18 @@ class Layout:
 
     def unpack(self, buf: bytes | memoryview, offset: int = 0) -> Any:
         """The fields at ``offset`` of ``buf`` as a named tuple."""
+        if self._tuple is None:
+            self._tuple = namedtuple(re.sub(r"\W", "_", self.what).strip("_") or "header", self._names)
+        return tuple.__new__(self._tuple, self.values(buf, offset))
+
+    def values(self, buf: bytes | memoryview, offset: int = 0) -> tuple[Any, ...]:
+        """The fields at ``offset`` of ``buf`` as a plain tuple, for loops that unpack it at once."""
         if offset < 0 or offset + self.size > len(buf):
             raise TruncatedHeader(
                 f"{self.what} needs {self.size} bytes at offset {offset}, "
                 f"only {max(0, len(buf) - offset)} available"
             )
-        if self._tuple is None:
-            self._tuple = namedtuple(re.sub(r"\W", "_", self.what).strip("_") or "header", self._names)
-        return tuple.__new__(self._tuple, self._unpack_from(buf, offset))
+        return self._unpack_from(buf, offset)
 
 
 def read_uint(buf: bytes | memoryview, offset: int, width: int, endian: str) -> int:
