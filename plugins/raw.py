@@ -212,6 +212,11 @@ def _header_at_start(img: Image, spec: FormatSpec) -> bool:
 def storprobe_formats() -> list[FormatSpec]:
     return [
         FormatSpec(
-            name="raw", description="raw disk image", size=sector_rounded_size, features=features, hazards=hazards
+            name="raw",
+            description="raw disk image",
+            size=sector_rounded_size,
+            features=features,
+            hazards=hazards,
+            libvirt_capacity_is_file_size=True,
         )
     ]

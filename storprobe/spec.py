@@ -110,6 +110,9 @@ class FormatSpec(NamedTuple):
     hazards: Callable[[Image, ImageInfo], Iterable[Hazard]] | None = None
     priority: int = 0
     libvirt_name: str | None = None
+    #: libvirt reads no size from such a volume: its ``<capacity>`` is the file's size,
+    #: even where qemu-img's virtual size is rounded to whole sectors.
+    libvirt_capacity_is_file_size: bool = False
 
     @property
     def libvirt_format(self) -> str:

@@ -104,11 +104,13 @@ def volume_element(info: ImageInfo, chain: Chain | None = None, key: str | None 
     vol = etree.Element("volume", type=VOLUME_TYPES.get(info.file_type, "file"))
     _sub(vol, "name", os.path.basename(path.rstrip("/")) or path)
     _sub(vol, "key", key or path)
-    _sub(vol, "capacity", info.virtual_size, unit="bytes")
     st = info.stat
+    physical = None if is_dir or st is None else info.virtual_size if info.file_type == "block" else st.st_size
+    table = format_table()
+    sized_by_file = info.format in table and table[info.format].libvirt_capacity_is_file_size
+    _sub(vol, "capacity", physical if sized_by_file and physical is not None else info.virtual_size, unit="bytes")
     _sub(vol, "allocation", 0 if is_dir or st is None else st.st_blocks * 512, unit="bytes")
-    if not is_dir and st is not None:
-        physical = info.virtual_size if info.file_type == "block" else st.st_size
+    if physical is not None:
         _sub(vol, "physical", physical, unit="bytes")
     target = _sub(vol, "target")
     _sub(target, "path", path)
