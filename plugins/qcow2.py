@@ -512,7 +512,7 @@ def features(img: Image) -> Features:
         specific["lazy-refcounts"] = lazy_refcounts
         if ext.bitmaps:
             specific["bitmaps"] = _bitmaps(img, hdr, ext.bitmaps)
-        flags = tuple(flag for flag, on in (("lazy_refcounts", lazy_refcounts), ("extended_l2", extended_l2)) if on)
+        flags = tuple([flag for flag, on in (("lazy_refcounts", lazy_refcounts), ("extended_l2", extended_l2)) if on])
     specific["refcount-bits"] = 1 << hdr.refcount_order
     if v3 and ext.data_file is not None:
         specific["data-file"] = ext.data_file

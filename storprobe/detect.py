@@ -63,16 +63,16 @@ def describe_image(img: Image, table: FormatTable, format: str | None) -> ImageI
             if spec.name in rejected:
                 raise rejected[spec.name]()
             raise InvalidHeader(f"not a {spec.name} image (its signature is missing)", code="wrong-format")
-        found = matched.get(spec.name, Signature(spec.header_offsets[0], by_magic=False))
+        found = matched.get(spec.name, Signature(spec, spec.header_offsets[0], by_magic=False))
         return _describe(img, spec, found, "caller", matches)
     if matched:
-        name, found = next(iter(matched.items()))
-        return _describe(img, table[name], found, "magic", matches)
+        found = next(iter(matched.values()))
+        return _describe(img, found.spec, found, "magic", matches)
     if rejected:
         raise next(iter(rejected.values()))()
     for spec in table.unsigned:
         if img.file_type in spec.file_types:
-            no_signature = Signature(spec.header_offsets[0], by_magic=False)
+            no_signature = Signature(spec, spec.header_offsets[0], by_magic=False)
             if spec.extension and img.name.lower().endswith(spec.extension):
                 return _describe(img, spec, no_signature, "extension", matches)
             if spec.catch_all:
@@ -85,6 +85,7 @@ class Signature(NamedTuple):
     version field) applies, or its ``match`` callback recognised it; the
     version its magic's row accepted, when the row declares a version field."""
 
+    spec: FormatSpec
     offset: int
     by_magic: bool
     version: int | None = None
@@ -103,7 +104,7 @@ def _signatures(img: Image, table: FormatTable) -> tuple[dict[str, Signature], d
         if not indexed:
             signature = _first_signature(img, spec, magics)
         elif found[position][2]:
-            signature = Signature(found[position][1], by_magic=True)
+            signature = Signature(spec, found[position][1], True)
         else:  # a prefix gating the row's match callback
             signature = _matched(img, spec, found[position][1])
         if signature is None:
@@ -113,7 +114,7 @@ def _signatures(img: Image, table: FormatTable) -> tuple[dict[str, Signature], d
             if not isinstance(version, int):
                 rejected[spec.name] = version
                 continue
-            signature = Signature(signature.offset, True, version)
+            signature = Signature(spec, signature.offset, True, version)
         matched[spec.name] = signature
     return matched, rejected
 
@@ -160,7 +161,7 @@ def _signature_at(img: Image, spec: FormatSpec, magics: tuple[bytes, ...], offse
         if where < 0 or end > size:
             continue
         if head.startswith(magic, where) if end <= len(head) else img.read(where, len(magic)) == magic:
-            return Signature(offset, by_magic=True)
+            return Signature(spec, offset, True)
     return _matched(img, spec, offset) if spec.match is not None else None
 
 
@@ -172,7 +173,7 @@ def _matched(img: Image, spec: FormatSpec, offset: int) -> Signature | None:
         raise
     except Exception as exc:  # a plugin defect must not escape as a traceback
         raise _plugin_error(spec, "match", exc) from exc
-    return Signature(offset, by_magic=False) if recognised else None
+    return Signature(spec, offset, False) if recognised else None
 
 
 def _version(img: Image, spec: FormatSpec, offset: int) -> int | Refusal:
