@@ -69,6 +69,31 @@ def patched(
     return dst
 
 
+class CountingSource:
+    """A volume in memory: ``data`` then zeros up to ``size`` bytes, counting
+    the read calls and the bytes read."""
+
+    file_type = "file"
+    stat = None
+
+    def __init__(self, data: bytes, size: int | None = None, name: str = "<counting>") -> None:
+        self.data, self._size, self.name = data, len(data) if size is None else size, name
+        self.bytes_read = self.reads = 0
+
+    def size(self) -> int:
+        return self._size
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        length = max(0, min(length, self._size - offset))
+        self.reads += 1
+        self.bytes_read += length
+        chunk = self.data[offset : offset + length]
+        return chunk + bytes(length - len(chunk))
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
 def qemu_img_error(path: Path, fmt: str | None = None) -> str | None:
     """What ``qemu-img info`` says when it refuses ``path`` (its stderr), None when it opens it."""
     args: list[str | Path] = [require("qemu-img"), "info", "--output=json", "-U"]

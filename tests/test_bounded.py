@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from oracle import qemu_img_create, run
+from oracle import CountingSource, qemu_img_create, run
 
 from storprobe import ImageInfo, ProbeError, probe
 from storprobe.chain import DEFAULT_MAX_DEPTH, probe_chain
@@ -24,33 +24,9 @@ from storprobe.source import READ_BUDGET
 PiB = 1 << 50
 
 
-class Counting:
-    """``data`` then zeros up to ``size`` bytes, counting every byte read."""
-
-    file_type = "file"
-    stat = None
-
-    def __init__(self, data: bytes, size: int | None = None, name: str = "<counting>") -> None:
-        self.data, self._size, self.name = data, len(data) if size is None else size, name
-        self.bytes_read = self.reads = 0
-
-    def size(self) -> int:
-        return self._size
-
-    def read_at(self, offset: int, length: int) -> bytes:
-        length = max(0, min(length, self._size - offset))
-        self.reads += 1
-        self.bytes_read += length
-        chunk = self.data[offset : offset + length]
-        return chunk + bytes(length - len(chunk))
-
-    def close(self) -> None:
-        """Nothing to release."""
-
-
 def outcome(data: bytes, size: int | None = None, fmt: str | None = None) -> ImageInfo | str:
     """The probe's result or error code, after checking it stayed in budget."""
-    source = Counting(data, size)
+    source = CountingSource(data, size)
     try:
         result: ImageInfo | str = probe(source, format=fmt)
     except ProbeError as exc:
@@ -242,7 +218,7 @@ def test_extreme_header(made, name):
 
 def test_budget_counts_the_head_and_every_read():
     """A source claiming a petabyte of zeros: the head, a tail, nothing more."""
-    source = Counting(b"", PiB)
+    source = CountingSource(b"", PiB)
     assert probe(source).format == "raw"
     assert source.bytes_read <= 0x8200 + 4096 and source.reads <= 2
 

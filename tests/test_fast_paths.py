@@ -24,7 +24,7 @@ from storprobe.registry import (
     format_table,
 )
 
-from oracle import qemu_img_create
+from oracle import CountingSource, qemu_img_create
 
 TABLE = format_table()
 SIGNED = [spec for spec, _, _ in TABLE.signed if spec.magic is not None]
@@ -139,26 +139,13 @@ def test_entry_point_precheck_defers_to_importlib_metadata_for_zips(tmp_path, mo
     assert _declared_names() is None
 
 
-class CountingBytes(BytesSource):
-    """Bytes in memory that count what is read from them."""
-
-    def __init__(self, data: bytes) -> None:
-        super().__init__(data)
-        self.reads = self.bytes_read = 0
-
-    def read_at(self, offset: int, length: int) -> bytes:
-        data = super().read_at(offset, length)
-        self.reads, self.bytes_read = self.reads + 1, self.bytes_read + len(data)
-        return data
-
-
 @given(
     size=st.integers(0, 300_000),
     steps=st.lists(st.tuples(st.integers(0, 5000), st.integers(0, 3000)), max_size=60),
 )
 def test_table_walker_reads_what_image_read_does_and_at_most_twice_what_it_uses(size, steps):
     data = bytes(range(256)) * (size // 256 + 1)
-    source = CountingBytes(data[:size])
+    source = CountingSource(data[:size])
     img = Image(source)
     walker, offset, used = img.walker(), 70_000, 0
     before = source.bytes_read
@@ -178,7 +165,7 @@ def test_table_walker_reads_what_image_read_does_and_at_most_twice_what_it_uses(
 
 
 def test_table_walker_reads_a_dense_table_in_few_reads():
-    source = CountingBytes(bytes(4 << 20))
+    source = CountingSource(bytes(4 << 20))
     walker = Image(source).walker()
     for offset in range(0, 4 << 20, 40):
         walker.read(offset, min(40, (4 << 20) - offset))

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from oracle import qemu_img_create, run
+from oracle import CountingSource, qemu_img_create, run
 
 from storprobe import ProbeError, probe
 from storprobe.human import render
@@ -41,30 +41,10 @@ def load(path: Path) -> bytes:
     return lzma.decompress(data) if path.suffix == ".xz" else data
 
 
-class Counting:
-    """Bytes as a volume, counting what a probe reads."""
-
-    file_type, stat, name = "file", None, "<fuzz>"
-
-    def __init__(self, data: bytes) -> None:
-        self.data, self.bytes_read = data, 0
-
-    def size(self) -> int:
-        return len(self.data)
-
-    def read_at(self, offset: int, length: int) -> bytes:
-        chunk = self.data[offset : offset + length]
-        self.bytes_read += len(chunk)
-        return chunk
-
-    def close(self) -> None:
-        """Nothing to release."""
-
-
 def probe_and_check(data: bytes) -> str:
     """The probe's format or error code, after checking it read within budget
     and that ``check`` gives a verdict too; never a plugin defect."""
-    source = Counting(data)
+    source = CountingSource(data)
     try:
         info = probe(source)
     except ProbeError as exc:
