@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 import struct
 import subprocess
 from pathlib import Path
@@ -92,6 +94,24 @@ class CountingSource:
 
     def close(self) -> None:
         """Nothing to release."""
+
+
+def unusable_entry(path: Path, kind: str) -> Path:
+    """``path`` made into a directory entry no volume can be read from:
+    ``missing``, ``fifo``, ``socket``, ``dangling`` (link to nothing) or
+    ``loop`` (link to itself)."""
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "socket":
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.bind(str(path))  # the socket file stays when the socket closes
+    elif kind == "dangling":
+        path.symlink_to("nowhere")
+    elif kind == "loop":
+        path.symlink_to(path.name)
+    elif kind != "missing":
+        raise ValueError(f"no such unusable entry: {kind}")
+    return path
 
 
 def qemu_img_error(path: Path, fmt: str | None = None) -> str | None:

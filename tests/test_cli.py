@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import struct
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import pytest
 
 from storprobe.cli import main
 
-from oracle import qemu_img_create
+from oracle import qemu_img_create, unusable_entry
 
 
 def storprobe(*args: str) -> subprocess.CompletedProcess:
@@ -38,8 +37,8 @@ def test_info_human(tmp_path, capsys):
 @pytest.mark.parametrize("kind", ["missing", "fifo", "truncated", "badversion"])
 def test_unprobeable_volume_exits_1_with_one_line(tmp_path, kind):
     path = tmp_path / kind
-    if kind == "fifo":
-        os.mkfifo(path)
+    if kind in ("missing", "fifo"):
+        unusable_entry(path, kind)
     elif kind == "truncated":
         path.write_bytes(b"QFI\xfb\0\0")
     elif kind == "badversion":

@@ -9,7 +9,6 @@ differencing VHD/VHDX) is hand-built from their output with struct.pack.
 from __future__ import annotations
 
 import json
-import os
 import struct
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from oracle import qemu_img_create, qemu_img_error, rebase_unsafe, run
+from oracle import qemu_img_create, qemu_img_error, rebase_unsafe, run, unusable_entry
 
 from storprobe import SourceError, UnknownFormat
 from storprobe.safety import DEFAULT_MAX_VIRTUAL_SIZE, Policy, Verdict, check
@@ -656,18 +655,9 @@ def test_cli_malformed_header_exits_3(tmp_path):
     assert proc.stdout.splitlines()[0] == f"{path}: UNSAFE (unreadable header)"
 
 
-@pytest.mark.parametrize("kind", ["missing", "fifo", "socket", "directory-loop"])
+@pytest.mark.parametrize("kind", ["missing", "fifo", "socket", "loop"])
 def test_cli_unreadable_exits_1_with_one_line(tmp_path, kind):
-    import socket
-
-    path = tmp_path / kind
-    if kind == "fifo":
-        os.mkfifo(path)
-    elif kind == "socket":
-        sock = socket.socket(socket.AF_UNIX)
-        sock.bind(str(path))
-    elif kind == "directory-loop":
-        path.symlink_to(path.name)
+    path = unusable_entry(tmp_path / kind, kind)
     proc = storprobe("check", path)
     assert (proc.returncode, proc.stdout) == (1, "")
     lines = proc.stderr.splitlines()

@@ -14,7 +14,7 @@ from storprobe import BytesSource, FileSource, PathSource, ProbeError, SourceErr
 from storprobe.errors import ReadLimitExceeded, TruncatedHeader, UnsupportedVersion
 from storprobe.source import HEAD_SIZE, READ_BUDGET, Image
 
-from oracle import qemu_img_create
+from oracle import qemu_img_create, unusable_entry
 
 
 @pytest.fixture(scope="module")
@@ -328,17 +328,10 @@ def test_cli_prints_one_line_for_an_unusable_source(tmp_path, kind, monkeypatch,
     from storprobe.cli import main
 
     path = tmp_path / kind
-    if kind == "fifo":
-        os.mkfifo(path)
-    elif kind == "socket":
-        sock = socket.socket(socket.AF_UNIX)
-        sock.bind(str(path))
+    if kind in ("missing", "fifo", "socket", "dangling", "loop"):
+        unusable_entry(path, kind)
     elif kind == "null":
         path = "/dev/null"
-    elif kind == "dangling":
-        path.symlink_to("nowhere")
-    elif kind == "loop":
-        path.symlink_to(path.name)
     elif kind == "denied":
         path.write_bytes(b"x")
         path.chmod(0)
