@@ -1,5 +1,7 @@
 import os
+import socket
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 # Tests see only the built-in formats unless a test registers its own plugin.
@@ -13,3 +15,15 @@ _FUZZ_SLOW = [HealthCheck.too_slow, HealthCheck.data_too_large]
 settings.register_profile("ci", max_examples=200, deadline=None, suppress_health_check=_FUZZ_SLOW)
 settings.register_profile("long", max_examples=100_000, deadline=None, suppress_health_check=_FUZZ_SLOW)
 settings.load_profile(os.environ.get("STORPROBE_FUZZ", "ci"))
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to resolve a name or open a socket fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("storprobe touched the network")
+
+    for name in ("getaddrinfo", "gethostbyname", "create_connection"):
+        monkeypatch.setattr(socket, name, refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)

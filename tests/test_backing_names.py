@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 
 import pytest
 from hypothesis import given, settings
@@ -14,16 +13,7 @@ from storprobe.errors import BackingNameError
 TOP = "/images/top.qcow2"
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """Any attempt to resolve a name or open a socket fails the test."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("storprobe touched the network")
-
-    for name in ("getaddrinfo", "gethostbyname", "create_connection"):
-        monkeypatch.setattr(socket, name, refuse)
-    monkeypatch.setattr(socket.socket, "connect", refuse)
+pytestmark = pytest.mark.usefixtures("no_network")  # conftest.py: any name lookup or connect fails
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import struct
 import subprocess
 import sys
@@ -60,16 +59,6 @@ def ours(chain) -> list[dict]:
     for entry in out:
         entry.pop(EXTRA_KEY)
     return out
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("storprobe touched the network")
-
-    for name in ("getaddrinfo", "gethostbyname", "create_connection"):
-        monkeypatch.setattr(socket, name, refuse)
-    monkeypatch.setattr(socket.socket, "connect", refuse)
 
 
 def test_raw_under_three_qcow2_matches_qemu(tmp_path):
