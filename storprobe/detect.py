@@ -167,12 +167,7 @@ def _signature_at(img: Image, spec: FormatSpec, magics: tuple[bytes, ...], offse
 
 def _matched(img: Image, spec: FormatSpec, offset: int) -> Signature | None:
     """The row's ``match`` callback asked about the header at ``offset``."""
-    try:
-        recognised = spec.match(img.at_header(offset))  # type: ignore[misc]
-    except ProbeError:
-        raise
-    except Exception as exc:  # a plugin defect must not escape as a traceback
-        raise _plugin_error(spec, "match", exc) from exc
+    recognised = guarded(spec, "match", lambda: spec.match(img.at_header(offset)))  # type: ignore[misc]
     return Signature(spec, offset, False) if recognised else None
 
 

@@ -67,8 +67,7 @@ class _Child:
     """One forked worker and the read end of its result pipe."""
 
     def __init__(self, pid: int, fd: int) -> None:
-        self.pid, self.fd = pid, fd
-        self.alive = True
+        self.pid, self.fd = pid, fd  # fd -1: stopped
 
     @classmethod
     def start(cls, work: Callable[[S], R], items: Sequence[S], index: int, jobs: int) -> _Child | None:
@@ -101,7 +100,7 @@ class _Child:
 
     def receive(self) -> object:
         """The child's next result, or ``_NOTHING`` once it has died."""
-        if self.alive:
+        if self.fd >= 0:
             header = _read_exact(self.fd, _FRAME.size)
             data = _read_exact(self.fd, _FRAME.unpack(header)[0]) if header is not None else None
             if data is not None:
@@ -114,7 +113,7 @@ class _Child:
         if self.fd < 0:
             return
         os.close(self.fd)
-        self.fd, self.alive = -1, False
+        self.fd = -1
         try:
             os.kill(self.pid, signal.SIGKILL)
         except ProcessLookupError:

@@ -97,8 +97,9 @@ def scan_map(
 ) -> Iterator[T]:
     """``render(record)`` for every record :func:`scan` makes, in the same
     order, with ``jobs`` processes probing and rendering (default: one per
-    usable CPU, at most :data:`DEFAULT_JOBS_CAP`). ``render`` must not raise, and with more than one job its
-    results must pickle (text does). The entry list is made up front.
+    usable CPU, at most :data:`DEFAULT_JOBS_CAP`). ``render`` must not raise,
+    and with more than one job its results must pickle (text does). The entry
+    list is made up front.
 
     Raises SourceError at once when ``directory`` itself cannot be listed.
     """

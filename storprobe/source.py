@@ -63,8 +63,6 @@ def _kind(mode: int) -> str:
 
 def _check_volume(mode: int) -> str:
     """The kind of a file that may be probed; SourceError for any other."""
-    if stat.S_ISREG(mode):
-        return "file"
     kind = _kind(mode)
     if kind not in ("file", "block", "directory"):
         raise SourceError(f"is a {kind}, not a volume")

@@ -25,6 +25,7 @@ from .errors import Unrepresentable
 from .model import ImageInfo
 from .registry import format_table
 from .scan import ScanRecord
+from .spec import FormatSpec
 
 VOLUME_TYPES = {"file": "file", "block": "block", "directory": "dir"}
 #: Our encryption method names -> libvirt's ``<encryption format=...>``.
@@ -91,9 +92,16 @@ def _permissions_and_times(parent: etree._Element, path: str, st: os.stat_result
     _sub(times, "btime", "0")  # Linux stat has no birth time; libvirt prints 0 too
 
 
-def libvirt_format(info: ImageInfo) -> str:
+def _row(fmt: str) -> FormatSpec | None:
+    """The table row of a format name, if a plugin provides it."""
     table = format_table()
-    return table[info.format].libvirt_format if info.format in table else info.format
+    return table[fmt] if fmt in table else None
+
+
+def _libvirt_name(fmt: str) -> str:
+    """The name libvirt's ``<format type=...>`` uses for ``fmt``."""
+    row = _row(fmt)
+    return row.libvirt_format if row is not None else fmt
 
 
 def volume_element(info: ImageInfo, chain: Chain | None = None, key: str | None = None) -> etree._Element:
@@ -106,15 +114,15 @@ def volume_element(info: ImageInfo, chain: Chain | None = None, key: str | None 
     _sub(vol, "key", key or path)
     st = info.stat
     physical = None if is_dir or st is None else info.virtual_size if info.file_type == "block" else st.st_size
-    table = format_table()
-    sized_by_file = info.format in table and table[info.format].libvirt_capacity_is_file_size
+    row = _row(info.format)
+    sized_by_file = row is not None and row.libvirt_capacity_is_file_size
     _sub(vol, "capacity", physical if sized_by_file and physical is not None else info.virtual_size, unit="bytes")
     _sub(vol, "allocation", 0 if is_dir or st is None else st.st_blocks * 512, unit="bytes")
     if physical is not None:
         _sub(vol, "physical", physical, unit="bytes")
     target = _sub(vol, "target")
     _sub(target, "path", path)
-    _sub(target, "format", type=libvirt_format(info))
+    _sub(target, "format", type=_libvirt_name(info.format))
     if st is not None:
         _permissions_and_times(target, path, st)
     if info.encryption is not None:
@@ -143,11 +151,6 @@ def _backing_element(parent: etree._Element, store: BackingStore, fmt: str | Non
     if fmt is not None:
         _sub(element, "format", type=_libvirt_name(fmt))
     return element
-
-
-def _libvirt_name(fmt: str) -> str:
-    table = format_table()
-    return table[fmt].libvirt_format if fmt in table else fmt
 
 
 def _network_backing(parent: etree._Element, store: BackingStore, fmt: str | None) -> etree._Element:
@@ -182,7 +185,7 @@ def _chain_backing(parent: etree._Element, chain: Chain, index: int) -> None:
     element = _sub(parent, "backingStore")
     path = os.path.abspath(below.filename)
     _sub(element, "path", path)
-    _sub(element, "format", type=libvirt_format(below))
+    _sub(element, "format", type=_libvirt_name(below.format))
     if below.stat is not None:
         _permissions_and_times(element, path, below.stat)
     _chain_backing(element, chain, index + 1)
