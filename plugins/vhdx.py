@@ -211,9 +211,14 @@ def overlapping(start: int, end: int, taken: list[tuple[int, int]]) -> bool:
     return any(start < used_end and used_start < end for used_start, used_end in taken)
 
 
+def _region_table_bytes(img: Image) -> bytes:
+    """The region table, read once per probe (parsed here, compared with its copy in features)."""
+    return img.memo(_region_table_bytes, lambda img: img.read(REGION_TABLE_OFFSET, REGION_TABLE_SIZE))
+
+
 def region_table(img: Image, taken: list[tuple[int, int]]) -> tuple[object, object]:
     """The BAT and metadata region entries; ``taken`` gains every region."""
-    table = img.read(REGION_TABLE_OFFSET, REGION_TABLE_SIZE)
+    table = _region_table_bytes(img)
     if not checksum_ok(table):
         raise InvalidHeader("region table checksum is incorrect", code="vhdx.region-checksum")
     head = REGION_TABLE_HEADER.unpack(table)
@@ -406,7 +411,7 @@ def features(img: Image) -> Features:
         details["log-guid"] = guid_text(vhdx.header.log_guid)  # a log replay may be pending
     if not check_bat(img, vhdx):
         details["bat-not-scanned"] = f"larger than {BAT_SCAN_LIMIT} bytes"
-    if img.read(REGION_TABLE_COPY_OFFSET, REGION_TABLE_SIZE) != img.read(REGION_TABLE_OFFSET, REGION_TABLE_SIZE):
+    if img.read(REGION_TABLE_COPY_OFFSET, REGION_TABLE_SIZE) != _region_table_bytes(img):
         details["region-table-copy"] = "differs"
     if vhdx.parent_locator is not None:
         details["parent-locator"] = parent_locator(img, vhdx.parent_locator)[1]
