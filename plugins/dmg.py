@@ -41,9 +41,8 @@ TRAILER = Layout(
     ("sector_count", "Q"),
     (None, "12x"),
 )
-TRAILER_SIZE = 512
+TRAILER_SIZE = SECTOR = 512
 MAX_XML_LENGTH = 16 * 1024 * 1024  # QEMU's cap on the property list it reads
-MAX_SECTOR_COUNT = (1 << 63) - 1  # QEMU keeps the size in a signed 64-bit field
 
 
 def fork_fits(offset: int, length: int, trailer_offset: int) -> bool:
@@ -62,8 +61,6 @@ def features(img: Image) -> Features:
         raise InvalidHeader("resource fork lies outside the file before the trailer", code="dmg.rsrc-fork")
     if not fork_fits(koly.xml_offset, koly.xml_length, end):
         raise InvalidHeader("XML property list lies outside the file before the trailer", code="dmg.xml-plist")
-    if koly.sector_count > MAX_SECTOR_COUNT:
-        raise InvalidHeader(f"sector count {koly.sector_count} is too large", code="dmg.sector-count")
     if koly.rsrc_fork_length:
         block_map = "resource-fork"
     elif koly.xml_length:
@@ -88,7 +85,7 @@ def storprobe_formats() -> list[FormatSpec]:
             version_offset=4,
             versions=(4,),
             size_offset=0x1EC,
-            size_multiplier=512,
+            size_multiplier=SECTOR,
             features=features,
         )
     ]

@@ -15,7 +15,7 @@ the dirty flag.
 
 from __future__ import annotations
 
-from storprobe import Features, FormatSpec, Image, InvalidHeader, Layout, hookimpl
+from storprobe import QEMU_MAX_LENGTH, Features, FormatSpec, Image, InvalidHeader, Layout, hookimpl
 
 MAGIC = b"WithoutFreeSpace"
 MAGIC_EXT = b"WithouFreSpacExt"
@@ -47,7 +47,6 @@ SECTOR = 512
 INUSE_DIRTY = 0x746F6E59  # "Ynot": open for writing, or not closed cleanly
 MAX_TRACKS = (2**31 - 1) // 513
 MAX_BAT_ENTRIES = (2**31 - 1) // 4
-QEMU_MAX_LENGTH = 2**63 - 2**30  # QEMU's block-layer limit on a disk's length
 EXT_MAGIC = 0xAB234CEF23DCEA87
 FEATURE_END = 0
 FEATURE_DIRTY_BITMAP = 0x20385FAE252CB34A

@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 from storprobe import (
+    INT64_MAX,
+    QEMU_MAX_LENGTH,
     Backing,
     DataFile,
     Features,
@@ -146,9 +148,7 @@ BITMAP_TABLE_OFFSET = 0x00FFFFFFFFFFFE00
 BITMAP_TABLE_ALL_ONES = 1 << 0
 SUBCLUSTERS = 32  # per cluster with extended L2 entries
 INT_MAX = 2**31 - 1
-INT64_MAX = 2**63 - 1
 UINT64 = 2**64
-MAX_LENGTH = INT64_MAX // 2**30 * 2**30  # QEMU's BDRV_MAX_LENGTH
 SECTOR = 512
 NO_ICOUNT = UINT64 - 1
 
@@ -255,8 +255,8 @@ def _check_header(hdr: Any) -> None:
         raise _invalid("l1-too-small", f"L1 table has {hdr.l1_size} entries, virtual size needs {l1_needed}")
     if hdr.crypt_method > CRYPT_LUKS:
         raise _invalid("crypt-method", f"unsupported encryption method {hdr.crypt_method}")
-    if hdr.size // SECTOR * SECTOR > MAX_LENGTH:
-        raise _invalid("size-too-large", f"virtual size {hdr.size} exceeds QEMU's limit {MAX_LENGTH}")
+    if hdr.size // SECTOR * SECTOR > QEMU_MAX_LENGTH:
+        raise _invalid("size-too-large", f"virtual size {hdr.size} exceeds QEMU's limit {QEMU_MAX_LENGTH}")
 
 
 def _check_table_offset(hdr: Any, rule: str, offset: int, table_bytes: int) -> None:

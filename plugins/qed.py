@@ -15,7 +15,7 @@ clean, because the driver clears the bit in memory once the image is drained.
 
 from __future__ import annotations
 
-from storprobe import Backing, Features, FormatSpec, Image, InvalidHeader, Layout, hookimpl
+from storprobe import QEMU_MAX_LENGTH, Backing, Features, FormatSpec, Image, InvalidHeader, Layout, hookimpl
 from storprobe.layout import cstring
 
 HEADER = Layout(
@@ -43,7 +43,6 @@ KNOWN_FEATURES = F_BACKING_FILE | F_NEED_CHECK | F_BACKING_FORMAT_NO_PROBE
 MIN_CLUSTER, MAX_CLUSTER = 4 * 1024, 64 * 1024 * 1024
 MIN_TABLE, MAX_TABLE = 1, 16
 SECTOR = 512
-QEMU_MAX_LENGTH = 2**63 - 2**30  # QEMU's block-layer limit on a disk's length
 MAX_BACKING_NAME = 4095  # QEMU reads the name into a PATH_MAX buffer
 
 

@@ -26,6 +26,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 from storprobe import (
+    INT64_MAX,
     Backing,
     Features,
     FormatSpec,
@@ -57,7 +58,6 @@ MAX_GTES_PER_GT = 512
 MAX_L1_ENTRIES = 32 * 1024 * 1024
 MAX_CREATE_TYPE = 127
 MAX_HINT = 4095  # PATH_MAX - 1
-INT64_MAX = (1 << 63) - 1
 # Our own cap: 64 TiB (the largest disk QEMU's vmdk driver allows for, seSparse)
 # in the 2 GiB extents qemu-img splits a twoGbMaxExtent disk into.
 MAX_EXTENTS = 32768

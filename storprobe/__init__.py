@@ -15,9 +15,11 @@ from .layout import Layout
 from .model import ImageInfo
 from .registry import format_table, register, registered, unregister
 from .source import BytesSource, FileSource, Image, PathSource
-from .spec import Backing, DataFile, Features, FormatSpec, Hazard, Snapshot
+from .spec import INT64_MAX, QEMU_MAX_LENGTH, Backing, DataFile, Features, FormatSpec, Hazard, Snapshot
 
 __all__ = [
+    "INT64_MAX",
+    "QEMU_MAX_LENGTH",
     "Backing",
     "BytesSource",
     "DataFile",

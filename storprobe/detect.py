@@ -19,7 +19,7 @@ from .layout import read_uint
 from .model import ImageInfo
 from .registry import FormatTable, format_table
 from .source import BytesSource, ByteSource, FileSource, Image, PathSource
-from .spec import Features, FormatSpec
+from .spec import QEMU_MAX_LENGTH, Features, FormatSpec
 
 Target = str | os.PathLike[str] | bytes | BinaryIO | ByteSource
 #: A refused signature's error, made only when it is raised.
@@ -206,6 +206,8 @@ def _describe(img: Image, spec: FormatSpec, found: Signature, evidence: str, mat
             virtual_size = read_uint(header, spec.size_offset, spec.size_width, spec.endian) * spec.size_multiplier
         else:
             virtual_size = img.size
+        if virtual_size > QEMU_MAX_LENGTH:  # QEMU opens no disk this long, whatever its format
+            raise InvalidHeader(f"virtual size {virtual_size} exceeds QEMU's limit {QEMU_MAX_LENGTH}", code=f"{spec.name}.size-too-large")
         encryption = features.encryption
         if encryption is None and spec.crypt_offset is not None:
             method = read_uint(header, spec.crypt_offset, 4, spec.endian)

@@ -18,6 +18,10 @@ if TYPE_CHECKING:
     from .source import Image
 
 FileType = Literal["file", "block", "directory"]
+#: The largest virtual size qemu-img can report (its sizes are signed 64-bit).
+INT64_MAX = 2**63 - 1
+#: QEMU's block-layer limit on a disk's length (BDRV_MAX_LENGTH: INT64_MAX rounded down to 1 GiB).
+QEMU_MAX_LENGTH = INT64_MAX // 2**30 * 2**30
 #: The empty mapping a record holds by default (shared, so read-only).
 EMPTY: Mapping[Any, Any] = MappingProxyType({})
 

@@ -98,10 +98,19 @@ def _row(fmt: str) -> FormatSpec | None:
     return table[fmt] if fmt in table else None
 
 
+#: A format name the schema accepts for a format it does not list (xml-schemas/storagevol.rng).
+_FORMAT_NAME = re.compile(r"[a-z][a-z0-9_+.\-]*")
+
+
 def _libvirt_name(fmt: str) -> str:
-    """The name libvirt's ``<format type=...>`` uses for ``fmt``."""
+    """The name libvirt's ``<format type=...>`` uses for ``fmt``; Unrepresentable
+    for a name no format could have (an image's backing format is its own text)."""
     row = _row(fmt)
-    return row.libvirt_format if row is not None else fmt
+    if row is not None:
+        return row.libvirt_format
+    if not _FORMAT_NAME.fullmatch(fmt):
+        raise Unrepresentable(f"format {fmt!r} is not a format name (a-z, then a-z, 0-9, _+.-)")
+    return fmt
 
 
 def volume_element(info: ImageInfo, chain: Chain | None = None, key: str | None = None) -> etree._Element:

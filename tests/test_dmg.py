@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from oracle import assert_same_as_qemu, code_of, probe_or_named_error, qemu_img_error, qemu_refuses, run
 
-from storprobe import probe
+from storprobe import QEMU_MAX_LENGTH, probe
 
 TRAILER = ">4sIIIQQQQQII16sII128xQQ120xII128xIQ12x"
 RAW_CHUNK, TERMINATOR_CHUNK = 0x00000001, 0xFFFFFFFF
@@ -99,6 +99,14 @@ def test_matches_qemu(tmp_path: Path, block_map: str, sectors: int):
     assert info.version == 4
 
 
+def test_largest_size_qemu_opens(tmp_path: Path):
+    """The trailer's sector count is the size; QEMU's block layer opens a disk
+    up to its length limit and no further (the row one past it is in test_rule)."""
+    path = tmp_path / "huge.dmg"
+    path.write_bytes(build_dmg(disk(8), sector_count=QEMU_MAX_LENGTH // 512))
+    assert assert_same_as_qemu(path)["virtual-size"] == QEMU_MAX_LENGTH
+
+
 @pytest.mark.parametrize("block_map", ["xml", "rsrc"])
 def test_qemu_reads_the_hand_built_image(tmp_path: Path, block_map: str):
     """Proof the builder makes a real dmg: QEMU converts it back to the data."""
@@ -137,7 +145,8 @@ KOLY_AT = len(build_dmg(DATA)) - 512
         ({"rsrc_fork_length": KOLY_AT + 1}, "dmg.rsrc-fork", True),
         ({"xml_offset": KOLY_AT}, "dmg.xml-plist", True),
         ({"xml_length": KOLY_AT + 1}, "dmg.xml-plist", True),
-        ({"sector_count": 1 << 63}, "dmg.sector-count", True),
+        ({"sector_count": 1 << 63}, "dmg.size-too-large", True),
+        ({"sector_count": QEMU_MAX_LENGTH // 512 + 1}, "dmg.size-too-large", True),  # QEMU: "File too large"
         ({"xml_length": 0}, "dmg.no-block-map", True),
         ({"version": 3}, "unsupported-version", False),  # QEMU ignores the version
     ],

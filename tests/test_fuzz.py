@@ -78,6 +78,7 @@ EXPECTED = {
     "polyglot-iso-mbr-qcow2.img.xz": ("qcow2", ["polyglot", "backing-file", "raw.partition-table"]),
     "qcow2-2MiB-of-empty-extensions.qcow2.xz": ("qcow2", []),
     "qcow2-65535-bitmaps.qcow2.xz": ("qcow2", []),
+    "qcow2-backing-format-not-a-name.qcow2.xz": ("qcow2", ["backing-file"]),
     "qcow2-hostile-feature-names.qcow2.xz": ("qcow2", ["qcow2.unknown-feature", "qcow2.corrupt"]),
     "qcow2-luks-without-crypto-header.qcow2.xz": ("qcow2.crypto-header-missing", ["malformed"]),
     "vmdk-blank-lines.vmdk.xz": ("vmdk.extent-count", ["malformed"]),

@@ -253,6 +253,8 @@ CATALOGUE: dict[str, list[Rule]] = {
         rule("unsupported-version", "a known magic with an unknown version", "qcow2-v3", u32(4, 99)),
         rule("read-limit", "a structure larger than the 16 MiB read budget", "qcow2-rich",
              in_ext(EXT_BITMAPS, 8, "Q", 1024 * 65535), size=80 * MiB),
+        rule("dmg.size-too-large", "a row's size field beyond QEMU's length limit (FORMAT.size-too-large; dmg's here)",
+             "", replace(build_dmg(bytes(4096), sector_count=2**63 // 512))),
     ],
     "bochs": [
         rule("bochs.type", "image type is not Redolog", "bochs", le(32, "16s", b"Nonsense\0")),
@@ -287,7 +289,6 @@ CATALOGUE: dict[str, list[Rule]] = {
              replace(build_dmg(bytes(4096), "rsrc", rsrc_fork_offset=1 << 40))),
         rule("dmg.xml-plist", "XML property list outside the file before the trailer", "",
              replace(build_dmg(bytes(4096), xml_offset=1 << 40))),
-        rule("dmg.sector-count", "sector count above 2^63 - 1", "", replace(build_dmg(bytes(4096), sector_count=2**63))),
         rule("dmg.xml-size", "XML property list above 16 MiB", "",
              replace(build_dmg(bytes(17 * MiB), xml_offset=0, xml_length=16 * MiB + 1))),
         rule("dmg.no-block-map", "neither a resource fork nor an XML property list", "",

@@ -217,3 +217,29 @@ def test_names_xml_cannot_carry_are_named_errors_not_changed_paths(tmp_path):
         ("error", f"{pool}/ctl\\x01name", "xml.unrepresentable"),
         ("volume", None, None),
     ]
+
+
+@pytest.mark.parametrize(("name", "expected"), [(b"foo", "foo"), (b" cow2", None), (b"QCOW", None)])
+def test_backing_format_is_the_images_text_and_must_be_a_format_name(tmp_path, name, expected):
+    """A qcow2 backing-format extension holds whatever text the image's author
+    wrote. A lowercase name no plugin knows is reported as written (libvirt 9.0
+    says ``raw`` for any unknown backing format, which names a format the image
+    never claimed); text the schema cannot take as a format type is a named
+    error, never a document that fails validation (found by the fuzz tests)."""
+    image = tmp_path / "b.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", "/tmp/base.img", "-F", "raw", image, "1M")
+    data = bytearray(image.read_bytes())
+    at = data.index(b"raw\0\0\0\0\0")  # the extension's payload, padded to 8 bytes; its length stays 3
+    data[at : at + len(name)] = name
+    data[at - 1] = len(name)
+    image.write_bytes(data)
+    info = probe(image)
+    assert info.backing.format == name.decode()
+    if expected is None:
+        with pytest.raises(ProbeError) as caught:
+            to_volume_xml(info)
+        assert caught.value.code == "xml.unrepresentable"
+    else:
+        document = to_volume_xml(info)
+        assert schema_errors(document.encode()) == []
+        assert etree.fromstring(document.encode()).find("backingStore/format").get("type") == expected
