@@ -21,7 +21,7 @@ from lxml import etree
 
 from .backing import BackingStore
 from .chain import Chain, backing_store
-from .errors import Unrepresentable
+from .errors import ProbeError, Unrepresentable
 from .model import ImageInfo
 from .registry import format_table
 from .scan import ScanRecord
@@ -213,12 +213,13 @@ def scan_document(records: Iterable[ScanRecord]) -> str:
 
 def scan_entry(record: ScanRecord) -> str:
     """One record's element of a ``<volumes>`` document, as indented text. A
-    volume whose names XML cannot carry is an ``<error>``, its path escaped."""
+    volume the XML cannot describe (a name XML cannot carry, a backing name that
+    does not parse) is an ``<error>``, its path escaped."""
     error = record.error
     if record.info is not None:
         try:
             element = volume_element(record.info)
-        except Unrepresentable as exc:
+        except ProbeError as exc:
             error = exc
     if error is not None:
         element = etree.Element("error", path=_escaped(record.path), code=error.code)

@@ -4,40 +4,37 @@
     python3 tests/fuzz_atheris.py WORKDIR -max_len=4194304 -max_total_time=3600
 
 WORKDIR is libFuzzer's corpus directory; when it is empty it is seeded with the
-regression corpus (tests/corpus, decompressed). Each input is probed and
-checked; anything but a result or a named error (a ``plugin-error``, any other
-exception) stops the run and leaves the input in ``crash-*``: fix the plugin,
+regression corpus (tests/corpus, decompressed) and the real images the pytest
+fuzz tests mutate (made with qemu-img and friends). Each input is probed and
+checked, and every result rendered as JSON, as text and as volume XML that
+must validate (the property of tests/test_fuzz.py); anything but a result or
+a named error (a ``plugin-error``, any other exception, a failed assertion)
+stops the run and leaves the input in ``crash-*``: fix the plugin,
 then add the input to tests/corpus. ``-max_len`` must cover what a format
-reads (ISO descriptors lie past 32 KiB, a qemu-img VHDX's metadata at 3 MiB);
-real images copied into WORKDIR make better seeds than the corpus alone.
+reads (ISO descriptors lie past 32 KiB, a qemu-img VHDX's metadata at 3 MiB).
 """
 
 from __future__ import annotations
 
 import lzma
 import sys
+import tempfile
 from pathlib import Path
 
 import atheris
 
 with atheris.instrument_imports():
     import storprobe
-    from storprobe.safety import check
 
     storprobe.format_table()  # imports (and so instruments) the built-in plugins
+
+from test_fuzz import probe_and_check, real_images  # noqa: E402  (shared with the pytest fuzz tests)
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
 
 
 def test_one_input(data: bytes) -> None:
-    try:
-        storprobe.probe(data)
-    except storprobe.ProbeError as exc:
-        if exc.code == "plugin-error":
-            raise
-    for hazard in check(data).hazards:
-        if "(plugin-error)" in hazard.message:
-            raise AssertionError(hazard.message)
+    probe_and_check(data)
 
 
 def seed(workdir: Path) -> None:
@@ -46,6 +43,9 @@ def seed(workdir: Path) -> None:
         return
     for path in CORPUS.glob("*.xz"):
         (workdir / path.stem).write_bytes(lzma.decompress(path.read_bytes()))
+    with tempfile.TemporaryDirectory() as made:
+        for number, image in enumerate(real_images(Path(made))):
+            (workdir / f"real-{number}").write_bytes(image)
 
 
 if __name__ == "__main__":

@@ -243,3 +243,29 @@ def test_backing_format_is_the_images_text_and_must_be_a_format_name(tmp_path, n
         document = to_volume_xml(info)
         assert schema_errors(document.encode()) == []
         assert etree.fromstring(document.encode()).find("backingStore/format").get("type") == expected
+
+
+def test_a_backing_name_that_does_not_parse_is_one_error_in_a_scan(tmp_path):
+    """The XML describes a backing store by what its name means (a path, a
+    network source), so a ``json:`` name that is not JSON cannot be described:
+    ``info --output xml`` says so by name, and a scan records an ``<error>`` for
+    that volume and goes on (it once stopped the whole scan with a traceback;
+    found by the atheris fuzzer)."""
+    from storprobe.scan import scan
+    from storprobe.volume_xml import scan_document
+
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", 'json:{"file":', "-F", "raw", tmp_path / "a.qcow2", "1M")
+    qemu_img_create(tmp_path / "b.qcow2", "qcow2", "1M")
+    with pytest.raises(ProbeError) as caught:
+        to_volume_xml(probe(tmp_path / "a.qcow2"))
+    assert caught.value.code == "backing.name"
+    document = scan_document(scan(tmp_path))
+    assert schema_errors(document.encode()) == []
+    assert [(e.tag, e.get("code")) for e in etree.fromstring(document.encode())] == [
+        ("error", "backing.name"),
+        ("volume", None),
+    ]
+    cli = subprocess.run([sys.executable, "-m", "storprobe", "scan", "--output", "xml", str(tmp_path)],
+                         capture_output=True, text=True, check=False)
+    assert (cli.returncode, cli.stderr) == (0, "")
+    assert [e.tag for e in etree.fromstring(cli.stdout.encode())] == ["error", "volume"]
