@@ -7,10 +7,11 @@ from hypothesis import HealthCheck, settings
 # Tests see only the built-in formats unless a test registers its own plugin.
 os.environ.setdefault("STORPROBE_DISABLE_PLUGIN_AUTOLOAD", "1")
 
-# Fuzzing campaigns: STORPROBE_FUZZ=long runs the property tests that leave
+# Fuzzing campaigns: STORPROBE_FUZZ=long runs every property test that leaves
 # max_examples to the profile (test_fuzz.py, test_fuzz_table.py, the random
-# bytes of test_safety.py) for 100000 examples each instead of 200. Tests
-# that set max_examples themselves (the per-format ones) keep their count.
+# bytes of test_safety.py, each format's mutated headers) for 100000 examples
+# instead of 200; the two that set their own count (slow VMDK descriptors,
+# backing names) keep it.
 # The default profile is derandomized: a test run (and CI) is reproducible,
 # and new inputs are the campaigns' job; what they find joins tests/corpus.
 _FUZZ_SLOW = [HealthCheck.too_slow, HealthCheck.data_too_large]

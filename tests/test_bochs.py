@@ -13,7 +13,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from oracle import assert_same_as_qemu, code_of, libvirt_volumes, patched, probe_or_named_error, qemu_info, qemu_refuses, run
 
@@ -106,7 +106,6 @@ def real_bytes(tmp_path_factory) -> bytes:
     return bximage(tmp_path_factory.mktemp("bochs") / "a.img", "10M").read_bytes()
 
 
-@settings(max_examples=200, deadline=None)
 @given(
     edits=st.lists(st.tuples(st.integers(0, 99), st.integers(0, 255)), min_size=1, max_size=8),
     cut=st.one_of(st.none(), st.integers(0, 5000)),

@@ -12,7 +12,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from oracle import assert_same_as_qemu, code_of, libvirt_volumes, probe_or_named_error, qemu_info, qemu_refuses, run
 
@@ -97,7 +97,6 @@ def real_bytes(tmp_path_factory) -> bytes:
     return create_compressed_fs(tmp_path_factory.mktemp("cloop"), os.urandom(300_000), 65536).read_bytes()
 
 
-@settings(max_examples=200, deadline=None)
 @given(
     edits=st.lists(st.tuples(st.integers(0, 200), st.integers(0, 255)), min_size=1, max_size=8),
     cut=st.one_of(st.none(), st.integers(0, 400)),

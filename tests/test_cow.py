@@ -10,7 +10,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from oracle import code_of, libvirt_volumes, ours, probe_or_named_error
 
@@ -120,7 +120,6 @@ def test_malformed_header(tmp_path, data, code):
     assert code_of(write(tmp_path, data)) == code
 
 
-@settings(max_examples=200, deadline=None)
 @given(
     base=st.sampled_from([qemu_v2(8 * MIB, b"base"), uml_v2(8 * MIB), uml_v3(8 * MIB), uml_v3_unpacked(8 * MIB)]),
     edits=st.lists(

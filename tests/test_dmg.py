@@ -8,7 +8,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from oracle import assert_same_as_qemu, code_of, probe_or_named_error, qemu_img_error, qemu_refuses, run
 
@@ -181,7 +181,6 @@ def test_short_file_is_not_dmg(tmp_path: Path):
 PRISTINE = build_dmg(disk(16))
 
 
-@settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 511), st.integers(0, 255)), min_size=1, max_size=8))
 def test_mutated_trailers_never_crash(mutations):
     data = bytearray(PRISTINE)

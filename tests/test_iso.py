@@ -13,7 +13,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from storprobe import probe
@@ -193,7 +193,6 @@ def real_iso(tmp_path_factory) -> bytes:
     return path.read_bytes()
 
 
-@settings(max_examples=200, deadline=None)
 @given(
     edits=st.lists(
         st.tuples(st.integers(PVD, PVD + 4 * SECTOR - 1), st.integers(0, 255)), min_size=1, max_size=12

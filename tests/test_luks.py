@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from storprobe import ProbeError, TruncatedHeader, probe
@@ -219,7 +219,6 @@ def test_truncated_luks1_header(small_luks1):
     assert code_of(small_luks1[:400]) == "truncated"
 
 
-@settings(max_examples=200, deadline=None)
 @given(edits=st.lists(st.tuples(st.integers(0, LUKS1_HEADER_SIZE - 1), st.integers(0, 255)), min_size=1, max_size=12))
 def test_luks1_mutations(small_luks1, edits):
     probe_or_named_error(_patched(small_luks1, *((at, bytes([value])) for at, value in edits)))
@@ -364,7 +363,6 @@ def test_luks2_truncated_before_secondary(small_luks2):
     assert code_of(small_luks2[:20000]) == "truncated"
 
 
-@settings(max_examples=200, deadline=None)
 @given(edits=st.lists(st.tuples(st.integers(0, 4095), st.integers(0, 255)), min_size=1, max_size=12))
 def test_luks2_binary_mutations(small_luks2, edits):
     probe_or_named_error(_patched(small_luks2, *((at, bytes([value])) for at, value in edits)))
@@ -400,7 +398,6 @@ JSON_PATHS = [
 ]
 
 
-@settings(max_examples=200, deadline=None)
 @given(changes=st.lists(st.tuples(st.sampled_from(JSON_PATHS), JSON_VALUES), min_size=1, max_size=3))
 def test_luks2_json_mutations(small_luks2, changes):
     """Random values in the JSON metadata, with valid checksums, so the JSON checks are reached."""

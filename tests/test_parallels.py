@@ -12,7 +12,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from oracle import assert_same_as_qemu, code_of, libvirt_volumes, patched, probe_or_named_error, qemu_img_create, qemu_info, qemu_refuses
 
@@ -157,7 +157,6 @@ def real_bytes(tmp_path_factory) -> bytes:
     return image.read_bytes() + extension(4096)
 
 
-@settings(max_examples=200, deadline=None)
 @given(
     edits=st.lists(
         st.tuples(st.one_of(st.integers(0, 63), st.integers(4096, 4160)), st.integers(0, 255)), min_size=1, max_size=8

@@ -7,7 +7,7 @@ from functools import partial
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from oracle import assert_same_as_qemu, code_of, ours, probe_or_named_error, qemu_img_create, qemu_refuses, run
 from oracle import patched as _patched
@@ -110,7 +110,6 @@ def real_bytes(tmp_path_factory) -> bytes:
     return image.read_bytes()
 
 
-@settings(max_examples=200, deadline=None)
 @given(
     edits=st.lists(st.tuples(st.integers(0, 63), st.integers(0, 255)), min_size=1, max_size=8),
     cut=st.one_of(st.none(), st.integers(0, 4096)),

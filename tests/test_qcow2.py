@@ -610,7 +610,7 @@ def fuzz_bases(bases) -> list[tuple[bytes, list[int]]]:
     return out
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(suppress_health_check=[*settings.default.suppress_health_check, HealthCheck.function_scoped_fixture])
 @given(
     which=st.integers(0, 2),
     mutations=st.lists(

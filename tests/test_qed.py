@@ -7,7 +7,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from oracle import assert_same_as_qemu, code_of, patched, probe_or_named_error, qemu_img_create, qemu_refuses, run
 
@@ -142,7 +142,6 @@ def real_bytes(tmp_path_factory) -> bytes:
     return image.read_bytes()
 
 
-@settings(max_examples=200, deadline=None)
 @given(
     edits=st.lists(st.tuples(st.integers(0, 79), st.integers(0, 255)), min_size=1, max_size=8),
     cut=st.one_of(st.none(), st.integers(0, 20000)),

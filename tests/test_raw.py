@@ -11,7 +11,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from storprobe import probe
@@ -187,7 +187,6 @@ def test_not_a_fat_boot_sector(fat16, offset, value):
 PARTITIONED = bytes(mbr((0x80, 0x83, 2048, 100), (0, 0xEE, 1, 10))) + gpt(512, 4)[512:]
 
 
-@settings(max_examples=200, deadline=None)
 @given(
     base=st.sampled_from(["fat", "gpt"]),
     edits=st.lists(st.tuples(st.integers(0, 17 * 1024), st.integers(0, 255)), min_size=1, max_size=12),

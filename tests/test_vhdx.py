@@ -388,7 +388,7 @@ def areas(v: Vhdx) -> list[tuple[int, int]]:
     ]
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(suppress_health_check=[*settings.default.suppress_health_check, HealthCheck.function_scoped_fixture])
 @given(
     st.lists(st.tuples(st.integers(0, 5), st.integers(0, 191), st.integers(0, 255)), min_size=1, max_size=8),
     st.booleans(),

@@ -554,7 +554,6 @@ def seeds(tmp_path_factory) -> list[bytes]:
     return [sparse, with_footer(stream), flat, cowd(text=b"CID=1\nparentCID=2\n"), kdmv_descriptor]
 
 
-@settings(max_examples=200, deadline=None)
 @given(
     seed=st.integers(0, 4),
     edits=st.lists(st.tuples(st.integers(-2048, 2047), st.integers(0, 255)), min_size=1, max_size=12),
