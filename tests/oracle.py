@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from storprobe import ProbeError, probe
+from storprobe import ImageInfo, ProbeError, probe
 from storprobe.qemu_json import EXTRA_KEY, to_qemu_json
 
 
@@ -207,12 +207,37 @@ def canonical_xml(element) -> tuple:
 
 def probe_or_named_error(data, *formats: str | None) -> None:
     """Probe ``data`` (bytes or a ByteSource), detected or as each of
-    ``formats``: a result or one of our named errors, never a plugin defect."""
+    ``formats``: a result that renders, or one of our named errors, never a
+    plugin defect."""
     for fmt in formats or (None,):
         try:
-            probe(data, format=fmt)
+            info = probe(data, format=fmt)
         except ProbeError as exc:
             assert exc.code != "plugin-error", exc
+        else:
+            renders(info)
+
+
+def renders(info: ImageInfo) -> None:
+    """``info`` renders as qemu-img's JSON, as text, as volume XML that our
+    schema accepts (or a named error: a name XML cannot carry, a backing name
+    that does not parse), and as a scan entry, which never fails."""
+    from storprobe.human import render
+    from storprobe.jsontext import indented
+    from storprobe.scan import ScanRecord
+    from storprobe.validate import schema_errors
+    from storprobe.volume_xml import scan_document_parts, scan_entry, to_volume_xml
+
+    indented(to_qemu_json(info))
+    render(info)
+    try:
+        xml = to_volume_xml(info)
+    except ProbeError as exc:
+        assert exc.code in ("xml.unrepresentable", "backing.name"), exc
+    else:
+        assert schema_errors(xml.encode()) == []
+    entry = scan_entry(ScanRecord(info.filename, info))
+    assert schema_errors("".join(scan_document_parts([entry])).encode()) == []
 
 
 def libvirt_volumes(directory: Path, tag: str) -> dict[str, tuple[str, int]]:

@@ -1,9 +1,9 @@
 """Fuzzing: the regression corpus, and mutations of real images of every format.
 
 Whatever the bytes, ``probe`` gives a result or a named ProbeError and
-``check`` a verdict, and a result renders as JSON, as text and as volume XML
-that validates (or is a named error: a name XML cannot carry); a
-"plugin-error" (a stray exception inside a plugin) is a bug. Inputs that once crashed or hung a probe live in tests/corpus (see its
+``check`` a verdict, and a result renders (``oracle.renders``: JSON, text,
+volume XML that validates or a named error, a scan entry); a "plugin-error"
+(a stray exception inside a plugin) is a bug. Inputs that once crashed or hung a probe live in tests/corpus (see its
 README); example counts come from the hypothesis profile (tests/conftest.py):
 ``STORPROBE_FUZZ=long python -m pytest tests/test_fuzz.py`` runs a long campaign.
 """
@@ -18,17 +18,11 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from oracle import CountingSource, qemu_img_create, run
+from oracle import CountingSource, qemu_img_create, renders, run
 
 from storprobe import ProbeError, probe
-from storprobe.human import render
-from storprobe.jsontext import indented
-from storprobe.qemu_json import to_qemu_json
 from storprobe.safety import check
 from storprobe.source import READ_BUDGET
-from storprobe.validate import schema_errors
-from storprobe.scan import ScanRecord
-from storprobe.volume_xml import scan_document_parts, scan_entry, to_volume_xml
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
 
@@ -52,25 +46,12 @@ def probe_and_check(data: bytes) -> str:
         outcome = exc.code
     else:
         outcome = info.format
-        _renders(info)
+        renders(info)
     assert outcome != "plugin-error"
     assert source.bytes_read <= READ_BUDGET
     verdict = check(data)
     assert all("(plugin-error)" not in hazard.message for hazard in verdict.hazards), verdict.hazards
     return outcome
-
-
-def _renders(info) -> None:
-    indented(to_qemu_json(info))
-    render(info)
-    try:
-        xml = to_volume_xml(info)
-    except ProbeError as exc:  # a name XML cannot carry; a backing name that does not parse
-        assert exc.code in ("xml.unrepresentable", "backing.name"), exc
-    else:
-        assert schema_errors(xml.encode()) == []
-    entry = scan_entry(ScanRecord(info.filename, info))  # never raises: one bad volume never stops a scan
-    assert schema_errors("".join(scan_document_parts([entry])).encode()) == []
 
 
 #: What each corpus file is (or fails as) and its hazards; files not listed
