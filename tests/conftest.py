@@ -9,9 +9,9 @@ os.environ.setdefault("STORPROBE_DISABLE_PLUGIN_AUTOLOAD", "1")
 
 # Fuzzing campaigns: STORPROBE_FUZZ=long runs every property test that leaves
 # max_examples to the profile (test_fuzz.py, test_fuzz_table.py, the random
-# bytes of test_safety.py, each format's mutated headers) for 100000 examples
-# instead of 200; the two that set their own count (slow VMDK descriptors,
-# backing names) keep it.
+# bytes of test_safety.py, each format's mutated headers, backing names) for
+# 100000 examples instead of 200; the one that sets its own count (slow VMDK
+# descriptors) keeps it.
 # The default profile is derandomized: a test run (and CI) is reproducible,
 # and new inputs are the campaigns' job; what they find joins tests/corpus.
 _FUZZ_SLOW = [HealthCheck.too_slow, HealthCheck.data_too_large]
