@@ -207,13 +207,13 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from .validate import schema_errors
+    from .validate import MAX_DOCUMENT, schema_errors
 
     status = EXIT_OK
     for name in args.files:
         try:
             with open(name, "rb") as f:
-                errors = schema_errors(f.read())
+                errors = schema_errors(f.read(MAX_DOCUMENT + 1))  # one byte more tells "too large"
         except OSError as exc:
             errors = [exc.strerror or str(exc)]
         for error in errors:

@@ -71,6 +71,14 @@ class Unrepresentable(ProbeError):
     code = "xml.unrepresentable"
 
 
+class InvalidDocument(ProbeError):
+    """XML given to storprobe to read is not a volume document it accepts:
+    not well-formed, carrying a document type declaration, too large, or not
+    valid against its schema."""
+
+    code = "xml.invalid"
+
+
 class PluginConflict(Exception):
     """Two plugins registered the same format name (a programming error, raised at load)."""
 

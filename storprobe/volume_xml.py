@@ -21,7 +21,7 @@ from lxml import etree
 
 from .backing import BackingStore
 from .chain import Chain, backing_store
-from .errors import ProbeError, Unrepresentable
+from .errors import InvalidDocument, ProbeError, Unrepresentable
 from .model import ImageInfo
 from .registry import format_table
 from .scan import ScanRecord
@@ -245,10 +245,14 @@ def _serialize(element: etree._Element) -> str:
 
 
 def parse_volume_xml(text: str | bytes) -> ImageInfo:
-    """Read a ``<volume>`` document back into the data model (the facts it carries)."""
+    """Read a ``<volume>`` document back into the data model (the facts it
+    carries); InvalidDocument for anything else, or one without a capacity or a format."""
     from .spec import Backing
+    from .validate import valid_root
 
-    root = etree.fromstring(text.encode() if isinstance(text, str) else text)
+    root = valid_root(text)
+    if root.tag != "volume" or root.find("capacity") is None or root.find("target/format") is None:
+        raise InvalidDocument("not a <volume> document with a <capacity> and a <format>")
     target = root.find("target")
     libvirt_name = target.find("format").get("type")
     encryption_el = target.find("encryption")
@@ -264,11 +268,12 @@ def parse_volume_xml(text: str | bytes) -> ImageInfo:
         backing = Backing(backing_el.findtext("path"), _our_name(bfmt.get("type")) if bfmt is not None else None)
     types = {v: k for k, v in VOLUME_TYPES.items()}
     cluster = target.findtext("clusterSize")
+    allocation = root.findtext("allocation")
     return ImageInfo(
         filename=target.findtext("path"),
         format=_our_name(libvirt_name),
         virtual_size=int(root.findtext("capacity")),
-        actual_size=int(root.findtext("allocation")),
+        actual_size=int(allocation) if allocation is not None else None,
         file_type=types.get(root.get("type"), "file"),
         evidence="caller",
         encryption=encryption,

@@ -269,3 +269,50 @@ def test_a_backing_name_that_does_not_parse_is_one_error_in_a_scan(tmp_path):
                          capture_output=True, text=True, check=False)
     assert (cli.returncode, cli.stderr) == (0, "")
     assert [e.tag for e in etree.fromstring(cli.stdout.encode())] == ["error", "volume"]
+
+
+HOSTILE_DOCUMENTS = {
+    "external entity": '<!DOCTYPE volume [<!ENTITY x SYSTEM "file:///dev/zero">]><volume><name>&x;</name></volume>',
+    "entity expansion": "<!DOCTYPE volume [" + '<!ENTITY a0 "xxxxxxxxxx">' + "".join(
+        f'<!ENTITY a{i} "{f"&a{i - 1};" * 10}">' for i in range(1, 10)) + "]><volume><name>&a9;</name></volume>",
+    "not XML": "<volume>",
+}
+
+
+@pytest.mark.parametrize("document", HOSTILE_DOCUMENTS.values(), ids=HOSTILE_DOCUMENTS.keys())
+def test_xml_we_are_given_is_read_without_entities(tmp_path, document):
+    """``validate`` and ``parse_volume_xml`` read XML from elsewhere: a document
+    type declaration (entities that name files, or expand a billion-fold) is
+    refused outright, never expanded or fetched, as is XML that is not well-formed."""
+    assert schema_errors(document) != []
+    with pytest.raises(ProbeError) as caught:
+        parse_volume_xml(document)
+    assert caught.value.code == "xml.invalid"
+    path = tmp_path / "hostile.xml"
+    path.write_text(document)
+    cli = subprocess.run([sys.executable, "-m", "storprobe", "validate", str(path)],
+                         capture_output=True, text=True, check=False, timeout=60)
+    assert cli.returncode == 1 and cli.stderr.startswith(f"storprobe: {path}: "), cli.stderr
+
+
+def test_parse_volume_xml_needs_a_valid_volume(images):
+    valid = to_volume_xml(probe(images / "v3.qcow2"))
+    for broken in (valid.replace("<capacity", "<capacityy").replace("</capacity>", "</capacityy>"),
+                   "<volumes/>", valid.replace('<capacity unit="bytes">67108864</capacity>', ""),
+                   valid.replace('<format type="qcow2"/>', "")):
+        with pytest.raises(ProbeError) as caught:
+            parse_volume_xml(broken)
+        assert caught.value.code == "xml.invalid"
+
+
+def test_validate_reads_a_bounded_document(tmp_path, monkeypatch):
+    """``validate /dev/zero`` (or any huge file) stops at the size cap."""
+    import storprobe.validate
+
+    monkeypatch.setattr(storprobe.validate, "MAX_DOCUMENT", 1000)
+    path = tmp_path / "big.xml"
+    path.write_text("<volumes>" + "<!-- padding -->" * 100 + "</volumes>")
+    assert schema_errors(path.read_bytes()) == ["document is larger than 1000 bytes"]
+    cli = subprocess.run([sys.executable, "-m", "storprobe", "validate", "/dev/zero"],
+                         capture_output=True, text=True, check=False, timeout=60)
+    assert cli.returncode == 1 and "larger than" in cli.stderr
