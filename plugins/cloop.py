@@ -2,14 +2,18 @@
 
 A 128-byte shell preamble, the block size and block count, then ``n_blocks
 + 1`` 64-bit offsets of the compressed blocks. Validation follows QEMU's
-block/cloop.c open (``cloop.<rule>``), plus the offsets table lying inside
-the file; the table itself is not scanned. The virtual size is
+block/cloop.c open (``cloop.<rule>``), its walk of the offsets table
+included (up to 4 MiB of table: 512k blocks), plus the table lying inside
+the file. The virtual size is
 ``n_blocks * block_size``; QEMU multiplies the block count by the sectors per
 block in 32 bits and so wraps for images of 2 TiB and more, which we do not
 copy. libvirt 9.0 does not detect cloop (it calls it raw).
 """
 
 from __future__ import annotations
+
+import operator
+import struct
 
 from storprobe import Features, FormatSpec, Image, InvalidHeader, Layout, hookimpl
 
@@ -20,6 +24,8 @@ SECTOR = 512
 MAX_BLOCK_SIZE = 64 * 1024 * 1024
 MAX_BLOCKS = (2**32 - 2) // 8
 MAX_OFFSETS_SIZE = 512 * 1024 * 1024
+MAX_COMPRESSED_BLOCK = 2 * MAX_BLOCK_SIZE  # QEMU's bound on one block's compressed bytes
+OFFSETS_SCAN_LIMIT = 4 * 1024 * 1024  # larger tables are checked for position only
 
 
 def _header(img: Image):
@@ -46,9 +52,31 @@ def _header(img: Image):
     return hdr
 
 
+def _check_offsets(img: Image, n_blocks: int) -> bool:
+    """QEMU's walk of the offsets table: each offset at least the one before,
+    no block's compressed bytes above 128 MiB; the first entry that breaks a
+    rule names it. False when the table is too large to scan."""
+    count = n_blocks + 1
+    if count * 8 > OFFSETS_SCAN_LIMIT:
+        return False
+    offsets = struct.unpack(f">{count}Q", img.read(HEADER.size, count * 8))
+    sizes = list(map(operator.sub, offsets[1:], offsets[:-1]))
+    if sizes and (min(sizes) < 0 or max(sizes) > MAX_COMPRESSED_BLOCK):
+        index, size = next((i, s) for i, s in enumerate(sizes, 1) if not 0 <= s <= MAX_COMPRESSED_BLOCK)
+        if size < 0:
+            raise InvalidHeader(f"cloop offset {index} lies before offset {index - 1}", code="cloop.offsets-order")
+        raise InvalidHeader(
+            f"cloop block {index - 1} has {size} compressed bytes, above 128 MiB", code="cloop.compressed-block-size"
+        )
+    return True
+
+
 def features(img: Image) -> Features:
     hdr = _header(img)
-    return Features(dirty=None, details={"block-size": hdr.block_size, "blocks": hdr.n_blocks})
+    details: dict[str, object] = {"block-size": hdr.block_size, "blocks": hdr.n_blocks}
+    if not _check_offsets(img, hdr.n_blocks):
+        details["offsets-not-scanned"] = f"table larger than {OFFSETS_SCAN_LIMIT} bytes"
+    return Features(dirty=None, details=details)
 
 
 def size(img: Image) -> int:

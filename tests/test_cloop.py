@@ -29,10 +29,16 @@ def create_compressed_fs(tmp_path: Path, payload: bytes, block_size: int) -> Pat
 
 
 
-def hand_built(path: Path, block_size: int, n_blocks: int, table_entries: int | None = None) -> Path:
-    """The preamble, the two header words and an all-zero offsets table."""
+def cloop_bytes(block_size: int, n_blocks: int, table_entries: int | None = None, offsets: tuple[int, ...] = ()) -> bytes:
+    """The preamble, the two header words and an offsets table: ``offsets``, then zeros."""
     entries = n_blocks + 1 if table_entries is None else table_entries
-    path.write_bytes(PREAMBLE.ljust(128, b"\0") + struct.pack(">II", block_size, n_blocks) + bytes(8 * entries))
+    table = struct.pack(f">{len(offsets)}Q", *offsets) + bytes(8 * (entries - len(offsets)))
+    return PREAMBLE.ljust(128, b"\0") + struct.pack(">II", block_size, n_blocks) + table
+
+
+def hand_built(path: Path, *args, **kwargs) -> Path:
+    """``cloop_bytes(*args, **kwargs)`` written to ``path``."""
+    path.write_bytes(cloop_bytes(*args, **kwargs))
     return path
 
 
@@ -78,6 +84,37 @@ def test_malformed_header_is_refused_like_qemu(tmp_path, block_size, n_blocks, c
     image = hand_built(tmp_path / "bad.cloop", block_size, n_blocks, table_entries=5)
     assert code_of(image) == code
     qemu_refuses(image)
+
+
+MiB = 1024 * 1024
+# (offsets, code, what qemu-img says): QEMU's walk of the table stops at the first bad entry.
+TABLE_RULES = [
+    ((200, 300, 250, 400), "cloop.offsets-order", "offsets not monotonically increasing at index 2"),
+    ((200, 200 + 128 * MiB + 1, 0, 0), "cloop.compressed-block-size", "invalid compressed block size at index 1"),
+    ((200, 300, 300 + 128 * MiB + 1), "cloop.compressed-block-size", "invalid compressed block size at index 2"),
+]
+
+
+@pytest.mark.parametrize("offsets, code, qemu_says", TABLE_RULES, ids=[c for _, c, _ in TABLE_RULES])
+def test_offsets_table_is_walked_like_qemu(tmp_path, offsets, code, qemu_says):
+    image = hand_built(tmp_path / "bad.cloop", 65536, 3, offsets=offsets)
+    assert code_of(image) == code
+    assert qemu_says in qemu_refuses(image)
+
+
+def test_largest_compressed_block_qemu_takes(tmp_path):
+    image = hand_built(tmp_path / "edge.cloop", 65536, 3, offsets=(200, 300, 300 + 128 * MiB, 300 + 128 * MiB))
+    assert same_as_qemu(image)["format"] == "cloop"
+
+
+def test_offsets_table_too_large_to_walk_is_noted(tmp_path):
+    """A table above 4 MiB (512k blocks) is checked for position only, and the
+    details say so: QEMU would still refuse this one (offset 2 below offset 1)."""
+    n_blocks = 4 * MiB // 8
+    image = hand_built(tmp_path / "big.cloop", 65536, n_blocks, offsets=(200, 300, 250))
+    info = probe(image)
+    assert info.details["offsets-not-scanned"] == "table larger than 4194304 bytes"
+    assert "offsets not monotonically increasing at index 2" in qemu_refuses(image)
 
 
 def test_offsets_table_past_end_of_file(tmp_path):

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from storprobe import ProbeError, TruncatedHeader, probe
 from storprobe_plugins.luks import LUKS1_HEADER_SIZE, luks_specific
 
-from oracle import assert_same_as_qemu, code_of, probe_or_named_error, qemu_info, require, run
+from oracle import assert_same_as_qemu, code_of, probe_or_named_error, qemu_img_error, qemu_info, require, run
 
 SECRET = ("--object", "secret,id=s0,data=pw")
 SLOT0 = 208  # first LUKS1 key slot; each is 48 bytes
@@ -203,6 +203,18 @@ def test_luks1_rule(tmp_path, small_luks1, rule):
     path.write_bytes(data)
     proc = subprocess.run([require("qemu-img"), "info", "--output=json", str(path)], capture_output=True)
     assert proc.returncode != 0, proc.stdout
+
+
+def test_slot_far_past_the_payload_is_refused_where_qemu_wraps(tmp_path, small_luks1):
+    """A key slot whose material starts near 2**32 sectors lies past the
+    payload, and storprobe says so; QEMU adds the slot's length in 32-bit
+    arithmetic, wraps to a small sector and opens the file (found by a
+    differential campaign against qemu-img). The spec wins."""
+    data = _patched(small_luks1, _u32(SLOT0 + 2 * 48 + 40, 2**32 - 129))
+    assert code_of(data) == "luks.slot-overlaps-payload"
+    path = tmp_path / "wrapped.luks"
+    path.write_bytes(data)
+    assert qemu_img_error(path) is None
 
 
 def test_luks_specific_checks_magic_and_version(small_luks1):

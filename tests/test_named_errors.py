@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import pytest
 from oracle import qemu_img_create, require, run
-from test_cloop import PREAMBLE
+from test_cloop import cloop_bytes
 from test_cow import qemu_v2, uml_v3
 from test_dmg import build_dmg
 from test_qcow2 import (
@@ -217,12 +217,9 @@ def parallels_bitmap(sectors: int = 64 * MiB // 512, granularity: int = 128, l1_
 
 # ---- the catalogue -------------------------------------------------------------------
 
-CLOOP = PREAMBLE.ljust(128, b"\0")
 
-
-def cloop(block_size: int, n_blocks: int, entries: int | None = None) -> Edit:
-    table = bytes(8 * ((n_blocks + 1) if entries is None else entries))
-    return replace(CLOOP + struct.pack(">II", block_size, n_blocks) + table)
+def cloop(block_size: int, n_blocks: int, entries: int | None = None, offsets: tuple[int, ...] = ()) -> Edit:
+    return replace(cloop_bytes(block_size, n_blocks, entries, offsets))
 
 
 def vmdk_text(*lines: str, create_type: str = "monolithicFlat", head: str | None = None) -> Edit:
@@ -273,6 +270,9 @@ CATALOGUE: dict[str, list[Rule]] = {
         rule("cloop.n-blocks", "block count above (2^32 - 2) / 8", "", cloop(65536, 2**32 // 8, 0)),
         rule("cloop.offsets-too-large", "offsets table above 512 MiB", "", cloop(65536, 64 * MiB, 0)),
         rule("cloop.offsets-beyond-eof", "offsets table runs past the end of the file", "", cloop(65536, 10, 1)),
+        rule("cloop.offsets-order", "an offset below the one before", "", cloop(65536, 3, offsets=(200, 300, 250))),
+        rule("cloop.compressed-block-size", "a block of more than 128 MiB compressed", "",
+             cloop(65536, 3, offsets=(200, 200 + 2**27 + 1))),
     ],
     "cow": [
         rule("cow.v2-layout", "no 512-byte sector size at any v2 layout's offset", "",
