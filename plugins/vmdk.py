@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 
 from storprobe import (
     INT64_MAX,
+    QEMU_MAX_LENGTH,
     Backing,
     Features,
     FormatSpec,
@@ -46,6 +47,7 @@ COWD_MAGIC = b"COWD"
 VERSIONS = (1, 2, 3)
 GD_AT_END = 0xFFFF_FFFF_FFFF_FFFF  # gdOffset of a streamOptimized header whose footer holds the real one
 DEFLATE = 1  # compressAlgorithm
+REDUNDANT_GD = 1 << 1  # flags: the redundant grain directory at rgdOffset is in use
 MARKER_EOS, MARKER_FOOTER = 0, 3  # stream marker types
 FOOTER_SIZE = 3 * SECTOR  # footer marker, footer header, end-of-stream marker
 
@@ -242,7 +244,11 @@ def _sparse(img: Image) -> Disk:
         )
     _check_grain(hdr.grain_size)
     _check_capacity(hdr.capacity)
-    _check_l1_entries(-(-hdr.capacity // (hdr.num_gtes_per_gt * hdr.grain_size)))
+    gd_entries = -(-hdr.capacity // (hdr.num_gtes_per_gt * hdr.grain_size))
+    _check_l1_entries(gd_entries)
+    _check_directory_offset(hdr.gd_offset, gd_entries, "grain directory", "vmdk.gd-offset")
+    if hdr.flags & REDUNDANT_GD and hdr.rgd_offset:
+        _check_directory_offset(hdr.rgd_offset, gd_entries, "redundant grain directory", "vmdk.rgd-offset")
     if hdr.overhead > -(-img.size // SECTOR):
         raise InvalidHeader(
             f"file truncated: grains start at sector {hdr.overhead}, the file has {img.size} bytes",
@@ -370,6 +376,15 @@ def _check_capacity(sectors: int) -> None:
 def _check_l1_entries(entries: int) -> None:
     if entries > MAX_L1_ENTRIES:
         raise InvalidHeader(f"grain directory of {entries} entries (at most {MAX_L1_ENTRIES})", code="vmdk.l1-size")
+
+
+def _check_directory_offset(sector: int, entries: int, what: str, code: str) -> None:
+    """QEMU reads the directory on open and its block layer refuses a read
+    ending past its length limit (it reads zeros past the end of the file).
+    QEMU shifts the sector into bytes in 64 bits, so from sector 2**55 the
+    offset wraps and it reads elsewhere; storprobe refuses those too."""
+    if sector * SECTOR + entries * 4 > QEMU_MAX_LENGTH:
+        raise InvalidHeader(f"{what} at sector {sector} lies beyond what QEMU can read", code=code)
 
 
 def _text(img: Image, start: int, limit: int) -> bytes:

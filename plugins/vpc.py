@@ -101,6 +101,11 @@ def _read_footer(img: Image):
             "footer copy at offset 0 claims a fixed disk, which keeps its footer only at the end",
             code="vpc.fixed-copy",
         )
+    if img.header_offset != 0 and foot.disk_type != FIXED:
+        raise InvalidHeader(
+            f"{DISK_TYPES[foot.disk_type]} disk without its footer copy at offset 0 (QEMU: invalid VPC image)",
+            code="vpc.missing-copy",
+        )
     return foot
 
 

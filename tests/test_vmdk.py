@@ -29,11 +29,13 @@ from storprobe.qemu_json import to_qemu_json
 GD_AT_END = 0xFFFF_FFFF_FFFF_FFFF
 HEADER_FIELDS = {  # offset, struct code of the KDMV header fields the tests edit
     "version": (4, "<I"),
+    "flags": (8, "<I"),
     "capacity": (12, "<Q"),
     "grain_size": (20, "<Q"),
     "desc_offset": (28, "<Q"),
     "desc_size": (36, "<Q"),
     "num_gtes_per_gt": (44, "<I"),
+    "rgd_offset": (48, "<Q"),
     "gd_offset": (56, "<Q"),
     "overhead": (64, "<Q"),
 }
@@ -423,6 +425,10 @@ def sparse_image(tmp_path_factory) -> bytes:
         ({"capacity": (1 << 54) + 1, "grain_size": 0x200000}, "vmdk.capacity", False),
         ({"capacity": 1 << 26, "grain_size": 1, "num_gtes_per_gt": 1}, "vmdk.l1-size", True),
         ({"overhead": 10**6}, "vmdk.overhead", True),
+        ({"gd_offset": 2**54 - 1}, "vmdk.gd-offset", True),  # QEMU: "Could not read l1 table"
+        ({"gd_offset": 2**55}, "vmdk.gd-offset", False),  # QEMU's byte offset wraps to 0
+        ({"rgd_offset": 2**54 - 1}, "vmdk.rgd-offset", True),  # flags has the redundant-directory bit
+        ({"rgd_offset": 2**64 - 1}, "vmdk.rgd-offset", True),
     ],
 )
 def test_bad_sparse_header(tmp_path, sparse_image, fields, code, qemu_too):
@@ -432,6 +438,16 @@ def test_bad_sparse_header(tmp_path, sparse_image, fields, code, qemu_too):
         path = tmp_path / "bad.vmdk"
         path.write_bytes(data)
         qemu_refuses(path)
+
+
+def test_directories_past_the_end_of_the_file_read_as_zeros(tmp_path, sparse_image):
+    """QEMU reads zeros for a grain directory past the end of the file (every
+    grain unallocated) and opens the image; so does storprobe. The redundant
+    one counts only when the header's flags say it is in use."""
+    for fields in ({"gd_offset": 1 << 30}, {"rgd_offset": 1 << 30}, {"rgd_offset": 2**60, "flags": 1}):
+        path = tmp_path / "far.vmdk"
+        path.write_bytes(patch(sparse_image, **fields))
+        assert assert_same_as_qemu(path)["format"] == "vmdk"
 
 
 def test_bad_footer_version(sparse_image):

@@ -188,6 +188,15 @@ def test_fixed_footer_at_start(dynamic: Path):
     qemu_refuses(dynamic, "vpc")
 
 
+def test_dynamic_disk_without_its_head_copy(dynamic: Path):
+    """A dynamic disk whose copy at offset 0 is damaged: only its trailer
+    matches. QEMU then takes the file for a fixed disk and, finding a dynamic
+    trailer, refuses it; so do we, by name (found by a differential campaign)."""
+    edit(dynamic, (0, ">8s", b"\x1b\x83nectix"))
+    assert code_of(dynamic) == "vpc.missing-copy"
+    assert "invalid VPC image" in qemu_refuses(dynamic, "vpc")
+
+
 def test_too_large(tmp_path: Path):
     path = qemu_img_create(tmp_path / "big.vhd", "vpc", "64M", "force_size=on")
     edit(path, *on_both_footers(48, ">Q", (0xFF000000 + 1) * 512))
