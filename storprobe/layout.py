@@ -59,5 +59,57 @@ def read_uint(buf: bytes | memoryview, offset: int, width: int, endian: str) -> 
 
 
 def cstring(raw: bytes, encoding: str = "utf-8") -> str:
-    """A NUL-terminated (or NUL-padded) byte string, decoded leniently."""
-    return raw.split(b"\0", 1)[0].decode(encoding, "replace")
+    """A NUL-terminated (or NUL-padded) byte string, decoded leniently: UTF-8
+    as qemu-img's JSON shows it (:func:`qemu_utf8`), other encodings with a
+    U+FFFD for each undecodable byte."""
+    text = raw.split(b"\0", 1)[0]
+    return qemu_utf8(text) if encoding == "utf-8" else text.decode(encoding, "replace")
+
+
+#: Code points QEMU's UTF-8 reader refuses although UTF-8 encodes them: noncharacters.
+_NONCHARACTERS = re.compile("[\ufdd0-\ufdef\ufffe\uffff" + "".join(
+    f"{chr(plane << 16 | 0xFFFE)}{chr(plane << 16 | 0xFFFF)}" for plane in range(1, 17)) + "]")
+#: Smallest code point of a sequence of 2, 3, 4, 5 and 6 bytes (anything less is overlong).
+_SHORTEST = (0x80, 0x800, 0x10000, 0x200000, 0x4000000)
+
+
+def qemu_utf8(raw: bytes) -> str:
+    """``raw`` (no NUL) decoded as QEMU reads a C string into its JSON output
+    (util/unicode.c): a malformed sequence, however many bytes it spans up to
+    the first byte that cannot continue it, is one U+FFFD; so are code points
+    beyond U+10FFFF, surrogates, noncharacters and overlong forms, except that
+    C0 80 is U+0000."""
+    try:
+        return _NONCHARACTERS.sub("\ufffd", raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        pass
+    out: list[str] = []
+    at, end = 0, len(raw)
+    while at < end:
+        lead = raw[at]
+        at += 1
+        if lead < 0x80:
+            out.append(chr(lead))
+            continue
+        if lead >= 0xFE or not lead & 0x40:  # impossible byte, or a continuation with no lead
+            out.append("\ufffd")
+            continue
+        length = 8 - (lead ^ 0xFF).bit_length()  # leading one bits: 2..6
+        point = lead & (0x7F >> length)
+        for _ in range(length - 1):
+            if at == end or raw[at] & 0xC0 != 0x80:
+                point = -1
+                break
+            point = point << 6 | raw[at] & 0x3F
+            at += 1
+        if (
+            point < 0
+            or point > 0x10FFFF
+            or 0xD800 <= point <= 0xDFFF
+            or _NONCHARACTERS.match(chr(point))
+            or (point < _SHORTEST[length - 2] and not (point == 0 and length == 2))
+        ):
+            out.append("\ufffd")
+        else:
+            out.append(chr(point))
+    return "".join(out)
