@@ -9,7 +9,7 @@ whole 512-byte sectors, as QEMU keeps it.
 
 from __future__ import annotations
 
-from storprobe import Backing, Features, FormatSpec, Image, InvalidHeader, Layout, hookimpl
+from storprobe import QEMU_MAX_LENGTH, Backing, Features, FormatSpec, Image, InvalidHeader, Layout, hookimpl
 from storprobe.layout import cstring
 
 HEADER = Layout(
@@ -59,6 +59,10 @@ def _header(img: Image):
         raise InvalidHeader(
             f"qcow image of {hdr.size} bytes needs {l1_entries} L1 entries (at most {MAX_L1_ENTRIES})",
             code="qcow.l1-size",
+        )
+    if hdr.l1_table_offset + l1_entries * 8 > QEMU_MAX_LENGTH:  # QEMU reads it on open; past this it cannot
+        raise InvalidHeader(
+            f"qcow L1 table at {hdr.l1_table_offset} lies beyond what QEMU can read", code="qcow.l1-table-offset"
         )
     return hdr
 

@@ -391,6 +391,7 @@ CATALOGUE: dict[str, list[Rule]] = {
         rule("qcow.l1-size", "L1 table above (2^31 - 1) / 8 entries", "qcow",
              be(24, "Q", 2**62), be(32, "B", 9), be(33, "B", 6)),
         rule("qcow.backing-name-length", "backing name above 1023 bytes", "qcow", be(8, "Q", 48), be(16, "I", 2000)),
+        rule("qcow.l1-table-offset", "L1 table past QEMU's length limit", "qcow", be(40, "Q", 2**63)),
         rule("qcow.backing-name-offset", "backing name past the end of the file", "qcow",
              be(8, "Q", 10000), be(16, "I", 100)),
     ],

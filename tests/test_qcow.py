@@ -71,6 +71,8 @@ QEMU_RULES = [
     ([(24, "Q", 2**64 - 2**20)], "qcow.size-too-large"),
     ([(32, "B", 9), (33, "B", 6), (24, "Q", 2**44)], "qcow.l1-size"),
     ([(8, "Q", 48), (16, "I", 1024)], "qcow.backing-name-length"),
+    ([(40, "Q", 2**63 - 8)], "qcow.l1-table-offset"),  # QEMU: "Input/output error"
+    ([(40, "Q", 2**64 - 8)], "qcow.l1-table-offset"),
 ]
 
 
@@ -79,6 +81,13 @@ def test_malformed_header_is_refused_like_qemu(plain, tmp_path, edits, code):
     image = patched(plain, tmp_path / "bad.qcow", *edits)
     assert code_of(image) == code
     qemu_refuses(image)
+
+
+def test_l1_table_past_the_end_of_the_file_reads_as_zeros(plain, tmp_path):
+    """QEMU reads zeros for an L1 table past the end of the file (nothing
+    allocated) and opens the image; so do we."""
+    image = patched(plain, tmp_path / "far.qcow", (40, "Q", 1 << 40))
+    assert assert_same_as_qemu(image)["format"] == "qcow"
 
 
 def test_backing_name_past_end_of_file(plain, tmp_path):
