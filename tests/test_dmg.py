@@ -18,18 +18,21 @@ TRAILER = ">4sIIIQQQQQII16sII128xQQ120xII128xIQ12x"
 RAW_CHUNK, TERMINATOR_CHUNK = 0x00000001, 0xFFFFFFFF
 
 
-def block_table(sectors: int, data_length: int) -> bytes:
-    """A "mish" block table: one raw chunk covering the disk, then the terminator."""
-    chunks = struct.pack(">IIQQQQ", RAW_CHUNK, 0, 0, sectors, 0, data_length)
+def block_table(sectors: int, data_length: int, chunk: tuple[int, int, int] | None = None) -> bytes:
+    """A "mish" block table: one raw chunk covering the disk (or ``chunk``:
+    type, sectors, length), then the terminator."""
+    kind, chunk_sectors, chunk_length = chunk or (RAW_CHUNK, sectors, data_length)
+    chunks = struct.pack(">IIQQQQ", kind, 0, 0, chunk_sectors, 0, chunk_length)
     chunks += struct.pack(">IIQQQQ", TERMINATOR_CHUNK, 0, sectors, 0, data_length, 0)
     return struct.pack(">4sIQQQII24xII128xI", b"mish", 1, 0, sectors, 0, 0, 2, 0, 0, 2) + chunks
 
 
-def build_dmg(data: bytes, block_map: str = "xml", **trailer: int) -> bytes:
+def build_dmg(data: bytes, block_map: str = "xml", chunk: tuple[int, int, int] | None = None, **trailer: int) -> bytes:
     """An uncompressed UDIF image: data fork, block map (an XML property list
-    or a resource fork), then the koly trailer; ``trailer`` overrides fields."""
+    or a resource fork), then the koly trailer; ``chunk`` replaces the block
+    map's one chunk, ``trailer`` overrides fields."""
     sectors = len(data) // 512
-    mish = block_table(sectors, len(data))
+    mish = block_table(sectors, len(data), chunk)
     if block_map == "xml":
         blkx = {"Attributes": "0x0050", "Data": mish, "ID": "0", "Name": "whole disk (Apple_HFS : 0)"}
         fork = plistlib.dumps({"resource-fork": {"blkx": [blkx]}})
@@ -156,6 +159,42 @@ def test_rule(tmp_path: Path, trailer: dict[str, int], code: str, qemu_too: bool
     path.write_bytes(build_dmg(DATA, **trailer))
     assert code_of(path) == code
     assert (qemu_img_error(path, "dmg") is not None) is qemu_too
+
+
+ZERO_CHUNK, ZLIB_CHUNK, ADC_CHUNK = 0, 0x80000005, 0x80000004
+# (block map, chunk or an edit of the image's bytes, code): QEMU's walk of the block map on open.
+FORK_AT = len(DATA)  # the block map follows the data fork
+BLOCK_MAP_RULES = [
+    ("xml", (RAW_CHUNK, 131073, 512), "dmg.chunk-sectors"),
+    ("xml", (ZLIB_CHUNK, 8, 64 * 1024 * 1024 + 1), "dmg.chunk-length"),
+    ("rsrc", (RAW_CHUNK, 8, 64 * 1024 * 1024 + 1), "dmg.chunk-length"),
+    ("xml", lambda b: b.__setitem__(slice(b.index(b"</data>"), b.index(b"</data>") + 1), b"\0"), "dmg.xml-data"),
+    ("rsrc", lambda b: struct.pack_into(">I", b, FORK_AT, 1 << 20), "dmg.rsrc-data"),
+    ("rsrc", lambda b: struct.pack_into(">I", b, FORK_AT + 8, 0), "dmg.rsrc-data"),
+    ("rsrc", lambda b: struct.pack_into(">I", b, FORK_AT + 256, 0), "dmg.resource-size"),
+    ("rsrc", lambda b: struct.pack_into(">I", b, FORK_AT + 256, 1 << 20), "dmg.resource-size"),
+]
+
+
+@pytest.mark.parametrize("block_map, change, code", BLOCK_MAP_RULES, ids=[f"{m}-{c}" for m, _, c in BLOCK_MAP_RULES])
+def test_block_map_rule(tmp_path: Path, block_map, change, code):
+    data = bytearray(build_dmg(DATA, block_map, chunk=change if isinstance(change, tuple) else None))
+    if callable(change):
+        change(data)
+    path = tmp_path / "bad.dmg"
+    path.write_bytes(bytes(data))
+    assert code_of(path) == code
+    qemu_refuses(path, "dmg")
+
+
+@pytest.mark.parametrize("chunk", [(ZERO_CHUNK, 1 << 40, 0), (ADC_CHUNK, 1 << 40, 1 << 40), (RAW_CHUNK, 131072, 1 << 26)])
+def test_chunks_qemu_takes(tmp_path: Path, chunk):
+    """A zero chunk may span any number of sectors; a chunk type QEMU cannot
+    read (ADC) is skipped whatever it says; the limits themselves are allowed."""
+    path = tmp_path / "edge.dmg"
+    path.write_bytes(build_dmg(DATA, chunk=chunk))
+    assert assert_same_as_qemu(path, "dmg")["format"] == "dmg"
+    assert probe(path).details["chunks"] == (0 if chunk[0] == ADC_CHUNK else 1)
 
 
 def test_xml_plist_too_large(tmp_path: Path):

@@ -218,6 +218,9 @@ def parallels_bitmap(sectors: int = 64 * MiB // 512, granularity: int = 128, l1_
 # ---- the catalogue -------------------------------------------------------------------
 
 
+RSRC_DMG = build_dmg(bytes(4096), "rsrc")  # its resource fork starts at 4096, its first resource at 4096 + 256
+
+
 def cloop(block_size: int, n_blocks: int, entries: int | None = None, offsets: tuple[int, ...] = ()) -> Edit:
     return replace(cloop_bytes(block_size, n_blocks, entries, offsets))
 
@@ -293,6 +296,16 @@ CATALOGUE: dict[str, list[Rule]] = {
              replace(build_dmg(bytes(17 * MiB), xml_offset=0, xml_length=16 * MiB + 1))),
         rule("dmg.no-block-map", "neither a resource fork nor an XML property list", "",
              replace(build_dmg(bytes(4096), xml_length=0))),
+        rule("dmg.xml-data", "a <data> element of the property list not closed", "",
+             replace(build_dmg(bytes(4096)).replace(b"</data>", b"</dat\0>"))),
+        rule("dmg.rsrc-data", "resource data outside the resource fork", "",
+             replace(RSRC_DMG[:4096] + struct.pack(">I", 1 << 20) + RSRC_DMG[4100:])),
+        rule("dmg.resource-size", "a resource of length 0", "",
+             replace(RSRC_DMG[: 4096 + 256] + bytes(4) + RSRC_DMG[4096 + 260 :])),
+        rule("dmg.chunk-sectors", "a raw chunk of more than 64 MiB of sectors", "",
+             replace(build_dmg(bytes(4096), chunk=(1, 131073, 512)))),
+        rule("dmg.chunk-length", "a chunk of more than 64 MiB in the data fork", "",
+             replace(build_dmg(bytes(4096), chunk=(1, 8, 2**26 + 1)))),
     ],
     "iso": [
         rule("iso.unterminated", "volume descriptor set without a terminator", "iso", iso_terminator_gone),
