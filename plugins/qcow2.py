@@ -523,15 +523,20 @@ def features(img: Image) -> Features:
             specific["data-file-raw"] = data_file.raw
         specific["corrupt"] = bool(incompat & INCOMPAT_CORRUPT)
         specific["extended-l2"] = extended_l2
+    snapshots = _snapshots(img, hdr) if hdr.nb_snapshots else ()  # read and checked, as QEMU's open does
+    details = _details(hdr, ext)
+    if data_file is not None and snapshots:  # the spec rules snapshots out here; qemu-img lists none
+        details["snapshots-ignored"] = len(snapshots)
+        snapshots = ()
     return Features(
         cluster_size=1 << hdr.cluster_bits,
         dirty=bool(incompat & INCOMPAT_DIRTY),
         compat="1.1" if v3 else None,  # libvirt writes <compat> for v3 images only
         flags=flags,
-        snapshots=_snapshots(img, hdr) if hdr.nb_snapshots else (),
+        snapshots=snapshots,
         data_file=data_file,
         specific=specific,
-        details=_details(hdr, ext),
+        details=details,
     )
 
 

@@ -14,12 +14,14 @@ from .scan import ScanRecord
 from .spec import Snapshot
 
 EXTRA_KEY = "storprobe"
-_PROTOCOL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+#: What QEMU takes for a protocol prefix: a colon before any slash (``nbd:``,
+#: ``json:``, but also ``a:b`` or ``v2.\ufffd:x``, protocols it does not know).
+_PROTOCOL = re.compile(r"^[^:/]*:")
 
 
 def full_backing_filename(image_name: str, backing_name: str) -> str:
     """The backing name joined to the image's directory, as qemu-img shows it;
-    absolute names and protocol names (``nbd:``, ``json:`` ...) stay as they are."""
+    absolute names and names with a protocol prefix stay as they are."""
     if os.path.isabs(backing_name) or _PROTOCOL.match(backing_name):
         return backing_name
     return os.path.join(os.path.dirname(image_name), backing_name)

@@ -227,6 +227,19 @@ def test_data_file(tmp_path, raw):
     assert probe(path).data_file == DataFile(str(tmp_path / "data.raw"), raw == "on")
 
 
+def test_snapshots_beside_a_data_file_are_not_listed(tmp_path):
+    """The spec rules internal snapshots out for an image with an external
+    data file, and qemu-img lists none there (it still reads and checks the
+    table on open); we list none either and count them in our details (found
+    by the differential campaign)."""
+    path = create(tmp_path / "a.qcow2", f"data_file={tmp_path / 'data.raw'}")
+    data = bytearray(path.read_bytes())
+    struct.pack_into(">IQ", data, NB_SNAPSHOTS, 2, 0)  # two entries read from the header cluster
+    path.write_bytes(bytes(data))
+    assert "snapshots" not in same(path)
+    assert probe(path).details["snapshots-ignored"] == 2
+
+
 def test_data_file_bit_without_a_name(tmp_path):
     """The name is optional: QEMU then needs it from the command line, yet qemu-img
     info still describes the image."""
