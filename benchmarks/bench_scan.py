@@ -246,10 +246,15 @@ def sample_images(directory: Path) -> dict[str, Path]:
     made: dict[str, Path] = {}
 
     def make(label: str, path: Path, *cmd: str) -> None:
-        if path.exists():
-            path.unlink()  # bximage, for one, will not overwrite
-        made_ok = shutil.which(cmd[0]) and subprocess.run(cmd, capture_output=True, check=False).returncode == 0
-        if made_ok and path.exists():
+        if not shutil.which(cmd[0]):
+            return
+        for _ in range(50):  # qemu-img's key-derivation timing fails at random where CPU clocks tick coarsely
+            if path.exists():
+                path.unlink()  # bximage, for one, will not overwrite
+            proc = subprocess.run(cmd, capture_output=True, check=False)
+            if proc.returncode == 0 or b"accurate CPU usage" not in proc.stderr:
+                break
+        if proc.returncode == 0 and path.exists():
             made[label] = path
 
     for fmt in ("qcow2", "qcow", "qed", "vmdk", "vpc", "vhdx", "vdi", "parallels", "raw"):
