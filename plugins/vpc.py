@@ -73,6 +73,7 @@ MAX_CHS_SECTORS = 65535 * 16 * 255  # the largest geometry; its disks use curren
 MAX_SECTORS = 0xFF000000  # QEMU's limit: 2040 GiB
 MAX_TABLE_ENTRIES = 0x7FFFFFFF // 4  # QEMU: the BAT's byte size must fit an int
 UNUSED_BAT_ENTRY = 0xFFFFFFFF
+UNUSED_BYTES = UNUSED_BAT_ENTRY.to_bytes(4, "big")
 #: Largest block allocation table read to find blocks past the end of the file
 #: (a 2040 GiB disk with the usual 2 MiB blocks needs 4 MiB); a larger one is not checked.
 BAT_SCAN_LIMIT = 4 * 1024 * 1024
@@ -159,7 +160,10 @@ def check_table(img: Image, dyn, virtual_size: int) -> bool:
         raise InvalidHeader("block allocation table runs past the end of the file", code="vpc.table-offset")
     if table_bytes > BAT_SCAN_LIMIT:
         return False
-    entries = set(struct.unpack(f">{dyn.max_table_entries}I", img.read(dyn.table_offset, table_bytes)))
+    table = img.read(dyn.table_offset, table_bytes)
+    if table.count(UNUSED_BYTES) * 4 == table_bytes:  # no block allocated (a new disk): skip the walk
+        return True
+    entries = set(struct.unpack(f">{dyn.max_table_entries}I", table))
     entries.discard(UNUSED_BAT_ENTRY)
     last = max(entries, default=None)
     if last is not None:
