@@ -26,6 +26,7 @@ import random
 import re
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from test_fuzz import INTERESTING, real_images
@@ -107,6 +108,35 @@ def known(kind: tuple[str, str, str]) -> str | None:
     return next((why for (k, f, part), why in KNOWN.items() if (k, f) == kind[:2] and part in kind[2]), None)
 
 
+def qemu_formats(images: list[bytes]) -> list[tuple[str, bytes]]:
+    """(format, bytes) of the images whose format qemu-img reads as we do."""
+    seeds = []
+    for data in images:
+        try:
+            fmt = probe(data).format
+        except ProbeError:
+            continue
+        if fmt not in SKIPPED and not (fmt == "luks" and data[6:8] == b"\0\2"):
+            seeds.append((fmt, data))
+    return seeds
+
+
+def divergences(
+    seeds: list[tuple[str, bytes]], count: int, seed: int, scratch: Path
+) -> Iterator[tuple[tuple[str, str, str], bytes]]:
+    """Each divergence of ``count`` mutated images (reproducible from ``seed``), with the image."""
+    rng = random.Random(seed)
+    for number in range(count):
+        fmt, data = rng.choice(seeds)
+        path = scratch / f"m{number}{SUFFIXES.get(fmt, '')}"
+        image = mutated(rng, data)
+        path.write_bytes(image)
+        kind = outcome(path, fmt)
+        path.unlink()
+        if kind is not None:
+            yield kind, image
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=5000)
@@ -115,30 +145,15 @@ def main() -> None:
     args = parser.parse_args()
     keep = args.keep or Path(tempfile.mkdtemp(prefix="storprobe-differential-"))
     keep.mkdir(parents=True, exist_ok=True)
-    seeds = []
-    with tempfile.TemporaryDirectory() as made:
-        for data in real_images(Path(made)):
-            try:
-                fmt = probe(data).format
-            except ProbeError:
-                continue
-            if fmt not in SKIPPED and not (fmt == "luks" and data[6:8] == b"\0\2"):
-                seeds.append((fmt, data))
-    rng = random.Random(args.seed)
     seen: collections.Counter[tuple[str, str, str]] = collections.Counter()
-    with tempfile.TemporaryDirectory() as scratch:
-        for number in range(args.count):
-            fmt, data = rng.choice(seeds)
-            path = Path(scratch) / f"m{number}{SUFFIXES.get(fmt, '')}"
-            path.write_bytes(mutated(rng, data))
-            kind = outcome(path, fmt)
-            if kind is not None:
-                if not seen[kind]:
-                    kept = keep / f"{len(seen)}-{fmt}{SUFFIXES.get(fmt, '')}"
-                    kept.write_bytes(path.read_bytes())
-                    print(kind, kept, "(known)" if known(kind) else "(NEW)", flush=True)
-                seen[kind] += 1
-            path.unlink()
+    with tempfile.TemporaryDirectory() as made, tempfile.TemporaryDirectory() as scratch:
+        seeds = qemu_formats(real_images(Path(made)))
+        for kind, image in divergences(seeds, args.count, args.seed, Path(scratch)):
+            if not seen[kind]:
+                kept = keep / f"{len(seen)}-{kind[1]}{SUFFIXES.get(kind[1], '')}"
+                kept.write_bytes(image)
+                print(kind, kept, "(known)" if known(kind) else "(NEW)", flush=True)
+            seen[kind] += 1
     print(f"\n{args.count} mutated images; kinds of divergence, most frequent first:")
     for kind, times in seen.most_common():
         print(f"{times:6} {kind} {known(kind) or 'NEW'}")
