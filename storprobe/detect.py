@@ -207,7 +207,9 @@ def _describe(img: Image, spec: FormatSpec, found: Signature, evidence: str, mat
         else:
             virtual_size = img.size
         if virtual_size > QEMU_MAX_LENGTH:  # QEMU opens no disk this long, whatever its format
-            raise InvalidHeader(f"virtual size {virtual_size} exceeds QEMU's limit {QEMU_MAX_LENGTH}", code=f"{spec.name}.size-too-large")
+            raise InvalidHeader(
+                f"virtual size {virtual_size} exceeds QEMU's limit {QEMU_MAX_LENGTH}", code=f"{spec.name}.size-too-large"
+            )
         encryption = features.encryption
         if encryption is None and spec.crypt_offset is not None:
             method = read_uint(header, spec.crypt_offset, 4, spec.endian)

@@ -25,7 +25,8 @@ TRICKY = [
     b"a:b.img", b"sub/a:b.img", b"v2.\xff:x", b"nbd:h:1", b":lead",  # a colon before any slash is a protocol to QEMU
 ]
 _rng = random.Random(20261130)
-RANDOM = [bytes(_rng.choice((_rng.randrange(1, 256), _rng.randrange(0x80, 0x100))) for _ in range(12)) for _ in range(30)]
+RANDOM = [bytes(_rng.choice((_rng.randrange(1, 256), _rng.randrange(0x80, 0x100))) for _ in range(12))
+          for _ in range(30)]
 
 
 @pytest.fixture(scope="module")
