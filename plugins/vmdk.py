@@ -40,6 +40,7 @@ from storprobe import (
     UnsupportedVersion,
     hookimpl,
 )
+from storprobe.layout import qemu_utf8
 
 SECTOR = 512
 SPARSE_MAGIC = b"KDMV"
@@ -183,7 +184,7 @@ def size(img: Image) -> int:
 def backing(img: Image) -> Backing | None:
     """parentFileNameHint, whatever parentCID says: QEMU opens the hint regardless."""
     hint = _value(_keys(img), b"parentFileNameHint", MAX_HINT, "vmdk.parent-hint")
-    return Backing(_decode(hint), "vmdk") if hint else None
+    return Backing(qemu_utf8(hint), "vmdk") if hint else None
 
 
 def features(img: Image) -> Features:
@@ -295,7 +296,7 @@ def _descriptor(img: Image, kind: str, start: int, version: int | None = None) -
     raw_type = _value(text, b"createType", MAX_CREATE_TYPE, "vmdk.create-type-missing")
     if raw_type is None:
         raise InvalidHeader("descriptor has no createType", code="vmdk.create-type-missing")
-    create_type = _decode(raw_type)
+    create_type = qemu_utf8(raw_type)
     if create_type not in DESCRIPTOR_TYPES:
         raise InvalidHeader(f"unsupported createType {create_type!r}", code="vmdk.create-type")
     scanned = _scan_extents(text)
@@ -435,13 +436,6 @@ def _cid(text: bytes, key: bytes) -> int | None:
     return int(found[1], 16)
 
 
-def _decode(raw: bytes) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise InvalidHeader(f"descriptor text {raw[:40]!r} is not UTF-8", code="vmdk.descriptor-encoding") from None
-
-
 def _scan_extents(text: bytes) -> list[tuple[int, Extent]]:
     """The extents QEMU's line-by-line scan reads, each with the offset it is read
     at. Like sscanf, a scan skips whitespace over line ends, so every blank line
@@ -455,10 +449,10 @@ def _scan_extents(text: bytes) -> list[tuple[int, Extent]]:
         at = line.end() - 1
         access, sectors, kind, name, offset = line.groups()
         extent = Extent(
-            access=_decode(access),
+            access=qemu_utf8(access),
             sectors=_int64(sectors, text, at),
-            type=_decode(kind),
-            filename=_decode(name),
+            type=qemu_utf8(kind),
+            filename=qemu_utf8(name),
             offset=None if offset is None else _int64(offset, text, at),
         )
         found += [(at, extent)] * starts

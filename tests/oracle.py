@@ -128,7 +128,7 @@ def qemu_img_error(path: Path, fmt: str | None = None) -> str | None:
     args: list[str | Path] = [require("qemu-img"), "info", "--output=json", "-U"]
     if fmt:
         args += ["-f", fmt]
-    proc = subprocess.run([*args, path], capture_output=True, text=True, check=False)
+    proc = subprocess.run([*args, path], capture_output=True, text=True, errors="replace", check=False)
     return proc.stderr if proc.returncode != 0 else None
 
 

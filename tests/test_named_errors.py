@@ -594,8 +594,6 @@ CATALOGUE: dict[str, list[Rule]] = {
         rule("vmdk.no-extents", "descriptor without an extent QEMU opens", "", vmdk_text()),
         rule("vmdk.extent-line", "invalid extent line", "", vmdk_text('RW 8 FLAT "f"')),
         rule("vmdk.extent-count", "more than 32768 extent lines", "", vmdk_text(*['RW 1 FLAT "f" 0'] * 32769)),
-        rule("vmdk.descriptor-encoding", "descriptor text not UTF-8", "",
-             replace(descriptor("monolithicFlat", 'RW 8 FLAT "f\xe9" 0').replace(b"\xc3\xa9", b"\xe9"))),
         rule("vmdk.cid", "CID not a 32-bit hex number", "",
              vmdk_text('RW 8 FLAT "f" 0', head=with_cid("123456789"))),
         rule("vmdk.parent-hint", "unterminated parentFileNameHint", "",
