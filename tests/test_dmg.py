@@ -226,3 +226,20 @@ def test_mutated_trailers_never_crash(mutations):
     for offset, value in mutations:
         data[len(data) - 512 + offset] = value
     probe_or_named_error(bytes(data))
+
+
+BLOCK_MAPS = {kind: build_dmg(disk(16), kind) for kind in ("xml", "rsrc")}
+
+
+@given(
+    kind=st.sampled_from(sorted(BLOCK_MAPS)),
+    mutations=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=8),
+)
+def test_mutated_block_maps_never_crash(kind, mutations):
+    """Bytes of the block map (the property list's text and base64, or the
+    resource fork's lengths and mish tables) overwritten: a result or a named error."""
+    data = bytearray(BLOCK_MAPS[kind])
+    start, end = len(disk(16)), len(data) - 512  # the block map lies between the data fork and the trailer
+    for offset, value in mutations:
+        data[start + offset % (end - start)] = value
+    probe_or_named_error(bytes(data))
