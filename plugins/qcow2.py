@@ -190,7 +190,7 @@ def _align8(n: int) -> int:
 
 
 def _text(raw: bytes) -> str:
-    return cstring(raw, "utf-8")
+    return cstring(raw)
 
 
 def _int64(value: int) -> int:

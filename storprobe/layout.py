@@ -58,12 +58,10 @@ def read_uint(buf: bytes | memoryview, offset: int, width: int, endian: str) -> 
     return int.from_bytes(buf[offset : offset + width], "big" if endian == ">" else "little")
 
 
-def cstring(raw: bytes, encoding: str = "utf-8") -> str:
-    """A NUL-terminated (or NUL-padded) byte string, decoded leniently: UTF-8
-    as qemu-img's JSON shows it (:func:`qemu_utf8`), other encodings with a
-    U+FFFD for each undecodable byte."""
-    text = raw.split(b"\0", 1)[0]
-    return qemu_utf8(text) if encoding == "utf-8" else text.decode(encoding, "replace")
+def cstring(raw: bytes) -> str:
+    """A NUL-terminated (or NUL-padded) byte string, decoded as qemu-img's JSON
+    shows it (:func:`qemu_utf8`)."""
+    return qemu_utf8(raw.split(b"\0", 1)[0])
 
 
 #: Code points QEMU's UTF-8 reader refuses although UTF-8 encodes them: noncharacters.
