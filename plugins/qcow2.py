@@ -189,10 +189,6 @@ def _align8(n: int) -> int:
     return (n + 7) & ~7
 
 
-def _text(raw: bytes) -> str:
-    return cstring(raw)
-
-
 def _int64(value: int) -> int:
     """qemu-img prints these unsigned 64-bit fields as signed JSON integers."""
     return value - UINT64 if value > INT64_MAX else value
@@ -293,7 +289,7 @@ def _parse_extensions(img: Image, hdr: Any) -> Extensions:
         if kind == EXT_BACKING_FORMAT:
             if length > MAX_BACKING_FORMAT:
                 raise _invalid("backing-format-too-long", f"backing format name of {length} bytes")
-            backing_format = _text(img.read(offset, length))
+            backing_format = cstring(img.read(offset, length))
         elif kind == EXT_FEATURE_NAMES:
             feature_table = img.read(offset, length)
         elif kind == EXT_CRYPTO:
@@ -304,7 +300,7 @@ def _parse_extensions(img: Image, hdr: Any) -> Extensions:
             if hdr.autoclear_features & AUTOCLEAR_BITMAPS:  # else QEMU ignores it as inconsistent
                 bitmaps = _bitmaps_extension(img, hdr, offset)
         elif kind == EXT_DATA_FILE:
-            data_file = _text(img.read(offset, length))
+            data_file = cstring(img.read(offset, length))
     return Extensions(backing_format, data_file, feature_table, crypto, bitmaps)
 
 
@@ -318,7 +314,7 @@ def _feature_names(table: bytes) -> dict[int, str]:
         if entry.name[0] == 0:
             break
         if entry.type == 0 and entry.bit < 64:
-            names.setdefault(entry.bit, _text(entry.name))
+            names.setdefault(entry.bit, cstring(entry.name))
     return names
 
 
@@ -383,8 +379,8 @@ def _snapshots(img: Image, hdr: Any) -> tuple[Snapshot, ...]:
         offset += len(names)
         snapshots.append(
             Snapshot(
-                id=_text(names[: entry.id_str_size]),
-                name=_text(names[entry.id_str_size :]),
+                id=cstring(names[: entry.id_str_size]),
+                name=cstring(names[entry.id_str_size :]),
                 vm_state_size=_int64(extra.vm_state_size_large if known >= 8 else entry.vm_state_size),
                 date_sec=entry.date_sec,
                 date_nsec=entry.date_nsec,
@@ -431,7 +427,7 @@ def _bitmap_directory(img: Image, hdr: Any, ext: Any) -> list[tuple[Any, str]]:
             raise _invalid("bitmap-extra-data", "bitmap extra data is not supported")
         _check_bitmap(hdr, entry)
         name_start = position + BITMAP_ENTRY.size
-        entries.append((entry, _text(directory[name_start : name_start + entry.name_size])))
+        entries.append((entry, cstring(directory[name_start : name_start + entry.name_size])))
         position += entry_size
     if len(entries) != ext.nb_bitmaps:
         raise _invalid("bitmap-count", "fewer bitmaps in the directory than the extension says")
@@ -572,7 +568,7 @@ def backing(img: Image) -> Backing | None:
     cluster_size = 1 << hdr.cluster_bits
     if hdr.backing_file_size > min(MAX_BACKING_NAME, cluster_size - hdr.backing_file_offset):
         raise _invalid("backing-name-too-long", f"backing file name of {hdr.backing_file_size} bytes")
-    name = _text(img.read(hdr.backing_file_offset, hdr.backing_file_size))
+    name = cstring(img.read(hdr.backing_file_offset, hdr.backing_file_size))
     return Backing(name, _read_extensions(img, hdr).backing_format or None) if name else None
 
 
