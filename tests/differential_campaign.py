@@ -55,6 +55,7 @@ KNOWN = {
     ("we-refuse", "vmdk", ""): "descriptor bounds and grains QEMU does not check; sizes QEMU wraps (test_vmdk)",
     ("qemu-refuses", "qcow2", "Unsupported qcow2 feature"): "unknown incompatible bits are reported (test_qcow2)",
     ("qemu-refuses", "vmdk", "No such file"): "QEMU opens extent files; we never do",
+    ("qemu-refuses", "qed", "QED table offset is invalid"): "table_size 1, which QEMU's bounds check refuses (test_qed)",
     ("qemu-refuses", "vmdk", "Invalid argument"): "an extent with no CID is still described (test_vmdk)",
 }
 
