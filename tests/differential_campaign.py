@@ -29,10 +29,10 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from oracle import ours
 from test_fuzz import INTERESTING, real_images
 
 from storprobe import ProbeError, probe
-from storprobe.qemu_json import EXTRA_KEY, to_qemu_json
 
 #: Formats left out: qemu-img reads iso and LUKS2 as raw, has no cow driver, and raw is any bytes.
 SKIPPED = {"iso", "cow", "raw", "dir"}
@@ -83,8 +83,7 @@ def outcome(path: Path, fmt: str) -> tuple[str, str, str] | None:
     qemu = subprocess.run(["qemu-img", "info", "--output=json", "-U", "-f", fmt, str(path)],
                           capture_output=True, text=True, errors="replace", check=False)
     try:
-        mine: dict | None = to_qemu_json(probe(path, format=fmt))
-        mine.pop(EXTRA_KEY)
+        mine: dict | None = ours(path, fmt)
         code = ""
     except ProbeError as exc:
         mine, code = None, exc.code

@@ -3,8 +3,9 @@
 Whatever the bytes, ``probe`` gives a result or a named ProbeError and
 ``check`` a verdict, and a result renders (``oracle.renders``: JSON, text,
 volume XML that validates or a named error, a scan entry); a "plugin-error"
-(a stray exception inside a plugin) is a bug. Inputs that once crashed or hung a probe live in tests/corpus (see its
-README); example counts come from the hypothesis profile (tests/conftest.py):
+(a stray exception inside a plugin) is a bug. Inputs that once crashed or hung
+a probe live in tests/corpus (see its README); example counts come from the
+hypothesis profile (tests/conftest.py):
 ``STORPROBE_FUZZ=long python -m pytest tests/test_fuzz.py`` runs a long campaign.
 """
 
