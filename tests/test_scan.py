@@ -65,9 +65,24 @@ def test_recursive_descends_after_each_directory(pool):
     assert names.index("sub") + 1 == names.index(os.path.join("sub", "inner.qcow2"))
 
 
-def test_scan_is_lazy(pool):
-    records = scan(pool)
-    assert next(records).path.endswith("dangling")  # nothing else probed yet
+def test_scan_is_lazy(tmp_path):
+    """Records are made as they are asked for: a volume past the first batch,
+    changed in place after the first record was taken, is probed as changed
+    (an eager scan would already have described the old bytes)."""
+    from storprobe.scan import BATCH
+
+    for index in range(BATCH + 1):
+        (tmp_path / f"a{index:03}.raw").write_bytes(bytes(512))
+    last = tmp_path / "z.qcow2"
+    qemu_img_create(last, "qcow2", "16M")
+    records = scan(tmp_path)
+    assert next(records).path.endswith("a000.raw")
+    with open(last, "r+b") as volume:  # in place: a volume opened ahead sees it too
+        volume.seek(4)
+        volume.write((77).to_bytes(4, "big"))
+    *_, final = records
+    assert final.path == str(last) and final.error is not None
+    assert final.error.code.endswith("unsupported-version")
 
 
 def test_unlistable_directory_is_an_error(tmp_path):
