@@ -5,7 +5,9 @@ Three kinds of file are a VMDK:
 - a hosted sparse extent, magic ``KDMV`` (VMware Virtual Disk Format 1.1,
   section 4.1), with its descriptor embedded at sector 1: monolithicSparse, or
   streamOptimized when its grains are deflate-compressed (then the header may
-  sit in a footer near the end of the file);
+  sit in a footer near the end of the file, which QEMU uses in place of the
+  one at the start; both are reported, and a footer that is no faithful copy
+  of the header is flagged);
 - an ESX sparse extent, magic ``COWD`` (QEMU's "VMDK3");
 - a text descriptor file naming the extents that hold the data (monolithicFlat,
   twoGbMaxExtentSparse/Flat, vmfs, vmfsSparse, seSparse), recognised as QEMU's
@@ -51,6 +53,8 @@ DEFLATE = 1  # compressAlgorithm
 REDUNDANT_GD = 1 << 1  # flags: the redundant grain directory at rgdOffset is in use
 MARKER_EOS, MARKER_FOOTER = 0, 3  # stream marker types
 FOOTER_SIZE = 3 * SECTOR  # footer marker, footer header, end-of-stream marker
+FOOTER_MARKER_SECTORS = 1  # a footer marker's value: the one sector of header after it
+FOOTER_FILLS = "gd-offset"  # the one header field a footer does not copy
 
 # QEMU's bounds (block/vmdk.c); a header beyond one is refused, not trusted.
 PROBE_SIZE = 512  # bytes QEMU's format probe sees (BLOCK_PROBE_BUF_SIZE)
@@ -140,6 +144,17 @@ class Extent(NamedTuple):
         return entry
 
 
+class Footer(NamedTuple):
+    """A streamOptimized footer: the header QEMU uses in place of the one at the
+    start, and what of it disagrees with that one (which other readers use)."""
+
+    start: Any  # the header at the start of the file
+    header: Any  # the footer's header
+    marker_sectors: int  # the footer marker's value
+    differences: tuple[str, ...]  # "version 1 in the header, 3 in the footer" ...
+    extents: tuple[Extent, ...]  # extent lines of another descriptor the footer points at
+
+
 class Disk(NamedTuple):
     """What QEMU opens: this file's own sparse extent, or a descriptor's extents."""
 
@@ -148,7 +163,7 @@ class Disk(NamedTuple):
     version: int | None = None
     grain: int | None = None  # sectors per grain of this file's own sparse extent
     compressed: bool = False
-    from_footer: bool = False
+    footer: Footer | None = None
     create_type: str = ""
     recorded: tuple[Extent, ...] = ()  # every extent line of the descriptor text
     extents: tuple[Extent, ...] = ()  # the descriptor's extents QEMU opens
@@ -195,8 +210,9 @@ def features(img: Image) -> Features:
     details: dict = {"kind": disk.kind}
     if disk.version is not None:
         details["version"] = disk.version
-    if disk.from_footer:
-        details["footer"] = True
+    if disk.footer is not None:
+        details["header"] = _header_facts(disk.footer.start)
+        details["footer"] = _footer_facts(disk.footer)
     details["extents"] = [extent.as_dict() for extent in disk.recorded]
     cid, parent_cid = _cid(keys, b"CID"), _cid(keys, b"parentCID")
     specific = None
@@ -229,14 +245,18 @@ def _read_disk(img: Image) -> Disk:
 
 
 def _sparse(img: Image) -> Disk:
+    """The sparse header QEMU uses (the footer's when the one at the start says
+    GD_AT_END), every rule QEMU applies checked on it."""
     hdr = SPARSE_HEADER.unpack(img.head)
-    _check_version(hdr.version)
+    footer = None
+    if hdr.gd_offset != GD_AT_END:  # else QEMU checks the footer's version only
+        _check_version(hdr.version)
     _check_embedded_descriptor(img, hdr)
     if hdr.capacity == 0 and hdr.desc_offset:  # QEMU then reads the descriptor as a descriptor file
         return _descriptor(img, "KDMV", hdr.desc_offset * SECTOR, hdr.version)
-    from_footer = hdr.gd_offset == GD_AT_END
-    if from_footer:
-        hdr = _footer(img)
+    if hdr.gd_offset == GD_AT_END:
+        footer = _footer(img, hdr)
+        hdr = footer.header
         _check_version(hdr.version)
     if not 1 <= hdr.num_gtes_per_gt <= MAX_GTES_PER_GT:
         raise InvalidHeader(
@@ -262,7 +282,7 @@ def _sparse(img: Image) -> Disk:
         version=hdr.version,
         grain=hdr.grain_size,
         compressed=compressed,
-        from_footer=from_footer,
+        footer=footer,
         create_type="streamOptimized" if compressed else "monolithicSparse",
         recorded=_recorded(img),
     )
@@ -315,13 +335,17 @@ def _descriptor(img: Image, kind: str, start: int, version: int | None = None) -
     )
 
 
-def _footer(img: Image) -> Any:
-    """The header in a streamOptimized footer, which QEMU reads 1536 bytes before
-    the end of the file rounded up to a sector (zeros past the end)."""
-    start = -(-img.size // SECTOR) * SECTOR - FOOTER_SIZE
-    if start < 0:
+def _footer(img: Image, start: Any) -> Footer:
+    """The streamOptimized footer, which QEMU reads 1536 bytes before the end of
+    the file rounded up to a sector (zeros past the end), checked as QEMU checks
+    it (magic, the footer marker's size and type, the end-of-stream marker), and
+    compared with the header at the start: QEMU 7.2 takes the footer's grain
+    directory, capacity and grain but reads the descriptor at sector 1, while
+    other readers may take the header at the start, or the footer's descriptor."""
+    at = -(-img.size // SECTOR) * SECTOR - FOOTER_SIZE
+    if at < 0:
         raise TruncatedHeader(f"file of {img.size} bytes is too short for a streamOptimized footer")
-    data = img.read(start, FOOTER_SIZE, exact=False).ljust(FOOTER_SIZE, b"\0")
+    data = img.read(at, FOOTER_SIZE, exact=False).ljust(FOOTER_SIZE, b"\0")
     marker = STREAM_MARKER.unpack(data)
     hdr = SPARSE_HEADER.unpack(data, SECTOR)
     eos = STREAM_MARKER.unpack(data, 2 * SECTOR)
@@ -332,7 +356,60 @@ def _footer(img: Image) -> Any:
         or hdr.gd_offset == GD_AT_END
     ):
         raise InvalidHeader("header says the footer holds it, but there is no valid footer", code="vmdk.footer")
-    return hdr
+    ours, theirs = _header_facts(start), _header_facts(hdr)
+    differences = [
+        f"{name} {ours[name]} in the header, {theirs[name]} in the footer"
+        for name in ours
+        if name != FOOTER_FILLS and ours[name] != theirs[name]
+    ]
+    if marker.value != FOOTER_MARKER_SECTORS:
+        differences.append(f"footer marker of {marker.value} sectors, not {FOOTER_MARKER_SECTORS}")
+    if img.size % SECTOR:
+        differences.append(f"end-of-stream marker cut short: the file ends {img.size % SECTOR} bytes into a sector")
+    return Footer(start, hdr, marker.value, tuple(differences), _footer_extents(img, start, hdr))
+
+
+def _footer_extents(img: Image, start: Any, hdr: Any) -> tuple[Extent, ...]:
+    """The extent lines of the descriptor the footer points at, when it is not the
+    one the header at the start points at (QEMU 7.2 never reads it; a reader
+    that trusts the footer opens these). A text that cannot be scanned names none."""
+    if (hdr.desc_offset, hdr.desc_size) == (start.desc_offset, start.desc_size) or not hdr.desc_offset:
+        return ()
+    if hdr.desc_offset * SECTOR >= img.size:
+        return ()
+    text = _text(img, hdr.desc_offset * SECTOR, min(hdr.desc_size * SECTOR, DESC_MAX))
+    try:
+        return tuple(dict.fromkeys(extent for _, extent in _scan_extents(text)))
+    except InvalidHeader:
+        return ()
+
+
+def _header_facts(hdr: Any) -> dict:
+    """A sparse header's fields as the details show them (sectors where the spec counts sectors)."""
+    return {
+        "version": hdr.version,
+        "flags": hdr.flags,
+        "capacity": hdr.capacity,
+        "grain-size": hdr.grain_size,
+        "descriptor-offset": hdr.desc_offset,
+        "descriptor-size": hdr.desc_size,
+        "gtes-per-gt": hdr.num_gtes_per_gt,
+        "rgd-offset": hdr.rgd_offset,
+        "gd-offset": hdr.gd_offset,
+        "overhead": hdr.overhead,
+        "compress-algorithm": hdr.compress_algorithm,
+    }
+
+
+def _footer_facts(footer: Footer) -> dict:
+    facts = _header_facts(footer.header)
+    facts["marker-sectors"] = footer.marker_sectors
+    facts["agrees"] = not footer.differences
+    if footer.differences:
+        facts["differences"] = list(footer.differences)
+    if footer.extents:
+        facts["descriptor-extents"] = [extent.as_dict() for extent in footer.extents]
+    return facts
 
 
 def _check_version(version: int) -> None:
@@ -528,11 +605,22 @@ def hazards(img: Image, info: ImageInfo) -> Iterator[Hazard]:
     opens is another file; a sparse file is safe when its embedded descriptor
     names one sparse extent by a bare file name (itself, whatever it is called
     now: QEMU opens only the file). Names outside the image's directory and
-    devices are flagged on their own, in either kind."""
+    devices are flagged on their own, in either kind. A streamOptimized footer
+    that disagrees with the header is flagged, and the extents of another
+    descriptor it points at count as named."""
     if info.format != "vmdk":
         return
     disk = _disk(img)
-    named = tuple(dict.fromkeys(disk.recorded))  # a line read twice is one extent
+    footer = disk.footer
+    if footer is not None and footer.differences:
+        yield Hazard(
+            "vmdk.footer-mismatch",
+            "its streamOptimized footer, which QEMU reads in place of the header, is no faithful copy of it ("
+            + "; ".join(footer.differences)
+            + "): readers that trust one or the other see different disks",
+        )
+    footer_extents = footer.extents if footer is not None else ()
+    named = tuple(dict.fromkeys(disk.recorded + footer_extents))  # a line read twice is one extent
     only_itself = len(named) == 1 and named[0].type in SPARSE_EXTENT_TYPES and _bare(named[0].filename)
     if disk.grain is None or (named and not only_itself):
         yield Hazard(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import struct
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from hypothesis import strategies as st
 from oracle import assert_same_as_qemu, code_of, ours, probe_or_named_error, qemu_img_create, qemu_info, qemu_refuses, require, run
 
 from storprobe import BytesSource, ProbeError, probe
+from storprobe.safety import check
 from storprobe.qemu_json import to_qemu_json
 
 GD_AT_END = 0xFFFF_FFFF_FFFF_FFFF
@@ -78,13 +80,20 @@ def sesparse(capacity: int = 131072) -> bytes:
     return struct.pack("<26Q", *const).ljust(512, b"\0") + volatile.ljust(512, b"\0") + bytes(4096)
 
 
-def with_footer(image: bytes) -> bytes:
+def with_footer(image: bytes, between: bytes = b"") -> bytes:
     """A streamOptimized image as VMware writes it: the header's gdOffset is
-    GD_AT_END and the real header follows a footer marker near the end, before
-    the end-of-stream marker (qemu-img 7.2 writes no footer)."""
-    footer_marker = struct.pack("<QII", 0, 0, 3).ljust(512, b"\0")
+    GD_AT_END, and after the stream (and ``between``, whole sectors) come a
+    footer marker (type 3; one sector of header follows), the header with the
+    real gdOffset and the end-of-stream marker (qemu-img 7.2 writes no footer)."""
+    footer_marker = struct.pack("<QII", 1, 0, 3).ljust(512, b"\0")
     eos_marker = bytes(512)
-    return patch(image, gd_offset=GD_AT_END) + footer_marker + image[:512] + eos_marker
+    return patch(image, gd_offset=GD_AT_END) + between + footer_marker + image[:512] + eos_marker
+
+
+def patch_footer(data: bytes, **fields: int) -> bytes:
+    """``data`` (ending in a footer) with fields of the footer's header replaced."""
+    at = len(data) - 1024
+    return data[:at] + patch(data[at : at + 512], **fields) + data[at + 512 :]
 
 
 def same_as_qemu(path: Path | str, *, sparse_extents: bool = False, descriptor_file: bool = True) -> dict:
@@ -133,13 +142,132 @@ def test_stream_optimized(tmp_path):
     assert mine["format-specific"]["data"]["extents"][0]["compressed"] is True
 
 
-def test_stream_optimized_footer(tmp_path):
-    """The header at the start says GD_AT_END; size and grain come from the footer."""
-    plain = qemu_img_create(tmp_path / "plain.vmdk", "vmdk", "1G", "subformat=streamOptimized").read_bytes()
-    path = tmp_path / "footer.vmdk"  # the start header lies about what the footer overrides
-    path.write_bytes(patch(with_footer(plain), capacity=7, grain_size=3))
-    assert assert_same_as_qemu(path)["virtual-size"] == 1 << 30
-    assert details(path)["footer"] is True
+# --- streamOptimized footers ------------------------------------------------
+
+
+@pytest.fixture
+def stream(tmp_path) -> tuple[Path, bytes]:
+    """A raw disk with data, and the streamOptimized image qemu-img converts it to."""
+    raw = tmp_path / "disk.raw"
+    raw.write_bytes(bytes(range(256)) * 4096 + bytes(3 << 20))  # 4 MiB, its first MiB data
+    path = tmp_path / "plain.vmdk"
+    run("qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized", raw, path)
+    return raw, path.read_bytes()
+
+
+def read_like_qemu(path: Path, raw: Path) -> dict:
+    """qemu-img opens ``path``, reads the disk ``raw`` holds (so it used the
+    footer's grain directory), and describes it as storprobe does."""
+    run("qemu-img", "compare", "-f", "raw", "-F", "vmdk", raw, path)
+    return assert_same_as_qemu(path)
+
+
+def hazards_of(path: Path) -> list[str]:
+    return [hazard.check for hazard in check(path).hazards]
+
+
+def test_stream_optimized_footer_agrees(tmp_path, stream):
+    """A footer that copies the header (gdOffset filled in) is safe, and both
+    headers are in the details; qemu-img reads the disk through the footer."""
+    raw, plain = stream
+    path = tmp_path / "footer.vmdk"
+    path.write_bytes(with_footer(plain))
+    mine = read_like_qemu(path, raw)
+    assert mine["format-specific"]["data"]["create-type"] == "streamOptimized"
+    assert hazards_of(path) == []
+    facts = details(path)
+    header, footer = facts["header"], facts["footer"]
+    assert (header["gd-offset"], footer["gd-offset"]) == (GD_AT_END, struct.unpack_from("<Q", plain, 56)[0])
+    assert footer.pop("agrees") is True
+    assert footer.pop("marker-sectors") == 1
+    footer.pop("gd-offset"), header.pop("gd-offset")
+    assert footer == header
+    assert (footer["capacity"] * 512, footer["grain-size"] * 512) == (mine["virtual-size"], mine["cluster-size"])
+    assert (footer["version"], footer["compress-algorithm"]) == (3, 1)
+
+
+def cut_short(data: bytes) -> bytes:
+    return data[:-100]  # the end-of-stream marker's last 100 zeros, which QEMU reads as zeros
+
+
+@pytest.mark.parametrize(
+    ("edit", "difference"),
+    [
+        pytest.param(lambda d: patch_footer(d, desc_offset=2), "descriptor-offset 1 in the header", id="desc-offset"),
+        pytest.param(lambda d: patch_footer(d, desc_size=1), "descriptor-size 20 in the header, 1", id="desc-size"),
+        pytest.param(lambda d: patch(d, version=1), "version 1 in the header, 3", id="version"),
+        pytest.param(lambda d: patch(d, version=9), "version 9 in the header, 3", id="header-version-qemu-ignores"),
+        pytest.param(lambda d: patch(d, capacity=7, grain_size=3), "capacity 7 in the header", id="capacity"),
+        pytest.param(lambda d: patch(d, flags=0), "flags 0 in the header", id="flags"),
+        pytest.param(
+            lambda d: d[:-1536] + struct.pack("<Q", 0) + d[-1528:], "footer marker of 0 sectors, not 1", id="marker"
+        ),
+        pytest.param(cut_short, "end-of-stream marker cut short", id="end-of-stream"),
+    ],
+)
+def test_footer_that_disagrees_with_its_header(tmp_path, stream, edit, difference):
+    """QEMU opens each (through the footer: same disk, same answer as ours);
+    storprobe describes it, says how the two differ, and calls it unsafe."""
+    raw, plain = stream
+    path = tmp_path / "footer.vmdk"
+    path.write_bytes(edit(with_footer(plain)))
+    read_like_qemu(path, raw)
+    footer = details(path)["footer"]
+    assert footer["agrees"] is False
+    assert [d for d in footer["differences"] if d.startswith(difference)]
+    assert hazards_of(path) == ["vmdk.footer-mismatch"]
+
+
+def test_footer_pointing_at_another_descriptor(tmp_path, stream):
+    """The footer's descriptor fields name a second descriptor whose flat
+    extent is /etc/passwd. QEMU 7.2 reads the one at sector 1 and opens the
+    disk; a reader that trusts the footer would open the host file, so
+    ``storprobe check`` says UNSAFE and names it."""
+    raw, plain = stream
+    second = descriptor("monolithicFlat", 'RW 8192 FLAT "/etc/passwd" 0').ljust(1024, b"\0")
+    sector = len(plain) // 512
+    path = tmp_path / "footer.vmdk"
+    path.write_bytes(patch_footer(with_footer(plain, between=second), desc_offset=sector, desc_size=2))
+    read_like_qemu(path, raw)
+    footer = details(path)["footer"]
+    assert footer["descriptor-extents"] == [
+        {"access": "RW", "sectors": 8192, "type": "FLAT", "filename": "/etc/passwd", "offset": 0}
+    ]
+    assert details(path)["extents"] == [{"access": "RW", "sectors": 8192, "type": "SPARSE", "filename": "plain.vmdk"}]
+    assert hazards_of(path) == ["vmdk.footer-mismatch", "vmdk.external-extent", "vmdk.extent-path"]
+    cli = subprocess.run(
+        [sys.executable, "-m", "storprobe", "check", str(path)], check=False, capture_output=True, text=True
+    )
+    assert (cli.returncode, cli.stdout.splitlines()[0]) == (3, f"{path}: UNSAFE (vmdk)")
+    assert "/etc/passwd" in cli.stdout
+
+
+#: QEMU's rules on the header it uses: fields that break one, and its code.
+HEADER_RULES = [
+    pytest.param({"version": 4}, "unsupported-version", id="version"),
+    pytest.param({"num_gtes_per_gt": 0}, "vmdk.gtes-per-gt", id="no-gtes"),
+    pytest.param({"num_gtes_per_gt": 513}, "vmdk.gtes-per-gt", id="too-many-gtes"),
+    pytest.param({"grain_size": 0}, "vmdk.grain-size", id="no-grain"),
+    pytest.param({"grain_size": 0x400000}, "vmdk.grain-size", id="huge-grain"),
+    pytest.param({"capacity": 1 << 26, "grain_size": 1, "num_gtes_per_gt": 1}, "vmdk.l1-size", id="l1-size"),
+    pytest.param({"overhead": 10**6}, "vmdk.overhead", id="overhead"),
+    pytest.param({"rgd_offset": 2**54 - 1}, "vmdk.rgd-offset", id="rgd-offset"),
+]
+
+
+@pytest.mark.parametrize(("fields", "code"), HEADER_RULES)
+def test_rules_run_on_the_header_qemu_uses(tmp_path, stream, fields, code):
+    """With GD_AT_END, QEMU checks the footer's header, not the one at the
+    start: a footer breaking a rule is refused by both; a header at the start
+    breaking it is opened by both, and flagged as a footer that disagrees."""
+    raw, plain = stream
+    path = tmp_path / "footer.vmdk"
+    path.write_bytes(patch_footer(with_footer(plain), **fields))
+    assert code_of(path) == code
+    qemu_refuses(path)
+    path.write_bytes(patch(with_footer(plain), **fields))
+    read_like_qemu(path, raw)
+    assert hazards_of(path) == ["vmdk.footer-mismatch"]
 
 
 @pytest.mark.parametrize("subformat", ["monolithicFlat", "twoGbMaxExtentFlat"])
@@ -467,10 +595,26 @@ def test_truncated(data):
     assert code_of(data) == "truncated"
 
 
-def test_bad_footer_marker(sparse_image):
+@pytest.mark.parametrize(
+    ("offset", "value"),
+    [
+        pytest.param(12, 2, id="footer-marker-type"),  # type 2: a grain directory marker
+        pytest.param(8, 1, id="footer-marker-size"),
+        pytest.param(512, 0, id="footer-magic"),
+        pytest.param(1024, 1, id="end-of-stream-value"),
+        pytest.param(1036, 3, id="end-of-stream-type"),
+    ],
+)
+def test_bad_footer_marker(tmp_path, sparse_image, offset, value):
+    """The footer's structure QEMU checks: it refuses the file ("Invalid
+    footer"), storprobe names the error and ``check`` calls it unsafe."""
     image = bytearray(with_footer(sparse_image))
-    struct.pack_into("<I", image, len(image) - 1536 + 12, 2)  # footer marker type 2 (a grain directory)
-    assert code_of(bytes(image)) == "vmdk.footer"
+    struct.pack_into("<I", image, len(image) - 1536 + offset, value)
+    path = tmp_path / "bad.vmdk"
+    path.write_bytes(image)
+    assert code_of(path) == "vmdk.footer"
+    assert "Invalid footer" in qemu_refuses(path)
+    assert hazards_of(path) == ["malformed"]
 
 
 def bad(text: bytes, code: str, qemu_says: str | None, id: str):
