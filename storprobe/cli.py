@@ -8,11 +8,12 @@ volume unsafe.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, TextIO
 
 from .detect import probe
 from .errors import ProbeError, UnknownFormat
@@ -30,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="storprobe", description="Tell what a disk image is from its bytes alone."
     )
+    parser.add_argument("--version", action=_Version, help="print storprobe's version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     info = sub.add_parser("info", help="describe one volume (qemu-img info compatible)")
@@ -68,6 +70,19 @@ def _parser() -> argparse.ArgumentParser:
     formats = sub.add_parser("formats", help="list the registered format table")
     formats.add_argument("--output", choices=("human", "json"), default="human")
     return parser
+
+
+class _Version(argparse.Action):
+    """``--version``: the installed version, looked up only when asked."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        from . import __version__
+
+        sys.stdout.write(f"storprobe {__version__}\n")
+        parser.exit()
 
 
 def _positive(text: str) -> int:
@@ -260,6 +275,32 @@ def _formats(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; its exit status. Whatever happens to standard output
+    there is no traceback: a failed write (a full disk, descriptor 1 closed)
+    is one line ``storprobe: write error: REASON`` and status 1, and a reader
+    that went away (EPIPE) ends the command quietly."""
+    stdout = sys.stdout
+    sys.stdout = _Output(stdout)  # type: ignore[assignment]
+    try:
+        try:
+            status = _run(argv)
+        except SystemExit as exc:  # argparse's --help, --version and usage errors
+            status = exc.code if isinstance(exc.code, int) else EXIT_USAGE
+        sys.stdout.flush()  # a last write error shows here, not at interpreter exit
+    except OutputFailed as failed:
+        _discard(stdout)
+        if isinstance(failed.error, BrokenPipeError):
+            return EXIT_OK
+        _complain("write error", failed.error.strerror or str(failed.error))
+        return EXIT_PROBE
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        sys.stdout = stdout
+    return status
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
@@ -273,12 +314,60 @@ def main(argv: Sequence[str] | None = None) -> int:
         return commands[args.command](args)
     except UnknownFormat as exc:
         parser.error(str(exc))
-    except BrokenPipeError:
-        sys.stderr.close()
-        return EXIT_OK
-    except KeyboardInterrupt:
-        return 130
-    return EXIT_OK
+
+
+class OutputFailed(Exception):
+    """Writing standard output failed; ``error`` says why."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+class _Output:
+    """Standard output while a command runs. A failed write raises
+    :class:`OutputFailed`, which no ``except OSError`` on the way to
+    :func:`main` swallows (argparse's help does); ``stream`` None is
+    descriptor 1 closed when the interpreter started."""
+
+    def __init__(self, stream: TextIO | None) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            if self.stream is None:
+                raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+            return self.stream.write(text)
+        except OSError as exc:
+            raise OutputFailed(exc) from None
+
+    def writelines(self, lines: Iterable[str]) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        try:
+            if self.stream is not None:
+                self.stream.flush()
+        except OSError as exc:
+            raise OutputFailed(exc) from None
+
+    def isatty(self) -> bool:
+        return self.stream is not None and self.stream.isatty()
+
+
+def _discard(stream: TextIO | None) -> None:
+    """Point ``stream``'s descriptor at /dev/null: the interpreter's final
+    flush of what it still buffers then succeeds instead of printing
+    "Exception ignored ... OSError" (or tries again to write to a reader that left)."""
+    try:
+        fd = stream.fileno() if stream is not None else -1
+    except (OSError, ValueError):  # not a real file (a test's capture), or closed
+        return
+    if fd >= 0:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, fd)
+        os.close(null)
 
 
 if __name__ == "__main__":

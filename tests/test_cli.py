@@ -14,13 +14,13 @@ from storprobe.cli import main
 from oracle import qemu_img_create, unusable_entry
 
 
-def storprobe(*args: str) -> subprocess.CompletedProcess:
+def storprobe_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "storprobe", *args], capture_output=True, text=True)
 
 
 def test_info_json(tmp_path):
     qemu_img_create(tmp_path / "a.qcow2", "qcow2", "1G")
-    proc = storprobe("info", "--output", "json", str(tmp_path / "a.qcow2"))
+    proc = storprobe_cli("info", "--output", "json", str(tmp_path / "a.qcow2"))
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert (out["format"], out["virtual-size"]) == ("qcow2", 1 << 30)
@@ -43,7 +43,7 @@ def test_unprobeable_volume_exits_1_with_one_line(tmp_path, kind):
         path.write_bytes(b"QFI\xfb\0\0")
     elif kind == "badversion":
         path.write_bytes(b"QFI\xfb" + struct.pack(">I", 42) + bytes(100))
-    proc = storprobe("info", str(path))
+    proc = storprobe_cli("info", str(path))
     assert proc.returncode == 1
     assert proc.stdout == ""
     lines = proc.stderr.splitlines()
@@ -51,19 +51,19 @@ def test_unprobeable_volume_exits_1_with_one_line(tmp_path, kind):
 
 
 def test_usage_errors_exit_2(tmp_path):
-    assert storprobe("info").returncode == 2
-    assert storprobe("info", "-f", "nonsense", str(tmp_path)).returncode == 2
-    assert storprobe("frobnicate").returncode == 2
+    assert storprobe_cli("info").returncode == 2
+    assert storprobe_cli("info", "-f", "nonsense", str(tmp_path)).returncode == 2
+    assert storprobe_cli("frobnicate").returncode == 2
 
 
 def test_formats_lists_the_table():
-    proc = storprobe("formats", "--output", "json")
+    proc = storprobe_cli("formats", "--output", "json")
     rows = json.loads(proc.stdout)
     names = [r["name"] for r in rows]
     assert {"qcow2", "vmdk", "raw", "dir", "iso", "luks"} <= set(names)
     qcow2 = next(r for r in rows if r["name"] == "qcow2")
     assert (qcow2["magic"], qcow2["versions"], qcow2["plugin"]) == ("QFI\\xfb", [2, 3], "qcow2")
-    human = storprobe("formats").stdout
+    human = storprobe_cli("formats").stdout
     assert "qcow2" in human and "QFI\\xfb" in human
 
 
@@ -77,7 +77,7 @@ def test_human_output_is_qemu_img_info_plus_our_section(tmp_path):
     run("qemu-img", "snapshot", "-c", "first", tmp_path / "top.qcow2")
     run("qemu-img", "bitmap", "--add", tmp_path / "top.qcow2", "b0")
     theirs = run("qemu-img", "info", tmp_path / "top.qcow2").stdout.decode()
-    proc = storprobe("info", str(tmp_path / "top.qcow2"))
+    proc = storprobe_cli("info", str(tmp_path / "top.qcow2"))
     ours, _, extra = proc.stdout.partition("storprobe:\n")
     assert ours == theirs
     assert "evidence: magic" in extra
@@ -92,8 +92,18 @@ def test_human_output_escapes_what_a_terminal_would_act_on(tmp_path):
     image = qemu_img_create(tmp_path / "hostile.qcow2", "qcow2", "1M")
     run("qemu-img", "snapshot", "-c", "snap\x1b[2J", image)
     run("qemu-img", "rebase", "-u", "-b", "/x\x1b]52;c;SGk=\x07\nforged: line\u202e", "-F", "raw", image)
-    out = storprobe("info", str(image)).stdout
+    out = storprobe_cli("info", str(image)).stdout
     assert "backing file: /x\\x1b]52;c;SGk=\\x07\\nforged: line\\u202e\n" in out
     assert "\n1         snap\\x1b[2J " in out
     assert not any(ch in out for ch in "\x1b\x07\u202e")
     assert not any(line.startswith("forged") for line in out.splitlines())
+
+
+def test_version_is_the_installed_distributions():
+    from importlib.metadata import version
+
+    import storprobe
+
+    assert storprobe.__version__ == version("storprobe")
+    proc = storprobe_cli("--version")
+    assert (proc.stdout, proc.stderr, proc.returncode) == (f"storprobe {version('storprobe')}\n", "", 0)
