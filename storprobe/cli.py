@@ -181,10 +181,14 @@ def _scan_renderer(args: argparse.Namespace) -> Callable[[ScanRecord], str]:
 
 def _progress(entries: Iterator[str], args: argparse.Namespace) -> Iterator[str]:
     """``entries``, counted on a progress bar on stderr when a person watches
-    it there (stderr a terminal, stdout not) and the scan lasts over a second."""
+    it there (stderr a terminal, stdout not), the scan lasts over a second and
+    tqdm is installed (the ``progress`` extra); without tqdm, no bar."""
     if not sys.stderr.isatty() or sys.stdout.isatty():
         return entries
-    from tqdm import tqdm
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return entries
 
     tqdm.monitor_interval = 0  # no monitor thread: the scan forks workers
     total = None if args.recursive else len(os.listdir(args.directory))

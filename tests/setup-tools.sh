@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
-# Installs the real image tools the tests use as oracles and image makers
-# (Debian packages), and starts libvirtd (as root) so the volume-XML tests can
-# compare with virsh. Idempotent: does nothing when all is in place.
+# Installs what the README's test command needs from Debian's packages (Debian
+# 12, Ubuntu 24.04): python3-venv where the system python3 cannot make the
+# virtual environment (.venv), and the real image tools the tests use as oracles
+# and image makers; then starts libvirtd (as root) so the volume-XML tests can
+# compare with virsh. Idempotent: does nothing when all is in place. Another
+# apt-get or dpkg at work (unattended-upgrades on a new machine) is waited for,
+# up to ten minutes, instead of failing at once on its lock.
 set -euo pipefail
 need=()
+# Debian and Ubuntu leave venv's pip bootstrap out of python3 (PEP 668 machines)
+python3 -c 'import ensurepip' 2>/dev/null || need+=(python3-venv)
 command -v qemu-img >/dev/null || need+=(qemu-utils)
 command -v bximage >/dev/null || need+=(bochs)
 command -v create_compressed_fs >/dev/null || need+=(cloop-utils)
@@ -15,11 +21,29 @@ command -v xorriso >/dev/null || need+=(xorriso)
 command -v dmg2img >/dev/null || need+=(dmg2img)
 command -v virsh >/dev/null || need+=(libvirt-clients)
 command -v libvirtd >/dev/null || need+=(libvirt-daemon-system)
+LOCK_WAIT=600  # seconds
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+
+update_package_lists() {
+    # DPkg::Lock::Timeout covers the dpkg lock, not the package lists' lock
+    # apt-get update takes: try again while another apt holds that one.
+    local err
+    for _ in $(seq $((LOCK_WAIT / 5))); do
+        err=$($SUDO env LC_ALL=C apt-get -qq update 2>&1) && return 0
+        case $err in
+            *"Could not get lock"*) sleep 5 ;;
+            *) break ;;
+        esac
+    done
+    printf '%s\n' "$err" >&2
+    return 1
+}
+
 if [ ${#need[@]} -gt 0 ]; then
-    SUDO=""
-    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+    update_package_lists
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get -qq -o DPkg::Lock::Timeout=$LOCK_WAIT \
+        install -y "${need[@]}" >/dev/null
 fi
 if [ "$(id -u)" -eq 0 ] && ! virsh -c qemu:///system version >/dev/null 2>&1; then
     libvirtd -d
