@@ -15,17 +15,23 @@ reads them with the same virtual size), and a differencing disk is probed with
 its parent reported as the backing file (QEMU refuses to open it). It is also
 stricter than QEMU where the spec says so: no region inside the first MiB,
 the log and every region inside the file, metadata items inside their region,
-and a virtual size that is a whole number of logical sectors. The log itself
-is not replayed or searched; a non-zero log GUID is reported in the details.
+and a virtual size that is a whole number of logical sectors.
+
+A header with a non-zero log GUID has a log that may need replaying. The log is
+searched as QEMU searches it (its entries are never applied): a valid entry
+means QEMU refuses the image read-only and replays the log, rewriting the file,
+when it opens it read-write; the details say so and ``check`` flags it. A log
+entry QEMU's search fails on, or a search that never ends, is an error.
 """
 
 from __future__ import annotations
 
 import sys
 from array import array
-from typing import NamedTuple
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
-from storprobe import Backing, Features, FormatSpec, Image, InvalidHeader, Layout, hookimpl
+from storprobe import Backing, Features, FormatSpec, Hazard, Image, ImageInfo, InvalidHeader, Layout, hookimpl
 
 KiB, MiB, TiB = 1024, 1024 * 1024, 1024**4
 
@@ -62,6 +68,29 @@ METADATA_ENTRY = Layout(
     ("flags", "I"),
     (None, "4x"),
 )
+LOG_ENTRY_HEADER = Layout(
+    "<",
+    "vhdx log entry header",
+    ("signature", "4s"),
+    ("checksum", "I"),
+    ("entry_length", "I"),
+    ("tail", "I"),
+    ("sequence_number", "Q"),
+    ("descriptor_count", "I"),
+    (None, "4x"),
+    ("log_guid", "16s"),
+    ("flushed_file_offset", "Q"),
+    ("last_file_offset", "Q"),
+)
+LOG_DESCRIPTOR = Layout(
+    "<",
+    "vhdx log descriptor",
+    ("signature", "4s"),
+    (None, "4x"),  # a data descriptor's trailing bytes
+    ("zero_length", "Q"),  # a data descriptor's leading bytes
+    ("file_offset", "Q"),
+    ("sequence_number", "Q"),
+)
 FILE_PARAMETERS = Layout("<", "vhdx file parameters", ("block_size", "I"), ("flags", "I"))
 PARENT_LOCATOR_HEADER = Layout(
     "<", "vhdx parent locator header", ("locator_type", "16s"), (None, "2x"), ("key_value_count", "H")
@@ -84,6 +113,10 @@ MAX_TABLE_ENTRIES = 2047  # region and metadata tables alike
 METADATA_TABLE_SIZE = 64 * KiB
 MAX_METADATA_ITEM = 1 * MiB
 LOG_ALIGNMENT = 1 * MiB
+LOG_SECTOR = 4 * KiB
+#: Largest log searched for entries (qemu-img and Hyper-V make 1 MiB logs); a larger
+#: one with a non-zero log GUID is reported unsearched, and flagged.
+LOG_SCAN_LIMIT = 8 * MiB
 MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 1 * MiB, 256 * MiB
 MAX_VIRTUAL_SIZE = 64 * TiB
 LOGICAL_SECTOR_SIZES = (512, 4096)
@@ -164,7 +197,8 @@ class Vhdx(NamedTuple):
     """What the header section and metadata say."""
 
     creator: str
-    header: object
+    header: Any
+    log_entries: int | None  # entries of the log sequence QEMU would replay; None: not searched
     regions: tuple[tuple[int, int], ...]  # (start, end) of the log and every region, for overlap checks
     bat_offset: int
     bat_length: int
@@ -207,6 +241,97 @@ def check_log(img: Image, hdr) -> None:
         raise InvalidHeader("the log runs past the end of the file", code="vhdx.log-beyond-file")
 
 
+def log_entries(img: Image, hdr) -> int | None:
+    """How many entries the log sequence QEMU would replay holds (0: none, so
+    QEMU opens the image as it is); None when the log is too large to search.
+    A log GUID of zero or a log of length zero is no log to QEMU."""
+    if hdr.log_guid == bytes(16) or hdr.log_length == 0:
+        return 0
+    if hdr.log_length > LOG_SCAN_LIMIT:
+        return None
+    return LogSearch(img.read(hdr.log_offset, hdr.log_length), hdr.log_guid).active_entries()
+
+
+class LogSearch:
+    """QEMU's search of a log for its active sequence (vhdx_log_search): a walk
+    around the circular log of 4 KiB sectors, from sector 0 until the read
+    position wraps below where an attempt started. An attempt at a sector
+    whose entry header is invalid moves on one sector; one that reads an
+    entry moves past what it read. A sequence is an entry valid from its
+    header to its checksum, and the valid entries after it, each (from the
+    third) numbered one past the one before; the sequence whose first entry
+    has the highest number is the one QEMU replays."""
+
+    def __init__(self, log: bytes, log_guid: bytes) -> None:
+        self.log = log
+        self.log_guid = log_guid
+        self.read = 0
+
+    def active_entries(self) -> int:
+        best: tuple[int, int] | None = None  # (first sequence number, entries)
+        while True:
+            tail = self.read
+            first = self.entry(0)
+            if first is not None:
+                entries, number = 1, 0
+                while (entry := self.entry(number)) is not None:
+                    entries, number = entries + 1, entry.sequence_number
+                if best is None or first.sequence_number > best[0]:
+                    best = (first.sequence_number, entries)
+            if self.read < tail:
+                return best[1] if best else 0
+            if self.read == tail:  # the same walk again, for ever (QEMU 7.2 hangs here)
+                raise InvalidHeader(
+                    f"QEMU's search of the log never ends: an attempt at {tail} reads the whole log",
+                    code="vhdx.log-loop",
+                )
+
+    def entry(self, previous: int):
+        """The entry header at the read position when the entry is valid (and,
+        if ``previous``, numbered ``previous`` + 1), moving the position on."""
+        hdr = LOG_ENTRY_HEADER.unpack(self.log, self.read)
+        if not self.header_valid(hdr) or (previous and hdr.sequence_number != previous + 1):
+            self.read = (self.read + LOG_SECTOR) % len(self.log)
+            return None
+        descriptor_sectors = -(-(hdr.descriptor_count + 2) // (LOG_SECTOR // LOG_DESCRIPTOR.size))
+        entry = self.take(max(descriptor_sectors, hdr.entry_length // LOG_SECTOR) * LOG_SECTOR)
+        for index in range(hdr.descriptor_count):
+            desc = LOG_DESCRIPTOR.unpack(entry, LOG_ENTRY_HEADER.size + index * LOG_DESCRIPTOR.size)
+            if not descriptor_valid(desc, hdr.sequence_number):
+                raise InvalidHeader(
+                    f"log entry {hdr.sequence_number} has an invalid descriptor {index} (QEMU cannot open the image)",
+                    code="vhdx.log-descriptor",
+                )
+        return hdr if checksum_ok(entry) else None
+
+    def header_valid(self, hdr) -> bool:
+        """QEMU's vhdx_log_hdr_is_valid."""
+        return (
+            hdr.signature == b"loge"
+            and hdr.entry_length <= len(self.log)
+            and hdr.entry_length % LOG_SECTOR == 0
+            and hdr.sequence_number != 0
+            and hdr.log_guid == self.log_guid
+            and hdr.descriptor_count * LOG_DESCRIPTOR.size <= hdr.entry_length
+        )
+
+    def take(self, length: int) -> bytes:
+        """``length`` bytes from the read position, around the end of the log, moving the position on."""
+        data = b""
+        while len(data) < length:
+            part = self.log[self.read : self.read + length - len(data)]
+            data += part
+            self.read = (self.read + len(part)) % len(self.log)
+        return data
+
+
+def descriptor_valid(desc, sequence_number: int) -> bool:
+    """QEMU's vhdx_log_desc_is_valid: a zero or data descriptor of the entry's number at a 4 KiB offset."""
+    if desc.sequence_number != sequence_number or desc.file_offset % LOG_SECTOR:
+        return False
+    return desc.signature == b"desc" or (desc.signature == b"zero" and desc.zero_length % LOG_SECTOR == 0)
+
+
 def overlapping(start: int, end: int, taken: list[tuple[int, int]]) -> bool:
     return any(start < used_end and used_start < end for used_start, used_end in taken)
 
@@ -216,7 +341,7 @@ def _region_table_bytes(img: Image) -> bytes:
     return img.memo(_region_table_bytes, lambda img: img.read(REGION_TABLE_OFFSET, REGION_TABLE_SIZE))
 
 
-def region_table(img: Image, taken: list[tuple[int, int]]) -> tuple[object, object]:
+def region_table(img: Image, taken: list[tuple[int, int]]) -> tuple[Any, Any]:
     """The BAT and metadata region entries; ``taken`` gains every region."""
     table = _region_table_bytes(img)
     if not checksum_ok(table):
@@ -226,7 +351,7 @@ def region_table(img: Image, taken: list[tuple[int, int]]) -> tuple[object, obje
         raise InvalidHeader("region table lacks its regi signature", code="vhdx.region-signature")
     if head.entry_count > MAX_TABLE_ENTRIES:
         raise InvalidHeader(f"{head.entry_count} region table entries exceed 2047", code="vhdx.region-count")
-    found: dict[bytes, object] = {}
+    found: dict[bytes, Any] = {}
     for index in range(head.entry_count):
         entry = REGION_ENTRY.unpack(table, REGION_TABLE_HEADER.size + index * REGION_ENTRY.size)
         start, end = entry.file_offset, entry.file_offset + entry.length
@@ -300,6 +425,7 @@ def _parse(img: Image) -> Vhdx:
     ident = FILE_IDENTIFIER.unpack(img.header)
     hdr = current_header(img)
     check_log(img, hdr)
+    entries = log_entries(img, hdr)
     taken = [(0, HEADER_SECTION), (hdr.log_offset, hdr.log_offset + hdr.log_length)]
     bat, metadata = region_table(img, taken)
     items = metadata_items(img, metadata)
@@ -323,6 +449,7 @@ def _parse(img: Image) -> Vhdx:
     return Vhdx(
         creator=ident.creator.decode("utf-16-le", "replace").split("\0", 1)[0],
         header=hdr,
+        log_entries=entries,
         regions=tuple(taken),
         bat_offset=bat.file_offset,
         bat_length=bat.length,
@@ -408,7 +535,13 @@ def features(img: Image) -> Features:
         "physical-sector-size": vhdx.physical_sector_size,
     }
     if vhdx.header.log_guid != bytes(16):
-        details["log-guid"] = guid_text(vhdx.header.log_guid)  # a log replay may be pending
+        details["log"] = {
+            "guid": guid_text(vhdx.header.log_guid),
+            "offset": vhdx.header.log_offset,
+            "length": vhdx.header.log_length,
+            "entries": "not searched" if vhdx.log_entries is None else vhdx.log_entries,
+            "replay-pending": vhdx.log_entries != 0,
+        }
     if not check_bat(img, vhdx):
         details["bat-not-scanned"] = f"larger than {BAT_SCAN_LIMIT} bytes"
     if img.read(REGION_TABLE_COPY_OFFSET, REGION_TABLE_SIZE) != _region_table_bytes(img):
@@ -430,6 +563,25 @@ def backing(img: Image) -> Backing | None:
     return Backing(name, "vhdx" if locator_type == VHDX_PARENT_LOCATOR else None)
 
 
+def hazards(img: Image, info: ImageInfo) -> Iterator[Hazard]:
+    """A log QEMU would replay: it refuses the image read-only and rewrites it
+    read-write, so what was checked is not what a hypervisor uses."""
+    if info.format != "vhdx":
+        return
+    vhdx = parse(img)
+    if vhdx.log_entries is None:
+        yield Hazard(
+            "vhdx.log-pending",
+            f"its log ({vhdx.header.log_length} bytes, too large to search) may need replaying,"
+            " which rewrites the image",
+        )
+    elif vhdx.log_entries:
+        yield Hazard(
+            "vhdx.log-pending",
+            f"its log has entries to replay ({vhdx.log_entries}): QEMU refuses it read-only and rewrites it read-write",
+        )
+
+
 @hookimpl
 def storprobe_formats() -> list[FormatSpec]:
     return [
@@ -440,5 +592,6 @@ def storprobe_formats() -> list[FormatSpec]:
             size=size,
             backing=backing,
             features=features,
+            hazards=hazards,
         )
     ]

@@ -71,8 +71,10 @@ from test_vhdx import (
     bad_parent_locator,
     conflicting_headers,
     corrupt_both_headers,
+    endless_log_search,
     item_entry_field,
     item_value,
+    log_with_invalid_descriptor,
     region_entry_field,
 )
 from test_vmdk import cowd, descriptor, patch, with_cid
@@ -528,6 +530,8 @@ CATALOGUE: dict[str, list[Rule]] = {
              vhdx(lambda v: (v.both_headers(48, "16s", b"\1" * 16), v.both_headers(68, "<I", 1536 * KiB)))),
         rule("vhdx.log-beyond-file", "log past the end of the file", "vhdx",
              vhdx(lambda v: v.both_headers(72, "<Q", 64 * MiB))),
+        rule("vhdx.log-descriptor", "log entry with an invalid descriptor", "vhdx", vhdx(log_with_invalid_descriptor)),
+        rule("vhdx.log-loop", "log entry QEMU's search reads again for ever", "vhdx", vhdx(endless_log_search)),
         rule("vhdx.region-checksum", "region table checksum mismatch", "vhdx",
              vhdx(lambda v: v.put(REGION_TABLE + 100, "B", 1))),
         rule("vhdx.region-signature", "region table without its signature", "vhdx",

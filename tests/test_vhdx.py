@@ -4,6 +4,7 @@ metadata for every rule (checksums repaired, so only the intended rule breaks)."
 from __future__ import annotations
 
 import struct
+import subprocess
 import uuid
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 from oracle import assert_same_as_qemu, code_of, probe_or_named_error, qemu_img_create, qemu_img_error, qemu_refuses, run
 
 from storprobe import Backing, probe
+from storprobe.safety import check
 from storprobe_plugins.vhdx import crc32c
 
 KiB, MiB = 1024, 1024 * 1024
@@ -33,6 +35,8 @@ LOGICAL_SECTOR_SIZE = guid("8141BF1D-A96F-4709-BA47-F233A8FAAB5F")
 PARENT_LOCATOR = guid("A8D35F2D-B30B-454D-ABF7-D3D84834AB0C")
 VHDX_PARENT = guid("B04AEFB7-D19E-4A81-B789-25B8E9445913")
 UNKNOWN = guid("01234567-89AB-CDEF-0123-456789ABCDEF")
+LOG_GUID = guid("6F1C7E39-5A0D-4C2B-9E4F-1D2C3B4A5968")
+LOG_SECTOR = 4 * KiB
 
 
 class Vhdx:
@@ -96,6 +100,19 @@ class Vhdx:
         self.put(self.metadata + 10, "<H", count + 1)
         self.data[self.metadata + at : self.metadata + at + len(blob)] = blob
 
+    @property
+    def log(self) -> tuple[int, int]:
+        """The log's offset and length (the same in both headers)."""
+        length, offset = struct.unpack_from("<IQ", self.data, HEADERS[0] + 68)
+        return offset, length
+
+    def put_log(self, at: int, data: bytes) -> None:
+        """``data`` written at ``at`` in the circular log, sector by sector, around its end."""
+        offset, length = self.log
+        for done in range(0, len(data), LOG_SECTOR):
+            start = offset + (at + done) % length
+            self.data[start : start + LOG_SECTOR] = data[done : done + LOG_SECTOR]
+
     def make_differencing(self, pairs: dict[str, str], locator_type: bytes = VHDX_PARENT) -> None:
         params = self.item(FILE_PARAMETERS)
         self.put(params + 4, "<I", struct.unpack_from("<I", self.data, params + 4)[0] | 2)
@@ -109,6 +126,56 @@ class Vhdx:
         self.add_item(PARENT_LOCATOR, struct.pack("<16s2xH", locator_type, len(pairs)) + entries + strings)
 
 
+
+
+def log_entry(
+    v: Vhdx,
+    sequence: int,
+    payload: bytes,
+    *,
+    log_guid: bytes = LOG_GUID,
+    descriptor: bytes = b"desc",
+    length: int = 2 * LOG_SECTOR,
+    checksum: bool = True,
+) -> bytes:
+    """A log entry as MS-VHDX 2.3.1 lays it out: the entry header (``loge``,
+    CRC-32C of the whole entry, its length, sequence number, one descriptor,
+    the log GUID, the file's size as flushed and last offset), a data
+    descriptor (``desc``: the sector's last 4 and first 8 bytes, its file
+    offset, the sequence number) and the data sector (``data``, the sequence
+    number split around its middle 4084 bytes). Replayed, it writes
+    ``payload`` over the file's last 4 KiB."""
+    entry = bytearray(2 * LOG_SECTOR)
+    size, target = len(v.data), len(v.data) - LOG_SECTOR
+    struct.pack_into("<4sIIIQI4x16sQQ", entry, 0, b"loge", 0, length, 0, sequence, 1, log_guid, size, size)
+    trailing, leading = struct.unpack_from("<I", payload, 4092)[0], struct.unpack_from("<Q", payload)[0]
+    struct.pack_into("<4sIQQQ", entry, 64, descriptor, trailing, leading, target, sequence)
+    struct.pack_into("<4sI", entry, LOG_SECTOR, b"data", sequence >> 32)
+    entry[LOG_SECTOR + 8 : -4] = payload[8:-4]
+    struct.pack_into("<I", entry, 2 * LOG_SECTOR - 4, sequence & 0xFFFFFFFF)
+    struct.pack_into("<I", entry, 4, crc32c(bytes(entry)) ^ (0 if checksum else 1))
+    return bytes(entry)
+
+
+def pending_log(v: Vhdx, *entries: tuple[int, int]) -> None:
+    """Set the log GUID and write a valid entry at each (log offset, sequence number)."""
+    v.both_headers(48, "16s", LOG_GUID)
+    for at, sequence in entries or ((0, 1),):
+        v.put_log(at, log_entry(v, sequence, b"\xab" * LOG_SECTOR))
+
+
+def log_with_invalid_descriptor(v: Vhdx) -> None:
+    """A valid entry header whose descriptor is neither ``desc`` nor ``zero``: QEMU's search fails."""
+    v.both_headers(48, "16s", LOG_GUID)
+    v.put_log(0, log_entry(v, 1, bytes(LOG_SECTOR), descriptor=b"desq"))
+
+
+def endless_log_search(v: Vhdx) -> None:
+    """A valid entry header and descriptor, as long as the whole log, with a
+    wrong checksum: QEMU's search reads the whole log, ends where it began
+    and starts again, for ever."""
+    v.both_headers(48, "16s", LOG_GUID)
+    v.put_log(0, log_entry(v, 1, bytes(LOG_SECTOR), length=v.log[1], checksum=False))
 
 
 @pytest.fixture
@@ -227,9 +294,107 @@ def test_region_table_copy_difference_is_reported(image: Vhdx):
     assert probe(image.save()).details["region-table-copy"] == "differs"
 
 
-def test_pending_log_guid_is_reported(image: Vhdx):
-    image.both_headers(48, "16s", b"\x11" * 16)
-    assert probe(image.save()).details["log-guid"] == str(uuid.UUID(bytes_le=b"\x11" * 16))
+# --- the log -------------------------------------------------------------------------
+
+
+def hazards_of(path: Path) -> list[str]:
+    return [hazard.check for hazard in check(path).hazards]
+
+
+def test_log_needing_replay(image: Vhdx):
+    """qemu-img writes an empty log (log GUID zero): safe. With the log GUID
+    set and a valid entry, QEMU refuses the image read-only and replays the
+    log read-write (``qemu-img check -r all``), rewriting the file; storprobe
+    describes it, reports the log and flags it. Replayed, it is safe again."""
+    assert image.data[HEADERS[0] + 48 : HEADERS[0] + 64] == bytes(16)
+    assert "log" not in probe(image.path).details
+    assert hazards_of(image.path) == []
+    pending_log(image)
+    path = image.save()
+    assert "contains a log that needs to be replayed" in qemu_refuses(path, "vhdx")
+    info = probe(path)
+    assert (info.format, info.virtual_size) == ("vhdx", 64 * MiB)
+    offset, length = image.log
+    assert info.details["log"] == {
+        "guid": str(uuid.UUID(bytes_le=LOG_GUID)),
+        "offset": offset,
+        "length": length,
+        "entries": 1,
+        "replay-pending": True,
+    }
+    assert hazards_of(path) == ["vhdx.log-pending"]
+    run("qemu-img", "check", "-r", "all", "-f", "vhdx", path)
+    assert path.read_bytes()[-LOG_SECTOR:] == b"\xab" * LOG_SECTOR  # the replay wrote the entry's data
+    assert_same_as_qemu(path)
+    assert "log" not in probe(path).details
+    assert hazards_of(path) == []
+
+
+def test_log_sequences_as_qemu_finds_them(image: Vhdx):
+    """A sequence of two entries (7, 8) beside an older single entry (3), and
+    an entry that wraps around the end of the log: QEMU refuses each read-only;
+    storprobe counts the entries of the sequence QEMU would replay."""
+    pending_log(image, (0, 3), (64 * KiB, 7), (72 * KiB, 8))
+    assert probe(image.save()).details["log"]["entries"] == 2
+    assert "needs to be replayed" in qemu_refuses(image.path, "vhdx")
+    fresh = Vhdx(image.path.with_name("wrapped.vhdx"), image.data)
+    fresh.put_log(0, bytes(128 * KiB))
+    pending_log(fresh, (fresh.log[1] - LOG_SECTOR, 9))  # header in the log's last sector, data in its first
+    assert probe(fresh.save()).details["log"]["entries"] == 1
+    assert "needs to be replayed" in qemu_refuses(fresh.path, "vhdx")
+    assert hazards_of(fresh.path) == ["vhdx.log-pending"]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param(lambda v: v.both_headers(48, "16s", LOG_GUID), id="log-guid-only"),
+        pytest.param(lambda v: (pending_log(v), v.both_headers(68, "<I", 0)), id="log-of-length-zero"),
+        pytest.param(
+            lambda v: (pending_log(v), v.put_log(0, log_entry(v, 1, bytes(LOG_SECTOR), checksum=False))),
+            id="wrong-checksum",
+        ),
+        pytest.param(
+            lambda v: (pending_log(v), v.put_log(0, log_entry(v, 1, bytes(LOG_SECTOR), log_guid=UNKNOWN))),
+            id="other-log-guid",
+        ),
+        pytest.param(lambda v: (pending_log(v), v.put_log(0, log_entry(v, 0, bytes(LOG_SECTOR)))), id="sequence-0"),
+    ],
+)
+def test_log_without_entries_to_replay(image: Vhdx, change):
+    """A log GUID with no valid entry under it: QEMU opens the image as it is,
+    and it is safe; the details still report the log."""
+    change(image)
+    assert_same_as_qemu(image.save())
+    log = probe(image.path).details["log"]
+    assert (log["entries"], log["replay-pending"]) == (0, False)
+    assert hazards_of(image.path) == []
+
+
+def test_log_too_large_to_search(tmp_path: Path):
+    """A log over storprobe's search limit under a log GUID may need replaying:
+    flagged without a search (QEMU, which searches it and finds nothing here, opens it)."""
+    image = Vhdx(qemu_img_create(tmp_path / "d.vhdx", "vhdx", "64M", "log_size=16M"))
+    image.both_headers(48, "16s", LOG_GUID)
+    assert_same_as_qemu(image.save())
+    assert probe(image.path).details["log"]["entries"] == "not searched"
+    assert hazards_of(image.path) == ["vhdx.log-pending"]
+
+
+def test_log_qemu_cannot_search(image: Vhdx):
+    """An entry with an invalid descriptor makes QEMU's search fail (it cannot
+    open the image at all); an entry as long as the log with a wrong checksum
+    makes QEMU 7.2's search start again where it began, for ever (qemu-img
+    info hangs). storprobe names both errors."""
+    original = bytes(image.data)
+    log_with_invalid_descriptor(image)
+    assert code_of(image.save()) == "vhdx.log-descriptor"
+    assert "Invalid argument" in qemu_refuses(image.path, "vhdx")
+    image.data = bytearray(original)
+    endless_log_search(image)
+    assert code_of(image.save()) == "vhdx.log-loop"
+    with pytest.raises(subprocess.TimeoutExpired):
+        subprocess.run(["qemu-img", "info", "-f", "vhdx", "-U", str(image.path)], capture_output=True, timeout=5)
 
 
 # --- every validation rule --------------------------------------------------------
