@@ -115,6 +115,7 @@ def storprobe_formats() -> list[FormatSpec]:
             endian=">",
             version_offset=4,
             versions=(2, 3),
+            qemu_driver="raw",  # QEMU dropped its cow driver (2.2); 7.2 reads cow files as raw
             size=size,
             backing=backing,
             features=features,

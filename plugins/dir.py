@@ -7,4 +7,11 @@ from storprobe import FormatSpec, hookimpl
 
 @hookimpl
 def storprobe_formats() -> list[FormatSpec]:
-    return [FormatSpec(name="dir", description="directory", file_types=frozenset({"directory"}))]
+    return [
+        FormatSpec(
+            name="dir",
+            description="directory",
+            file_types=frozenset({"directory"}),
+            qemu_driver="vvfat",  # QEMU shows a directory only as vvfat's FAT disk (``fat:DIR``)
+        )
+    ]

@@ -117,6 +117,7 @@ def storprobe_formats() -> list[FormatSpec]:
             description="ISO 9660 CD/DVD image",
             magic=STANDARD_ID,
             magic_offset=DESCRIPTORS_OFFSET + 1,
+            qemu_driver="raw",  # QEMU has no iso driver
             size=sector_rounded_size,
             features=features,
         )

@@ -410,6 +410,7 @@ def storprobe_formats() -> list[FormatSpec]:
             version_offset=6,
             version_width=2,
             versions=(1, 2),
+            qemu_version_drivers={2: "raw"},  # QEMU 7.2's luks driver opens LUKS1 only
             size=size,
             features=features,
         )

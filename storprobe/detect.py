@@ -191,6 +191,8 @@ def _same(error: ProbeError) -> ProbeError:
 
 
 _NO_FEATURES = Features()
+#: QEMU's block layer shows every volume in whole sectors of this size.
+SECTOR = 512
 
 
 def _describe(img: Image, spec: FormatSpec, found: Signature, evidence: str, matches: tuple[str, ...]) -> ImageInfo:
@@ -222,6 +224,10 @@ def _describe(img: Image, spec: FormatSpec, found: Signature, evidence: str, mat
     except Exception as exc:  # a plugin defect must not escape as a traceback
         raise _plugin_error(spec, callback, exc) from exc
     stat = img.source.stat
+    driver = spec.driver(found.version)
+    driver_size = None
+    if driver != spec.name and img.file_type != "directory":  # QEMU reads the bytes as they are
+        driver_size = -(-img.size // SECTOR) * SECTOR
     return ImageInfo(  # by position, in the field order: keywords cost 1.5 us per probe
         img.name,  # filename
         spec.name,  # format
@@ -242,6 +248,8 @@ def _describe(img: Image, spec: FormatSpec, found: Signature, evidence: str, mat
         features.specific,
         features.details,
         stat,
+        driver,
+        driver_size,
     )
 
 

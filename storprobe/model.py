@@ -37,6 +37,11 @@ class ImageInfo(NamedTuple):
     specific: Mapping[str, Any] | None = None
     details: Mapping[str, Any] = EMPTY
     stat: os.stat_result | None = None  # the volume's, when it was opened by path or file
+    #: The QEMU driver that opens the volume (``qemu-img -f``); None: the format's name.
+    driver: str | None = None
+    #: The virtual size that driver shows, when it is not the format's own driver
+    #: (QEMU reads an iso, a cow file, a LUKS2 volume as raw: the volume in whole sectors).
+    driver_size: int | None = None
 
     @property
     def encrypted(self) -> bool:

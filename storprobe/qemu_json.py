@@ -46,7 +46,10 @@ def _snapshot(snap: Snapshot) -> dict[str, Any]:
 
 
 def to_qemu_json(info: ImageInfo) -> dict[str, Any]:
-    """The object ``qemu-img info --output=json`` prints, plus our extra key."""
+    """The object ``qemu-img info --output=json`` prints, plus our extra key.
+    ``format`` is the driver QEMU opens the volume with (``qemu-img -f``)."""
+    if info.driver not in (None, info.format):
+        return _through_driver(info, info.driver)
     out: dict[str, Any] = {}
     if info.snapshots:
         out["snapshots"] = [_snapshot(s) for s in info.snapshots]
@@ -72,9 +75,30 @@ def to_qemu_json(info: ImageInfo) -> dict[str, Any]:
     return out
 
 
+def _through_driver(info: ImageInfo, driver: str) -> dict[str, Any]:
+    """What qemu-img prints of a volume QEMU opens with another driver than its
+    format's (an iso, a cow file, LUKS2: raw): that driver reads the bytes as they
+    are, so no structure of the format shows; our reading is under our key."""
+    out: dict[str, Any] = {
+        "virtual-size": info.virtual_size if info.driver_size is None else info.driver_size,
+        "filename": info.filename,
+        "format": driver,
+    }
+    if info.actual_size is not None:
+        out["actual-size"] = info.actual_size
+    out["dirty-flag"] = False
+    out[EXTRA_KEY] = extras(info)
+    return out
+
+
 def extras(info: ImageInfo) -> dict[str, Any]:
-    """storprobe's facts that qemu-img does not print."""
-    extra: dict[str, Any] = {"evidence": info.evidence, "matches": list(info.matches)}
+    """storprobe's facts that qemu-img does not print: the format and, where
+    QEMU's driver shows another, the virtual size as storprobe reads them."""
+    extra: dict[str, Any] = {"format": info.format}
+    if info.driver_size is not None and info.driver_size != info.virtual_size:
+        extra["virtual-size"] = info.virtual_size
+    extra["evidence"] = info.evidence
+    extra["matches"] = list(info.matches)
     if info.version is not None:
         extra["version"] = info.version
     if info.encryption is not None:

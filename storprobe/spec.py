@@ -117,11 +117,24 @@ class FormatSpec(NamedTuple):
     #: libvirt reads no size from such a volume: its ``<capacity>`` is the file's size,
     #: even where qemu-img's virtual size is rounded to whole sectors.
     libvirt_capacity_is_file_size: bool = False
+    #: libvirt can create this format with a given cluster size (``vol-create`` passes
+    #: ``<clusterSize>`` to ``qemu-img create -o cluster_size=``), so the volume XML carries it.
+    libvirt_cluster_size: bool = False
+    #: The QEMU block driver that opens this format's images (``qemu-img -f``), when it is
+    #: not the row's name: ``raw`` where QEMU has no driver and reads the bytes as they are.
+    qemu_driver: str | None = None
+    #: Versions whose QEMU driver is another than ``qemu_driver`` (QEMU's luks opens LUKS1 only).
+    qemu_version_drivers: Mapping[int, str] = EMPTY
 
     @property
     def libvirt_format(self) -> str:
         """The name libvirt's ``<format type=...>`` uses for this format."""
         return self.libvirt_name or self.name
+
+    def driver(self, version: int | None) -> str:
+        """The QEMU driver that opens an image of this format and ``version``."""
+        default = self.qemu_driver or self.name
+        return default if version is None else self.qemu_version_drivers.get(version, default)
 
     @property
     def magics(self) -> tuple[bytes, ...]:

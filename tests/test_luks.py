@@ -1,9 +1,10 @@
 """luks: LUKS1 against qemu-img (images made by qemu-img and by cryptsetup),
 LUKS2 against cryptsetup's own facts, and a malformed header for every rule.
 
-qemu-img 7.2 probes LUKS2 as raw (it only knows LUKS1); we deliberately report
-format "luks", version 2, so the LUKS2 tests check our facts against
-``cryptsetup luksDump`` instead of comparing with qemu-img.
+qemu-img 7.2 probes LUKS2 as raw (its luks driver opens LUKS1 only), and so
+does our qemu-img-shaped JSON, key for key; our reading (format "luks",
+version 2, the payload's size, the encryption) is under our own key and is
+checked against ``cryptsetup luksDump``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from storprobe import ProbeError, TruncatedHeader, probe
+from storprobe.qemu_json import EXTRA_KEY, to_qemu_json
 from storprobe_plugins.luks import LUKS1_HEADER_SIZE, luks_specific
 
 from oracle import assert_same_as_qemu, code_of, probe_or_named_error, qemu_img_error, qemu_info, require, run
@@ -263,10 +265,13 @@ def test_luks2_facts_match_cryptsetup(tmp_path, size, options):
     assert info.details["uuid"] == uuid
     if "--label" in options:
         assert (info.details["label"], info.details["subsystem"]) == ("mylabel", "sub")
-    # Deliberate difference: qemu-img 7.2 does not know LUKS2 and calls it raw.
+    # qemu-img 7.2 does not know LUKS2 and calls it raw: the JSON says what it says.
     theirs = qemu_info(path)
     assert (theirs["format"], theirs["virtual-size"]) == ("raw", size)
-    assert "encrypted" not in theirs
+    mine = to_qemu_json(info)
+    extra = mine.pop(EXTRA_KEY)
+    assert mine == theirs
+    assert (extra["format"], extra["virtual-size"], extra["encryption"]) == ("luks", info.virtual_size, "luks2")
 
 
 def _seal(buf: bytearray, offset: int, hdr_size: int) -> None:
