@@ -142,6 +142,7 @@ def storprobe_formats() -> list[FormatSpec]:
             description="QEMU enhanced disk",
             magic=b"QED\x00",
             size_offset=48,
+            libvirt_cluster_size=True,
             backing=backing,
             features=features,
         )

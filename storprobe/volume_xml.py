@@ -79,7 +79,7 @@ def _label(path: str) -> str | None:
 
 def _permissions_and_times(parent: etree._Element, path: str, st: os.stat_result) -> None:
     perms = _sub(parent, "permissions")
-    _sub(perms, "mode", f"{st.st_mode & 0o7777:04o}")
+    _sub(perms, "mode", f"0{st.st_mode & 0o777:o}")  # as libvirt: "0%o" of the rwx bits (00 for mode 0)
     _sub(perms, "owner", st.st_uid)
     _sub(perms, "group", st.st_gid)
     label = _label(path)
@@ -127,7 +127,7 @@ def volume_element(info: ImageInfo, chain: Chain | None = None, key: str | None 
     sized_by_file = row is not None and row.libvirt_capacity_is_file_size
     _sub(vol, "capacity", physical if sized_by_file and physical is not None else info.virtual_size, unit="bytes")
     _sub(vol, "allocation", 0 if is_dir or st is None else st.st_blocks * 512, unit="bytes")
-    if physical is not None:
+    if physical:  # libvirt writes no <physical> of 0 bytes (an empty file)
         _sub(vol, "physical", physical, unit="bytes")
     target = _sub(vol, "target")
     _sub(target, "path", path)
@@ -138,8 +138,8 @@ def volume_element(info: ImageInfo, chain: Chain | None = None, key: str | None 
         _sub(target, "encryption", format=LIBVIRT_ENCRYPTION.get(info.encryption, info.encryption))
     if info.compat is not None:
         _sub(target, "compat", info.compat)
-    if info.cluster_size is not None:
-        _sub(target, "clusterSize", info.cluster_size, unit="B")
+    if info.cluster_size is not None and row is not None and row.libvirt_cluster_size:
+        _sub(target, "clusterSize", info.cluster_size, unit="B")  # elsewhere vol-create would refuse it
     if info.flags is not None:
         features = _sub(target, "features")
         for flag in info.flags:
