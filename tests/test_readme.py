@@ -10,8 +10,8 @@
   first command's storprobe steps run here (its venv and pip steps need the package index and
   a machine without the project: they were checked by hand in a new Debian 12 root); the recipe
   of the example images is run again and what it makes must be what ``examples/`` holds.
-- Any other ```sh block runs from the checkout with this interpreter as ``python3`` and
-  ``storprobe``, except those in ``SKIPPED``, each with its reason.
+- Any other ```sh block runs from the checkout with this interpreter as ``.venv/bin/python``
+  (and ``python3``, ``pip``, ``storprobe``), except those in ``SKIPPED``, each with its reason.
 """
 
 from __future__ import annotations
@@ -44,9 +44,9 @@ SETUP_SECTION = "Set up a new machine"
 #: ```sh blocks (by their first line's start) that the suite does not run, and why.
 SKIPPED = {
     "STORPROBE_FUZZ=long": "a long fuzz campaign, 100000 examples per test: hours (the suite runs the default profile)",
-    "python3 -m pip install atheris": "installs atheris from the package index, then fuzzes for an hour",
-    "python3 tests/differential_campaign.py": "5000 images against qemu-img: minutes (tests/test_differential.py "
-    "runs a fixed sample of 400 in the suite)",
+    ".venv/bin/pip install atheris": "installs atheris from the package index, then fuzzes for an hour",
+    ".venv/bin/python tests/differential_campaign.py": "5000 images against qemu-img: minutes "
+    "(tests/test_differential.py runs a fixed sample of 400 in the suite)",
 }
 
 
@@ -252,13 +252,15 @@ def test_synopsis_matches_the_usage_line_of_help(line):
 
 @pytest.fixture
 def readme_path(tmp_path) -> str:
-    """A PATH whose ``python3`` and ``storprobe`` are this interpreter's."""
+    """A PATH whose ``python``, ``python3``, ``pip`` and ``storprobe`` are this interpreter's."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "python3").symlink_to(sys.executable)
-    storprobe = bin_dir / "storprobe"
-    storprobe.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -m storprobe "$@"\n')
-    storprobe.chmod(0o755)
+    for name in ("python", "python3"):
+        (bin_dir / name).symlink_to(sys.executable)
+    for name, module in (("pip", "pip"), ("storprobe", "storprobe")):
+        script = bin_dir / name
+        script.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -m {module} "$@"\n')
+        script.chmod(0o755)
     return f"{bin_dir}:{os.environ['PATH']}"
 
 
@@ -268,6 +270,6 @@ def readme_path(tmp_path) -> str:
     ids=lambda b: b.section,
 )
 def test_shell_block_runs(block, readme_path):
-    proc = subprocess.run(["bash", "-euc", block.text], cwd=ROOT, capture_output=True, text=True,
+    proc = subprocess.run(["bash", "-euc", block.text.replace(".venv/bin/", "")], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "PATH": readme_path}, timeout=300)
     assert proc.returncode == 0, proc.stderr
