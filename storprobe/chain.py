@@ -3,9 +3,11 @@
 Local backing files are probed as the format their child records; a format
 that is not recorded is probed, but a probed image that has a backing file
 itself stops the walk (libvirt's rule) unless the caller allows probing.
-Network backings are parsed and reported, never opened. Loops (by device and
-inode, so symlinks cannot hide one) and chains deeper than ``max_depth`` are
-named errors; whatever went wrong, the images above the failure are returned.
+A backing that is no local file (a network server, a host device or directory,
+a debug driver, null: ``BackingStore.reach``) ends the walk, reported, never
+opened. Loops (by device and inode, so symlinks cannot hide one) and chains
+deeper than ``max_depth`` are named errors; whatever went wrong, the images
+above the failure are returned.
 """
 
 from __future__ import annotations

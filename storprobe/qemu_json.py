@@ -120,13 +120,12 @@ def extras(info: ImageInfo) -> dict[str, Any]:
 
 def _store(name: str, image: str) -> dict[str, Any]:
     """What a recorded backing or data-file name denotes (parsed, never opened)."""
-    from .backing import parse_backing_name  # only images that name one pay for its import
+    from .backing import describe_backing_name  # only images that name one pay for its import
 
-    try:
-        store = parse_backing_name(name, image)
-    except BackingNameError as exc:
-        return {"name": name, "error": {"code": exc.code, "message": exc.reason}}
-    out: dict[str, Any] = {"name": store.name, "protocol": store.protocol}
+    store = describe_backing_name(name, image)
+    if isinstance(store, BackingNameError):  # a name QEMU refuses: as recorded, flagged
+        return {"name": name, "error": {"code": store.code, "message": store.reason}}
+    out: dict[str, Any] = {"name": store.name, "protocol": store.protocol, "reach": store.reach}
     if store.path is not None:
         out["path"] = store.path
     if store.hosts:

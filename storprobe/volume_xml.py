@@ -19,8 +19,8 @@ from collections.abc import Iterable, Iterator
 
 from lxml import etree
 
-from .backing import BackingStore
-from .chain import Chain, backing_store
+from .backing import BackingStore, describe_backing_name
+from .chain import Chain
 from .errors import InvalidDocument, ProbeError, Unrepresentable
 from .model import ImageInfo
 from .registry import format_table
@@ -30,6 +30,14 @@ from .spec import FormatSpec
 VOLUME_TYPES = {"file": "file", "block": "block", "directory": "dir"}
 #: Our encryption method names -> libvirt's ``<encryption format=...>``.
 LIBVIRT_ENCRYPTION = {"aes": "qcow"}
+#: QEMU network drivers -> the ``<source protocol=...>`` of libvirt's domain schema
+#: (iser is libvirt's iscsi over an rdma host). A store of any other driver or
+#: reach (a host device or directory, a debug driver, null, ssh, nvme) is shown
+#: as libvirt's vol-dumpxml shows it: the name as recorded in ``<path>``.
+LIBVIRT_PROTOCOLS = {
+    name: name for name in ("nbd", "iscsi", "rbd", "sheepdog", "gluster", "http", "https", "ftp", "ftps", "tftp",
+                            "vxhs", "nfs")
+} | {"iser": "iscsi"}
 
 
 #: What XML 1.0 cannot carry, even escaped: control characters, lone surrogates
@@ -147,16 +155,23 @@ def volume_element(info: ImageInfo, chain: Chain | None = None, key: str | None 
     if chain is not None:
         _chain_backing(vol, chain, 0)
     elif info.backing is not None:
-        _backing_element(vol, backing_store(info), info.backing.format)
+        _backing_element(vol, describe_backing_name(info.backing.name, info.filename), info.backing.name,
+                         info.backing.format)
     return vol
 
 
-def _backing_element(parent: etree._Element, store: BackingStore, fmt: str | None) -> etree._Element:
-    """``<backingStore>`` from the recorded name alone (nothing is stat'ed)."""
-    if not store.is_file:
+def _backing_element(
+    parent: etree._Element, store: BackingStore | ProbeError | None, name: str, fmt: str | None
+) -> etree._Element:
+    """``<backingStore>`` from the recorded name alone (nothing is stat'ed). A
+    local file is its absolute path, a network store libvirt has a protocol for
+    its ``<source>``; any other store, and a name QEMU refuses (an error or None),
+    is the name as recorded, as libvirt's vol-dumpxml prints it."""
+    if isinstance(store, BackingStore) and store.protocol in LIBVIRT_PROTOCOLS and store.reach == "network":
         return _network_backing(parent, store, fmt)
     element = _sub(parent, "backingStore")
-    _sub(element, "path", os.path.abspath(store.path or store.name))
+    path = store.path if isinstance(store, BackingStore) and store.is_file else None
+    _sub(element, "path", name if path is None else os.path.abspath(path))
     if fmt is not None:
         _sub(element, "format", type=_libvirt_name(fmt))
     return element
@@ -167,7 +182,7 @@ def _network_backing(parent: etree._Element, store: BackingStore, fmt: str | Non
     element = _sub(parent, "backingStore", type="network")
     if fmt is not None:
         _sub(element, "format", type=_libvirt_name(fmt))
-    source = _sub(element, "source", protocol=store.protocol)
+    source = _sub(element, "source", protocol=LIBVIRT_PROTOCOLS[store.protocol])
     if store.target is not None:
         source.set("name", _xml(store.target))
     for host in store.hosts:
@@ -185,10 +200,10 @@ def _network_backing(parent: etree._Element, store: BackingStore, fmt: str | Non
 def _chain_backing(parent: etree._Element, chain: Chain, index: int) -> None:
     """Nest the backing of ``chain.images[index]`` (and below) under ``parent``."""
     info, store = chain.images[index], chain.stores[index] if index < len(chain.stores) else None
-    if info.backing is None or store is None:
+    if info.backing is None:
         return
-    if index + 1 >= len(chain.images) or not store.is_file:
-        _backing_element(parent, store, info.backing.format)
+    if store is None or index + 1 >= len(chain.images) or not store.is_file:
+        _backing_element(parent, store, info.backing.name, info.backing.format)
         return
     below = chain.images[index + 1]
     element = _sub(parent, "backingStore")
@@ -213,8 +228,8 @@ def scan_document(records: Iterable[ScanRecord]) -> str:
 
 def scan_entry(record: ScanRecord) -> str:
     """One record's element of a ``<volumes>`` document, as indented text. A
-    volume the XML cannot describe (a name XML cannot carry, a backing name that
-    does not parse) is an ``<error>``, its path escaped."""
+    volume the XML cannot describe (a name XML cannot carry) is an ``<error>``,
+    its path escaped."""
     error = record.error
     if record.info is not None:
         try:

@@ -232,11 +232,12 @@ def test_json_extras_describe_backing_and_data_file(tmp_path, no_network):
     rebase_unsafe(tmp_path / "top.qcow2", "nbd+unix:///exp?socket=/run/nbd.sock", "raw")
     extra = to_qemu_json(probe_chain(tmp_path / "top.qcow2").top)[EXTRA_KEY]
     assert extra["backing-store"] == {
-        "name": "nbd+unix:///exp?socket=/run/nbd.sock", "protocol": "nbd",
+        "name": "nbd+unix:///exp?socket=/run/nbd.sock", "protocol": "nbd", "reach": "network",
         "hosts": [{"transport": "unix", "socket": "/run/nbd.sock"}], "target": "exp",
     }
     assert extra["data-file"] == {
-        "raw-image": False, "name": str(tmp_path / "d.raw"), "protocol": "file", "path": str(tmp_path / "d.raw")}
+        "raw-image": False, "name": str(tmp_path / "d.raw"), "protocol": "file", "reach": "file",
+        "path": str(tmp_path / "d.raw")}
 
 
 def test_malformed_backing_name_is_reported_in_json_and_stops_the_chain(tmp_path):
