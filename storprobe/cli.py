@@ -13,13 +13,15 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from .detect import probe
-from .errors import ProbeError, UnknownFormat
+from .errors import BackingFormatNotSpecified, ProbeError
 from .registry import format_table
 
 if TYPE_CHECKING:
+    from .chain import Chain
+    from .model import ImageInfo
     from .scan import ScanRecord
 
 EXIT_OK, EXIT_PROBE, EXIT_USAGE, EXIT_UNSAFE = 0, 1, 2, 3
@@ -27,49 +29,104 @@ EXIT_OK, EXIT_PROBE, EXIT_USAGE, EXIT_UNSAFE = 0, 1, 2, 3
 SCAN_FLUSH = 32
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="storprobe", description="Tell what a disk image is from its bytes alone."
-    )
+def _parser() -> _Parser:
+    parser = _Parser(prog="storprobe", description="Tell what a disk image is from its bytes alone.")
     parser.add_argument("--version", action=_Version, help="print storprobe's version and exit")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=argparse.ArgumentParser)
+    parser.commands = sub.choices
 
-    info = sub.add_parser("info", help="describe one volume (qemu-img info compatible)")
-    info.add_argument("-f", "--format", help="trust this format instead of probing")
-    info.add_argument("--output", choices=("human", "json", "xml"), default="human")
-    info.add_argument("--backing-chain", action="store_true", help="describe every image of the backing chain")
+    info = sub.add_parser(
+        "info", help="describe one volume (qemu-img info compatible)",
+        description="Describe one volume from its bytes alone, as qemu-img info does.",
+    )
+    info.add_argument(
+        "-f", "--format", type=_format_name,
+        help="trust this format instead of probing (one of 'storprobe formats'); its signature must be there",
+    )
+    info.add_argument(
+        "--output", choices=("human", "json", "xml"), default="human",
+        help="human: qemu-img info's lines, then storprobe's; json: qemu-img info --output=json's object "
+             "with a \"storprobe\" key; xml: virsh vol-dumpxml's <volume> (default: %(default)s)",
+    )
+    info.add_argument(
+        "--backing-chain", action="store_true",
+        help="describe every image of the backing chain, top first (local files only: a backing on the "
+             "network or a host device ends it, never opened)",
+    )
     info.add_argument(
         "--allow-probe", action="store_true",
-        help="follow backing files whose format had to be probed (unsafe with untrusted images)",
+        help="with --backing-chain: follow a backing file whose format had to be probed and that has a "
+             "backing file itself (unsafe with untrusted images)",
     )
-    info.add_argument("--max-depth", type=int, default=None, metavar="N", help="longest backing chain followed")
-    info.add_argument("path", metavar="PATH")
+    info.add_argument(
+        "--max-depth", type=_positive, metavar="N",
+        help="with --backing-chain: the most backing images followed below the top one (default: 200, libvirt's)",
+    )
+    info.add_argument("path", metavar="PATH", help="the volume: an image file, a block device or a directory")
 
-    scan = sub.add_parser("scan", help="probe every volume in a directory (a libvirt dir pool refresh)")
-    scan.add_argument("--output", choices=("json", "xml"), default="json")
-    scan.add_argument("--jsonl", action="store_true", help="JSON lines: one record per line, as made")
-    scan.add_argument("--recursive", action="store_true", help="descend into subdirectories")
+    scan = sub.add_parser(
+        "scan", help="probe every volume in a directory (a libvirt dir pool refresh)",
+        description="Probe every entry of a directory, in name order, as a libvirt dir pool refresh does; "
+                    "an entry that cannot be probed is a record with its error.",
+    )
+    scan.add_argument(
+        "--output", choices=("json", "xml"), default="json",
+        help="json: an array of qemu-img info objects; xml: a <volumes> document of virsh vol-dumpxml "
+             "<volume>s (default: %(default)s)",
+    )
+    scan.add_argument("--jsonl", action="store_true", help="with JSON: one object per line, written as made")
+    scan.add_argument("--recursive", action="store_true", help="descend into subdirectories (not symlinked ones)")
     scan.add_argument(
         "--jobs", type=_positive, default=None, metavar="N",
         help="processes probing in parallel (default: one per usable CPU, at most 8)",
     )
-    scan.add_argument("directory", metavar="DIR")
+    scan.add_argument("directory", metavar="DIR", help="the directory (a dir pool's target path)")
 
-    check = sub.add_parser("check", help="is this image safe to hand to a hypervisor? (exit 0 safe, 3 unsafe)")
-    check.add_argument("-f", "--format", help="the format the volume is declared as (e.g. raw)")
-    check.add_argument("--allow", metavar="FORMAT,...", help="formats accepted (default: any)")
+    check = sub.add_parser(
+        "check", help="is this image safe to hand to a hypervisor? (exit 0 safe, 3 unsafe)",
+        description="Judge an untrusted image under a policy: exit 0 safe, 3 unsafe (one line per hazard), "
+                    "1 when it cannot be read.",
+    )
+    check.add_argument(
+        "-f", "--format", type=_format_name,
+        help="the format the volume is declared as, e.g. raw (default: probe it)",
+    )
+    check.add_argument(
+        "--allow", action=_FormatNames, metavar="FORMAT,...", help="formats accepted, repeatable (default: any)"
+    )
     check.add_argument("--allow-backing", action="store_true", help="accept a backing file")
     check.add_argument("--allow-data-file", action="store_true", help="accept a qcow2 external data file")
-    check.add_argument("--max-size", type=int, metavar="BYTES", help="largest virtual size accepted")
-    check.add_argument("--output", choices=("human", "json"), default="human")
-    check.add_argument("path", metavar="PATH")
+    check.add_argument(
+        "--max-size", type=_size, metavar="SIZE",
+        help="largest virtual size accepted: bytes, or with a suffix k, M, G, T, P or E as qemu-img takes "
+             "(1.5G, 64T; default: 64 TiB)",
+    )
+    check.add_argument(
+        "--output", choices=("human", "json"), default="human",
+        help="human: a verdict line, then one line per hazard; json: the verdict as an object (default: %(default)s)",
+    )
+    check.add_argument("path", metavar="PATH", help="the volume to judge")
 
-    validate = sub.add_parser("validate", help="validate volume XML against storprobe's schemas")
-    validate.add_argument("files", metavar="FILE.xml", nargs="+")
+    validate = sub.add_parser(
+        "validate", help="validate volume XML against storprobe's schemas",
+        description="Validate volume XML against storprobe's RelaxNG schema: 'FILE: valid' or 'FILE: invalid' "
+                    "on stdout, each reason (with its line) on stderr.",
+    )
+    validate.add_argument("files", metavar="FILE.xml", nargs="+", help="documents to validate ('-': standard input)")
 
     formats = sub.add_parser("formats", help="list the registered format table")
-    formats.add_argument("--output", choices=("human", "json"), default="human")
+    formats.add_argument(
+        "--output", choices=("human", "json"), default="human",
+        help="human: a table; json: an array of objects (default: %(default)s)",
+    )
     return parser
+
+
+class _Parser(argparse.ArgumentParser):
+    """The top-level parser, which knows each command's parser: a usage
+    error of a command shows that command's usage, not the top level's."""
+
+    commands: dict[str, argparse.ArgumentParser]
 
 
 class _Version(argparse.Action):
@@ -83,6 +140,39 @@ class _Version(argparse.Action):
 
         sys.stdout.write(f"storprobe {__version__}\n")
         parser.exit()
+
+
+def _format_name(name: str) -> str:
+    """A format the table holds; a usage error, listing those it does, for any other."""
+    known = format_table().names()
+    if name not in known:
+        raise argparse.ArgumentTypeError(f"unknown format {name!r} (known: {', '.join(sorted(known))})")
+    return name
+
+
+class _FormatNames(argparse.Action):
+    """``--allow qcow2,raw --allow vmdk``: every list given, joined into one
+    comma-separated list of known formats."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object, *_: object) -> None:
+        given = [name.strip() for name in str(values).split(",") if name.strip()]
+        if not given:
+            raise argparse.ArgumentError(self, "no format named")
+        try:
+            names = [_format_name(name) for name in given]
+        except argparse.ArgumentTypeError as exc:
+            raise argparse.ArgumentError(self, str(exc)) from None
+        earlier = getattr(namespace, self.dest, None)
+        setattr(namespace, self.dest, ",".join([earlier, *names] if earlier else names))
+
+
+def _size(text: str) -> int:
+    from .sizes import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
 
 
 def _positive(text: str) -> int:
@@ -112,6 +202,7 @@ def _info(args: argparse.Namespace) -> int:
             images, error = chain.images, chain.error
         else:
             chain, images, error = None, [probe(args.path, format=args.format)], None
+        stop = _chain_stop(chain)
     except ProbeError as exc:
         _complain(args.path, exc.reason)
         return EXIT_PROBE
@@ -125,18 +216,44 @@ def _info(args: argparse.Namespace) -> int:
             return EXIT_PROBE
         sys.stdout.write(text)
     elif args.output == "json":
-        from .qemu_json import to_qemu_json
+        from .qemu_json import EXTRA_KEY, to_qemu_json
 
         shaped = [to_qemu_json(info) for info in images]
+        if stop is not None:
+            shaped[-1][EXTRA_KEY]["chain-stops"] = {"code": "backing.not-followed", "message": stop}
         print(json.dumps(shaped if args.backing_chain else shaped[0], indent=4))
     else:
-        from .human import render
+        from .human import render, shown
 
         print("\n\n".join(render(info) for info in images))
+        if stop is not None:
+            print(f"\n{shown(stop)}")
     if error is not None:
-        _complain(args.path, error.reason)
+        _complain(args.path, _chain_error(error, images))
         return EXIT_PROBE
     return EXIT_OK
+
+
+def _chain_stop(chain: Chain | None) -> str | None:
+    """Why a chain walked without error ends at an image that names a backing:
+    the backing is no local file (a network server, a host device ...), which
+    storprobe never opens."""
+    store = chain.stores[-1] if chain is not None and chain.error is None and chain.stores else None
+    if store is None or store.is_file:
+        return None
+    return f"backing chain stops at {store.name} ({store.reach}): only local files are followed"
+
+
+def _chain_error(error: ProbeError, images: list[ImageInfo]) -> str:
+    """The chain's error in the command line's words: the library's names its
+    ``allow_probe`` keyword, where here it is ``--allow-probe``."""
+    last = images[-1]
+    if isinstance(error, BackingFormatNotSpecified) and last.backing is not None:
+        return (
+            f"format of {last.filename} was probed, not recorded by its parent, and it has a backing file "
+            f"({last.backing.name}); pass --allow-probe to follow it"
+        )
+    return error.reason
 
 
 def _scan(args: argparse.Namespace) -> int:
@@ -226,22 +343,40 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from .validate import MAX_DOCUMENT, schema_errors
+    """``FILE: valid`` or ``FILE: invalid`` on stdout, then each reason on
+    stderr as ``storprobe: FILE:LINE: element NAME: why`` (virt-xml-validate's
+    words); a file that cannot be read is one error line. Status 1 unless all are valid."""
+    from .human import shown
+    from .validate import invalid_reasons
 
     status = EXIT_OK
     for name in args.files:
         try:
-            with open(name, "rb") as f:
-                errors = schema_errors(f.read(MAX_DOCUMENT + 1))  # one byte more tells "too large"
+            document = _document(name)
         except OSError as exc:
-            errors = [exc.strerror or str(exc)]
-        for error in errors:
-            _complain(name, error)
-        if errors:
+            _complain(name, exc.strerror or str(exc))
             status = EXIT_PROBE
-        else:
-            print(f"{name}: valid")
+            continue
+        reasons = invalid_reasons(document)
+        print(f"{shown(name)}: {'invalid' if reasons else 'valid'}")
+        for reason in reasons:
+            _complain(f"{name}:{reason.line}" if reason.line else name, str(reason._replace(line=None)))
+        if reasons:
+            status = EXIT_PROBE
     return status
+
+
+def _document(name: str) -> bytes:
+    """The document ``name`` (``-``: standard input), up to one byte more
+    than the largest accepted (so that "too large" can be told)."""
+    from .validate import MAX_DOCUMENT
+
+    if name != "-":
+        with open(name, "rb") as f:
+            return f.read(MAX_DOCUMENT + 1)
+    if sys.stdin is None:  # descriptor 0 closed
+        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+    return sys.stdin.buffer.read(MAX_DOCUMENT + 1)
 
 
 def _printable(magic: bytes) -> str:
@@ -250,7 +385,7 @@ def _printable(magic: bytes) -> str:
 
 
 def _formats(args: argparse.Namespace) -> int:
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "name": row.spec.name,
             "description": row.spec.description,
@@ -259,6 +394,8 @@ def _formats(args: argparse.Namespace) -> int:
             "header-offsets": list(row.spec.header_offsets),
             "extension": row.spec.extension,
             "versions": list(row.spec.versions),
+            "qemu-driver": row.spec.driver(None),
+            "qemu-version-drivers": {str(v): d for v, d in row.spec.qemu_version_drivers.items()},
             "plugin": row.plugin,
         }
         for row in format_table().rows
@@ -266,7 +403,7 @@ def _formats(args: argparse.Namespace) -> int:
     if args.output == "json":
         print(json.dumps(rows, indent=4))
         return EXIT_OK
-    print(f"{'FORMAT':<11}{'MAGIC':<28}{'OFFSET':>7}  {'VERSIONS':<22}{'PLUGIN'}")
+    print(f"{'FORMAT':<11}{'MAGIC':<28}{'OFFSET':>7}  {'VERSIONS':<22}{'QEMU DRIVER':<14}{'PLUGIN'}")
     for row in rows:
         magic = row["magic"] or "-"
         magic = magic if len(magic) <= 26 else magic[:23] + "..."
@@ -274,7 +411,8 @@ def _formats(args: argparse.Namespace) -> int:
         if row["header-offsets"] != [0]:
             offset += "@" + ",".join(str(o) for o in row["header-offsets"])
         versions = ",".join(hex(v) if v > 9 else str(v) for v in row["versions"]) or "-"
-        print(f"{row['name']:<11}{magic:<28}{offset:>7}  {versions:<22}{row['plugin']}")
+        driver = ",".join([row["qemu-driver"], *(f"v{v}:{d}" for v, d in row["qemu-version-drivers"].items())])
+        print(f"{row['name']:<11}{magic:<28}{offset:>7}  {versions:<22}{driver:<14}{row['plugin']}")
     return EXIT_OK
 
 
@@ -306,18 +444,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(argv: Sequence[str] | None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "info":
-            if args.format is not None and args.format not in format_table():
-                parser.error(f"unknown format {args.format!r} (see 'storprobe formats')")
-            return _info(args)
-        if args.command == "check" and args.format is not None and args.format not in format_table():
-            parser.error(f"unknown format {args.format!r} (see 'storprobe formats')")
-        commands = {"scan": _scan, "check": _check, "validate": _validate, "formats": _formats}
-        return commands[args.command](args)
-    except UnknownFormat as exc:
-        parser.error(str(exc))
+    args, unknown = parser.parse_known_args(argv)
+    command = parser.commands[args.command]
+    if unknown:
+        command.error(f"unrecognized arguments: {' '.join(unknown)}")
+    for useless in _useless_options(args):
+        command.error(useless)
+    commands = {"info": _info, "scan": _scan, "check": _check, "validate": _validate, "formats": _formats}
+    return commands[args.command](args)
+
+
+def _useless_options(args: argparse.Namespace) -> Iterator[str]:
+    """Options given where they would do nothing: each is a usage error, not silence."""
+    if args.command == "info" and not args.backing_chain:
+        for given, option in ((args.allow_probe, "--allow-probe"), (args.max_depth is not None, "--max-depth")):
+            if given:
+                yield f"{option} applies only with --backing-chain"
+    if args.command == "scan" and args.jsonl and args.output != "json":
+        yield f"--jsonl is a JSON shape; it does not apply to --output {args.output}"
 
 
 class OutputFailed(Exception):

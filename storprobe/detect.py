@@ -10,6 +10,7 @@ whose signature matches is listed in the result, so polyglots stay visible.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from functools import partial
 from typing import BinaryIO, NamedTuple
@@ -59,17 +60,20 @@ def describe_image(img: Image, table: FormatTable, format: str | None) -> ImageI
     matches = tuple(matched)
     if format is not None:
         spec = table[format]
+        if img.file_type not in spec.file_types:  # a directory is no raw disk, a file no dir pool volume
+            raise InvalidHeader(f"a {img.file_type} cannot be a {spec.name} volume", code="wrong-file-type")
         if (spec.magic or spec.match) and spec.name not in matched:
             if spec.name in rejected:
                 raise rejected[spec.name]()
-            raise InvalidHeader(f"not a {spec.name} image (its signature is missing)", code="wrong-format")
+            article = "an" if spec.name[:1] in "aeiou" else "a"
+            raise InvalidHeader(f"not {article} {spec.name} image (its signature is missing)", code="wrong-format")
         found = matched.get(spec.name, Signature(spec, spec.header_offsets[0], by_magic=False))
         return _describe(img, spec, found, "caller", matches)
     if matched:
         found = next(iter(matched.values()))
         return _describe(img, found.spec, found, "magic", matches)
     if rejected:
-        raise next(iter(rejected.values()))()
+        raise _refusal([refuse() for refuse in rejected.values()])
     for spec in table.unsigned:
         if img.file_type in spec.file_types:
             no_signature = Signature(spec, spec.header_offsets[0], by_magic=False)
@@ -188,6 +192,23 @@ def _version(img: Image, spec: FormatSpec, offset: int) -> int | Refusal:
 
 def _same(error: ProbeError) -> ProbeError:
     return error
+
+
+def _refusal(errors: list[ProbeError]) -> ProbeError:
+    """What to report when every signature found was refused: the first in
+    table order, but a refused version for the row whose known versions lie
+    nearest it. Rows that share a magic tell themselves apart by version, as
+    QEMU's probes do: under a magic that one row reads as version 1 and
+    another as versions 2 and 3, version 4 is an unsupported version of the
+    second, not of the first."""
+    first = errors[0]
+    if not isinstance(first, UnsupportedVersion):
+        return first
+    return min((e for e in errors if isinstance(e, UnsupportedVersion)), key=_distance)
+
+
+def _distance(error: UnsupportedVersion) -> int:
+    return min((abs(error.version - known) for known in error.accepted), default=sys.maxsize)
 
 
 _NO_FEATURES = Features()

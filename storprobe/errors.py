@@ -47,9 +47,10 @@ class UnsupportedVersion(ProbeError):
 
     def __init__(self, format_name: str, version: int, accepted: tuple[int, ...]) -> None:
         known = ", ".join(str(v) for v in accepted)
-        super().__init__(f"{format_name} magic with unsupported version {version} (known: {known})")
+        super().__init__(f"unsupported {format_name} version {version} (known: {known})")
         self.format = format_name
         self.version = version
+        self.accepted = accepted
 
 
 class ReadLimitExceeded(ProbeError):

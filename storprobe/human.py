@@ -16,8 +16,8 @@ from typing import Any
 
 from .model import ImageInfo
 from .qemu_json import extras, full_backing_filename
+from .sizes import size_text, size_to_str
 
-_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
 #: C0 and C1 controls, lone surrogates (bytes that were not UTF-8), bidirectional controls.
 _UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
@@ -25,15 +25,6 @@ _UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\u061c\u200e\u200f\u202a-\
 def shown(text: str) -> str:
     """``text`` safe to print on a terminal: what it would act on or hide, as ``\\x1b``-style escapes."""
     return _UNSAFE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
-
-
-def size_to_str(n: int) -> str:
-    """Bytes in the largest binary unit that keeps the number under 1000 (qemu's style)."""
-    value, unit = float(n), 0
-    while value >= 1000 and unit < len(_UNITS) - 1:
-        value /= 1024
-        unit += 1
-    return f"{value:.3g} {_UNITS[unit]}"
 
 
 def _tree(value: Any, indent: int) -> list[str]:
@@ -81,7 +72,7 @@ def render(info: ImageInfo) -> str:
     lines = [
         f"image: {shown(info.filename)}",
         f"file format: {info.format}",
-        f"virtual size: {size_to_str(info.virtual_size)} ({info.virtual_size} bytes)",
+        f"virtual size: {size_text(info.virtual_size)}",
     ]
     if info.actual_size is not None:
         lines.append(f"disk size: {size_to_str(info.actual_size)}")
@@ -89,6 +80,8 @@ def render(info: ImageInfo) -> str:
         lines.append("encrypted: yes")
     if info.cluster_size is not None:
         lines.append(f"cluster_size: {info.cluster_size}")
+    if info.dirty:
+        lines.append("cleanly shut down: no")
     if info.backing is not None:
         full = full_backing_filename(info.filename, info.backing.name)
         suffix = f" (actual path: {shown(full)})" if full != info.backing.name else ""
@@ -101,5 +94,18 @@ def render(info: ImageInfo) -> str:
         lines.append("Format specific information:")
         lines += _tree(info.specific, 1)
     lines.append("storprobe:")
-    lines += _tree(extras(info), 1)
+    lines += _tree(_pruned(extras(info)), 1)
     return "\n".join(lines)
+
+
+def _pruned(facts: Mapping[str, Any]) -> dict[str, Any]:
+    """``facts`` without the empty lists and mappings in it or in the mappings
+    below it, which would be bare ``name:`` lines (qemu-img prints such lines
+    in its own section, so they stay there)."""
+    kept = {}
+    for key, value in facts.items():
+        if isinstance(value, Mapping):
+            value = _pruned(value)
+        if value or not isinstance(value, (Mapping, list)):
+            kept[key] = value
+    return kept

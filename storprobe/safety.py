@@ -19,6 +19,7 @@ from .detect import Target, describe_image, guarded, open_source
 from .errors import ProbeError, SourceError, UnknownFormat
 from .model import ImageInfo
 from .registry import FormatTable, format_table
+from .sizes import size_text
 from .source import Image
 from .spec import FormatSpec, Hazard
 
@@ -99,7 +100,8 @@ def _core_hazards(img: Image, info: ImageInfo, policy: Policy, table: FormatTabl
         )
         yield Hazard("data-file", f"it {named}, which a hypervisor would open")
     if info.virtual_size > policy.max_virtual_size:
-        yield Hazard("size", f"virtual size {info.virtual_size} exceeds the limit of {policy.max_virtual_size} bytes")
+        limit, size = size_text(policy.max_virtual_size), size_text(info.virtual_size)
+        yield Hazard("size", f"virtual size {size} exceeds the limit of {limit}")
 
 
 def _in_first_sector(img: Image, spec: FormatSpec) -> bool:

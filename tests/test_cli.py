@@ -107,3 +107,30 @@ def test_version_is_the_installed_distributions():
     assert storprobe.__version__ == version("storprobe")
     proc = storprobe_cli("--version")
     assert (proc.stdout, proc.stderr, proc.returncode) == (f"storprobe {version('storprobe')}\n", "", 0)
+
+
+def test_a_dirty_qcow2_is_not_cleanly_shut_down_as_qemu_img_says(tmp_path):
+    """The dirty bit (incompatible feature bit 0, set while a lazy_refcounts
+    image is open for writing) is the one line of qemu-img info's that ours lacked."""
+    from oracle import patched, run
+
+    clean = qemu_img_create(tmp_path / "clean.qcow2", "qcow2", "64M", "lazy_refcounts=on")
+    dirty = patched(clean, tmp_path / "dirty.qcow2", (72, "Q", 1), endian=">")
+    theirs = run("qemu-img", "info", "-U", dirty).stdout.decode()
+    assert "cleanly shut down: no\n" in theirs
+    ours, _, _ = storprobe_cli("info", str(dirty)).stdout.partition("storprobe:\n")
+    assert ours == theirs
+    assert "cleanly shut down" not in storprobe_cli("info", str(clean)).stdout
+
+
+def test_our_section_has_no_empty_headings(tmp_path):
+    """A fact with nothing under it (no features, no other signature) is left out, not a bare ``features:``."""
+    qemu_img_create(tmp_path / "a.qcow2", "qcow2", "1M")
+    (tmp_path / "zeros.img").write_bytes(bytes(4096))
+    for name in ("a.qcow2", "zeros.img"):
+        _, _, ours = storprobe_cli("info", str(tmp_path / name)).stdout.partition("storprobe:\n")
+        lines = ours.splitlines()
+        indent = [len(line) - len(line.lstrip()) for line in lines] + [0]
+        headings = [i for i, line in enumerate(lines) if line.endswith(":")]
+        assert all(indent[i + 1] > indent[i] for i in headings), ours
+    assert "    features:\n" not in storprobe_cli("info", str(tmp_path / "a.qcow2")).stdout

@@ -9,6 +9,7 @@ qemu-img's, key for key; storprobe's reading stays under ``storprobe``.
 
 from __future__ import annotations
 
+import json
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -123,3 +124,16 @@ def test_a_caller_format_qemu_has_no_driver_for_is_still_opened_raw(tmp_path):
     mine = to_qemu_json(probe(path, format="luks"))
     assert (mine["format"], mine[EXTRA_KEY]["format"]) == ("raw", "luks")
     assert mine["virtual-size"] == path.stat().st_size
+
+
+def test_formats_lists_each_rows_driver(tmp_path):
+    """``storprobe formats`` shows the driver the JSON names, per row and version."""
+    listed = {row["name"]: row for row in json.loads(run("storprobe", "formats", "--output", "json").stdout)}
+    for case, (row, make) in CASES.items():
+        path = make(tmp_path / f"image.{case}")
+        info = probe(path)
+        entry = listed[row]
+        expected = entry["qemu-version-drivers"].get(str(info.version), entry["qemu-driver"])
+        assert to_qemu_json(info)["format"] == expected, case
+    human = run("storprobe", "formats").stdout.decode()
+    assert any(line.split()[0] == "luks" and "luks,v2:raw" in line.split() for line in human.splitlines())
