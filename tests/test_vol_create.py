@@ -6,6 +6,10 @@ libvirt 9.0 hands ``<compat>``, ``<features>`` and ``<clusterSize>`` to
 (it refuses them elsewhere), the cluster size for any format, and vmdk, vdi,
 vpc and qcow refuse that option. So the document carries ``<clusterSize>``
 only for the rows that take it back (qcow2, qed); the JSON keeps it for all.
+
+Left out, as libvirt 9.0 cannot make them: iso (it creates a raw file), vhdx
+(a format name it does not know), ploop (it runs the ploop tools, absent
+here), bochs, cloop, dmg and cow (qemu-img 7.2 creates none of them).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ SOURCES = {
     "stream.vmdk": ("vmdk", "32M", "subformat=streamOptimized"),
     "a.vdi": ("vdi", "32M"),
     "a.vhd": ("vpc", "32M"),
+    "fixed.vhd": ("vpc", "8M", "subformat=fixed"),
     "a.qcow": ("qcow", "32M"),
 }
 #: What a like volume has the same as its source.
@@ -75,36 +80,72 @@ def pool(tmp_path):
         virsh("pool-destroy", name)
 
 
-def renamed(document: str, path: Path) -> str:
-    """Our document for another volume: its name, key and path changed to ``path``'s."""
+def renamed(document: str, path: Path, secret: str | None = None) -> str:
+    """Our document for another volume: its name, key and path changed to
+    ``path``'s; with ``secret``, the libvirt secret of its ``<encryption>``."""
     volume = etree.fromstring(document)
     volume.find("name").text = path.name
     volume.find("key").text = str(path)
     volume.find("target/path").text = str(path)
+    if secret is not None:
+        etree.SubElement(volume.find("target/encryption"), "secret", type="passphrase", uuid=secret)
     return etree.tostring(volume, encoding="unicode")
 
 
+def like_volume(source: Path, name: str, directory: Path, document: Path, secret: str | None = None) -> dict:
+    """``virsh vol-create`` of our document for ``source`` as ``copy-NAME`` in the
+    pool: the facts that differ from the source's (mine, theirs), or the refusal."""
+    info = probe(source)
+    copy = directory / f"copy-{source.name}"
+    document.write_text(renamed(to_volume_xml(info), copy, secret))
+    created = virsh("vol-create", name, str(document))
+    if created.returncode != 0:
+        return {"refused": created.stderr.strip()}
+    made = probe(copy)
+    mine = {fact: getattr(info, fact) for fact in FACTS}
+    if info.backing is not None:  # the document names the backing file by its absolute path
+        mine["backing"] = Backing(str(source.parent / info.backing.name), info.backing.format)
+    if info.cluster_size is None:  # a fixed VHD comes back dynamic, with that form's block size
+        mine["cluster_size"] = made.cluster_size
+    return {fact: (mine[fact], getattr(made, fact)) for fact in FACTS if mine[fact] != getattr(made, fact)}
+
+
 def test_virsh_vol_create_makes_a_like_volume_of_every_format(sources, pool, tmp_path):
+    """A fixed VHD comes back dynamic (the document has no subformat), of the same size."""
     name, directory = pool
-    refused, unlike = {}, {}
-    for source in sorted(sources.iterdir()):
-        info = probe(source)
-        copy = directory / f"copy-{source.name}"
-        document = tmp_path / f"{source.name}.xml"
-        document.write_text(renamed(to_volume_xml(info), copy))
-        created = virsh("vol-create", name, str(document))
-        if created.returncode != 0:
-            refused[source.name] = created.stderr.strip()
-            continue
-        made = probe(copy)
-        theirs = {fact: getattr(made, fact) for fact in FACTS}
-        mine = {fact: getattr(info, fact) for fact in FACTS}
-        if info.backing is not None:  # the document names the backing file by its absolute path
-            mine["backing"] = Backing(str(sources / info.backing.name), info.backing.format)
-        if theirs != mine:
-            unlike[source.name] = {fact: (mine[fact], theirs[fact]) for fact in FACTS if mine[fact] != theirs[fact]}
-    assert refused == {}
-    assert unlike == {}
+    unlike = {s.name: like_volume(s, name, directory, tmp_path / f"{s.name}.xml") for s in sorted(sources.iterdir())}
+    assert {source: differences for source, differences in unlike.items() if differences} == {}
+
+
+@pytest.fixture
+def secret(tmp_path):
+    """An ephemeral libvirt secret holding the passphrase ``pw``, undefined afterwards."""
+    document = tmp_path / "secret.xml"
+    document.write_text("<secret ephemeral='yes' private='yes'><description>storprobe test</description></secret>")
+    defined = virsh("secret-define", str(document))
+    assert defined.returncode == 0, defined.stderr
+    uuid = defined.stdout.split()[1]
+    try:
+        (tmp_path / "pw").write_text("pw")
+        stored = virsh("secret-set-value", uuid, "--file", str(tmp_path / "pw"), "--plain")
+        assert stored.returncode == 0, stored.stderr
+        yield uuid
+    finally:
+        virsh("secret-undefine", uuid)
+
+
+def test_an_encrypted_volume_needs_only_its_secret(pool, secret, tmp_path):
+    """An image names no libvirt secret (virsh vol-dumpxml prints none either):
+    given one, libvirt makes a like LUKS volume or LUKS-encrypted qcow2 from our document."""
+    name, directory = pool
+    (tmp_path / "sources").mkdir()
+    key = ("--object", "secret,id=s0,data=pw")
+    run("qemu-img", "create", "-q", "-f", "luks", *key, "-o", "key-secret=s0,iter-time=10",
+        tmp_path / "sources" / "vol.luks", "16M")
+    run("qemu-img", "create", "-q", "-f", "qcow2", *key, "-o", "encrypt.format=luks,encrypt.key-secret=s0",
+        "-o", "encrypt.iter-time=10", tmp_path / "sources" / "enc.qcow2", "16M")
+    for source in sorted((tmp_path / "sources").iterdir()):
+        assert like_volume(source, name, directory, tmp_path / f"{source.name}.xml", secret) == {}, source.name
 
 
 @pytest.mark.parametrize("name", ["a.vmdk", "a.vdi", "a.vhd", "a.qcow"])
