@@ -7,8 +7,10 @@ directory, ``host_device:`` a host disk, ``blkdebug:`` reads a host file,
 ``json:{...}`` specifications are read with QEMU's flattening rules.
 
 Parsing is pure string work: nothing here resolves a host name, opens a socket
-or touches a file. A name that denotes a local file is resolved against the
-directory of the image that records it. A name QEMU refuses (a protocol it does
+or touches a file. A plain relative name is resolved against the directory of
+the image that records it, as QEMU resolves it; a relative name after ``file:``
+or inside ``json:`` stays relative, since QEMU opens it against its own working
+directory, which no image can tell. A name QEMU refuses (a protocol it does
 not have, an ``rbd:`` without a pool, malformed ``json:``) is a BackingNameError;
 :func:`describe_backing_name` returns that error instead, for renderers.
 """
@@ -26,7 +28,7 @@ from .errors import BackingNameError
 from .spec import EMPTY
 
 #: What a backing name reaches (``BackingStore.reach``).
-REACH_FILE = "file"  # a local file, ``path`` resolved against the image's directory
+REACH_FILE = "file"  # a local file, ``path`` as QEMU resolves it (relative: QEMU's working directory)
 REACH_HOST_DEVICE = "host-device"  # a host block or CD-ROM device, ``path`` the device
 REACH_HOST_DIRECTORY = "host-directory"  # a host directory shown as a FAT disk, ``path`` the directory
 REACH_HOST_FILE = "host-file"  # host files read by a debug driver, ``path`` the first one named
@@ -131,7 +133,7 @@ def parse_backing_name(name: str, image_path: str | None = None) -> BackingStore
     """Classify ``name`` as recorded by the image at ``image_path``;
     BackingNameError for a name QEMU would refuse."""
     if name.startswith("json:"):
-        return _from_json(name, image_path)
+        return _from_json(name)
     return _from_plain(name, image_path)
 
 
@@ -142,6 +144,13 @@ def describe_backing_name(name: str, image_path: str | None = None) -> BackingSt
         return parse_backing_name(name, image_path)
     except BackingNameError as exc:
         return exc
+
+
+def has_protocol_prefix(name: str) -> bool:
+    """QEMU's path_has_protocol: a colon before any slash. QEMU joins the image's
+    directory only to a relative name without one; a relative file name after
+    ``file:`` or in ``json:`` is opened against QEMU's own working directory."""
+    return _PREFIX.match(name) is not None
 
 
 def _from_plain(name: str, image_path: str | None) -> BackingStore:
@@ -156,7 +165,7 @@ def _from_plain(name: str, image_path: str | None) -> BackingStore:
     if protocol.driver == "file":
         if not rest:
             raise _bad(name, "names no file")
-        return BackingStore(name, "file", REACH_FILE, path=_resolve(rest, image_path))
+        return BackingStore(name, "file", REACH_FILE, path=rest)  # QEMU joins no directory to a protocol name
     return _PLAIN_PARSERS.get(protocol.driver, _after_prefix)(name, prefix, rest, protocol)
 
 
@@ -511,7 +520,7 @@ _PLAIN_PARSERS: Mapping[str, Callable[[str, str, str, BlockProtocol], BackingSto
 # --- json: ----------------------------------------------------------------
 
 
-def _from_json(name: str, image_path: str | None) -> BackingStore:
+def _from_json(name: str) -> BackingStore:
     if len(name) > JSON_LIMIT:
         raise BackingNameError(f"json: backing specification is longer than {JSON_LIMIT} bytes")
     try:
@@ -521,7 +530,7 @@ def _from_json(name: str, image_path: str | None) -> BackingStore:
         node = _crumple(_flatten(root))
     except (ValueError, RecursionError) as exc:
         raise BackingNameError(f"json: backing is not valid JSON: {exc}") from None
-    return _json_node(name, node, image_path)
+    return _json_node(name, node)
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -597,13 +606,13 @@ def _listed(node: Any) -> Any:
     return [items[str(i)] for i in range(len(items))]
 
 
-def _json_node(name: str, node: dict[str, Any], image_path: str | None) -> BackingStore:
+def _json_node(name: str, node: dict[str, Any]) -> BackingStore:
     """Follow format and filter layers down their ``file`` child to the protocol node."""
     for _ in range(JSON_LAYERS):
         driver = node.get("driver")
         if isinstance(driver, str) and driver in JSON_DRIVERS:
             protocol = JSON_DRIVERS[driver]
-            return _JSON_PARSERS.get(protocol.driver, _json_path("path"))(name, node, protocol, image_path)
+            return _JSON_PARSERS.get(protocol.driver, _json_path("path"))(name, node, protocol)
         if driver is not None and driver not in LAYER_DRIVERS:
             raise BackingNameError(f"json: backing names the driver {driver!r}, which QEMU does not have")
         others = [key for key in OTHER_CHILDREN if node.get(key) is not None]
@@ -616,7 +625,7 @@ def _json_node(name: str, node: dict[str, Any], image_path: str | None) -> Backi
         if isinstance(child, dict):
             node = child
         elif isinstance(filename, str) and not filename.startswith("json:"):
-            return _from_plain(filename, image_path)._replace(name=name)  # the protocol from the filename
+            return _from_plain(filename, None)._replace(name=name)  # the protocol from the filename
         else:
             raise BackingNameError("json: backing names no protocol driver and no filename")
     raise BackingNameError(f"json: backing nests more than {JSON_LAYERS} layers")
@@ -673,18 +682,18 @@ def _server(server: object, name: str) -> Host:
     return Host("tcp", host, _port(server.get("port"), name))
 
 
-JsonParser = Callable[[str, dict[str, Any], BlockProtocol, "str | None"], BackingStore]
+JsonParser = Callable[[str, dict[str, Any], BlockProtocol], BackingStore]
 
 
 def _json_path(key: str) -> JsonParser:
     """Drivers whose one option ``key`` is the host path (host_device's filename,
     blkio's path, vvfat's dir)."""
 
-    def parse(name: str, node: dict[str, Any], protocol: BlockProtocol, image_path: str | None) -> BackingStore:
+    def parse(name: str, node: dict[str, Any], protocol: BlockProtocol) -> BackingStore:
         path = _text(node, key, name)
         assert path is not None
         if protocol.reach == REACH_FILE:
-            return _store(name, protocol, path=_resolve(path, image_path))
+            return _store(name, protocol, path=path)
         if protocol.reach == REACH_NETWORK:
             return _store(name, protocol, hosts=(Host("unix", socket=path),), options=_scalars(node, key))
         return _store(name, protocol, path=path, options=_scalars(node, key))
@@ -692,7 +701,7 @@ def _json_path(key: str) -> JsonParser:
     return parse
 
 
-def _json_filename_store(name: str, node: dict[str, Any], protocol: BlockProtocol, image_path: str | None
+def _json_filename_store(name: str, node: dict[str, Any], protocol: BlockProtocol
                          ) -> BackingStore | None:
     """A protocol node that gives its name as a ``filename`` (rbd, gluster): that name,
     parsed, which must select the same driver."""
@@ -701,7 +710,7 @@ def _json_filename_store(name: str, node: dict[str, Any], protocol: BlockProtoco
         return None
     if not isinstance(filename, str) or filename.startswith("json:"):
         raise BackingNameError(f"json: {protocol.driver} backing has a filename that is not a name")
-    store = _from_plain(filename, image_path)
+    store = _from_plain(filename, None)
     if store.protocol != protocol.driver:
         raise BackingNameError(f"json: {protocol.driver} backing has a filename for {store.protocol}")
     return store._replace(name=name)
@@ -712,14 +721,14 @@ def _json_two_files(first: str, second: str) -> JsonParser:
     ``test`` children): the first host file named is the path; a debug driver
     over a non-file store reaches what that store reaches."""
 
-    def parse(name: str, node: dict[str, Any], protocol: BlockProtocol, image_path: str | None) -> BackingStore:
+    def parse(name: str, node: dict[str, Any], protocol: BlockProtocol) -> BackingStore:
         paths: list[str] = []
         for key in (first, second):
             value = node.get(key)
             if isinstance(value, str) and key == "config":
                 paths.append(value)
             elif isinstance(value, dict):
-                inner = _json_node(name, value, image_path)
+                inner = _json_node(name, value)
                 if not inner.is_file:
                     return inner
                 assert inner.path is not None
@@ -733,11 +742,11 @@ def _json_two_files(first: str, second: str) -> JsonParser:
     return parse
 
 
-def _json_none(name: str, node: dict[str, Any], protocol: BlockProtocol, image_path: str | None) -> BackingStore:
+def _json_none(name: str, node: dict[str, Any], protocol: BlockProtocol) -> BackingStore:
     return _store(name, protocol, options=_scalars(node))
 
 
-def _json_nbd(name: str, node: dict[str, Any], protocol: BlockProtocol, image_path: str | None) -> BackingStore:
+def _json_nbd(name: str, node: dict[str, Any], protocol: BlockProtocol) -> BackingStore:
     """``server``, or the old flat ``host``/``port`` (inet) or ``path`` (unix) keys."""
     hosts = _servers(node.get("server"), name)
     if not hosts and isinstance(node.get("path"), str):
@@ -750,8 +759,8 @@ def _json_nbd(name: str, node: dict[str, Any], protocol: BlockProtocol, image_pa
                   options=_scalars(node, "export", "host", "port", "path"))
 
 
-def _json_rbd(name: str, node: dict[str, Any], protocol: BlockProtocol, image_path: str | None) -> BackingStore:
-    from_filename = _json_filename_store(name, node, protocol, image_path)
+def _json_rbd(name: str, node: dict[str, Any], protocol: BlockProtocol) -> BackingStore:
+    from_filename = _json_filename_store(name, node, protocol)
     if from_filename is not None:
         return from_filename
     pool, image = _text(node, "pool", name), _text(node, "image", name)
@@ -761,7 +770,7 @@ def _json_rbd(name: str, node: dict[str, Any], protocol: BlockProtocol, image_pa
                   options=_scalars(node, "pool", "image", "namespace"))
 
 
-def _json_iscsi(name: str, node: dict[str, Any], protocol: BlockProtocol, image_path: str | None) -> BackingStore:
+def _json_iscsi(name: str, node: dict[str, Any], protocol: BlockProtocol) -> BackingStore:
     """``portal`` HOST[:PORT] (an IPv6 host in brackets), ``target``, ``lun`` (0 by
     default); ``transport`` iser is RDMA."""
     portal, target = _text(node, "portal", name), _text(node, "target", name)
@@ -778,8 +787,8 @@ def _json_iscsi(name: str, node: dict[str, Any], protocol: BlockProtocol, image_
                   options=_scalars(node, "portal", "target", "lun", "transport"))
 
 
-def _json_gluster(name: str, node: dict[str, Any], protocol: BlockProtocol, image_path: str | None) -> BackingStore:
-    from_filename = _json_filename_store(name, node, protocol, image_path)
+def _json_gluster(name: str, node: dict[str, Any], protocol: BlockProtocol) -> BackingStore:
+    from_filename = _json_filename_store(name, node, protocol)
     if from_filename is not None:
         return from_filename
     volume, path = _text(node, "volume", name), _text(node, "path", name)
@@ -789,7 +798,7 @@ def _json_gluster(name: str, node: dict[str, Any], protocol: BlockProtocol, imag
     return _store(name, protocol, hosts=hosts, target=f"{volume}/{path}", options=_scalars(node, "volume", "path"))
 
 
-def _json_ssh(name: str, node: dict[str, Any], protocol: BlockProtocol, image_path: str | None) -> BackingStore:
+def _json_ssh(name: str, node: dict[str, Any], protocol: BlockProtocol) -> BackingStore:
     hosts = _servers(node.get("server"), name)
     if not hosts and node.get("host") is not None:
         hosts = (Host("tcp", _text(node, "host", name), _port(node.get("port"), name)),)
@@ -799,11 +808,11 @@ def _json_ssh(name: str, node: dict[str, Any], protocol: BlockProtocol, image_pa
                   options=_scalars(node, "path", "host", "port"))
 
 
-def _json_curl(name: str, node: dict[str, Any], protocol: BlockProtocol, image_path: str | None) -> BackingStore:
+def _json_curl(name: str, node: dict[str, Any], protocol: BlockProtocol) -> BackingStore:
     """curl drivers: the ``url`` must be of the driver's own scheme."""
     url = _text(node, "url", name)
     assert url is not None
-    store = _from_plain(url, image_path)
+    store = _from_plain(url, None)
     if store.protocol != protocol.driver:
         raise BackingNameError(f"json: {protocol.driver} backing has a url that is not {protocol.driver}://")
     return store._replace(name=name, options={**store.options, **_scalars(node, "url")})
@@ -812,14 +821,14 @@ def _json_curl(name: str, node: dict[str, Any], protocol: BlockProtocol, image_p
 def _json_target(key: str) -> JsonParser:
     """Drivers that name one thing (``key``) on their servers: sheepdog's vdi, vxhs's vdisk-id."""
 
-    def parse(name: str, node: dict[str, Any], protocol: BlockProtocol, image_path: str | None) -> BackingStore:
+    def parse(name: str, node: dict[str, Any], protocol: BlockProtocol) -> BackingStore:
         return _store(name, protocol, hosts=_servers(node.get("server"), name), target=_text(node, key, name),
                       options=_scalars(node, key))
 
     return parse
 
 
-def _json_nvme(name: str, node: dict[str, Any], protocol: BlockProtocol, image_path: str | None) -> BackingStore:
+def _json_nvme(name: str, node: dict[str, Any], protocol: BlockProtocol) -> BackingStore:
     device, namespace = _text(node, "device", name), _text(node, "namespace", name, required=False) or "1"
     return _store(name, protocol, target=f"{device}/{namespace}", options=_scalars(node, "device", "namespace"))
 

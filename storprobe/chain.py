@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 
-from .backing import BackingStore, parse_backing_name
+from .backing import BackingStore, has_protocol_prefix, parse_backing_name
 from .detect import probe
 from .errors import (
     BackingError,
@@ -85,6 +85,13 @@ def probe_chain(
         if store is None or not store.is_file:
             return chain
         assert store.path is not None and info.backing is not None
+        if not os.path.isabs(store.path) and has_protocol_prefix(info.backing.name):
+            chain.error = BackingError(
+                f"backing file {store.path} of {info.filename} ({info.backing.name}) is relative to the working "
+                "directory of the process that opens it, not to the image: not followed",
+                code="backing.relative",
+            )
+            return chain
         recorded = info.backing.format
         if probed and not allow_probe:
             chain.error = BackingFormatNotSpecified(

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator
 
 from lxml import etree
 
-from .backing import BackingStore, describe_backing_name
+from .backing import BackingStore, describe_backing_name, has_protocol_prefix
 from .chain import Chain
 from .errors import InvalidDocument, ProbeError, Unrepresentable
 from .model import ImageInfo
@@ -165,16 +165,25 @@ def _backing_element(
 ) -> etree._Element:
     """``<backingStore>`` from the recorded name alone (nothing is stat'ed). A
     local file is its absolute path, a network store libvirt has a protocol for
-    its ``<source>``; any other store, and a name QEMU refuses (an error or None),
-    is the name as recorded, as libvirt's vol-dumpxml prints it."""
+    its ``<source>``; any other store, a file relative to QEMU's working directory
+    (``file:x.img``), and a name QEMU refuses (an error or None) is the name as
+    recorded, as libvirt's vol-dumpxml prints it."""
     if isinstance(store, BackingStore) and store.protocol in LIBVIRT_PROTOCOLS and store.reach == "network":
         return _network_backing(parent, store, fmt)
     element = _sub(parent, "backingStore")
-    path = store.path if isinstance(store, BackingStore) and store.is_file else None
-    _sub(element, "path", name if path is None else os.path.abspath(path))
+    _sub(element, "path", _backing_path(store, name))
     if fmt is not None:
         _sub(element, "format", type=_libvirt_name(fmt))
     return element
+
+
+def _backing_path(store: BackingStore | ProbeError | None, name: str) -> str:
+    """A local file's absolute path; the recorded name for any other store and
+    for a file QEMU opens against its own working directory (``file:x.img``)."""
+    if isinstance(store, BackingStore) and store.is_file and store.path is not None:
+        if os.path.isabs(store.path) or not has_protocol_prefix(name):
+            return os.path.abspath(store.path)
+    return name
 
 
 def _network_backing(parent: etree._Element, store: BackingStore, fmt: str | None) -> etree._Element:

@@ -20,7 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from lxml import etree
 
-from oracle import LibvirtPool, qemu_img_create, qemu_img_error, renders, run
+from oracle import LibvirtPool, qemu_img_create, qemu_img_error, renders, require, run
 
 from storprobe import Backing, ImageInfo, ProbeError, probe
 from storprobe.backing import (
@@ -62,7 +62,7 @@ def facts(store: BackingStore) -> tuple:
 # (name, (protocol, reach, path, hosts, target)); a port of None is the protocol's default.
 PROTOCOL_NAMES = [
     ("file:/abs/x.img", ("file", "file", "/abs/x.img", (), None)),
-    ("file:x.img", ("file", "file", "/images/x.img", (), None)),
+    ("file:x.img", ("file", "file", "x.img", (), None)),  # relative to QEMU's working directory, not the image's
     ("host_device:/dev/vda", ("host_device", "host-device", "/dev/vda", (), None)),
     ("host_cdrom:/dev/sr0", ("host_cdrom", "host-device", "/dev/sr0", (), None)),
     # vvfat's protocol is fat: the directory follows the last colon, options before it
@@ -123,7 +123,7 @@ PROTOCOL_NAMES = [
     ("base.qcow2", ("file", "file", "/images/base.qcow2", (), None)),
     ("../b.img", ("file", "file", "/images/../b.img", (), None)),
     ("sub/a:b.img", ("file", "file", "/images/sub/a:b.img", (), None)),  # a slash before the colon: a file
-    ('json:{"file.driver":"file","file.filename":"rel.img"}', ("file", "file", "/images/rel.img", (), None)),
+    ('json:{"file.driver":"file","file.filename":"rel.img"}', ("file", "file", "rel.img", (), None)),
     ('json:{"file":{"driver":"host_device","filename":"/dev/sdz"}}', ("host_device", "host-device", "/dev/sdz",
                                                                         (), None)),
     ('json:{"driver":"vvfat","dir":"/","rw":true}', ("vvfat", "host-directory", "/", (), None)),
@@ -523,10 +523,34 @@ def test_a_scan_describes_volumes_whose_backing_qemu_refuses(real):
     assert [f for f, e in sorted(errors.items()) if e] == ["json.qcow2", "rbd.qcow2"]
 
 
-def test_a_relative_file_backing_is_resolved_in_the_xml(tmp_path):
+def test_only_a_plain_relative_name_is_relative_to_the_image(tmp_path, monkeypatch):
+    """QEMU joins the image's directory to a plain relative name only: after
+    ``file:`` or in ``json:`` a relative name is opened against QEMU's working
+    directory (qemu-img run from elsewhere cannot find it), which no image can
+    tell. Such a path stays relative, the chain stops there (``backing.relative``)
+    and the XML shows the name as recorded, as virsh does."""
     qemu_img_create(tmp_path / "base.raw", "raw", "1M")
-    image = _image_with_backing(tmp_path, "top.qcow2", "file:base.raw")
-    assert etree.fromstring(to_volume_xml(probe(image)).encode()).findtext("backingStore/path") == str(
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+
+    def qemu_opens_chain(image, cwd) -> bool:
+        return subprocess.run([require("qemu-img"), "info", "--backing-chain", "-U", str(image)], cwd=cwd,
+                              capture_output=True, check=False).returncode == 0
+
+    for backing in ("file:base.raw", 'json:{"file":{"driver":"file","filename":"base.raw"}}'):
+        image = _image_with_backing(tmp_path, "top.qcow2", backing)
+        assert (qemu_opens_chain(image, tmp_path), qemu_opens_chain(image, elsewhere)) == (True, False)
+        assert facts(parse_backing_name(backing, str(image))) == ("file", "file", "base.raw", (), None)
+        chain = probe_chain(image)
+        assert (len(chain.images), chain.error.code) == (1, "backing.relative")
+        assert etree.fromstring(to_volume_xml(probe(image)).encode()).findtext("backingStore/path") == backing
+    plain = _image_with_backing(tmp_path, "plain.qcow2", "base.raw")
+    assert qemu_opens_chain(plain, elsewhere)
+    assert parse_backing_name("base.raw", str(plain)).path == str(tmp_path / "base.raw")
+    monkeypatch.chdir(tmp_path)  # a top image named relatively: its plain backing is still followed
+    chain = probe_chain("plain.qcow2")
+    assert (chain.error, [i.filename for i in chain.images]) == (None, ["plain.qcow2", "base.raw"])
+    assert etree.fromstring(to_volume_xml(probe("plain.qcow2")).encode()).findtext("backingStore/path") == str(
         tmp_path / "base.raw")
 
 

@@ -212,7 +212,9 @@ def test_network_backing_is_reported_never_opened(tmp_path, no_network, backing,
 def test_json_backing_naming_a_local_file_is_that_file(tmp_path):
     qemu_img_create(tmp_path / "base.qcow2", "qcow2", "16M")
     qemu_img_create(tmp_path / "top.qcow2", "qcow2", "16M")
-    rebase_unsafe(tmp_path / "top.qcow2", 'json:{"file":{"driver":"file","filename":"base.qcow2"}}', "qcow2")
+    # absolute: QEMU opens a relative json: file name in its own working directory (test_backing_names.py)
+    rebase_unsafe(tmp_path / "top.qcow2", f'json:{{"file":{{"driver":"file","filename":"{tmp_path}/base.qcow2"}}}}',
+                  "qcow2")
     chain = probe_chain(tmp_path / "top.qcow2")
     assert chain.error is None
     assert chain.images[1].filename == str(tmp_path / "base.qcow2")
