@@ -1,8 +1,9 @@
 """The ``storprobe`` command.
 
 Exit status: 0 success, 1 a volume could not be probed (one line
-``storprobe: PATH: reason`` on stderr), 2 usage error, 3 ``check`` found the
-volume unsafe.
+``storprobe: PATH: reason`` on stderr) or standard output could not be
+written (``storprobe: write error: REASON``), 2 usage error (with the
+command's usage), 3 ``check`` found the volume unsafe.
 """
 
 from __future__ import annotations
@@ -92,10 +93,31 @@ def _parser() -> _Parser:
         help="the format the volume is declared as, e.g. raw (default: probe it)",
     )
     check.add_argument(
-        "--allow", action=_FormatNames, metavar="FORMAT,...", help="formats accepted, repeatable (default: any)"
+        "--allow", action=_FormatNames, metavar="FORMAT,...",
+        help="formats accepted, repeatable (default: any; a directory only when its format is listed)",
     )
-    check.add_argument("--allow-backing", action="store_true", help="accept a backing file")
-    check.add_argument("--allow-data-file", action="store_true", help="accept a qcow2 external data file")
+    check.add_argument(
+        "--allow-backing", action="store_true",
+        help="accept backing files in the image's own directory only (as --allow-backing-in its directory)",
+    )
+    check.add_argument(
+        "--allow-backing-in", action="append", default=[], metavar="DIR",
+        help="accept backing files inside DIR (repeatable): regular files, no symlink leading out, "
+             "with a recorded format; the whole chain is judged",
+    )
+    check.add_argument(
+        "--allow-backing-protocol", action="append", default=[], metavar="PROTOCOL,...",
+        help="accept network backings over these protocols (repeatable), e.g. nbd,rbd; host devices, "
+             "host directories, debug and null drivers are never accepted",
+    )
+    check.add_argument(
+        "--allow-data-file", action="store_true",
+        help="accept a qcow2 external data file in the image's own directory only",
+    )
+    check.add_argument(
+        "--allow-data-file-in", action="append", default=[], metavar="DIR",
+        help="accept a qcow2 external data file inside DIR (repeatable)",
+    )
     check.add_argument(
         "--max-size", type=_size, metavar="SIZE",
         help="largest virtual size accepted: bytes, or with a suffix k, M, G, T, P or E as qemu-img takes "
@@ -154,7 +176,9 @@ class _FormatNames(argparse.Action):
     """``--allow qcow2,raw --allow vmdk``: every list given, joined into one
     comma-separated list of known formats."""
 
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object, *_: object) -> None:
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object, *_: object
+    ) -> None:
         given = [name.strip() for name in str(values).split(",") if name.strip()]
         if not given:
             raise argparse.ArgumentError(self, "no format named")
@@ -313,11 +337,13 @@ def _progress(entries: Iterator[str], args: argparse.Namespace) -> Iterator[str]
 
 
 def _check(args: argparse.Namespace) -> int:
-    from .safety import DEFAULT_MAX_VIRTUAL_SIZE, check, policy_from_allow
+    from .safety import DEFAULT_MAX_VIRTUAL_SIZE, check, names, policy_from_allow
 
     policy = policy_from_allow(
         args.allow, allow_backing=args.allow_backing, allow_data_file=args.allow_data_file,
         max_virtual_size=DEFAULT_MAX_VIRTUAL_SIZE if args.max_size is None else args.max_size,
+        backing_dirs=tuple(args.allow_backing_in), backing_protocols=names(args.allow_backing_protocol),
+        data_file_dirs=tuple(args.allow_data_file_in),
     )
     try:
         verdict = check(args.path, policy=policy, format=args.format)

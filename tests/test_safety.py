@@ -9,6 +9,7 @@ differencing VHD/VHDX) is hand-built from their output with struct.pack.
 from __future__ import annotations
 
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from oracle import qemu_img_create, qemu_img_error, rebase_unsafe, run, unusable_entry
+from oracle import qemu_img_create, qemu_img_error, qemu_info, rebase_unsafe, run, unusable_entry
 
 from storprobe import SourceError, UnknownFormat
 from storprobe.safety import DEFAULT_MAX_VIRTUAL_SIZE, Policy, Verdict, check
@@ -301,25 +302,25 @@ def test_encryption_is_a_fact_not_a_hazard(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "backing",
+    "backing, hazard",
     [
-        "base.qcow2",
-        "/var/lib/images/base.qcow2",
-        "nbd://example.invalid:10809/export",
-        "nbd:example.invalid:10809",
-        'json:{"file":{"driver":"nbd","server":{"type":"inet","host":"example.invalid","port":"10809"}}}',
-        'json:{"file":{"driver":"file","filename":"/etc/shadow"}}',
+        ("base.qcow2", "backing-file"),
+        ("/var/lib/images/base.qcow2", "backing-file"),
+        ('json:{"file":{"driver":"file","filename":"/etc/shadow"}}', "backing-file"),
+        ("nbd://example.invalid:10809/export", "backing-protocol"),
+        ("nbd:example.invalid:10809", "backing-protocol"),
+        ('json:{"file":{"driver":"nbd","server":{"type":"inet","host":"example.invalid","port":"10809"}}}',
+         "backing-protocol"),
     ],
-    ids=["relative", "absolute", "nbd-uri", "nbd-legacy", "json-nbd", "json-file"],
+    ids=["relative", "absolute", "json-file", "nbd-uri", "nbd-legacy", "json-nbd"],
 )
-def test_backing_file_of_any_kind(tmp_path, backing):
+def test_backing_of_any_kind_is_refused_by_default(tmp_path, backing, hazard):
     qemu_img_create(tmp_path / "base.qcow2", "qcow2", "64M")
     top = qemu_img_create(tmp_path / "top.qcow2", "qcow2", "64M")
     rebase_unsafe(top, backing, "raw")
     verdict = check(top)
-    assert checks(verdict) == ["backing-file"]
+    assert checks(verdict) == [hazard]
     assert repr(backing) in verdict.hazards[0].message
-    assert check(top, policy=Policy(allow_backing=True)).safe
 
 
 @pytest.mark.parametrize("fmt", ["qcow2", "qed", "qcow", "vmdk"])
@@ -368,6 +369,390 @@ def test_external_data_file_without_a_recorded_name(tmp_path):
     verdict = check(path)
     assert checks(verdict) == ["data-file"]
     assert "does not record" in verdict.hazards[0].message
+
+
+# ---- where backing files may live (issue 9: --allow-backing allowed every backing) ----
+
+
+def overlay(path: Path, backing: str, fmt: str | None = "raw") -> Path:
+    """``qemu-img create -f qcow2 -b NAME -F FMT -u PATH 1M``: a qcow2 naming
+    ``backing`` as it is, opened by nothing; ``fmt`` None then drops the
+    recorded format (qemu-img records one always), by renaming its header
+    extension to one QEMU ignores."""
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", backing, "-F", fmt or "raw", "-u", path, "1M")
+    if fmt is None:
+        data = bytearray(path.read_bytes())
+        at = data.index(struct.pack(">I", 0xE2792ACA), 104)  # the backing format extension
+        data[at : at + 4] = struct.pack(">I", 0x0BADC0DE)
+        path.write_bytes(bytes(data))
+        assert qemu_info(path).get("backing-filename-format") is None
+    return path
+
+
+@pytest.fixture
+def images(tmp_path) -> Path:
+    """An allowed directory holding a raw base image, beside a directory
+    ``outside`` holding the secret a hostile name reaches for."""
+    allowed = tmp_path / "images"
+    allowed.mkdir()
+    qemu_img_create(allowed / "base.raw", "raw", "1M")
+    (tmp_path / "outside").mkdir()
+    qemu_img_create(tmp_path / "outside" / "secret.raw", "raw", "1M")
+    return allowed
+
+
+def test_allow_backing_accepts_a_regular_file_in_the_images_own_directory(images):
+    top = overlay(images / "top.qcow2", "base.raw")
+    assert checks(check(top)) == ["backing-file"]
+    assert check(top, policy=Policy(allow_backing=True)).safe
+    assert check(top, policy=Policy(backing_dirs=(str(images),))).safe
+    assert storprobe("check", "--allow-backing", top).returncode == 0
+    assert storprobe("check", "--allow-backing-in", images, top).returncode == 0
+
+
+OUTSIDE = {
+    "absolute": "/etc/shadow",
+    "dotdot": "../../../../../../../../etc/passwd",
+    "sibling-dir": "../outside/secret.raw",
+    "file-prefix": "file:/etc/passwd",
+    "json-file": 'json:{"file":{"driver":"file","filename":"/etc/shadow"}}',
+}
+
+
+@pytest.mark.parametrize("name", OUTSIDE.values(), ids=OUTSIDE.keys())
+def test_backing_outside_the_allowed_directory(images, name):
+    """The CVE-2024-32498 pattern: a raw backing that is a host file. Judged by
+    its name alone: nothing outside the allowed directory is looked at."""
+    top = overlay(images / "top.qcow2", name)
+    for policy in (Policy(allow_backing=True), Policy(backing_dirs=(str(images),))):
+        verdict = check(top, policy=policy)
+        assert checks(verdict) == ["backing-outside"]
+        assert repr(name) in verdict.hazards[0].message and str(images) in verdict.hazards[0].message
+    proc = storprobe("check", "--allow-backing", top)
+    assert proc.returncode == 3
+    assert proc.stdout.splitlines()[1].startswith("backing-outside: ")
+
+
+@pytest.mark.parametrize("name", ["file:base.raw", 'json:{"file":{"driver":"file","filename":"base.raw"}}'])
+def test_backing_named_relative_to_qemus_working_directory(images, tmp_path, name):
+    """After a protocol prefix or inside json:, QEMU joins no directory to a
+    relative name: it opens the name against its own working directory, which
+    no image can tell (qemu-img finds base.raw only when run in images/)."""
+    top = overlay(images / "top.qcow2", name)
+    info = ["qemu-img", "info", "--backing-chain", str(top)]
+    assert subprocess.run(info, cwd=images, capture_output=True).returncode == 0
+    assert subprocess.run(info, cwd=tmp_path, capture_output=True).returncode != 0
+    verdict = check(top, policy=Policy(allow_backing=True))
+    assert checks(verdict) == ["backing-relative"]
+    assert "working directory" in verdict.hazards[0].message
+
+
+def test_relative_backing_of_a_volume_given_as_bytes(images):
+    """No path, no directory to resolve ``base.raw`` against; an absolute name is still judged."""
+    top = overlay(images / "top.qcow2", "base.raw")
+    assert checks(check(top.read_bytes(), policy=Policy(allow_backing=True, backing_dirs=(str(images),)))) == [
+        "backing-relative"
+    ]
+    absolute = overlay(images / "absolute.qcow2", str(images / "base.raw"))
+    assert check(absolute.read_bytes(), policy=Policy(backing_dirs=(str(images),))).safe
+
+
+NEVER_SAFE = {
+    "host_device": ("host_device:/dev/vda", "backing-host-device"),
+    "host_cdrom": ("host_cdrom:/dev/sr0", "backing-host-device"),
+    "json-host_device": ('json:{"file":{"driver":"host_device","filename":"/dev/vda"}}', "backing-host-device"),
+    "fat-root": ("fat:/", "backing-host-directory"),
+    "fat-rw": ("fat:rw:/home", "backing-host-directory"),
+    "json-vvfat": ('json:{"file":{"driver":"vvfat","dir":"/etc"}}', "backing-host-directory"),
+    "blkdebug": ("blkdebug:/etc/blkdebug.conf:/etc/shadow", "backing-host-file"),
+    "blkverify": ("blkverify:/etc/passwd:/etc/shadow", "backing-host-file"),
+    "null-co": ("null-co://", "backing-null"),
+    "null-aio": ("null-aio://", "backing-null"),
+}
+
+
+@pytest.mark.parametrize("name, hazard", NEVER_SAFE.values(), ids=NEVER_SAFE.keys())
+def test_host_devices_directories_debug_and_null_drivers_are_never_safe(images, name, hazard):
+    """Whatever the policy: every directory, every protocol by name."""
+    top = overlay(images / "top.qcow2", name)
+    protocol = json.loads(name[5:])["file"]["driver"] if name.startswith("json:") else name.partition(":")[0]
+    everything = Policy(allow_backing=True, backing_dirs=("/",), backing_protocols=frozenset({protocol, "nbd"}))
+    for policy in (Policy(), Policy(allow_backing=True), everything):
+        verdict = check(top, policy=policy)
+        assert checks(verdict) == [hazard]
+        assert "never safe" in verdict.hazards[0].message and "worse than a missing file" in verdict.hazards[0].message
+    proc = storprobe("check", "--allow-backing", "--allow-backing-in", "/", "--allow-backing-protocol", protocol, top)
+    assert proc.returncode == 3 and proc.stdout.splitlines()[1].startswith(f"{hazard}: ")
+
+
+SYMLINKS = {
+    # name recorded, links made inside the allowed directory (link -> target)
+    "absolute-target": ("passwd.raw", {"passwd.raw": "/etc/passwd"}),
+    "relative-target": ("link.raw", {"link.raw": "../outside/secret.raw"}),
+    "directory-link": ("sub/secret.raw", {"sub": "../outside"}),
+    "dotdot-after-link": ("deep/../secret.raw", {"deep": "../outside/deep"}),
+    "chain-of-links": ("a.raw", {"a.raw": "b.raw", "b.raw": "/etc/passwd"}),
+    "loop": ("a.raw", {"a.raw": "b.raw", "b.raw": "a.raw"}),
+}
+
+
+@pytest.mark.parametrize("name, links", SYMLINKS.values(), ids=SYMLINKS.keys())
+def test_backing_whose_symlinks_lead_out_of_the_allowed_directory(images, name, links, monkeypatch):
+    """The name lies inside the directory, the file it reaches does not
+    (``deep/../secret.raw`` is ``images/secret.raw`` by name, which exists,
+    but the kernel resolves ``deep`` first and lands in ``outside``). Nothing
+    outside the directory is stat-ed, read or opened on the way."""
+    (images.parent / "outside" / "deep").mkdir()
+    qemu_img_create(images / "secret.raw", "raw", "1M")  # the decoy, by name
+    for link, target in links.items():
+        (images / link).symlink_to(target)
+    top = overlay(images / "top.qcow2", name)
+    touched = _watch_file_system(monkeypatch)
+    verdict = check(top, policy=Policy(backing_dirs=(str(images),)))
+    assert checks(verdict) == ["backing-symlink"]
+    assert repr(name) in verdict.hazards[0].message
+    allowed = os.path.realpath(images)
+    assert [p for p in touched if os.path.commonpath((p, allowed)) not in (allowed, p)] == []
+
+
+def _watch_file_system(monkeypatch) -> list[str]:
+    """Every path ``os`` is asked to stat, read as a link or open, as absolute names."""
+    touched: list[str] = []
+    for name in ("stat", "lstat", "readlink", "open"):
+        real = getattr(os, name)
+
+        def watched(path, *args, real=real, **kwargs):
+            if isinstance(path, (str, os.PathLike)):
+                touched.append(os.path.abspath(path))
+            return real(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, name, watched)
+    return touched
+
+
+def test_symlinks_inside_the_allowed_directory_are_followed(images):
+    (images / "sub").mkdir()
+    (images / "sub" / "inner").symlink_to("../base.raw")
+    (images / "current").symlink_to(images / "sub")
+    top = overlay(images / "top.qcow2", "current/inner")
+    assert check(top, policy=Policy(backing_dirs=(str(images),))).safe
+
+
+def test_allowed_directory_given_through_a_symlink(images, tmp_path):
+    """``--allow-backing-in /var/lib/images`` where that is a link to the real
+    pool: names and links are judged against the real directory."""
+    (tmp_path / "pool").symlink_to(images)
+    top = overlay(images / "top.qcow2", str(tmp_path / "pool" / "base.raw"))
+    assert check(top, policy=Policy(backing_dirs=(str(tmp_path / "pool"),))).safe
+    assert check(tmp_path / "pool" / "top.qcow2", policy=Policy(allow_backing=True)).safe
+    (images / "alias.raw").symlink_to(tmp_path / "pool" / "base.raw")  # a link through the pool's name
+    aliased = overlay(images / "aliased.qcow2", "alias.raw")
+    assert check(aliased, policy=Policy(backing_dirs=(str(tmp_path / "pool"),))).safe
+
+
+def test_backing_that_is_not_a_regular_file(images):
+    (images / "sub").mkdir()
+    os.mkfifo(images / "pipe")
+    (images / "dirlink").symlink_to("sub")
+    for name, kind in (("sub", "directory"), ("pipe", "FIFO"), ("dirlink", "directory")):
+        top = overlay(images / "top.qcow2", name)
+        verdict = check(top, policy=Policy(allow_backing=True))  # a FIFO is never opened: no hang
+        assert checks(verdict) == ["backing-not-regular"]
+        assert f"is a {kind}" in verdict.hazards[0].message
+
+
+def test_backing_that_does_not_exist(images):
+    for name in ("gone.raw", "base.raw/inner", "nodir/base.raw"):
+        top = overlay(images / "top.qcow2", name)
+        assert checks(check(top, policy=Policy(allow_backing=True))) == ["backing-missing"]
+
+
+def test_backing_whose_format_is_not_recorded(images):
+    """A hypervisor would probe it: the backing's own bytes would decide (CVE-2008-2004)."""
+    top = overlay(images / "top.qcow2", "base.raw", fmt=None)
+    verdict = check(top, policy=Policy(allow_backing=True))
+    assert checks(verdict) == ["backing-format-unrecorded"]
+    assert "probe" in verdict.hazards[0].message
+
+
+def test_backing_format_that_is_a_protocol_driver(images):
+    """``-F host_device`` opens the named file as the host's device."""
+    top = overlay(images / "top.qcow2", "base.raw", fmt="host_device")
+    assert checks(check(top, policy=Policy(allow_backing=True))) == ["backing-format-unknown"]
+
+
+def test_backing_name_qemu_refuses(images):
+    """``vvfat:`` is no protocol (vvfat's is ``fat:``): qemu-img says "Unknown protocol 'vvfat'"."""
+    for name in ("rbd:no-pool", 'json:{"file":', "vvfat:/etc"):
+        top = overlay(images / "top.qcow2", name)
+        for policy in (Policy(), Policy(allow_backing=True, backing_protocols=frozenset({"rbd"}))):
+            assert checks(check(top, policy=policy)) == ["backing-invalid"]
+
+
+# ---- the backing chain --------------------------------------------------------
+
+
+def test_chain_inside_the_directory_is_judged_to_its_end(images):
+    """Each name resolves against its own image's directory: ``sub/mid.qcow2``
+    names ``../base.raw``, which is ``images/base.raw``."""
+    (images / "sub").mkdir()
+    overlay(images / "sub" / "mid.qcow2", "../base.raw")
+    top = overlay(images / "top.qcow2", "sub/mid.qcow2", "qcow2")
+    assert check(top, policy=Policy(backing_dirs=(str(images),))).safe
+    assert qemu_info(top, "qcow2")["backing-filename"] == "sub/mid.qcow2"
+
+
+@pytest.mark.parametrize(
+    "lower, hazard",
+    [("/etc/passwd", "backing-outside"), ("../../etc/passwd", "backing-outside"),
+     ("host_device:/dev/vda", "backing-host-device"), ("nbd://example.invalid/x", "backing-protocol")],
+    ids=["absolute", "dotdot", "host-device", "network"],
+)
+def test_chain_whose_lower_backing_leaves_the_directory(images, lower, hazard):
+    """A chain of two inside the directory whose lower image names a host file:
+    the top image's own name is fine, the chain is not."""
+    mid = overlay(images / "mid.qcow2", lower)
+    top = overlay(images / "top.qcow2", "mid.qcow2", "qcow2")
+    verdict = check(top, policy=Policy(backing_dirs=(str(images),)))
+    assert checks(verdict) == [hazard]
+    assert verdict.hazards[0].message.startswith(f"backing file {mid} names the backing {lower!r}")
+    proc = storprobe("check", "--output", "json", "--allow-backing-in", images, top)
+    assert proc.returncode == 3
+    assert json.loads(proc.stdout)["hazards"] == [{"check": h.check, "message": h.message} for h in verdict.hazards]
+
+
+def test_hazards_of_the_images_below_are_reported(images):
+    """A backing image is opened too: its own hazards count, said of it."""
+    mid = set_incompatible_bits(overlay(images / "mid.qcow2", "base.raw"), 1 << 1)
+    top = overlay(images / "top.qcow2", "mid.qcow2", "qcow2")
+    verdict = check(top, policy=Policy(allow_backing=True))
+    assert checks(verdict) == ["qcow2.corrupt"]
+    assert verdict.hazards[0].message.startswith(f"backing file {mid}: ")
+    declared_raw = overlay(images / "top2.qcow2", "mid.qcow2", "raw")  # a qcow2 header read as raw
+    assert checks(check(declared_raw, policy=Policy(allow_backing=True))) == ["polyglot"]
+    assert checks(check(top, policy=Policy(allow_backing=True, allow_formats=frozenset({"qcow2"})))) == [
+        "qcow2.corrupt", "format"  # base.raw
+    ]
+    assert checks(check(top, policy=Policy(allow_backing=True, allow_formats=frozenset({"raw"})))) == [
+        "format", "format", "qcow2.corrupt"
+    ]
+
+
+def test_chain_loops_are_named(images):
+    overlay(images / "a.qcow2", "b.qcow2", "qcow2")
+    b = overlay(images / "b.qcow2", "a.qcow2", "qcow2")
+    verdict = check(b, policy=Policy(allow_backing=True))
+    assert checks(verdict) == ["backing-loop"]
+    assert "a.qcow2" in verdict.hazards[0].message
+    itself = overlay(images / "self.qcow2", "self.qcow2", "qcow2")
+    assert checks(check(itself, policy=Policy(allow_backing=True))) == ["backing-loop"]
+    (images / "alias.qcow2").symlink_to("self.qcow2")
+    aliased = overlay(images / "self.qcow2", "alias.qcow2", "qcow2")
+    assert checks(check(aliased, policy=Policy(allow_backing=True))) == ["backing-loop"]
+
+
+def test_chain_deeper_than_the_policy(images):
+    overlay(images / "mid.qcow2", "base.raw")
+    top = overlay(images / "top.qcow2", "mid.qcow2", "qcow2")
+    assert check(top, policy=Policy(allow_backing=True, max_depth=2)).safe
+    verdict = check(top, policy=Policy(allow_backing=True, max_depth=1))
+    assert checks(verdict) == ["backing-too-deep"]
+
+
+def test_chain_across_allowed_directories(images, tmp_path):
+    """``--allow-backing-in`` repeats: a golden image in one directory, overlays in another."""
+    overlays = tmp_path / "overlays"
+    overlays.mkdir()
+    top = overlay(overlays / "top.qcow2", str(images / "base.raw"))
+    assert checks(check(top, policy=Policy(allow_backing=True))) == ["backing-outside"]
+    assert check(top, policy=Policy(backing_dirs=(str(overlays), str(images)))).safe
+    assert storprobe("check", "--allow-backing-in", images, top).returncode == 0
+    assert storprobe("check", "--allow-backing-in", overlays, top).returncode == 3
+    assert storprobe("check", "--allow-backing", "--allow-backing-in", images, top).returncode == 0
+
+
+# ---- network backings, accepted by protocol name ---------------------------------------
+
+
+@pytest.mark.usefixtures("no_network")
+def test_network_backing_is_accepted_by_protocol_name_only(images):
+    top = overlay(images / "top.qcow2", "nbd://example.invalid:10809/export")
+    for policy in (Policy(), Policy(allow_backing=True, backing_dirs=("/",)), Policy(backing_protocols=frozenset({"rbd"}))):
+        verdict = check(top, policy=policy)
+        assert checks(verdict) == ["backing-protocol"]
+        assert "example.invalid" in verdict.hazards[0].message and "nbd" in verdict.hazards[0].message
+    assert check(top, policy=Policy(backing_protocols=frozenset({"nbd"}))).safe
+    rbd = overlay(images / "rbd.qcow2", "rbd:pool/image:mon_host=example.invalid")
+    assert check(rbd, policy=Policy(backing_protocols=frozenset({"nbd", "rbd"}))).safe
+    unrecorded = overlay(images / "probed.qcow2", "nbd://example.invalid:10809/export", fmt=None)
+    assert checks(check(unrecorded, policy=Policy(backing_protocols=frozenset({"nbd"})))) == [
+        "backing-format-unrecorded"
+    ]
+
+
+def test_cli_allow_backing_protocol(images):
+    top = overlay(images / "top.qcow2", "nbd://example.invalid:10809/export")
+    assert storprobe("check", "--allow-backing", top).returncode == 3
+    assert storprobe("check", "--allow-backing-protocol", "rbd", top).returncode == 3
+    assert storprobe("check", "--allow-backing-protocol", "rbd,nbd", top).returncode == 0
+    assert storprobe("check", "--allow-backing-protocol", "rbd", "--allow-backing-protocol", "nbd", top).returncode == 0
+
+
+def test_cli_help_says_what_allow_backing_accepts():
+    text = " ".join(storprobe("check", "--help").stdout.split())
+    assert "--allow-backing accept backing files in the image's own directory only" in text
+    assert "--allow-backing-in DIR" in text and "--allow-backing-protocol PROTOCOL,..." in text
+
+
+# ---- external data files, placed as backing files are ----------------------------
+
+
+def test_external_data_file_outside_the_images_directory(images, tmp_path):
+    elsewhere = tmp_path / "outside" / "data.raw"
+    path = qemu_img_create(images / "a.qcow2", "qcow2", "1M", f"data_file={elsewhere}")
+    verdict = check(path, policy=Policy(allow_data_file=True))
+    assert checks(verdict) == ["data-file-outside"]
+    assert str(elsewhere) in verdict.hazards[0].message
+    assert check(path, policy=Policy(data_file_dirs=(str(tmp_path / "outside"),))).safe
+    assert storprobe("check", "--allow-data-file", path).returncode == 3
+    assert storprobe("check", "--allow-data-file-in", tmp_path / "outside", path).returncode == 0
+
+
+def test_external_data_file_swapped_for_a_symlink(images):
+    data = images / "data.raw"
+    path = qemu_img_create(images / "a.qcow2", "qcow2", "1M", f"data_file={data}")
+    assert check(path, policy=Policy(allow_data_file=True)).safe
+    data.unlink()
+    data.symlink_to("/etc/shadow")
+    assert checks(check(path, policy=Policy(allow_data_file=True))) == ["data-file-symlink"]
+
+
+def test_external_data_file_named_relative(images):
+    """QEMU 7.2 opens a relative data-file name against its working directory
+    (qemu-io from elsewhere cannot open it), not the image's: unplaceable."""
+    path = qemu_img_create(images / "a.qcow2", "qcow2", "1M", f"data_file={images / 'data.raw'}")
+    run("qemu-img", "amend", "-f", "qcow2", "-o", "data_file=data.raw", path)
+    assert qemu_info(path)["format-specific"]["data"]["data-file"] == "data.raw"
+    assert checks(check(path)) == ["data-file"]
+    assert checks(check(path, policy=Policy(allow_data_file=True))) == ["data-file-relative"]
+
+
+# ---- a directory is not an image --------------------------------------------------------
+
+
+def test_directory_is_not_an_image(tmp_path):
+    verdict = check(tmp_path)
+    assert verdict.info.file_type == "directory"
+    assert checks(verdict) == ["directory"]
+    fmt = verdict.info.format
+    assert check(tmp_path, policy=Policy(allow_formats=frozenset({fmt}))).safe
+    assert checks(check(tmp_path, policy=Policy(allow_formats=frozenset({"raw"})))) == ["format", "directory"]
+    proc = storprobe("check", tmp_path)
+    assert proc.returncode == 3
+    assert proc.stdout.splitlines()[:2] == [f"{tmp_path}: UNSAFE ({fmt})", f"directory: {verdict.hazards[0].message}"]
+    out = json.loads(storprobe("check", "--output", "json", tmp_path).stdout)
+    assert (out["safe"], [h["check"] for h in out["hazards"]]) == (False, ["directory"])
+    assert storprobe("check", "--allow", fmt, tmp_path).returncode == 0
 
 
 # ---- VMDK extents (CVE-2022-47951) ---------------------------------------------
@@ -588,7 +973,7 @@ def test_hazards_combine(tmp_path):
     set_incompatible_bits(path, 1 << 1 | 1 << 40)
     verdict = check(path, policy=Policy(allow_formats=frozenset({"raw"}), max_virtual_size=1 << 20))
     assert checks(verdict) == [
-        "format", "backing-file", "data-file", "size", "qcow2.unknown-feature", "qcow2.corrupt"
+        "format", "size", "data-file", "qcow2.unknown-feature", "qcow2.corrupt", "backing-protocol"
     ]
 
 
@@ -609,8 +994,8 @@ def test_cli_unsafe_exits_3_with_one_line_per_hazard(tmp_path):
     assert proc.returncode == 3 and proc.stderr == ""
     lines = proc.stdout.splitlines()
     assert lines[0] == f"{path}: UNSAFE (qcow2)"
-    assert [line.split(":", 1)[0] for line in lines[1:]] == ["backing-file", "qcow2.corrupt"]
-    assert "'evil\\nname: with a newline'" in lines[1]  # untrusted names are quoted, one line each
+    assert [line.split(":", 1)[0] for line in lines[1:]] == ["qcow2.corrupt", "backing-invalid"]
+    assert "'evil\\nname: with a newline'" in lines[2]  # untrusted names are quoted, one line each
 
 
 def test_cli_policy_options(tmp_path):
