@@ -185,6 +185,24 @@ def test_python_block_runs_alone(block):
     assert proc.stderr == ""
 
 
+def test_api_modules_load_when_first_named():
+    """``import storprobe`` loads none of them (start-up time), and naming one loads it."""
+    check = textwrap.dedent("""
+        import sys, storprobe
+        lazy = sorted(storprobe._LAZY_MODULES)
+        assert not [m for m in lazy if f"storprobe.{m}" in sys.modules], sys.modules.keys()
+        assert [getattr(storprobe, m).__name__ for m in lazy] == [f"storprobe.{m}" for m in lazy]
+        try:
+            storprobe.no_such_module
+        except AttributeError as exc:
+            assert "no_such_module" in str(exc)
+        else:
+            raise AssertionError("an unknown name is an AttributeError")
+    """)
+    proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_plugin_example_detects_the_header_its_row_describes(tmp_path):
     (block,) = [b for b in blocks_of("python") if PLUGIN_FILE.match(b.text)]
     package, module = PLUGIN_FILE.match(block.text).groups()
