@@ -2,7 +2,8 @@
 
 Detection follows libvirt's rule and improves on it: a row whose magic and
 version match wins (rows in table order); a magic match with an unknown version
-is reported as such, not as raw; a file-name extension counts only for rows
+is reported as such, not as raw (for the row whose known versions lie nearest,
+when rows share the magic); a file-name extension counts only for rows
 without a signature; a catch-all row (raw, dir) is the fallback. Every row
 whose signature matches is listed in the result, so polyglots stay visible.
 """

@@ -34,7 +34,8 @@ def test_standard_input_is_dash(volume_xml):
 
 
 def test_a_closed_standard_input_is_an_error():
-    proc = subprocess.run(["bash", "-c", '"$@" <&-', "bash", *STORPROBE, "validate", "-"], capture_output=True, text=True)
+    closed = ["bash", "-c", '"$@" <&-', "bash", *STORPROBE, "validate", "-"]
+    proc = subprocess.run(closed, capture_output=True, text=True)
     assert (proc.stdout, proc.stderr, proc.returncode) == ("", "storprobe: -: Bad file descriptor\n", 1)
 
 

@@ -32,7 +32,9 @@ def image(version: int) -> bytes:
 
 
 @pytest.mark.parametrize("old_first", [True, False])
-@pytest.mark.parametrize("version, nearest", [(0, "famold"), (2, "famold"), (4, "famnew"), (7, "famnew"), (900, "famnew")])
+@pytest.mark.parametrize("version, nearest", [
+    (0, "famold"), (2, "famold"), (4, "famnew"), (7, "famnew"), (900, "famnew"),
+])
 def test_an_unknown_version_is_the_nearest_rows(old_first, version, nearest):
     with storprobe.registered(Family(old_first), name="family"):
         assert [probe(image(v)).format for v in (1, 5, 6)] == ["famold", "famnew", "famnew"]

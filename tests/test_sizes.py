@@ -26,11 +26,12 @@ SIZES = [
 
 def qemu_img_reads(size: str, tmp_path) -> int | None:
     """The byte count qemu-img takes ``size`` for, or None when it refuses it
-    as a size. ``qemu-img create -f raw`` keeps the size as given, to the byte;
-    ``-o preallocation=off`` on a sparse file costs nothing, and a size beyond
-    what the file system allows is still accepted as a size first."""
+    as a size. ``qemu-img create -f raw`` keeps the size to the byte in the
+    ``Formatting ... size=N`` line it prints before creating the (sparse)
+    file, even for a size the file system then refuses."""
     path = tmp_path / "sized.raw"
-    proc = subprocess.run([require("qemu-img"), "create", "-f", "raw", str(path), "--", size], capture_output=True, text=True)
+    create = [require("qemu-img"), "create", "-f", "raw", str(path), "--", size]
+    proc = subprocess.run(create, capture_output=True, text=True)
     if "Invalid image size specified" in proc.stderr:
         return None
     said = re.search(r" size=(\d+)", proc.stdout)
@@ -60,7 +61,8 @@ def test_hexadecimal_takes_no_suffix():
 def test_sizes_written_as_qemu_img_writes_them(size, tmp_path):
     """qcow2 with 2 MiB clusters holds up to 2 EiB (qemu-img rounds sizes up to whole sectors)."""
     path = tmp_path / "sized.qcow2"
-    subprocess.run([require("qemu-img"), "create", "-q", "-f", "qcow2", "-o", "cluster_size=2M", str(path), size], check=True)
+    create = [require("qemu-img"), "create", "-q", "-f", "qcow2", "-o", "cluster_size=2M", str(path), size]
+    subprocess.run(create, check=True)
     info = subprocess.run([require("qemu-img"), "info", str(path)], capture_output=True, text=True).stdout
     line = next(line for line in info.splitlines() if line.startswith("virtual size: "))
     bytes_shown = int(re.search(r"\((\d+) bytes\)", line)[1])
