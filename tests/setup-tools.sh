@@ -28,11 +28,13 @@ SUDO=""
 update_package_lists() {
     # DPkg::Lock::Timeout covers the dpkg lock, not the package lists' lock
     # apt-get update takes: try again while another apt holds that one.
-    local err
-    for _ in $(seq $((LOCK_WAIT / 5))); do
+    local err try
+    for try in $(seq $((LOCK_WAIT / 5))); do
         err=$($SUDO env LC_ALL=C apt-get -qq update 2>&1) && return 0
         case $err in
-            *"Could not get lock"*) sleep 5 ;;
+            *"Could not get lock"*)
+                [ "$try" -gt 1 ] || echo "setup-tools.sh: another apt holds the package lists; waiting" >&2
+                sleep 5 ;;
             *) break ;;
         esac
     done
