@@ -25,7 +25,14 @@ import stat
 from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
-from .backing import BackingStore, parse_backing_name
+from .backing import (
+    REACH_HOST_DEVICE,
+    REACH_HOST_DIRECTORY,
+    REACH_HOST_FILE,
+    REACH_NONE,
+    BackingStore,
+    parse_backing_name,
+)
 from .chain import DEFAULT_MAX_DEPTH
 from .detect import Target, describe_image, guarded, open_source
 from .errors import BackingNameError, ProbeError, SourceError, UnknownFormat
@@ -46,10 +53,10 @@ MAX_SYMLINKS = 40
 #: What QEMU reaches through a protocol that is never safe: the hazard's
 #: suffix and what the driver does, worded for its message.
 _NEVER_SAFE = {
-    "host-device": ("host-device", "opens the host's device {path}: the guest would read and write the host's disk"),
-    "host-directory": ("host-directory", "shows the host's directory {path} to the guest as a FAT disk"),
-    "host-file": ("host-file", "reads the host files named in it (a debug driver's configuration and image)"),
-    "none": ("null", "is a null driver: the guest would see zeros, not an image"),
+    REACH_HOST_DEVICE: ("host-device", "opens the host's device {path}: the guest would use the host's disk"),
+    REACH_HOST_DIRECTORY: ("host-directory", "shows the host's directory {path} to the guest as a FAT disk"),
+    REACH_HOST_FILE: ("host-file", "reads the host files named in it (a debug driver's configuration and image)"),
+    REACH_NONE: ("null", "is a null driver: the guest would see zeros, not an image"),
 }
 _KINDS = ((stat.S_ISDIR, "directory"), (stat.S_ISBLK, "block device"), (stat.S_ISCHR, "character device"),
           (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"))
@@ -338,7 +345,7 @@ def _place(
             f"{said}: QEMU's {store.protocol} driver {reached.format(path=shown(store.path or name))}; "
             "worse than a missing file, never safe",
         )
-    if store.reach != "file":
+    if not store.is_file:
         return _network(check, said, store, protocols)
     if not roots:
         return Hazard(kind.refused, f"{said}, which a hypervisor would open")

@@ -677,7 +677,8 @@ def test_chain_across_allowed_directories(images, tmp_path):
 @pytest.mark.usefixtures("no_network")
 def test_network_backing_is_accepted_by_protocol_name_only(images):
     top = overlay(images / "top.qcow2", "nbd://example.invalid:10809/export")
-    for policy in (Policy(), Policy(allow_backing=True, backing_dirs=("/",)), Policy(backing_protocols=frozenset({"rbd"}))):
+    others = Policy(backing_protocols=frozenset({"rbd"}))
+    for policy in (Policy(), Policy(allow_backing=True, backing_dirs=("/",)), others):
         verdict = check(top, policy=policy)
         assert checks(verdict) == ["backing-protocol"]
         assert "example.invalid" in verdict.hazards[0].message and "nbd" in verdict.hazards[0].message
