@@ -6,7 +6,7 @@ terminator (type 255). The virtual size is the file size, in whole 512-byte
 sectors as qemu-img (which calls an ISO ``raw``) reports it; the primary
 volume descriptor's own idea of the size is the ``volume-size`` detail. An
 ISO made bootable from USB sticks (isohybrid) also carries an MBR or GPT,
-reported with raw's ``partition-table`` details.
+reported with the ``partition-table`` details raw volumes also get.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from __future__ import annotations
 from typing import Any
 
 from storprobe import Features, FormatSpec, Image, InvalidHeader, Layout, hookimpl
-from storprobe_plugins.raw import partition_details, sector_rounded_size
+from storprobe.partitions import partition_details
+from storprobe.source import sector_rounded_size
 
 DESCRIPTORS_OFFSET = 16 * 2048
 DESCRIPTOR_SIZE = 2048

@@ -4,7 +4,7 @@ Everything ``qemu-img info`` shows is read from the header, its extensions, the
 snapshot table, the bitmap directory and an embedded LUKS1 header, and checked
 the way QEMU 7.2 checks it when it opens the image. Each broken rule raises
 InvalidHeader with code ``qcow2.<rule>`` (``luks.<rule>`` for the LUKS header,
-which the luks plugin reads). Unknown incompatible feature bits
+which the core's storprobe.luks1 reads). Unknown incompatible feature bits
 (QEMU refuses such images) are reported in ``details``, not raised; they and
 the corrupt bit are the row's hazards for ``storprobe check``. Names
 (backing file, data file) are reported, never opened.
@@ -32,8 +32,8 @@ from storprobe import (
     hookimpl,
 )
 from storprobe.layout import cstring
+from storprobe.luks1 import LUKS1_HEADER_SIZE, luks_specific
 from storprobe.source import TableWalker
-from storprobe_plugins.luks import LUKS1_HEADER_SIZE, luks_specific
 
 HEADER = Layout(
     ">",
@@ -473,7 +473,7 @@ def _check_bitmap(hdr: Any, entry: Any) -> None:
 
 def _luks(img: Image, crypto: Any) -> dict[str, Any]:
     """qemu-img's ``encrypt`` object: the LUKS1 header the extension points to,
-    checked and described by the luks plugin, in qemu-img's key order."""
+    checked and described by storprobe.luks1, in qemu-img's key order."""
     if crypto.length < LUKS1_HEADER_SIZE:
         raise _invalid("luks-outside-extension", f"LUKS header does not fit the {crypto.length} bytes reserved")
     info = luks_specific(img.read(crypto.offset, LUKS1_HEADER_SIZE)) | {"format": "luks"}

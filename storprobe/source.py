@@ -28,6 +28,9 @@ TAIL_SIZE = 4096
 #: for more is refused with ReadLimitExceeded instead of being trusted.
 READ_BUDGET = 16 * 1024 * 1024
 
+#: QEMU's block-layer sector: a volume's length is counted in whole ones.
+SECTOR = 512
+
 T = TypeVar("T")
 
 
@@ -295,6 +298,13 @@ class Image:
     def walker(self) -> TableWalker:
         """A reader for a table walked front to back, field by field (see :class:`TableWalker`)."""
         return TableWalker(self)
+
+
+def sector_rounded_size(img: Image) -> int:
+    """The file size in whole 512-byte sectors, rounded up: the virtual size
+    QEMU's block layer gives a volume it reads as it is (the guest reads zeros
+    past the end of the file). A row sized by its file uses it as ``size``."""
+    return -(-img.size // SECTOR) * SECTOR
 
 
 class TableWalker:

@@ -20,8 +20,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from storprobe import ProbeError, TruncatedHeader, probe
+from storprobe.luks1 import LUKS1_HEADER_SIZE, luks_specific
 from storprobe.qemu_json import EXTRA_KEY, to_qemu_json
-from storprobe_plugins.luks import LUKS1_HEADER_SIZE, luks_specific
 
 from oracle import assert_same_as_qemu, code_of, probe_or_named_error, qemu_img_error, qemu_info, require, run
 

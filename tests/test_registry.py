@@ -62,6 +62,45 @@ def test_core_names_no_format():
         assert not named, f"{path.name} names format(s) {named}"
 
 
+def _imported_modules(tree: ast.AST) -> list[tuple[str, int]]:
+    """(module, level) of every import statement of a module's AST: ``import a.b``
+    is ("a.b", 0), ``from .x import y`` ("x", 1), ``from . import y`` ("y", 1)."""
+    found: list[tuple[str, int]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, 0) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.module:
+                found.append((node.module, node.level))
+            else:
+                found += [(alias.name, node.level) for alias in node.names]
+    return found
+
+
+def test_no_plugin_imports_another_plugin():
+    """A built-in depends on the core only (anything another row needs lives in
+    storprobe/), so a third-party plugin can replace any of them: no plugin module
+    imports storprobe_plugins (by name, relatively, or by a string for importlib)."""
+    package = "storprobe_plugins"
+    for path in sorted((ROOT / "plugins").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        imports = _imported_modules(tree)
+        assert imports or path.name == "__init__.py", f"{path.name}: no imports found, the walk is broken"
+        wrong = [f"{'.' * level}{module}" for module, level in imports
+                 if level or module == package or module.startswith(package + ".")]
+        wrong += [node.value for node in ast.walk(tree)
+                  if isinstance(node, ast.Constant) and isinstance(node.value, str) and package in node.value]
+        assert not wrong, f"plugins/{path.name} imports another plugin module: {wrong}"
+
+
+def test_plugin_import_check_sees_every_spelling():
+    """The check above finds each way a plugin could reach another one."""
+    for source in ("from storprobe_plugins.raw import x", "import storprobe_plugins.luks",
+                   "from . import raw", "from .raw import x", "from storprobe_plugins import raw"):
+        modules = _imported_modules(ast.parse(source))
+        assert any(level or module.startswith("storprobe_plugins") for module, level in modules), source
+
+
 class Tagged:
     """A third-party format: 8 bytes 'STORTEST', version u16 LE at 8, size u32 LE at 12."""
 
