@@ -68,14 +68,29 @@ def _snapshot_lines(info: ImageInfo) -> list[str]:
 
 
 def render(info: ImageInfo) -> str:
-    """The human summary, one fact a line."""
+    """The human summary, one fact a line. Where QEMU opens the volume with
+    another driver than its format's (an iso, a cow file, LUKS2: raw), the
+    qemu-img part is what that driver shows, as in the JSON; our reading
+    follows under ``storprobe:``."""
+    through_driver = info.driver not in (None, info.format)
+    size = info.driver_size if through_driver and info.driver_size is not None else info.virtual_size
     lines = [
         f"image: {shown(info.filename)}",
-        f"file format: {info.format}",
-        f"virtual size: {size_text(info.virtual_size)}",
+        f"file format: {info.driver if through_driver else info.format}",
+        f"virtual size: {size_text(size)}",
     ]
     if info.actual_size is not None:
         lines.append(f"disk size: {size_to_str(info.actual_size)}")
+    if not through_driver:
+        lines += _format_lines(info)
+    lines.append("storprobe:")
+    lines += _tree(_pruned(extras(info)), 1)
+    return "\n".join(lines)
+
+
+def _format_lines(info: ImageInfo) -> list[str]:
+    """The lines qemu-img adds from the format's own structures."""
+    lines = []
     if info.encrypted:
         lines.append("encrypted: yes")
     if info.cluster_size is not None:
@@ -93,9 +108,7 @@ def render(info: ImageInfo) -> str:
     if info.specific:
         lines.append("Format specific information:")
         lines += _tree(info.specific, 1)
-    lines.append("storprobe:")
-    lines += _tree(_pruned(extras(info)), 1)
-    return "\n".join(lines)
+    return lines
 
 
 def _pruned(facts: Mapping[str, Any]) -> dict[str, Any]:

@@ -137,3 +137,15 @@ def test_formats_lists_each_rows_driver(tmp_path):
         assert to_qemu_json(info)["format"] == expected, case
     human = run("storprobe", "formats").stdout.decode()
     assert any(line.split()[0] == "luks" and "luks,v2:raw" in line.split() for line in human.splitlines())
+
+
+@pytest.mark.parametrize("case", sorted(READ_AS_RAW))
+def test_human_output_names_the_driver_as_qemu_img_does(tmp_path, case):
+    """The human summary follows the JSON: what qemu-img prints of the volume
+    read raw, line for line, then storprobe's reading (its own format and size)."""
+    _, make = CASES[case]
+    path = make(tmp_path / f"image.{case}")
+    theirs = run("qemu-img", "info", path).stdout.decode()
+    ours, _, extra = run("storprobe", "info", path).stdout.decode().partition("storprobe:\n")
+    assert ours == theirs
+    assert f"    format: {probe(path).format}\n" in extra
