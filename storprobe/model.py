@@ -1,12 +1,44 @@
-"""The result of probing one volume."""
+"""The result of probing one volume, and the records it holds.
+
+The format table's rows (:mod:`storprobe.spec`) return these records from their
+callbacks; this module imports nothing of the table.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
-from .spec import EMPTY, Backing, DataFile, Snapshot
+#: The empty mapping a record holds by default (shared, so read-only).
+EMPTY: Mapping[Any, Any] = MappingProxyType({})
+
+
+class Backing(NamedTuple):
+    """A backing store as the image records it (never resolved or opened here)."""
+
+    name: str
+    format: str | None = None  # the recorded format; None when the image does not say
+
+
+class DataFile(NamedTuple):
+    """A qcow2-style external data file as recorded in the image."""
+
+    name: str | None
+    raw: bool = False
+
+
+class Snapshot(NamedTuple):
+    """An internal snapshot, with the fields ``qemu-img info`` shows."""
+
+    id: str
+    name: str
+    vm_state_size: int
+    date_sec: int
+    date_nsec: int
+    vm_clock_nsec: int
+    icount: int | None = None
 
 
 class ImageInfo(NamedTuple):

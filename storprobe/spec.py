@@ -1,4 +1,6 @@
-"""The format table's row type and what its callbacks return.
+"""The format table's row type and what its callbacks return (the records they
+carry, :class:`Backing`, :class:`DataFile`, :class:`Snapshot`, live with
+:class:`~storprobe.model.ImageInfo` in :mod:`storprobe.model`).
 
 A format is one :class:`FormatSpec`: data first (magic, version, size and crypt
 fields, as offsets into the header), then at most four small callbacks for what
@@ -10,11 +12,11 @@ whose header is a trailer).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
+from .model import EMPTY, Backing, DataFile, ImageInfo, Snapshot
+
 if TYPE_CHECKING:
-    from .model import ImageInfo
     from .source import Image
 
 FileType = Literal["file", "block", "directory"]
@@ -22,34 +24,6 @@ FileType = Literal["file", "block", "directory"]
 INT64_MAX = 2**63 - 1
 #: QEMU's block-layer limit on a disk's length (BDRV_MAX_LENGTH: INT64_MAX rounded down to 1 GiB).
 QEMU_MAX_LENGTH = INT64_MAX // 2**30 * 2**30
-#: The empty mapping a record holds by default (shared, so read-only).
-EMPTY: Mapping[Any, Any] = MappingProxyType({})
-
-
-class Backing(NamedTuple):
-    """A backing store as the image records it (never resolved or opened here)."""
-
-    name: str
-    format: str | None = None  # the recorded format; None when the image does not say
-
-
-class DataFile(NamedTuple):
-    """A qcow2-style external data file as recorded in the image."""
-
-    name: str | None
-    raw: bool = False
-
-
-class Snapshot(NamedTuple):
-    """An internal snapshot, with the fields ``qemu-img info`` shows."""
-
-    id: str
-    name: str
-    vm_state_size: int
-    date_sec: int
-    date_nsec: int
-    vm_clock_nsec: int
-    icount: int | None = None
 
 
 class Features(NamedTuple):
