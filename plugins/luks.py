@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from typing import Any, NamedTuple
 
-from storprobe import Features, FormatSpec, Image, InvalidHeader, Layout, hookimpl
+from storprobe import Features, FormatSpec, Image, InvalidHeader, Layout, LibvirtFacts, hookimpl
 from storprobe.layout import cstring, read_uint
 from storprobe.luks1 import LUKS1_HEADER, MAGIC, SECTOR, luks_specific
 from storprobe.source import sector_rounded_size
@@ -229,7 +229,7 @@ def storprobe_formats() -> list[FormatSpec]:
         FormatSpec(
             name="luks",
             description="LUKS encrypted volume (LUKS1, LUKS2)",
-            libvirt_name="raw",  # libvirt models LUKS as raw with <encryption format='luks'>
+            libvirt=LibvirtFacts(name="raw"),  # libvirt models LUKS as raw with <encryption format='luks'>
             magic=MAGIC,
             endian=">",
             version_offset=6,

@@ -15,7 +15,7 @@ the dirty flag.
 
 from __future__ import annotations
 
-from storprobe import QEMU_MAX_LENGTH, Features, FormatSpec, Image, InvalidHeader, Layout, hookimpl
+from storprobe import QEMU_MAX_LENGTH, Features, FormatSpec, Image, InvalidHeader, Layout, LibvirtFacts, hookimpl
 
 MAGIC = b"WithoutFreeSpace"
 MAGIC_EXT = b"WithouFreSpacExt"
@@ -188,7 +188,7 @@ def storprobe_formats() -> list[FormatSpec]:
         FormatSpec(
             name="parallels",
             description="Parallels disk image",
-            libvirt_name="ploop",
+            libvirt=LibvirtFacts(name="ploop"),
             magic=(MAGIC, MAGIC_EXT),
             version_offset=16,
             versions=(2,),

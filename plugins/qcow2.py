@@ -28,6 +28,7 @@ from storprobe import (
     ImageInfo,
     InvalidHeader,
     Layout,
+    LibvirtFacts,
     Snapshot,
     hookimpl,
 )
@@ -602,7 +603,7 @@ def storprobe_formats() -> list[FormatSpec]:
             versions=(2, 3),
             crypt_offset=32,
             crypt_methods={CRYPT_AES: "aes", CRYPT_LUKS: "luks"},
-            libvirt_cluster_size=True,
+            libvirt=LibvirtFacts(cluster_size=True),
             size=size,
             backing=backing,
             features=features,

@@ -15,7 +15,17 @@ clean, because the driver clears the bit in memory once the image is drained.
 
 from __future__ import annotations
 
-from storprobe import QEMU_MAX_LENGTH, Backing, Features, FormatSpec, Image, InvalidHeader, Layout, hookimpl
+from storprobe import (
+    QEMU_MAX_LENGTH,
+    Backing,
+    Features,
+    FormatSpec,
+    Image,
+    InvalidHeader,
+    Layout,
+    LibvirtFacts,
+    hookimpl,
+)
 from storprobe.layout import cstring
 
 HEADER = Layout(
@@ -142,7 +152,7 @@ def storprobe_formats() -> list[FormatSpec]:
             description="QEMU enhanced disk",
             magic=b"QED\x00",
             size_offset=48,
-            libvirt_cluster_size=True,
+            libvirt=LibvirtFacts(cluster_size=True),
             backing=backing,
             features=features,
         )

@@ -30,6 +30,7 @@ from storprobe import (
     Image,
     ImageInfo,
     Layout,
+    LibvirtFacts,
     format_table,
     hookimpl,
 )
@@ -138,6 +139,6 @@ def storprobe_formats() -> list[FormatSpec]:
             size=sector_rounded_size,
             features=features,
             hazards=hazards,
-            libvirt_capacity_is_file_size=True,
+            libvirt=LibvirtFacts(capacity_is_file_size=True),
         )
     ]

@@ -21,7 +21,7 @@ from .layout import Layout
 from .model import Backing, DataFile, ImageInfo, Snapshot
 from .registry import format_table, register, registered, unregister
 from .source import BytesSource, FileSource, Image, PathSource
-from .spec import INT64_MAX, QEMU_MAX_LENGTH, Features, FormatSpec, Hazard
+from .spec import INT64_MAX, QEMU_MAX_LENGTH, Features, FormatSpec, Hazard, LibvirtFacts
 
 if TYPE_CHECKING:
     from . import chain as chain
@@ -64,6 +64,7 @@ __all__ = [
     "ImageInfo",
     "InvalidHeader",
     "Layout",
+    "LibvirtFacts",
     "PathSource",
     "ProbeError",
     "ReadLimitExceeded",

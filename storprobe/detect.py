@@ -236,7 +236,7 @@ def _describe(img: Image, spec: FormatSpec, found: Signature, evidence: str, mat
             )
         encryption = features.encryption
         if encryption is None and spec.crypt_offset is not None:
-            method = read_uint(header, spec.crypt_offset, 4, spec.endian)
+            method = read_uint(header, spec.crypt_offset, spec.crypt_width, spec.endian)
             if method:
                 encryption = spec.crypt_methods.get(method, f"unknown-{method}")
         callback = "backing"

@@ -80,8 +80,18 @@ class InvalidDocument(ProbeError):
     code = "xml.invalid"
 
 
-class PluginConflict(Exception):
-    """Two plugins registered the same format name (a programming error, raised at load)."""
+class PluginError(Exception):
+    """A plugin's rows cannot make a format table (a programming error, raised when
+    the table is built, naming the plugin and the row)."""
+
+
+class PluginConflict(PluginError):
+    """Two plugins registered the same format name."""
+
+
+class InvalidFormatSpec(PluginError):
+    """A plugin's row breaks a rule of :class:`~storprobe.spec.FormatSpec` (a field
+    no probe could read, a column that needs another one)."""
 
 
 class BackingError(ProbeError):

@@ -20,9 +20,9 @@ from typing import NamedTuple
 import pluggy
 
 from . import hookspecs
-from .errors import PluginConflict, UnknownFormat
+from .errors import InvalidFormatSpec, PluginConflict, UnknownFormat
 from .source import HEAD_SIZE
-from .spec import FormatSpec
+from .spec import FormatSpec, row_problems
 
 ENTRY_POINT_GROUP = "storprobe.formats"
 
@@ -165,6 +165,7 @@ class _Registry:
             for impl in pm.hook.storprobe_formats.get_hookimpls():
                 plugin = pm.get_name(impl.plugin) or repr(impl.plugin)
                 for spec in impl.function() or ():
+                    _check_row(spec, plugin)
                     if spec.name in rows:
                         raise PluginConflict(
                             f"format {spec.name!r} is provided by both "
@@ -176,6 +177,15 @@ class _Registry:
 
     def invalidate(self) -> None:
         self._table = None
+
+
+def _check_row(spec: object, plugin: str) -> None:
+    """InvalidFormatSpec, naming the plugin and the row, for a row that cannot work."""
+    if not isinstance(spec, FormatSpec):
+        raise InvalidFormatSpec(f"plugin {plugin!r} returned {type(spec).__name__} {spec!r}, not a FormatSpec")
+    problems = row_problems(spec)
+    if problems:
+        raise InvalidFormatSpec(f"plugin {plugin!r}, format {spec.name!r}: " + "; ".join(problems))
 
 
 def _load_third_party(pm: pluggy.PluginManager) -> None:

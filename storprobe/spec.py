@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from .model import EMPTY, Backing, DataFile, ImageInfo, Snapshot
+from .source import HEAD_SIZE
 
 if TYPE_CHECKING:
     from .source import Image
@@ -53,6 +54,24 @@ class Hazard(NamedTuple):
     message: str
 
 
+class LibvirtFacts(NamedTuple):
+    """How libvirt's storage driver treats a format's volumes, where it differs from
+    what the bytes say; only the volume XML reads these."""
+
+    #: libvirt's ``<format type=...>`` for the format, when it is not the row's name.
+    name: str | None = None
+    #: libvirt reads no size from such a volume: its ``<capacity>`` is the file's size,
+    #: even where qemu-img's virtual size is rounded to whole sectors.
+    capacity_is_file_size: bool = False
+    #: libvirt can create this format with a given cluster size (``vol-create`` passes
+    #: ``<clusterSize>`` to ``qemu-img create -o cluster_size=``), so the volume XML carries it.
+    cluster_size: bool = False
+
+
+#: Widths a fixed field may have: an unsigned integer of one to eight bytes.
+FIELD_WIDTHS = range(1, 9)
+
+
 class FormatSpec(NamedTuple):
     """One row of the format table.
 
@@ -76,7 +95,8 @@ class FormatSpec(NamedTuple):
     size_width: int = 8
     size_multiplier: int = 1
     crypt_offset: int | None = None
-    crypt_methods: Mapping[int, str] = EMPTY
+    crypt_width: int = 4
+    crypt_methods: Mapping[int, str] = EMPTY  # the crypt field's values -> encryption names (0: none)
     file_types: frozenset[FileType] = frozenset({"file", "block"})
     match: Callable[[Image], bool] | None = None
     #: What the header starts with whenever ``match`` can say yes: ``match`` is
@@ -87,13 +107,7 @@ class FormatSpec(NamedTuple):
     features: Callable[[Image], Features] | None = None
     hazards: Callable[[Image, ImageInfo], Iterable[Hazard]] | None = None
     priority: int = 0
-    libvirt_name: str | None = None
-    #: libvirt reads no size from such a volume: its ``<capacity>`` is the file's size,
-    #: even where qemu-img's virtual size is rounded to whole sectors.
-    libvirt_capacity_is_file_size: bool = False
-    #: libvirt can create this format with a given cluster size (``vol-create`` passes
-    #: ``<clusterSize>`` to ``qemu-img create -o cluster_size=``), so the volume XML carries it.
-    libvirt_cluster_size: bool = False
+    libvirt: LibvirtFacts = LibvirtFacts()
     #: The QEMU block driver that opens this format's images (``qemu-img -f``), when it is
     #: not the row's name: ``raw`` where QEMU has no driver and reads the bytes as they are.
     qemu_driver: str | None = None
@@ -103,7 +117,15 @@ class FormatSpec(NamedTuple):
     @property
     def libvirt_format(self) -> str:
         """The name libvirt's ``<format type=...>`` uses for this format."""
-        return self.libvirt_name or self.name
+        return self.libvirt.name or self.name
+
+    @property
+    def libvirt_capacity_is_file_size(self) -> bool:
+        return self.libvirt.capacity_is_file_size
+
+    @property
+    def libvirt_cluster_size(self) -> bool:
+        return self.libvirt.cluster_size
 
     def driver(self, version: int | None) -> str:
         """The QEMU driver that opens an image of this format and ``version``."""
@@ -136,3 +158,60 @@ class FormatSpec(NamedTuple):
         else:
             rank = 0
         return (rank, self.priority, self.name)
+
+
+def row_problems(spec: FormatSpec) -> list[str]:
+    """Why ``spec`` cannot work as a row (empty when it can): a field no probe
+    could read, or a column that needs another one. The table refuses such a row
+    when it is built, so a plugin's mistake shows at load, not in every probe."""
+    problems: list[str] = []
+    magics = spec.magics
+    if not spec.name or not isinstance(spec.name, str):
+        problems.append("name must be a non-empty string")
+    if spec.magic is not None and (not magics or not all(isinstance(m, bytes) and m for m in magics)):
+        problems.append("magic must be non-empty bytes, or a non-empty tuple of them")
+    if spec.endian not in ("<", ">"):
+        problems.append(f"endian must be '<' or '>', not {spec.endian!r}")
+    if not spec.header_offsets:
+        problems.append("header_offsets must name at least one offset")
+    if not spec.file_types or not spec.file_types <= {"file", "block", "directory"}:
+        problems.append(f"file_types {sorted(spec.file_types)} must be some of file, block, directory")
+    if spec.magic_offset < 0:
+        problems.append(f"magic_offset {spec.magic_offset} is negative (header_offsets count from the end)")
+    elif magics:
+        problems += _beyond_header(spec, "magic", spec.magic_offset, max(map(len, magics)))
+    if spec.versions and spec.version_offset is None:
+        problems.append("versions without a version_offset are never read")
+    if spec.crypt_methods and spec.crypt_offset is None:
+        problems.append("crypt_methods without a crypt_offset are never read")
+    if spec.match_prefixes and spec.match is None:
+        problems.append("match_prefixes gate a match callback, and there is none")
+    if spec.size_multiplier < 1:
+        problems.append(f"size_multiplier {spec.size_multiplier} must be at least 1")
+    for field, needs in (("version", "versions"), ("size", None), ("crypt", "crypt_methods")):
+        offset, width = getattr(spec, f"{field}_offset"), getattr(spec, f"{field}_width")
+        if offset is None:
+            continue
+        if needs and not getattr(spec, needs):
+            problems.append(f"{field}_offset {offset} with no {needs}: every value would be refused")
+        if width not in FIELD_WIDTHS:
+            problems.append(f"{field}_width {width} is not 1..8 bytes")
+        elif offset < 0:
+            problems.append(f"{field}_offset {offset} is negative (header_offsets count from the end)")
+        else:
+            problems += _beyond_header(spec, f"{field} field", offset, width)
+    if spec.crypt_methods and 0 in spec.crypt_methods:
+        problems.append("crypt_methods maps 0, which means no encryption")
+    unknown = sorted(set(spec.qemu_version_drivers) - set(spec.versions))
+    if unknown:
+        problems.append(f"qemu_version_drivers names versions {unknown} not in versions")
+    return problems
+
+
+def _beyond_header(spec: FormatSpec, what: str, offset: int, width: int) -> list[str]:
+    """A field at ``offset`` of ``width`` bytes that no header buffer holds: past
+    :data:`~storprobe.source.HEAD_SIZE`, or past the end of the file for a trailer."""
+    room = min((-start if start < 0 else HEAD_SIZE for start in spec.header_offsets), default=HEAD_SIZE)
+    if offset + width > room:
+        return [f"{what} at {offset} ({width} bytes) lies beyond the {room} bytes a header is read with"]
+    return []

@@ -13,8 +13,9 @@ import pytest
 
 import storprobe
 from storprobe import FormatSpec, hookimpl, probe
-from storprobe.errors import PluginConflict
+from storprobe.errors import InvalidFormatSpec, PluginConflict
 from storprobe.registry import BUILTIN_PLUGINS, ENTRY_POINT_GROUP, format_table
+from storprobe.source import HEAD_SIZE
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -158,6 +159,77 @@ def test_duplicate_format_names_conflict_at_load():
         with pytest.raises(PluginConflict, match="qcow2"):
             format_table()
     assert format_table()["qcow2"].magic == b"QFI\xfb"
+
+
+class OneRow:
+    """A throwaway plugin providing one row."""
+
+    def __init__(self, row) -> None:
+        self.row = row
+
+    @hookimpl
+    def storprobe_formats(self):
+        return [self.row]
+
+
+def _match(img) -> bool:
+    return False
+
+
+BAD = dict(name="badrow", magic=b"BADROW")
+
+
+@pytest.mark.parametrize(
+    "row, reason",
+    [
+        (FormatSpec(**BAD, version_offset=6), "version_offset 6 with no versions"),
+        (FormatSpec(**BAD, versions=(1,)), "versions without a version_offset"),
+        (FormatSpec(**BAD, version_offset=6, version_width=0, versions=(1,)), "version_width 0 is not 1..8"),
+        (FormatSpec(**BAD, version_offset=-2, versions=(1,)), "version_offset -2 is negative"),
+        (FormatSpec(**BAD, size_offset=8, size_width=9), "size_width 9 is not 1..8"),
+        (FormatSpec(**BAD, size_offset=HEAD_SIZE - 4), f"size field at {HEAD_SIZE - 4} (8 bytes) lies beyond"),
+        (FormatSpec(**BAD, size_offset=-8), "size_offset -8 is negative"),
+        (FormatSpec(**BAD, size_offset=8, size_multiplier=0), "size_multiplier 0"),
+        (FormatSpec(**BAD, header_offsets=(-512,), size_offset=508), "size field at 508 (8 bytes) lies beyond the 512"),
+        (FormatSpec(**BAD, crypt_offset=8), "crypt_offset 8 with no crypt_methods"),
+        (FormatSpec(**BAD, crypt_methods={1: "aes"}), "crypt_methods without a crypt_offset"),
+        (FormatSpec(**BAD, crypt_offset=8, crypt_width=16, crypt_methods={1: "aes"}), "crypt_width 16"),
+        (FormatSpec(**BAD, crypt_offset=8, crypt_methods={0: "none"}), "crypt_methods maps 0"),
+        (FormatSpec(**BAD, magic_offset=-1), "magic_offset -1 is negative"),
+        (FormatSpec(name="badrow", magic=b""), "magic must be non-empty"),
+        (FormatSpec(name="badrow", magic=()), "magic must be non-empty"),
+        (FormatSpec(**BAD, magic_offset=HEAD_SIZE), "magic at"),
+        (FormatSpec(**BAD, header_offsets=()), "header_offsets must name"),
+        (FormatSpec(**BAD, endian="="), "endian must be"),  # type: ignore[arg-type]
+        (FormatSpec(**BAD, file_types=frozenset({"socket"})), "file_types"),  # type: ignore[arg-type]
+        (FormatSpec(name="badrow", match_prefixes=(b"X",)), "match_prefixes gate a match callback"),
+        (FormatSpec(**BAD, version_offset=6, versions=(1,), qemu_version_drivers={2: "raw"}), "versions [2]"),
+        (FormatSpec(name="", magic=b"BADROW"), "name must be"),
+        ("badrow", "returned str 'badrow', not a FormatSpec"),
+    ],
+)
+def test_a_row_that_cannot_work_is_refused_at_load(row, reason):
+    """A row no probe could use is a plugin error when the table is built, naming
+    the plugin and the row and saying why; not a failure of every later probe."""
+    plugin = OneRow(row)
+    with storprobe.registered(plugin, name="throwaway"):
+        with pytest.raises(InvalidFormatSpec) as err:
+            format_table()
+    message = str(err.value)
+    assert "'throwaway'" in message and reason in message
+    if isinstance(row, FormatSpec) and row.name:
+        assert f"format {row.name!r}" in message
+    assert probe(b"BADROW" + bytes(100)).format == "raw"  # the table is whole again without it
+
+
+def test_the_crypt_field_has_a_width():
+    """``crypt_width`` is read like the size and version fields: a 2-byte big-endian method."""
+    row = FormatSpec(name="crypted", magic=b"CRYPTED!", endian=">", crypt_offset=8, crypt_width=2,
+                     crypt_methods={0x0102: "aes"})
+    with storprobe.registered(OneRow(row), name="crypted"):
+        assert probe(b"CRYPTED!\x01\x02\xff\xff" + bytes(100)).encryption == "aes"
+        assert probe(b"CRYPTED!\x00\x00\xff\xff" + bytes(100)).encryption is None
+        assert probe(b"CRYPTED!\x00\x07\xff\xff" + bytes(100)).encryption == "unknown-7"
 
 
 def test_match_is_asked_only_after_its_declared_prefixes():

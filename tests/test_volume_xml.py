@@ -141,11 +141,11 @@ def test_round_trip(images):
         facts = ["virtual_size", "file_type", "encryption", "compat", "cluster_size", "flags"]
         if info.file_type != "directory":  # libvirt, and so our XML, gives a directory no allocation
             facts.append("actual_size")
-        if format_table()[info.format].libvirt_capacity_is_file_size and info.file_type == "file":
+        if format_table()[info.format].libvirt.capacity_is_file_size and info.file_type == "file":
             facts.remove("virtual_size")  # libvirt's capacity is the file's size, qemu-img's sector-rounded
             assert back.virtual_size == info.stat.st_size, name
         expected = {f: getattr(info, f) for f in facts}
-        if not format_table()[info.format].libvirt_cluster_size:  # vol-create would refuse it: JSON only
+        if not format_table()[info.format].libvirt.cluster_size:  # vol-create would refuse it: JSON only
             expected["cluster_size"] = None
         assert {f: getattr(back, f) for f in facts} == expected, name
         assert back.format in (info.format, "raw"), name  # a LUKS volume is raw + encryption in libvirt's model
