@@ -9,7 +9,10 @@ results into its own pipe and runs ahead only as far as the pipe holds, so
 memory stays bounded. A child that dies, or cannot be forked, leaves its items
 to this process; a consumer that stops early (or an exception here) kills the
 children.
-Where ``os.fork`` does not exist, everything runs in this process.
+Where ``os.fork`` does not exist, or while other threads run in this process,
+everything runs in this process: a forked child has only the forking thread,
+and a lock another thread held at the fork (in malloc, logging, an I/O buffer)
+stays locked in the child for ever, so forking a threaded process can deadlock.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import os
 import pickle
 import signal
 import struct
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
@@ -42,8 +46,10 @@ def usable_cpus() -> int:
 def ordered_map(work: Callable[[S], R], items: Sequence[S], jobs: int) -> Iterator[R]:
     """``work(item)`` for every item, in item order, computed by ``jobs``
     processes (this one and ``jobs - 1`` forked children). Results of children
-    must pickle; ``work`` must not raise (it runs where nobody could catch it)."""
-    jobs = min(jobs, len(items)) if hasattr(os, "fork") else 1
+    must pickle; ``work`` must not raise (it runs where nobody could catch it).
+    With other threads running (those :mod:`threading` knows of), one process
+    does all the work: see the module's note on forking threaded processes."""
+    jobs = min(jobs, len(items)) if hasattr(os, "fork") and threading.active_count() == 1 else 1
     if jobs <= 1:
         yield from map(work, items)
         return

@@ -99,7 +99,8 @@ def scan_map(
     order, with ``jobs`` processes probing and rendering (default: one per
     usable CPU, at most :data:`DEFAULT_JOBS_CAP`). ``render`` must not raise,
     and with more than one job its results must pickle (text does). The entry
-    list is made up front.
+    list is made up front. Called while other threads run, it uses this process
+    only, whatever ``jobs`` says (forking a threaded process can deadlock).
 
     Raises SourceError at once when ``directory`` itself cannot be listed.
     """

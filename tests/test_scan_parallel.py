@@ -8,6 +8,7 @@ import io
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -198,3 +199,30 @@ def test_a_child_that_cannot_be_forked_leaves_its_items_to_the_parent(monkeypatc
     assert [here for i, here in done if i % 3 == 2] == [True] * 4  # the unforked child's share
     assert [here for i, here in done if i % 3 == 1] == [False] * 4  # the forked one did its own
     _assert_no_children_left()
+
+
+def _rendered_with_pid(record) -> tuple:
+    return record.path, scan_record(record), os.getpid()
+
+
+def test_no_fork_while_other_threads_run(pool):
+    """Forking a process with other threads can deadlock the child (it inherits
+    locks those threads held): scan_map then runs in this process alone, with the
+    same records; once the thread has ended, it forks again."""
+    parent = os.getpid()
+    expected = _records(scan(pool))
+    release = threading.Event()
+    waiter = threading.Thread(target=release.wait, daemon=True)
+    waiter.start()
+    try:
+        done = list(scan_map(pool, _rendered_with_pid, jobs=2))
+        squares = list(ordered_map(lambda i: (i * i, os.getpid()), list(range(6)), 3))
+    finally:
+        release.set()
+        waiter.join()
+    assert [(path, record) for path, record, _ in done] == expected
+    assert {pid for _, _, pid in done} == {parent}
+    assert squares == [(i * i, parent) for i in range(6)]
+    forked = list(scan_map(pool, _rendered_with_pid, jobs=2))
+    assert [(path, record) for path, record, _ in forked] == expected
+    assert len({pid for _, _, pid in forked}) == 2
