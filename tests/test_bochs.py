@@ -15,7 +15,17 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from oracle import assert_same_as_qemu, code_of, libvirt_volumes, patched, probe_or_named_error, qemu_info, qemu_refuses, run
+from oracle import (
+    assert_same_as_qemu,
+    code_of,
+    libvirt_volumes,
+    patched,
+    probe_or_named_error,
+    qemu_img_error,
+    qemu_info,
+    qemu_refuses,
+    run,
+)
 
 from storprobe import probe
 
@@ -90,6 +100,7 @@ def test_catalog_past_end_of_file(small, tmp_path):
     """QEMU reads zeros past the end of the file; a catalog outside it is malformed here."""
     image = patched(small, tmp_path / "bad.img", (72, "I", 1025))
     assert code_of(image) == "bochs.catalog-beyond-eof"
+    assert qemu_img_error(image, "bochs") is None
 
 
 def test_magic_must_end_in_nul_like_qemu(small, tmp_path):

@@ -14,9 +14,18 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from oracle import assert_same_as_qemu, code_of, libvirt_volumes, probe_or_named_error, qemu_info, qemu_refuses, run
+from oracle import (
+    assert_same_as_qemu,
+    code_of,
+    libvirt_volumes,
+    probe_or_named_error,
+    qemu_img_error,
+    qemu_info,
+    qemu_refuses,
+    run,
+)
 
-from storprobe import probe
+from storprobe import ProbeError, probe
 
 PREAMBLE = b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n"
 
@@ -121,6 +130,18 @@ def test_offsets_table_past_end_of_file(tmp_path):
     """QEMU reads zeros past the end of the file; a table outside it is malformed here."""
     image = hand_built(tmp_path / "short.cloop", 65536, 100, table_entries=50)
     assert code_of(image) == "cloop.offsets-beyond-eof"
+    assert qemu_img_error(image, "cloop") is None
+
+
+def test_forced_format_still_needs_the_signature(tmp_path):
+    """``qemu-img -f cloop`` skips the magic check (cloop_open never reads the
+    preamble); a row here needs its signature, even when the format is forced."""
+    image = tmp_path / "unsigned.cloop"
+    image.write_bytes(b"X" + cloop_bytes(65536, 4)[1:] + bytes(4096))
+    with pytest.raises(ProbeError) as exc:
+        probe(image, format="cloop")
+    assert exc.value.code == "wrong-format"
+    assert qemu_img_error(image, "cloop") is None
 
 
 def test_truncated_header(tmp_path):

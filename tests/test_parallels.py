@@ -14,7 +14,17 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from oracle import assert_same_as_qemu, code_of, libvirt_volumes, patched, probe_or_named_error, qemu_img_create, qemu_info, qemu_refuses
+from oracle import (
+    assert_same_as_qemu,
+    code_of,
+    libvirt_volumes,
+    patched,
+    probe_or_named_error,
+    qemu_img_create,
+    qemu_img_error,
+    qemu_info,
+    qemu_refuses,
+)
 
 from storprobe import format_table, probe
 
@@ -143,8 +153,10 @@ OWN_RULES = [
 
 @pytest.mark.parametrize("edits, code", OWN_RULES, ids=[c for _, c in OWN_RULES])
 def test_layout_outside_the_file(small, tmp_path, edits, code):
+    """QEMU opens each of these: the campaign's known divergences (tests/differential_campaign.py)."""
     image = patched(small, tmp_path / "bad.hds", *edits)
     assert code_of(image) == code
+    assert qemu_img_error(image, "parallels") is None
 
 
 def test_wrong_version_is_reported(small, tmp_path):

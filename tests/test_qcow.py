@@ -9,7 +9,16 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from oracle import assert_same_as_qemu, code_of, ours, probe_or_named_error, qemu_img_create, qemu_refuses, run
+from oracle import (
+    assert_same_as_qemu,
+    code_of,
+    ours,
+    probe_or_named_error,
+    qemu_img_create,
+    qemu_img_error,
+    qemu_refuses,
+    run,
+)
 from oracle import patched as _patched
 
 from storprobe import ProbeError, probe
@@ -95,6 +104,7 @@ def test_backing_name_past_end_of_file(plain, tmp_path):
     we call a name that points outside the file malformed."""
     image = patched(plain, tmp_path / "bad.qcow", (8, "Q", plain.stat().st_size - 4), (16, "I", 100))
     assert code_of(image) == "qcow.backing-name-offset"
+    assert qemu_img_error(image, "qcow") is None
 
 
 def test_empty_backing_name_is_no_backing_like_qemu(plain, tmp_path):
