@@ -588,7 +588,8 @@ def _crumple(flat: dict[str, Any]) -> dict[str, Any]:
             raise BackingNameError(f"json: backing key {key!r} conflicts with an object")
         node[leaf] = value
     listed = _listed(root)
-    assert isinstance(listed, dict)
+    if not isinstance(listed, dict):
+        raise BackingNameError("json: backing's options are array indices, not names")
     return listed
 
 
@@ -613,7 +614,7 @@ def _json_node(name: str, node: dict[str, Any]) -> BackingStore:
         if isinstance(driver, str) and driver in JSON_DRIVERS:
             protocol = JSON_DRIVERS[driver]
             return _JSON_PARSERS.get(protocol.driver, _json_path("path"))(name, node, protocol)
-        if driver is not None and driver not in LAYER_DRIVERS:
+        if driver is not None and (not isinstance(driver, str) or driver not in LAYER_DRIVERS):
             raise BackingNameError(f"json: backing names the driver {driver!r}, which QEMU does not have")
         others = [key for key in OTHER_CHILDREN if node.get(key) is not None]
         if others:

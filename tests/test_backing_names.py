@@ -373,7 +373,8 @@ QEMU_REFUSES = [
     "iscsi://127.0.0.1/iqn.x:t", "iscsi://127.0.0.1:1/t/notalun", "iscsi:x", "iser:x",
     "gluster://127.0.0.1/vol", "gluster:x", "gluster+unix:///v/p", "nfs://127.0.0.1", "nfs:x",
     "nfs://127.0.0.1/x?colour=3", "ssh://127.0.0.1", "ssh:x", "http:x", "https://", "nvme:x", "nvme://0000:01:00.0",
-    "json:{", "json:[1]", 'json:{"file":{"filename":"x","file":{}}}', 'json:{"file":{"driver":"file"}}',
+    "json:{", "json:[1]", 'json:{"0":1}', 'json:{"driver":[]}', 'json:{"file":{"filename":"x","file":{}}}',
+    'json:{"file":{"driver":"file"}}',
     'json:{"a":1,"a.b":2}', 'json:{"a.b":1,"a":2}', "json:" + "[" * 100000,
     'json:{"driver":"raw","driver":"qcow2","file":{"driver":"file","filename":"/etc/hostname"}}',  # duplicate key
     'json:{"file":{"driver":"nbd","server.0.host":"127.0.0.1"}}',  # server is an object, not an array
