@@ -496,6 +496,20 @@ def test_info_xml_describes_the_volume_as_virsh_does(real, libvirt_pool, file):
         assert ours.find("format").attrib == theirs.find("format").attrib
 
 
+def test_the_recorded_format_of_a_store_that_is_no_file_is_kept(tmp_path):
+    """libvirt 9.0 "fakes" raw as the format of any backing that is not local
+    storage (storage_util.c); the image recorded another, and we print that."""
+    _image_with_backing(tmp_path, "dev.qcow2", "host_device:/dev/vda", "qcow2")
+    pool = LibvirtPool(tmp_path, f"storprobe-format-{id(tmp_path)}")
+    try:
+        theirs = etree.fromstring(pool.dumpxml("dev.qcow2").encode()).find("backingStore")
+    finally:
+        pool.destroy()
+    ours = etree.fromstring(to_volume_xml(probe(tmp_path / "dev.qcow2")).encode()).find("backingStore")
+    assert ours.findtext("path") == theirs.findtext("path") == "host_device:/dev/vda"
+    assert (ours.find("format").get("type"), theirs.find("format").get("type")) == ("qcow2", "raw")
+
+
 def test_backing_chain_stops_at_a_store_that_is_no_file(real):
     """``--backing-chain`` opens nothing past the top (``/tmp/x``, ``/dev/vda``
     are never probed); the chain is complete, and the JSON says what the last
