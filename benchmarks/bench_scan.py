@@ -68,7 +68,8 @@ for name in sorted(os.listdir(d)):
     os.close(fd)
     v = fields.unpack_from(head) if len(head) >= fields.size else (b"",) + (0,) * 12
     print(json.dumps({"filename": path, "format": v[0].hex(), "version": v[1], "virtual-size": v[5],
-                      "cluster-size": 1 << (v[4] & 63), "actual-size": st.st_blocks * 512, "tail": tail[-512:-504].hex()}))
+                      "cluster-size": 1 << (v[4] & 63), "actual-size": st.st_blocks * 512,
+                      "tail": tail[-512:-504].hex()}))
 """
 NO_READAHEAD = """
 import sys
@@ -261,7 +262,8 @@ def sample_images(directory: Path) -> dict[str, Path]:
         path = directory / f"sample.{fmt}"
         make(fmt, path, "qemu-img", "create", "-q", "-f", fmt, str(path), "1G")
     path = directory / "descriptor.vmdk"
-    make("vmdk (descriptor)", path, "qemu-img", "create", "-q", "-f", "vmdk", "-o", "subformat=monolithicFlat", str(path), "16M")
+    make("vmdk (descriptor)", path, "qemu-img", "create", "-q", "-f", "vmdk", "-o", "subformat=monolithicFlat",
+         str(path), "16M")
     path = directory / "sample.luks"
     make("luks", path, "qemu-img", "create", "-q", "-f", "luks", "--object", "secret,id=s0,data=x",
          "-o", "key-secret=s0,iter-time=10", str(path), "16M")
@@ -312,7 +314,8 @@ def memory(pool_dir: Path, n: int, scratch: Path) -> None:
     small = linked_pool(pool_dir, scratch / "quarter", max(1, n // 4))
     print("\nPeak RSS (MiB), streaming output:")
     print(f"{'':36}{f'N={n // 4}':>10}{f'N={n}':>10}")
-    for label, extra in (("storprobe scan --jsonl", ["--jsonl"]), ("storprobe scan --output json", ["--output", "json"])):
+    streaming = (("storprobe scan --jsonl", ["--jsonl"]), ("storprobe scan --output json", ["--output", "json"]))
+    for label, extra in streaming:
         sizes = [peak_rss_mib([*storprobe, "scan", str(d), *extra]) for d in (small, pool_dir)]
         print(f"{label:36}{sizes[0]:10.1f}{sizes[1]:10.1f}")
     shutil.rmtree(small)
@@ -327,7 +330,9 @@ def cold(pool_dir: Path, n: int, repeat: int) -> None:
     floor_name, ours_name = "bare loop floor", "storprobe scan (default)"
     runs: dict[str, Callable[[], float]] = {
         floor_name: lambda: run_time([sys.executable, "-c", FLOOR, str(pool_dir)]),
-        "storprobe scan --jobs 1, read-ahead off": lambda: run_time([sys.executable, "-c", NO_READAHEAD, *scan, "--jobs", "1"]),
+        "storprobe scan --jobs 1, read-ahead off": lambda: run_time(
+            [sys.executable, "-c", NO_READAHEAD, *scan, "--jobs", "1"]
+        ),
         "storprobe scan --jobs 1 (read-ahead)": lambda: run_time([*storprobe, *scan, "--jobs", "1"]),
         ours_name: lambda: run_time([*storprobe, *scan]),
     }

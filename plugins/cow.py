@@ -21,6 +21,8 @@ format. The virtual size is ``size`` rounded down to whole 512-byte sectors.
 
 from __future__ import annotations
 
+from typing import Any
+
 from storprobe import Backing, Features, FormatSpec, Image, InvalidHeader, Layout, TruncatedHeader, hookimpl
 from storprobe.layout import cstring, read_uint
 
@@ -86,7 +88,7 @@ def _v3(img: Image) -> tuple[object, dict]:
     return hdr, {"layout": name, "alignment": hdr.alignment}
 
 
-def _header(img: Image) -> tuple[object, dict]:
+def _header(img: Image) -> tuple[Any, dict[str, Any]]:
     """The header and the facts that depend on its layout."""
     return _v3(img) if read_uint(img.header, 4, 4, ">") == 3 else _v2(img)
 

@@ -55,7 +55,7 @@ LOGICAL_BLOCK_SIZES = (512, 1024, 2048)
 
 def _descriptors(img: Image) -> list[tuple[int, Any]]:
     """(offset, descriptor) of every descriptor before the set terminator."""
-    found = []
+    found: list[tuple[int, Any]] = []
     for index in range(MAX_DESCRIPTORS):
         offset = DESCRIPTORS_OFFSET + index * DESCRIPTOR_SIZE
         desc = VOLUME_DESCRIPTOR.unpack(img.read(offset, VOLUME_DESCRIPTOR.size))

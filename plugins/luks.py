@@ -129,10 +129,11 @@ def _payload(meta: dict[str, Any], hdr_size: int) -> Payload:
         raise InvalidHeader(
             f"data offset {first} overlaps the headers and keyslots area", code="luks.payload-offset"
         )
-    ends = [end for _, end in spans.values()]
+    fixed = [end for _, end in spans.values() if end is not None]
     crypts = [key for key, seg in segments.items() if seg.get("type") == "crypt"]
     crypt = min(crypts, key=lambda key: spans[key][0], default=None)
-    return Payload(first, None if None in ends else max(ends), {} if crypt is None else segments[crypt])
+    last = max(fixed) if len(fixed) == len(spans) else None  # None: a segment runs to the end
+    return Payload(first, last, {} if crypt is None else segments[crypt])
 
 
 def _segment_span(key: str, seg: Any) -> tuple[int, int | None]:

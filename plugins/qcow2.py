@@ -587,7 +587,8 @@ def hazards(img: Image, info: ImageInfo) -> Iterator[Hazard]:
         )
     if info.details.get("incompatible-features", 0) & INCOMPAT_CORRUPT:
         yield Hazard(
-            "qcow2.corrupt", "the corrupt bit is set: its metadata is known to be inconsistent (QEMU opens it read-only)"
+            "qcow2.corrupt",
+            "the corrupt bit is set: its metadata is known to be inconsistent (QEMU opens it read-only)",
         )
 
 

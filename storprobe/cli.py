@@ -288,21 +288,21 @@ def _scan(args: argparse.Namespace) -> int:
     except ProbeError as exc:
         _complain(args.directory, exc.reason)
         return EXIT_PROBE
-    entries = _progress(entries, args)
+    shown = _progress(entries, args)
     out = sys.stdout
     if args.output == "xml":
         from .volume_xml import scan_document_parts
 
-        out.writelines(scan_document_parts(entries))
+        out.writelines(scan_document_parts(shown))
     elif args.jsonl:
-        for count, line in enumerate(entries, 1):
+        for count, line in enumerate(shown, 1):
             out.write(line)
             if count % SCAN_FLUSH == 0:
                 out.flush()  # lines go out as they are made, a batch at a time
     else:
         from .jsontext import write_array
 
-        write_array(entries, out)
+        write_array(shown, out)
     return EXIT_OK
 
 
@@ -320,7 +320,7 @@ def _scan_renderer(args: argparse.Namespace) -> Callable[[ScanRecord], str]:
     return lambda record: indented(scan_record(record), 1)
 
 
-def _progress(entries: Iterator[str], args: argparse.Namespace) -> Iterator[str]:
+def _progress(entries: Iterator[str], args: argparse.Namespace) -> Iterable[str]:
     """``entries``, counted on a progress bar on stderr when a person watches
     it there (stderr a terminal, stdout not), the scan lasts over a second and
     tqdm is installed (the ``progress`` extra); without tqdm, no bar."""
@@ -361,7 +361,10 @@ def _check(args: argparse.Namespace) -> int:
         }
         print(json.dumps(out, indent=4))
     else:
-        what = f"{info.format}" + (f", encrypted ({info.encryption})" if info and info.encryption else "") if info else "unreadable header"
+        if info is None:
+            what = "unreadable header"
+        else:
+            what = info.format + (f", encrypted ({info.encryption})" if info.encryption else "")
         print(f"{verdict.path}: {'safe' if verdict.safe else 'UNSAFE'} ({what})")
         for hazard in verdict.hazards:
             print(f"{hazard.check}: {hazard.message}")

@@ -20,7 +20,7 @@ from .errors import InvalidHeader, ProbeError, TruncatedHeader, UnsupportedVersi
 from .layout import read_uint
 from .model import ImageInfo
 from .registry import FormatTable, format_table
-from .source import BytesSource, ByteSource, FileSource, Image, PathSource
+from .source import ByteSource, BytesSource, FileSource, Image, PathSource
 from .spec import QEMU_MAX_LENGTH, Features, FormatSpec
 
 Target = str | os.PathLike[str] | bytes | BinaryIO | ByteSource
@@ -232,7 +232,8 @@ def _describe(img: Image, spec: FormatSpec, found: Signature, evidence: str, mat
             virtual_size = img.size
         if virtual_size > QEMU_MAX_LENGTH:  # QEMU opens no disk this long, whatever its format
             raise InvalidHeader(
-                f"virtual size {virtual_size} exceeds QEMU's limit {QEMU_MAX_LENGTH}", code=f"{spec.name}.size-too-large"
+                f"virtual size {virtual_size} exceeds QEMU's limit {QEMU_MAX_LENGTH}",
+                code=f"{spec.name}.size-too-large",
             )
         encryption = features.encryption
         if encryption is None and spec.crypt_offset is not None:

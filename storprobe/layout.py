@@ -33,12 +33,12 @@ class Layout:
         self.size: int = layout.size
         self._unpack_from = layout.unpack_from
         self._names = [name for name, _ in fields if name]
-        self._tuple: type | None = None  # made on first use: most layouts of a process never are
+        self._tuple: type[tuple[Any, ...]] | None = None  # made on first use: most layouts never are
 
     def unpack(self, buf: bytes | memoryview, offset: int = 0) -> Any:
         """The fields at ``offset`` of ``buf`` as a named tuple."""
         if self._tuple is None:
-            self._tuple = namedtuple(re.sub(r"\W", "_", self.what).strip("_") or "header", self._names)
+            self._tuple = _record_type(re.sub(r"\W", "_", self.what).strip("_") or "header", self._names)
         return tuple.__new__(self._tuple, self.values(buf, offset))
 
     def values(self, buf: bytes | memoryview, offset: int = 0) -> tuple[Any, ...]:
@@ -49,6 +49,12 @@ class Layout:
                 f"only {max(0, len(buf) - offset)} available"
             )
         return self._unpack_from(buf, offset)
+
+
+def _record_type(name: str, fields: list[str]) -> type[tuple[Any, ...]]:
+    """A named-tuple class made at run time (mypy checks only literal ones, hence the ignore)."""
+    made: type[tuple[Any, ...]] = namedtuple(name, fields)  # type: ignore[misc]
+    return made
 
 
 def read_uint(buf: bytes | memoryview, offset: int, width: int, endian: str) -> int:

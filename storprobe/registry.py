@@ -12,10 +12,10 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from importlib.machinery import PathFinder
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import pluggy
 
@@ -164,8 +164,8 @@ class _Registry:
             rows: dict[str, Row] = {}
             for impl in pm.hook.storprobe_formats.get_hookimpls():
                 plugin = pm.get_name(impl.plugin) or repr(impl.plugin)
-                for spec in impl.function() or ():
-                    _check_row(spec, plugin)
+                for returned in cast("Iterable[object]", impl.function() or ()):
+                    spec = _checked_row(returned, plugin)
                     if spec.name in rows:
                         raise PluginConflict(
                             f"format {spec.name!r} is provided by both "
@@ -179,13 +179,14 @@ class _Registry:
         self._table = None
 
 
-def _check_row(spec: object, plugin: str) -> None:
-    """InvalidFormatSpec, naming the plugin and the row, for a row that cannot work."""
+def _checked_row(spec: object, plugin: str) -> FormatSpec:
+    """``spec``, or InvalidFormatSpec naming the plugin and the row when it cannot work."""
     if not isinstance(spec, FormatSpec):
         raise InvalidFormatSpec(f"plugin {plugin!r} returned {type(spec).__name__} {spec!r}, not a FormatSpec")
     problems = row_problems(spec)
     if problems:
         raise InvalidFormatSpec(f"plugin {plugin!r}, format {spec.name!r}: " + "; ".join(problems))
+    return spec
 
 
 def _load_third_party(pm: pluggy.PluginManager) -> None:

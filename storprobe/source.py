@@ -35,11 +35,22 @@ T = TypeVar("T")
 
 
 class ByteSource(Protocol):
-    """What the core reads a volume through."""
+    """What the core reads a volume through. The core only reads ``name``,
+    ``file_type`` and ``stat``: a plain attribute, a class attribute or a
+    property satisfies each."""
 
-    name: str
-    file_type: str  # "file", "block", "directory"
-    stat: os.stat_result | None
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def file_type(self) -> str:
+        """``"file"``, ``"block"`` or ``"directory"``."""
+        ...
+
+    @property
+    def stat(self) -> os.stat_result | None:
+        """The volume's status, taken when it was opened; None for one held in memory."""
+        ...
 
     def size(self) -> int: ...
 
@@ -152,9 +163,11 @@ class FileSource:
     def __init__(self, fileobj: BinaryIO, name: str | None = None) -> None:
         self._file = fileobj
         self.name = name or str(getattr(fileobj, "name", "<file>"))
+        self._fd: int | None = None
+        self.stat: os.stat_result | None = None
         try:
-            self._fd: int | None = fileobj.fileno()
-            self.stat = os.fstat(self._fd)
+            fd = fileobj.fileno()
+            self._fd, self.stat = fd, os.fstat(fd)
         except (OSError, AttributeError, io.UnsupportedOperation):
             self._fd, self.stat = None, None
         if self.stat is not None:
@@ -164,7 +177,7 @@ class FileSource:
 
     def size(self) -> int:
         try:
-            if self.stat is not None and stat.S_ISREG(self.stat.st_mode):
+            if self._fd is not None and self.stat is not None and stat.S_ISREG(self.stat.st_mode):
                 return os.fstat(self._fd).st_size
             return self._file.seek(0, io.SEEK_END)
         except (OSError, ValueError) as exc:  # unseekable, closed, or failing

@@ -65,6 +65,7 @@ def _definitions(name: str) -> tuple[etree.RelaxNG, ...]:
         if definition.get("name") == name:
             grammar = copy.deepcopy(_grammar().getroot())
             start = grammar.find(f"{_RNG}start")
+            assert start is not None  # our grammar has its start
             start[:] = [copy.deepcopy(definition)]
             schemas.append(etree.RelaxNG(grammar))
     return tuple(schemas)
