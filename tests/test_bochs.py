@@ -15,6 +15,9 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
+from storprobe import probe
+
 from oracle import (
     assert_same_as_qemu,
     code_of,
@@ -26,8 +29,6 @@ from oracle import (
     qemu_refuses,
     run,
 )
-
-from storprobe import probe
 
 
 def bximage(path: Path, size: str, mode: str = "growing") -> Path:

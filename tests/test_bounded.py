@@ -14,12 +14,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from oracle import CountingSource, qemu_img_create, run
 
 from storprobe import ImageInfo, ProbeError, probe
 from storprobe.chain import DEFAULT_MAX_DEPTH, probe_chain
 from storprobe.safety import check
 from storprobe.source import READ_BUDGET
+
+from oracle import CountingSource, qemu_img_create, run
 
 PiB = 1 << 50
 
@@ -176,7 +177,8 @@ OTHER_CASES: dict[str, tuple[str | None, Callable[[dict[str, bytes]], tuple[byte
     "vdi-disk-size-2^63": ("vdi", lambda m: (put(m["vdi"], (0x170, "<Q", 2**63)), None), "vdi.disk-size"),
     "vdi-blocks-2^32-1": ("vdi", lambda m: (put(m["vdi"], (0x180, "<I", 2**32 - 1)), PiB), "vdi.blocks-max"),
     "qed-image-size-2^63": ("qed", lambda m: (put(m["qed"], (48, "<Q", 2**63)), None), "qed.image-size-too-large"),
-    "qed-header-2^32-clusters": ("qed", lambda m: (put(m["qed"], (12, "<I", 2**32 - 1), (40, "<Q", 1 << 48)), PiB), "qed.header-size"),
+    "qed-header-2^32-clusters": ("qed", lambda m: (put(m["qed"], (12, "<I", 2**32 - 1), (40, "<Q", 1 << 48)), PiB),
+                                 "qed.header-size"),
     "parallels-bat-2^31": ("parallels", lambda m: (put(m["parallels"], (32, "<I", 2**31 - 1)), PiB),
                            "parallels.bat-entries"),
     "parallels-1GiB-extension-cluster": (
@@ -198,8 +200,11 @@ OTHER_CASES: dict[str, tuple[str | None, Callable[[dict[str, bytes]], tuple[byte
     ),
     "cloop-2^32-blocks": (
         "cloop",
-        lambda m: (b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n".ljust(128, b"\0")
-                   + struct.pack(">II", 65536, 2**32 - 1), PiB),
+        lambda m: (
+            b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n".ljust(128, b"\0")
+            + struct.pack(">II", 65536, 2**32 - 1),
+            PiB,
+        ),
         "cloop.n-blocks",
     ),
 }

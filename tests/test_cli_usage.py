@@ -83,7 +83,8 @@ def test_an_empty_allow_list_is_a_usage_error(image):
 def qemu_img_size_text(size: str, tmp_path) -> str:
     """How qemu-img shows a virtual size given to it as ``size``: ``0.999 GiB (1072693248 bytes)``."""
     path = qemu_img_create(tmp_path / f"sized-{size}.qcow2", "qcow2", size)
-    line = next(l for l in run("qemu-img", "info", path).stdout.decode().splitlines() if l.startswith("virtual size: "))
+    lines = run("qemu-img", "info", path).stdout.decode().splitlines()
+    line = next(text for text in lines if text.startswith("virtual size: "))
     return line.removeprefix("virtual size: ")
 
 

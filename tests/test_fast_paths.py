@@ -125,7 +125,8 @@ def test_at_most_two_reads_per_probe(tmp_path, fmt):
 
 
 def test_entry_point_precheck_reads_the_group_section():
-    text = f"[console_scripts]\nx = y:z\n\n[{ENTRY_POINT_GROUP}]\n# a comment\nmine = pkg.mod\n other =pkg.o\n[next]\nz = q"
+    text = (f"[console_scripts]\nx = y:z\n\n[{ENTRY_POINT_GROUP}]\n# a comment\nmine = pkg.mod\n other =pkg.o\n"
+            "[next]\nz = q")
     assert _group_names(text) == {"mine", "other"}
     assert {name for name, _ in BUILTIN_PLUGINS} <= _declared_names()
 

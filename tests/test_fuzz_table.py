@@ -11,9 +11,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from oracle import probe_or_named_error
 from storprobe.registry import format_table
 from storprobe.spec import FormatSpec
+
+from oracle import probe_or_named_error
 
 SIGNED = [s for s in format_table().specs if s.magic is not None]
 

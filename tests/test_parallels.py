@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
+from storprobe import format_table, probe
+
 from oracle import (
     assert_same_as_qemu,
     code_of,
@@ -25,8 +28,6 @@ from oracle import (
     qemu_info,
     qemu_refuses,
 )
-
-from storprobe import format_table, probe
 
 EXT_MAGIC = 0xAB234CEF23DCEA87
 DIRTY_BITMAP = 0x20385FAE252CB34A

@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
+from storprobe import ProbeError, probe
+
 from oracle import (
     assert_same_as_qemu,
     code_of,
@@ -20,8 +23,6 @@ from oracle import (
     run,
 )
 from oracle import patched as _patched
-
-from storprobe import ProbeError, probe
 
 patched = partial(_patched, endian=">")  # qcow headers are big-endian
 

@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from oracle import assert_same_as_qemu, code_of, patched, probe_or_named_error, qemu_img_create, qemu_refuses, run
 
 from storprobe import Backing, probe
 
-
+from oracle import assert_same_as_qemu, code_of, patched, probe_or_named_error, qemu_img_create, qemu_refuses, run
 
 
 @pytest.fixture

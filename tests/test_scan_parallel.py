@@ -15,8 +15,8 @@ import pytest
 
 import storprobe.scan
 from storprobe import probe
-from storprobe.qemu_json import scan_record
 from storprobe.forked import ordered_map
+from storprobe.qemu_json import scan_record
 from storprobe.scan import BATCH, READAHEAD, scan, scan_map
 
 from oracle import qemu_img_create
@@ -132,7 +132,9 @@ def _assert_no_children_left() -> None:
 
 
 def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "storprobe", *args], capture_output=True, text=True, check=False, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "storprobe", *args], capture_output=True, text=True, check=False, **kwargs
+    )
 
 
 @pytest.mark.parametrize("output", [[], ["--jsonl"], ["--output", "xml"]])

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import socket
-import errno
 import struct
 
 import pytest

@@ -10,9 +10,10 @@ import random
 import struct
 
 import pytest
-from oracle import ours, qemu_info, run
 
 from storprobe.layout import qemu_utf8
+
+from oracle import ours, qemu_info, run
 
 BACKING_OFFSET, BACKING_SIZE = 8, 16  # qcow2 header fields
 NAME_AT = 4096  # where this test writes the name (inside the header cluster, past the extensions)

@@ -8,9 +8,18 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from oracle import assert_same_as_qemu, code_of, probe_or_named_error, qemu_img_create, qemu_img_error, qemu_refuses, run
 
 from storprobe import probe
+
+from oracle import (
+    assert_same_as_qemu,
+    code_of,
+    probe_or_named_error,
+    qemu_img_create,
+    qemu_img_error,
+    qemu_refuses,
+    run,
+)
 
 MAX_BLOCKS = 0x1FFFFF80  # QEMU: (INT_MAX + 1 - 512) / 4
 

@@ -21,11 +21,12 @@ from pathlib import Path
 
 import pytest
 from lxml import etree
-from oracle import qemu_img_create, require, run
 
 from storprobe import Backing, probe
 from storprobe.qemu_json import to_qemu_json
 from storprobe.volume_xml import to_volume_xml
+
+from oracle import qemu_img_create, require, run
 
 URI = "qemu:///system"
 _pools = itertools.count()

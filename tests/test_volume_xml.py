@@ -177,10 +177,13 @@ def test_cli_xml_and_validate(images, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "storprobe", "info", "--output=xml", str(images / "lazy.qcow2")],
                           capture_output=True, text=True, check=True)
     (tmp_path / "v.xml").write_text(proc.stdout)
-    (tmp_path / "bad.xml").write_text(proc.stdout.replace("<capacity", "<capacityy").replace("</capacity>", "</capacityy>"))
-    ok = subprocess.run([sys.executable, "-m", "storprobe", "validate", str(tmp_path / "v.xml")], capture_output=True, text=True)
+    (tmp_path / "bad.xml").write_text(
+        proc.stdout.replace("<capacity", "<capacityy").replace("</capacity>", "</capacityy>")
+    )
+    validate = [sys.executable, "-m", "storprobe", "validate"]
+    ok = subprocess.run([*validate, str(tmp_path / "v.xml")], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
-    bad = subprocess.run([sys.executable, "-m", "storprobe", "validate", str(tmp_path / "bad.xml")], capture_output=True, text=True)
+    bad = subprocess.run([*validate, str(tmp_path / "bad.xml")], capture_output=True, text=True)
     assert bad.returncode == 1 and bad.stdout == f"{tmp_path / 'bad.xml'}: invalid\n"
     assert bad.stderr.startswith(f"storprobe: {tmp_path / 'bad.xml'}:")  # test_cli_validate.py pins the reasons
 
@@ -205,7 +208,10 @@ def test_names_xml_cannot_carry_are_named_errors_not_changed_paths(tmp_path):
         capture_output=True, text=True, check=False,
     )
     assert (cli.returncode, cli.stdout) == (1, "")
-    assert cli.stderr == f"storprobe: {image}: '/tmp/a\\x01b' cannot be written in XML (control characters or bytes that are not UTF-8)\n"
+    assert cli.stderr == (
+        f"storprobe: {image}: '/tmp/a\\x01b' cannot be written in XML "
+        "(control characters or bytes that are not UTF-8)\n"
+    )
 
     pool = tmp_path / "pool"
     pool.mkdir()
