@@ -68,7 +68,8 @@ PROTOCOLS: Mapping[str, BlockProtocol] = {
     "gluster+unix": BlockProtocol("gluster", _NET), "gluster+rdma": BlockProtocol("gluster", _NET),
     "http": BlockProtocol("http", _NET), "https": BlockProtocol("https", _NET),  # curl.c
     "ftp": BlockProtocol("ftp", _NET), "ftps": BlockProtocol("ftps", _NET),
-    "nvme": BlockProtocol("nvme", _NET),  # nvme.c: an NVMe controller by PCI address, through VFIO
+    # nvme.c: takes over a host NVMe controller by its PCI address, through VFIO: a host device
+    "nvme": BlockProtocol("nvme", REACH_HOST_DEVICE),
     # blkio.c (libblkio; not in every build: Debian's 7.2 lacks it)
     "io_uring": BlockProtocol("io_uring", REACH_HOST_FILE),
     "nvme-io_uring": BlockProtocol("nvme-io_uring", REACH_HOST_DEVICE),

@@ -101,8 +101,8 @@ PROTOCOL_NAMES = [
     ("https://h:8443/x.img", ("https", "network", None, (tcp("h", 8443),), "x.img")),
     ("ftp://h:21/a.img", ("ftp", "network", None, (tcp("h", 21),), "a.img")),
     ("ftps://h/a.img", ("ftps", "network", None, (tcp("h"),), "a.img")),
-    ("nvme://0000:01:00.0/2", ("nvme", "network", None, (), "0000:01:00.0/2")),
-    ("nvme://0000:01:00.0/", ("nvme", "network", None, (), "0000:01:00.0/1")),  # namespace 1 by default
+    ("nvme://0000:01:00.0/2", ("nvme", "host-device", None, (), "0000:01:00.0/2")),
+    ("nvme://0000:01:00.0/", ("nvme", "host-device", None, (), "0000:01:00.0/1")),  # namespace 1 by default
     # blkio.c (libblkio; Debian's 7.2 is built without it)
     ("io_uring:/dev/sda", ("io_uring", "host-file", "/dev/sda", (), None)),
     ("nvme-io_uring:/dev/ng0n1", ("nvme-io_uring", "host-device", "/dev/ng0n1", (), None)),
@@ -333,7 +333,7 @@ LIBVIRT_TABLE = [
      r'.vmdk?dcPath=data&dsName=esx6.5-matrix","file.timeout": 2000}',
      ("https", "network", None, (tcp("host"),), "folder/esx6.5-rhel7.7-x86_64/esx6.5-rhel7.7-x86_64-flat.vmdk")),
     ('json:{"file":{"driver": "nvme","device": "0000:01:00.0","namespace": 1}}',
-     ("nvme", "network", None, (), "0000:01:00.0/1")),
+     ("nvme", "host-device", None, (), "0000:01:00.0/1")),
 ]
 
 

@@ -464,6 +464,7 @@ NEVER_SAFE = {
     "host_device": ("host_device:/dev/vda", "backing-host-device"),
     "host_cdrom": ("host_cdrom:/dev/sr0", "backing-host-device"),
     "json-host_device": ('json:{"file":{"driver":"host_device","filename":"/dev/vda"}}', "backing-host-device"),
+    "nvme": ("nvme://0000:01:00.0/1", "backing-host-device"),  # VFIO takes the host's controller over
     "fat-root": ("fat:/", "backing-host-directory"),
     "fat-rw": ("fat:rw:/home", "backing-host-directory"),
     "json-vvfat": ('json:{"file":{"driver":"vvfat","dir":"/etc"}}', "backing-host-directory"),
