@@ -2,10 +2,10 @@
 
     python3 tests/differential_campaign.py [--count 5000] [--seed 1] [--keep DIR]
 
-Each round takes a real image of a format qemu-img opens (made by the pytest
-fuzz tests' ``real_images``), overwrites one to three fields (in its first
-sector, its last sector or anywhere in the first MiB) with boundary or random
-values, and asks both sides about the file, as that format:
+Each round takes a real image of a format qemu-img opens (the seeds the pytest
+fuzz tests mutate: ``builders.real_images``), overwrites one to three fields (in
+its first sector, its last sector or anywhere in the first MiB) with boundary or
+random values, and asks both sides about the file, as that format:
 
 - both describe it: the qemu-img JSON must be equal (else ``differ``);
 - only qemu-img opens it: ``we-refuse`` with our error code;
@@ -29,8 +29,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from builders import INTERESTING, real_images
 from oracle import ours
-from test_fuzz import INTERESTING, real_images
 
 from storprobe import ProbeError, probe
 

@@ -28,7 +28,8 @@ with atheris.instrument_imports():
 
     storprobe.format_table()  # imports (and so instruments) the built-in plugins
 
-from test_fuzz import probe_and_check, real_images  # noqa: E402  (shared with the pytest fuzz tests)
+from builders import real_images  # noqa: E402  (shared with the pytest fuzz tests)
+from oracle import probe_and_check  # noqa: E402
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
 

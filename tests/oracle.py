@@ -15,6 +15,8 @@ import pytest
 
 from storprobe import ImageInfo, ProbeError, probe
 from storprobe.qemu_json import EXTRA_KEY, to_qemu_json
+from storprobe.safety import check
+from storprobe.source import READ_BUDGET
 
 
 def require(tool: str) -> str:
@@ -216,6 +218,24 @@ def probe_or_named_error(data, *formats: str | None) -> None:
             assert exc.code != "plugin-error", exc
         else:
             renders(info)
+
+
+def probe_and_check(data: bytes) -> str:
+    """The probe's format or error code, after checking it read within budget
+    and that ``check`` gives a verdict too; never a plugin defect."""
+    source = CountingSource(data)
+    try:
+        info = probe(source)
+    except ProbeError as exc:
+        outcome = exc.code
+    else:
+        outcome = info.format
+        renders(info)
+    assert outcome != "plugin-error"
+    assert source.bytes_read <= READ_BUDGET
+    verdict = check(data)
+    assert all("(plugin-error)" not in hazard.message for hazard in verdict.hazards), verdict.hazards
+    return outcome
 
 
 def renders(info: ImageInfo) -> None:

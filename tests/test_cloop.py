@@ -8,10 +8,10 @@ format's own header wins here."""
 from __future__ import annotations
 
 import os
-import struct
 from pathlib import Path
 
 import pytest
+from builders import PREAMBLE, cloop_bytes
 from hypothesis import given
 from hypothesis import strategies as st
 from oracle import (
@@ -27,22 +27,12 @@ from oracle import (
 
 from storprobe import ProbeError, probe
 
-PREAMBLE = b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n"
-
 
 def create_compressed_fs(tmp_path: Path, payload: bytes, block_size: int) -> Path:
     source, image = tmp_path / "payload.bin", tmp_path / f"disk-{block_size}.cloop"
     source.write_bytes(payload)
     run("create_compressed_fs", "-q", "-B", str(block_size), source, image)
     return image
-
-
-
-def cloop_bytes(block_size: int, n_blocks: int, table_entries: int | None = None, offsets: tuple[int, ...] = ()) -> bytes:
-    """The preamble, the two header words and an offsets table: ``offsets``, then zeros."""
-    entries = n_blocks + 1 if table_entries is None else table_entries
-    table = struct.pack(f">{len(offsets)}Q", *offsets) + bytes(8 * (entries - len(offsets)))
-    return PREAMBLE.ljust(128, b"\0") + struct.pack(">II", block_size, n_blocks) + table
 
 
 def hand_built(path: Path, *args, **kwargs) -> Path:
@@ -165,7 +155,6 @@ def test_random_header_mutations_never_crash(real_bytes, edits, cut):
         data[offset] = value
     data = bytes(data if cut is None else data[:cut])
     probe_or_named_error(data, None, "cloop")
-
 
 
 def test_libvirt_calls_cloop_raw(tmp_path):

@@ -10,6 +10,7 @@ import struct
 from pathlib import Path
 
 import pytest
+from builders import MAGIC, qemu_v2, uml_v3
 from hypothesis import given
 from hypothesis import strategies as st
 from oracle import code_of, libvirt_volumes, ours, probe_or_named_error, qemu_info
@@ -17,30 +18,13 @@ from oracle import code_of, libvirt_volumes, ours, probe_or_named_error, qemu_in
 from storprobe import Backing, probe
 from storprobe.qemu_json import EXTRA_KEY, to_qemu_json
 
-MAGIC = b"OOOM"
 MIB = 1024 * 1024
-
-
-def qemu_v2(size: int, backing: bytes = b"", *, packed: bool = False, mtime: int = 1234) -> bytes:
-    """What QEMU's cow_create wrote: a zeroed header, then the bitmap."""
-    pad = b"" if packed else bytes(4)
-    header = MAGIC + struct.pack(">I1024sI", 2, backing, mtime) + pad + struct.pack(">QI", size, 512)
-    header += bytes(-len(header) % 8)  # the C struct's tail padding
-    return header + bytes((size // 512 + 7) // 8)
 
 
 def uml_v2(size: int, backing: bytes = b"/base.img", *, mtime: int = 1234) -> bytes:
     """UML's version-2 header: a 4096-byte (MAXPATHLEN) name."""
     header = MAGIC + struct.pack(">I4096sIQi", 2, backing, mtime, size, 512)
     return header + bytes(1024)
-
-
-def uml_v3(
-    size: int, backing: bytes = b"/base.img", *, sectorsize: int = 512, alignment: int = 512, cow_format: int = 0
-) -> bytes:
-    """UML's version-3 header (packed), as write_cow_header makes it."""
-    header = MAGIC + struct.pack(">IIQIII4096s", 3, 1234, size, sectorsize, alignment, cow_format, backing)
-    return header + bytes(-len(header) % alignment if alignment else 0)
 
 
 def uml_v3_unpacked(size: int, backing: bytes = b"/base.img") -> bytes:
@@ -138,7 +122,6 @@ def test_random_header_mutations_never_crash(base, edits, cut):
         data[offset % len(data)] = value
     data = bytes(data if cut is None else data[:cut])
     probe_or_named_error(data, None, "cow")
-
 
 
 def test_libvirt_reads_only_the_packed_qemu_layout(tmp_path):

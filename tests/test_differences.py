@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+from builders import build_dmg
 from lxml import etree
 from oracle import LibvirtPool, canonical_xml, qemu_img_create, qemu_info, qemu_refuses, run
 
@@ -104,7 +105,6 @@ def test_a_parallels_file_is_a_file_volume(tmp_path):
 
 def test_libvirt_calls_dmg_raw(tmp_path):
     """libvirt 9.0 looks for no ``koly`` trailer: raw, sized by the file."""
-    from test_dmg import build_dmg
 
     disk = bytes(range(256)) * 64
     (tmp_path / "a.dmg").write_bytes(build_dmg(disk))

@@ -8,9 +8,9 @@ import ast
 from pathlib import Path
 
 import pytest
+from builders import real_images
 from differential_campaign import KNOWN, divergences, known, qemu_formats
 from oracle import require
-from test_fuzz import real_images
 
 #: Mutated images per run: enough to meet the common divergences, about 5 s.
 SAMPLE = 400

@@ -3,84 +3,20 @@ tool that makes one), checked by QEMU's own dmg driver reading them back."""
 
 from __future__ import annotations
 
-import plistlib
 import struct
 from pathlib import Path
 
 import pytest
+from builders import RAW_CHUNK, build_dmg
 from hypothesis import given
 from hypothesis import strategies as st
 from oracle import assert_same_as_qemu, code_of, probe_or_named_error, qemu_img_error, qemu_refuses, run
 
 from storprobe import QEMU_MAX_LENGTH, probe
 
-TRAILER = ">4sIIIQQQQQII16sII128xQQ120xII128xIQ12x"
-RAW_CHUNK, TERMINATOR_CHUNK = 0x00000001, 0xFFFFFFFF
-
-
-def block_table(sectors: int, data_length: int, chunk: tuple[int, int, int] | None = None) -> bytes:
-    """A "mish" block table: one raw chunk covering the disk (or ``chunk``:
-    type, sectors, length), then the terminator."""
-    kind, chunk_sectors, chunk_length = chunk or (RAW_CHUNK, sectors, data_length)
-    chunks = struct.pack(">IIQQQQ", kind, 0, 0, chunk_sectors, 0, chunk_length)
-    chunks += struct.pack(">IIQQQQ", TERMINATOR_CHUNK, 0, sectors, 0, data_length, 0)
-    return struct.pack(">4sIQQQII24xII128xI", b"mish", 1, 0, sectors, 0, 0, 2, 0, 0, 2) + chunks
-
-
-def build_dmg(data: bytes, block_map: str = "xml", chunk: tuple[int, int, int] | None = None, **trailer: int) -> bytes:
-    """An uncompressed UDIF image: data fork, block map (an XML property list
-    or a resource fork), then the koly trailer; ``chunk`` replaces the block
-    map's one chunk, ``trailer`` overrides fields."""
-    sectors = len(data) // 512
-    mish = block_table(sectors, len(data), chunk)
-    if block_map == "xml":
-        blkx = {"Attributes": "0x0050", "Data": mish, "ID": "0", "Name": "whole disk (Apple_HFS : 0)"}
-        fork = plistlib.dumps({"resource-fork": {"blkx": [blkx]}})
-    else:
-        resources = struct.pack(">I", len(mish)) + mish
-        fork = struct.pack(">IIII", 256, 256 + len(resources), len(resources), 0).ljust(256, b"\0") + resources
-    fields = {
-        "version": 4,
-        "header_size": 512,
-        "data_fork_offset": 0,
-        "data_fork_length": len(data),
-        "rsrc_fork_offset": len(data) if block_map == "rsrc" else 0,
-        "rsrc_fork_length": len(fork) if block_map == "rsrc" else 0,
-        "xml_offset": len(data) if block_map == "xml" else 0,
-        "xml_length": len(fork) if block_map == "xml" else 0,
-        "sector_count": sectors,
-        **trailer,
-    }
-    koly = struct.pack(
-        TRAILER,
-        b"koly",
-        fields["version"],
-        fields["header_size"],
-        1,  # flags: flattened
-        0,  # running data fork offset
-        fields["data_fork_offset"],
-        fields["data_fork_length"],
-        fields["rsrc_fork_offset"],
-        fields["rsrc_fork_length"],
-        1,  # segment number
-        1,  # segment count
-        bytes(16),
-        0,  # data checksum type (none)
-        0,
-        fields["xml_offset"],
-        fields["xml_length"],
-        0,  # master checksum type (none)
-        0,
-        1,  # image variant: device image
-        fields["sector_count"],
-    )
-    return data + fork + koly
-
 
 def disk(sectors: int) -> bytes:
     return bytes(range(256)) * 2 * sectors
-
-
 
 
 # --- hand-built images against qemu-img --------------------------------------------

@@ -12,18 +12,15 @@ hypothesis profile (tests/conftest.py):
 from __future__ import annotations
 
 import lzma
-import shutil
-import struct
 from pathlib import Path
 
 import pytest
+from builders import INTERESTING, real_images
 from hypothesis import given
 from hypothesis import strategies as st
-from oracle import CountingSource, qemu_img_create, renders, run
+from oracle import probe_and_check
 
-from storprobe import ProbeError, probe
 from storprobe.safety import check
-from storprobe.source import READ_BUDGET
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
 
@@ -35,24 +32,6 @@ def corpus_files() -> list[Path]:
 def load(path: Path) -> bytes:
     data = path.read_bytes()
     return lzma.decompress(data) if path.suffix == ".xz" else data
-
-
-def probe_and_check(data: bytes) -> str:
-    """The probe's format or error code, after checking it read within budget
-    and that ``check`` gives a verdict too; never a plugin defect."""
-    source = CountingSource(data)
-    try:
-        info = probe(source)
-    except ProbeError as exc:
-        outcome = exc.code
-    else:
-        outcome = info.format
-        renders(info)
-    assert outcome != "plugin-error"
-    assert source.bytes_read <= READ_BUDGET
-    verdict = check(data)
-    assert all("(plugin-error)" not in hazard.message for hazard in verdict.hazards), verdict.hazards
-    return outcome
 
 
 #: What each corpus file is (or fails as) and its hazards; files not listed
@@ -94,64 +73,6 @@ def test_corpus_is_documented():
 def seeds(tmp_path_factory) -> list[bytes]:
     return real_images(tmp_path_factory.mktemp("seeds"))
 
-
-def real_images(d: Path) -> list[bytes]:
-    """One or more real images per format, small enough to copy per example
-    (made in ``d``; also the seeds of tests/fuzz_atheris.py)."""
-    secret = ("--object", "secret,id=s0,data=pw")
-    made = [
-        qemu_img_create(d / "v2.qcow2", "qcow2", "16M", "compat=0.10"),
-        qemu_img_create(d / "v3.qcow2", "qcow2", "16M", "lazy_refcounts=on,extended_l2=on,cluster_size=64k"),
-        qemu_img_create(d / "df.qcow2", "qcow2", "16M", f"data_file={d / 'df.raw'},compression_type=zstd"),
-        qemu_img_create(d / "a.qcow", "qcow", "16M"),
-        qemu_img_create(d / "a.qed", "qed", "16M", "backing_file=v2.qcow2,backing_fmt=qcow2"),
-        qemu_img_create(d / "a.vmdk", "vmdk", "16M"),
-        qemu_img_create(d / "s.vmdk", "vmdk", "16M", "subformat=streamOptimized"),
-        qemu_img_create(d / "f.vmdk", "vmdk", "16M", "subformat=twoGbMaxExtentFlat"),
-        qemu_img_create(d / "a.vhd", "vpc", "16M"),
-        qemu_img_create(d / "f.vhd", "vpc", "1M", "subformat=fixed"),
-        qemu_img_create(d / "a.vhdx", "vhdx", "16M", "block_size=1M"),
-        qemu_img_create(d / "a.vdi", "vdi", "16M"),
-        qemu_img_create(d / "a.hdd", "parallels", "16M"),
-    ]
-    rich = qemu_img_create(d / "rich.qcow2", "qcow2", "16M", "backing_file=v2.qcow2,backing_fmt=qcow2")
-    run("qemu-img", "bitmap", "--add", rich, "b0")
-    run("qemu-img", "snapshot", "-c", "s1", rich)
-    run("qemu-img", "create", "-q", "-f", "luks", *secret, "-o", "key-secret=s0,iter-time=10", d / "a.luks", "1M")
-    run("qemu-img", "create", "-q", "-f", "qcow2", *secret, "-o", "encrypt.format=luks,encrypt.key-secret=s0",
-        "-o", "encrypt.iter-time=10", d / "luks.qcow2", "1M")
-    made += [rich, d / "a.luks", d / "luks.qcow2"]
-    if shutil.which("cryptsetup") or shutil.which("cryptsetup", path="/usr/sbin:/sbin"):
-        luks2 = d / "luks2.img"
-        luks2.write_bytes(bytes(2 << 20))
-        run("cryptsetup", "luksFormat", "--type", "luks2", "--batch-mode", "--key-file", "-", "--pbkdf", "pbkdf2",
-            "--pbkdf-force-iterations", "1000", "--luks2-keyslots-size", "512k", "--luks2-metadata-size", "16k",
-            luks2, input=b"pw")
-        made.append(luks2)
-    if shutil.which("bximage"):
-        run("bximage", "-q", "-func=create", "-hd=10M", "-imgmode=growing", d / "a.bochs")
-        made.append(d / "a.bochs")
-    if shutil.which("xorriso"):
-        (d / "tree").mkdir()
-        (d / "tree" / "a.txt").write_text("a\n")
-        run("xorriso", "-as", "mkisofs", "-quiet", "-o", d / "a.iso", d / "tree")
-        made.append(d / "a.iso")
-    from test_cloop import PREAMBLE
-    from test_cow import qemu_v2, uml_v3
-    from test_dmg import build_dmg
-
-    hand_built = [
-        PREAMBLE.ljust(128, b"\0") + struct.pack(">II", 65536, 4) + bytes(5 * 8) + bytes(4096),
-        qemu_v2(1 << 20, b"/base.img"),
-        uml_v3(1 << 20),
-        build_dmg(bytes(range(256)) * 64),
-        build_dmg(bytes(range(256)) * 64, block_map="rsrc"),
-    ]
-    return [path.read_bytes() for path in made] + hand_built
-
-
-INTERESTING = [0, 1, 7, 8, 0x7F, 0x80, 0xFF, 0x100, 0x200, 0xFFFF, 0x10000, 2**31 - 1, 2**31, 2**32 - 1, 2**32,
-               2**62, 2**63 - 1, 2**63, 2**64 - 1]
 
 edits = st.lists(
     st.tuples(

@@ -21,14 +21,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
-from oracle import qemu_img_create, require, run
-from test_cloop import cloop_bytes
-from test_cow import qemu_v2, uml_v3
-from test_dmg import build_dmg
-from test_qcow2 import (
+from builders import (
     AUTOCLEAR,
     BACKING_OFFSET,
     BACKING_SIZE,
+    BAT,
     CLUSTER_BITS,
     COMPRESSION,
     CRYPT,
@@ -36,48 +33,53 @@ from test_qcow2 import (
     EXT_BITMAPS,
     EXT_CRYPTO,
     EXT_FEATURES,
+    FILE_PARAMETERS,
     HEADER_LENGTH,
     INCOMPAT,
     L1_OFFSET,
     L1_SIZE,
+    LOGICAL_SECTOR_SIZE,
+    METADATA,
     NB_SNAPSHOTS,
+    PAGE_83,
     REFCOUNT_ORDER,
     REFTABLE_CLUSTERS,
     REFTABLE_OFFSET,
+    REGION_TABLE,
     SIZE,
     SNAPSHOTS_OFFSET,
+    UNKNOWN,
+    VIRTUAL_DISK_SIZE,
+    Vhdx,
+    bad_parent_locator,
     bitmap_dir,
+    build_dmg,
+    cloop_bytes,
+    conflicting_headers,
+    corrupt_both_headers,
+    cowd,
+    descriptor,
+    endless_log_search,
     get,
     in_bitmap_dir,
     in_bitmap_table,
     in_ext,
     in_luks,
-    luks_at,
-    past_end,
-    u8,
-    u32,
-    u64,
-)
-from test_vhdx import (
-    BAT,
-    FILE_PARAMETERS,
-    LOGICAL_SECTOR_SIZE,
-    METADATA,
-    PAGE_83,
-    REGION_TABLE,
-    UNKNOWN,
-    VIRTUAL_DISK_SIZE,
-    Vhdx,
-    bad_parent_locator,
-    conflicting_headers,
-    corrupt_both_headers,
-    endless_log_search,
     item_entry_field,
     item_value,
     log_with_invalid_descriptor,
+    luks_at,
+    past_end,
+    patch,
+    qemu_v2,
     region_entry_field,
+    u8,
+    u32,
+    u64,
+    uml_v3,
+    with_cid,
 )
-from test_vmdk import cowd, descriptor, patch, with_cid
+from oracle import qemu_img_create, require, run
 
 from storprobe import ProbeError, probe
 

@@ -13,6 +13,41 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from builders import (
+    AUTOCLEAR,
+    BACKING_OFFSET,
+    BACKING_SIZE,
+    CLUSTER_BITS,
+    COMPRESSION,
+    CRYPT,
+    EXT_BACKING_FORMAT,
+    EXT_BITMAPS,
+    EXT_CRYPTO,
+    EXT_FEATURES,
+    HEADER_LENGTH,
+    INCOMPAT,
+    L1_OFFSET,
+    L1_SIZE,
+    NB_SNAPSHOTS,
+    REFCOUNT_ORDER,
+    REFTABLE_CLUSTERS,
+    REFTABLE_OFFSET,
+    SIZE,
+    SNAPSHOTS_OFFSET,
+    Edit,
+    bitmap_dir,
+    ext_at,
+    get,
+    in_bitmap_dir,
+    in_bitmap_table,
+    in_ext,
+    in_luks,
+    luks_at,
+    past_end,
+    u8,
+    u32,
+    u64,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from oracle import (
@@ -31,15 +66,6 @@ from storprobe import Backing, DataFile, probe
 
 SECRET = ("--object", "secret,id=s0,data=pw")
 LUKS = "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10"
-
-# header offsets (docs/interop/qcow2.txt)
-BACKING_OFFSET, BACKING_SIZE, CLUSTER_BITS, SIZE, CRYPT = 8, 16, 20, 24, 32
-L1_SIZE, L1_OFFSET, REFTABLE_OFFSET, REFTABLE_CLUSTERS = 36, 40, 48, 56
-NB_SNAPSHOTS, SNAPSHOTS_OFFSET = 60, 64
-INCOMPAT, COMPAT, AUTOCLEAR, REFCOUNT_ORDER, HEADER_LENGTH, COMPRESSION = 72, 80, 88, 96, 100, 104
-EXT_BACKING_FORMAT, EXT_FEATURES, EXT_BITMAPS, EXT_CRYPTO = 0xE2792ACA, 0x6803F857, 0x23852875, 0x0537BE77
-
-Edit = Callable[[bytearray], None]
 
 
 @pytest.fixture(autouse=True)
@@ -64,73 +90,12 @@ def same(path: Path) -> dict:
     return mine
 
 
-
 def edited(src: Path, dst: Path, *edits: Edit) -> Path:
     data = bytearray(src.read_bytes())
     for edit in edits:
         edit(data)
     dst.write_bytes(data)
     return dst
-
-
-def u8(offset: int, value: int) -> Edit:
-    return lambda b: struct.pack_into(">B", b, offset, value)
-
-
-def u32(offset: int, value: int) -> Edit:
-    return lambda b: struct.pack_into(">I", b, offset, value)
-
-
-def u64(offset: int, value: int) -> Edit:
-    return lambda b: struct.pack_into(">Q", b, offset, value)
-
-
-def get(b: bytes, offset: int, fmt: str) -> int:
-    return struct.unpack_from(">" + fmt, b, offset)[0]
-
-
-def ext_at(b: bytes, kind: int) -> int:
-    """Offset of the header of the first extension of ``kind``."""
-    offset = get(b, HEADER_LENGTH, "I") if get(b, 4, "I") == 3 else 72
-    while True:
-        ext_type, length = struct.unpack_from(">II", b, offset)
-        if ext_type == kind:
-            return offset
-        assert ext_type, f"no extension {kind:#x}"
-        offset += 8 + (length + 7) // 8 * 8
-
-
-def in_ext(kind: int, delta: int, fmt: str, value: int | Callable[[bytes], int]) -> Edit:
-    """Set a field ``delta`` bytes into extension ``kind`` (negative: its length field)."""
-
-    def edit(b: bytearray) -> None:
-        at = ext_at(b, kind) + 8 + delta
-        struct.pack_into(">" + fmt, b, at, value(b) if callable(value) else value)
-
-    return edit
-
-
-def bitmap_dir(b: bytes) -> tuple[int, int, int]:
-    """(nb_bitmaps, directory size, directory offset) from the bitmaps extension."""
-    at = ext_at(b, EXT_BITMAPS) + 8
-    return get(b, at, "I"), get(b, at + 8, "Q"), get(b, at + 16, "Q")
-
-
-def in_bitmap_dir(delta: int, fmt: str, value: int) -> Edit:
-    return lambda b: struct.pack_into(">" + fmt, b, bitmap_dir(b)[2] + delta, value)
-
-
-def in_bitmap_table(value: int) -> Edit:
-    """Set the first entry of the first bitmap's table."""
-    return lambda b: struct.pack_into(">Q", b, get(b, bitmap_dir(b)[2], "Q"), value)
-
-
-def luks_at(b: bytes) -> int:
-    return get(b, ext_at(b, EXT_CRYPTO) + 8, "Q")
-
-
-def in_luks(delta: int, fmt: str, value: int) -> Edit:
-    return lambda b: struct.pack_into(">" + fmt, b, luks_at(b) + delta, value)
 
 
 def luks_text(delta: int, text: bytes) -> Edit:
@@ -162,7 +127,6 @@ def rewrite_snapshots(path: Path, extra: Callable[[int, bytes], bytes]) -> Path:
     b[start:pos] = table.ljust(pos - start, b"\0")
     path.write_bytes(b)
     return path
-
 
 
 # ---------------------------------------------------------------- real images
@@ -455,11 +419,6 @@ def test_details(tmp_path, bases):
 
 
 # ---------------------------------------------------------------- broken headers
-
-
-def past_end(b: bytes) -> int:
-    """A cluster-aligned offset beyond the end of the file."""
-    return (len(b) + 2 * 65536) // 65536 * 65536
 
 
 # (rule, base image, edits, does qemu-img 7.2 refuse it too?)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from builders import PREAMBLE, build_dmg, qemu_v2, uml_v3
 from oracle import qemu_img_create, qemu_info, require, run
 
 from storprobe import probe
@@ -52,9 +53,6 @@ def _bytes(data: bytes) -> Callable[[Path], Path]:
 
 def _hand_built() -> dict[str, tuple[str, Callable[[Path], Path]]]:
     """Rows no tool here writes: bytes as their writers laid them out (see each test module)."""
-    from test_cloop import PREAMBLE
-    from test_cow import qemu_v2, uml_v3
-    from test_dmg import build_dmg
 
     cloop = PREAMBLE.ljust(128, b"\0") + struct.pack(">II", 65536, 4) + bytes(5 * 8) + bytes(4096)
     return {

@@ -9,152 +9,46 @@ import uuid
 from pathlib import Path
 
 import pytest
+from builders import (
+    BAT,
+    FILE_PARAMETERS,
+    HEADERS,
+    LOG_GUID,
+    LOG_SECTOR,
+    LOGICAL_SECTOR_SIZE,
+    METADATA,
+    PAGE_83,
+    REGION_TABLE,
+    UNKNOWN,
+    VIRTUAL_DISK_SIZE,
+    KiB,
+    MiB,
+    Vhdx,
+    bad_parent_locator,
+    conflicting_headers,
+    corrupt_both_headers,
+    endless_log_search,
+    item_entry_field,
+    item_value,
+    log_entry,
+    log_with_invalid_descriptor,
+    region_entry_field,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from oracle import assert_same_as_qemu, code_of, probe_or_named_error, qemu_img_create, qemu_img_error, qemu_refuses, run
+from oracle import (
+    assert_same_as_qemu,
+    code_of,
+    probe_or_named_error,
+    qemu_img_create,
+    qemu_img_error,
+    qemu_refuses,
+    run,
+)
 
 from storprobe import Backing, probe
 from storprobe.safety import check
 from storprobe_plugins.vhdx import crc32c
-
-KiB, MiB = 1024, 1024 * 1024
-HEADERS = (64 * KiB, 128 * KiB)
-REGION_TABLE = 192 * KiB
-
-
-def guid(text: str) -> bytes:
-    return uuid.UUID(text).bytes_le
-
-
-BAT = guid("2DC27766-F623-4200-9D64-115E9BFD4A08")
-METADATA = guid("8B7CA206-4790-4B9A-B8FE-575F050F886E")
-FILE_PARAMETERS = guid("CAA16737-FA36-4D43-B3B6-33F0AA44E76B")
-VIRTUAL_DISK_SIZE = guid("2FA54224-CD1B-4876-B211-5DBED83BF4B8")
-PAGE_83 = guid("BECA12AB-B2E6-4523-93EF-C309E000C746")
-LOGICAL_SECTOR_SIZE = guid("8141BF1D-A96F-4709-BA47-F233A8FAAB5F")
-PARENT_LOCATOR = guid("A8D35F2D-B30B-454D-ABF7-D3D84834AB0C")
-VHDX_PARENT = guid("B04AEFB7-D19E-4A81-B789-25B8E9445913")
-UNKNOWN = guid("01234567-89AB-CDEF-0123-456789ABCDEF")
-LOG_GUID = guid("6F1C7E39-5A0D-4C2B-9E4F-1D2C3B4A5968")
-LOG_SECTOR = 4 * KiB
-
-
-class Vhdx:
-    """A VHDX file's bytes with the structures named, edited in place."""
-
-    def __init__(self, path: Path, data: bytes | None = None) -> None:
-        self.path = path
-        self.data = bytearray(path.read_bytes() if data is None else data)
-
-    def save(self) -> Path:
-        self.path.write_bytes(bytes(self.data))
-        return self.path
-
-    def fix_crc(self, start: int, length: int) -> None:
-        struct.pack_into("<I", self.data, start + 4, 0)
-        struct.pack_into("<I", self.data, start + 4, crc32c(bytes(self.data[start : start + length])))
-
-    def header(self, index: int, offset: int, fmt: str, value: object) -> None:
-        struct.pack_into(fmt, self.data, HEADERS[index] + offset, value)
-        self.fix_crc(HEADERS[index], 4 * KiB)
-
-    def both_headers(self, offset: int, fmt: str, value: object) -> None:
-        for index in (0, 1):
-            self.header(index, offset, fmt, value)
-
-    def region_entry(self, region: bytes) -> int:
-        count = struct.unpack_from("<I", self.data, REGION_TABLE + 8)[0]
-        for at in range(REGION_TABLE + 16, REGION_TABLE + 16 + 32 * count, 32):
-            if self.data[at : at + 16] == region:
-                return at
-        raise KeyError(region)
-
-    def regions(self, offset: int, fmt: str, value: object) -> None:
-        struct.pack_into(fmt, self.data, REGION_TABLE + offset, value)
-        self.fix_crc(REGION_TABLE, 64 * KiB)
-
-    def region_offset(self, region: bytes) -> int:
-        return struct.unpack_from("<Q", self.data, self.region_entry(region) + 16)[0]
-
-    @property
-    def metadata(self) -> int:
-        return self.region_offset(METADATA)
-
-    def item_entry(self, item: bytes) -> int:
-        count = struct.unpack_from("<H", self.data, self.metadata + 10)[0]
-        for at in range(self.metadata + 32, self.metadata + 32 + 32 * count, 32):
-            if self.data[at : at + 16] == item:
-                return at
-        raise KeyError(item)
-
-    def item(self, item: bytes) -> int:
-        """Absolute offset of a metadata item's data."""
-        return self.metadata + struct.unpack_from("<I", self.data, self.item_entry(item) + 16)[0]
-
-    def put(self, offset: int, fmt: str, value: object) -> None:
-        struct.pack_into(fmt, self.data, offset, value)
-
-    def add_item(self, item: bytes, blob: bytes, flags: int = 6, at: int = 128 * KiB) -> None:
-        count = struct.unpack_from("<H", self.data, self.metadata + 10)[0]
-        struct.pack_into("<16sIII4x", self.data, self.metadata + 32 + 32 * count, item, at, len(blob), flags)
-        self.put(self.metadata + 10, "<H", count + 1)
-        self.data[self.metadata + at : self.metadata + at + len(blob)] = blob
-
-    @property
-    def log(self) -> tuple[int, int]:
-        """The log's offset and length (the same in both headers)."""
-        length, offset = struct.unpack_from("<IQ", self.data, HEADERS[0] + 68)
-        return offset, length
-
-    def put_log(self, at: int, data: bytes) -> None:
-        """``data`` written at ``at`` in the circular log, sector by sector, around its end."""
-        offset, length = self.log
-        for done in range(0, len(data), LOG_SECTOR):
-            start = offset + (at + done) % length
-            self.data[start : start + LOG_SECTOR] = data[done : done + LOG_SECTOR]
-
-    def make_differencing(self, pairs: dict[str, str], locator_type: bytes = VHDX_PARENT) -> None:
-        params = self.item(FILE_PARAMETERS)
-        self.put(params + 4, "<I", struct.unpack_from("<I", self.data, params + 4)[0] | 2)
-        table_size = 20 + 12 * len(pairs)
-        entries, strings = b"", b""
-        for key, value in pairs.items():
-            k, v = key.encode("utf-16-le"), value.encode("utf-16-le")
-            key_at = table_size + len(strings)
-            entries += struct.pack("<IIHH", key_at, key_at + len(k), len(k), len(v))
-            strings += k + v
-        self.add_item(PARENT_LOCATOR, struct.pack("<16s2xH", locator_type, len(pairs)) + entries + strings)
-
-
-
-
-def log_entry(
-    v: Vhdx,
-    sequence: int,
-    payload: bytes,
-    *,
-    log_guid: bytes = LOG_GUID,
-    descriptor: bytes = b"desc",
-    length: int = 2 * LOG_SECTOR,
-    checksum: bool = True,
-) -> bytes:
-    """A log entry as MS-VHDX 2.3.1 lays it out: the entry header (``loge``,
-    CRC-32C of the whole entry, its length, sequence number, one descriptor,
-    the log GUID, the file's size as flushed and last offset), a data
-    descriptor (``desc``: the sector's last 4 and first 8 bytes, its file
-    offset, the sequence number) and the data sector (``data``, the sequence
-    number split around its middle 4084 bytes). Replayed, it writes
-    ``payload`` over the file's last 4 KiB."""
-    entry = bytearray(2 * LOG_SECTOR)
-    size, target = len(v.data), len(v.data) - LOG_SECTOR
-    struct.pack_into("<4sIIIQI4x16sQQ", entry, 0, b"loge", 0, length, 0, sequence, 1, log_guid, size, size)
-    trailing, leading = struct.unpack_from("<I", payload, 4092)[0], struct.unpack_from("<Q", payload)[0]
-    struct.pack_into("<4sIQQQ", entry, 64, descriptor, trailing, leading, target, sequence)
-    struct.pack_into("<4sI", entry, LOG_SECTOR, b"data", sequence >> 32)
-    entry[LOG_SECTOR + 8 : -4] = payload[8:-4]
-    struct.pack_into("<I", entry, 2 * LOG_SECTOR - 4, sequence & 0xFFFFFFFF)
-    struct.pack_into("<I", entry, 4, crc32c(bytes(entry)) ^ (0 if checksum else 1))
-    return bytes(entry)
 
 
 def pending_log(v: Vhdx, *entries: tuple[int, int]) -> None:
@@ -162,20 +56,6 @@ def pending_log(v: Vhdx, *entries: tuple[int, int]) -> None:
     v.both_headers(48, "16s", LOG_GUID)
     for at, sequence in entries or ((0, 1),):
         v.put_log(at, log_entry(v, sequence, b"\xab" * LOG_SECTOR))
-
-
-def log_with_invalid_descriptor(v: Vhdx) -> None:
-    """A valid entry header whose descriptor is neither ``desc`` nor ``zero``: QEMU's search fails."""
-    v.both_headers(48, "16s", LOG_GUID)
-    v.put_log(0, log_entry(v, 1, bytes(LOG_SECTOR), descriptor=b"desq"))
-
-
-def endless_log_search(v: Vhdx) -> None:
-    """A valid entry header and descriptor, as long as the whole log, with a
-    wrong checksum: QEMU's search reads the whole log, ends where it began
-    and starts again, for ever."""
-    v.both_headers(48, "16s", LOG_GUID)
-    v.put_log(0, log_entry(v, 1, bytes(LOG_SECTOR), length=v.log[1], checksum=False))
 
 
 @pytest.fixture
@@ -400,46 +280,10 @@ def test_log_qemu_cannot_search(image: Vhdx):
 # --- every validation rule --------------------------------------------------------
 
 
-def corrupt_both_headers(v: Vhdx) -> None:
-    for h in HEADERS:
-        v.data[h] ^= 0xFF
-
-
-def conflicting_headers(v: Vhdx) -> None:
-    v.header(1, 8, "<Q", struct.unpack_from("<Q", v.data, HEADERS[0] + 8)[0])
-    v.header(1, 32, "16s", b"\x42" * 16)  # data_write_guid
-
-
-def region_entry_field(region: bytes, offset: int, fmt: str, value: object):
-    def change(v: Vhdx) -> None:
-        v.regions(v.region_entry(region) - REGION_TABLE + offset, fmt, value)
-
-    return change
-
-
-def item_value(item: bytes, fmt: str, value: object):
-    def change(v: Vhdx) -> None:
-        v.put(v.item(item), fmt, value)
-
-    return change
-
-
-def item_entry_field(item: bytes, offset: int, fmt: str, value: object):
-    def change(v: Vhdx) -> None:
-        v.put(v.item_entry(item) + offset, fmt, value)
-
-    return change
-
-
 def bat_in_header_section(v: Vhdx) -> None:
     """QEMU does not keep the first MiB free of regions; the spec does."""
     region_entry_field(BAT, 16, "<Q", 512 * KiB)(v)
     region_entry_field(BAT, 24, "<I", 64 * KiB)(v)
-
-
-def bad_parent_locator(v: Vhdx) -> None:
-    v.make_differencing({"relative_path": "p.vhdx"})
-    v.put(v.item(PARENT_LOCATOR) + 18, "<H", 5000)  # more entries than the item holds
 
 
 def parent_locator_without_path(v: Vhdx) -> None:

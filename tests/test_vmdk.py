@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from builders import cowd, descriptor, patch, with_cid
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from oracle import (
@@ -36,49 +37,15 @@ from oracle import (
 )
 
 from storprobe import BytesSource, ProbeError, probe
-from storprobe.safety import check
 from storprobe.qemu_json import to_qemu_json
+from storprobe.safety import check
 
 GD_AT_END = 0xFFFF_FFFF_FFFF_FFFF
-HEADER_FIELDS = {  # offset, struct code of the KDMV header fields the tests edit
-    "version": (4, "<I"),
-    "flags": (8, "<I"),
-    "capacity": (12, "<Q"),
-    "grain_size": (20, "<Q"),
-    "desc_offset": (28, "<Q"),
-    "desc_size": (36, "<Q"),
-    "num_gtes_per_gt": (44, "<I"),
-    "rgd_offset": (48, "<Q"),
-    "gd_offset": (56, "<Q"),
-    "overhead": (64, "<Q"),
-}
-DESCRIPTOR_HEAD = 'version=1\nCID=12345678\nparentCID=ffffffff\ncreateType="{}"\n'
 
 
 @pytest.fixture(autouse=True)
 def _qemu_img():
     require("qemu-img")
-
-
-def patch(data: bytes, **fields: int) -> bytes:
-    """``data`` with KDMV header fields replaced."""
-    out = bytearray(data)
-    for name, value in fields.items():
-        offset, code = HEADER_FIELDS[name]
-        struct.pack_into(code, out, offset, value)
-    return bytes(out)
-
-
-def descriptor(create_type: str, *lines: str, head: str = DESCRIPTOR_HEAD) -> bytes:
-    return (head.format(create_type) + "".join(line + "\n" for line in lines)).encode()
-
-
-def cowd(capacity: int = 131072, grain: int = 8, gd_entries: int = 4, text: bytes = b"") -> bytes:
-    """An ESX COWD sparse extent: header (magic, version, flags, capacity, grain,
-    grain directory offset and entries, free sector) and an empty grain directory
-    at sector 4; ``text`` is put at sector 1, where QEMU looks for a descriptor."""
-    header = struct.pack("<4s7I", b"COWD", 1, 3, capacity, grain, 4, gd_entries, 5)
-    return (header.ljust(512, b"\0") + text).ljust(4096, b"\0")
 
 
 def sesparse(capacity: int = 131072) -> bytes:
@@ -128,10 +95,8 @@ def qemu_img_info(path: Path) -> subprocess.CompletedProcess:
     )
 
 
-
 def details(target) -> dict:
     return to_qemu_json(probe(target))["storprobe"]["details"]
-
 
 
 # --- real images from qemu-img ---------------------------------------------
@@ -644,10 +609,6 @@ def test_bad_footer_marker(tmp_path, sparse_image, offset, value):
 def bad(text: bytes, code: str, qemu_says: str | None, id: str):
     """A malformed descriptor, its code, and what qemu-img says of it (None: qemu-img takes it)."""
     return pytest.param(text, code, qemu_says, id=id)
-
-
-def with_cid(cid: str) -> str:
-    return f"version=1\nCID={cid}\n" + 'createType="{}"\n'
 
 
 def test_descriptor_bytes_that_are_not_utf8_read_as_qemu_shows_them(tmp_path):

@@ -6,41 +6,21 @@ import struct
 from pathlib import Path
 
 import pytest
+from builders import CHECKSUM, FOOTER, checksum, edit, on_both_footers
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from oracle import (
+    assert_same_as_qemu,
+    code_of,
+    ours,
+    probe_or_named_error,
+    qemu_img_create,
+    qemu_info,
+    qemu_refuses,
+    run,
+)
 
 from storprobe import Backing, probe
-from oracle import assert_same_as_qemu, code_of, ours, probe_or_named_error, qemu_img_create, qemu_info, qemu_refuses, run
-
-FOOTER = 512
-CHECKSUM = 64
-
-
-def checksum(block: bytes | bytearray) -> int:
-    return ~(sum(block) - sum(block[CHECKSUM : CHECKSUM + 4])) & 0xFFFFFFFF
-
-
-def edit(path: Path, *changes: tuple[int, str, object], dynamic_header: bool = False) -> Path:
-    """Apply ``(offset, struct format, value)`` changes (negative offsets count
-    from the end), then refresh the checksum of every footer (and of the
-    dynamic header at 512 when asked), so only the intended rule breaks."""
-    data = bytearray(path.read_bytes())
-    for offset, fmt, value in changes:
-        struct.pack_into(fmt, data, offset % len(data), value)
-    for start in (0, len(data) - FOOTER):
-        if data[start : start + 8] == b"conectix":
-            struct.pack_into(">I", data, start + CHECKSUM, checksum(data[start : start + FOOTER]))
-    if dynamic_header:
-        header = data[512:1536]
-        struct.pack_into(">I", data, 512 + 36, ~(sum(header) - sum(header[36:40])) & 0xFFFFFFFF)
-    path.write_bytes(bytes(data))
-    return path
-
-
-def on_both_footers(offset: int, fmt: str, value: object) -> list[tuple[int, str, object]]:
-    """A footer field written in the copy at 0 and in the trailer alike."""
-    return [(offset, fmt, value), (offset - FOOTER, fmt, value)]
-
 
 
 @pytest.fixture
