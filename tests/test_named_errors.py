@@ -720,13 +720,17 @@ def test_rule_has_its_code(bases, tool_bases, fmt, case):
 
 PLUGINS = Path(__file__).resolve().parent.parent / "plugins"
 HAZARD_NAME = re.compile(r'Hazard\(\s*"([a-z0-9.-]+)"')
+#: Core modules that check a format's structures for several plugins, by format.
+SHARED = {"luks": [PLUGINS.parent / "storprobe" / "luks1.py"]}
 
 
 def raised_codes() -> set[str]:
-    """Every error code named in the plugins' source (hazard names excluded)."""
+    """Every error code named in the plugins' source and the core helpers they
+    share (hazard names excluded)."""
     codes: set[str] = set()
     for path in PLUGINS.glob("*.py"):
-        fmt, source = path.stem, path.read_text()
+        fmt = path.stem
+        source = "".join(p.read_text() for p in [path, *SHARED.get(fmt, [])])
         found = set(re.findall(rf'"({fmt}\.[a-z0-9-]+)"', source))
         if fmt == "qcow2":  # rules named through helpers: _invalid("rule", ...) and friends
             for pattern in (r'_invalid\(\s*"([a-z0-9-]+)"', r'_check_table_offset\(\s*hdr,\s*"([a-z0-9-]+)"',
