@@ -17,9 +17,9 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from oracle import qemu_img_create, run
-
 from storprobe_plugins.vhdx import crc32c
+
+from oracle import qemu_img_create, run
 
 # ---- qcow2: header offsets (docs/interop/qcow2.txt) and edits of a real image's bytes ----------------------
 

@@ -29,10 +29,10 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from storprobe import ProbeError, probe
+
 from builders import INTERESTING, real_images
 from oracle import ours
-
-from storprobe import ProbeError, probe
 
 #: Formats left out: qemu-img reads iso and LUKS2 as raw, has no cow driver, and raw is any bytes.
 SKIPPED = {"iso", "cow", "raw", "dir"}

@@ -11,9 +11,12 @@ import os
 from pathlib import Path
 
 import pytest
-from builders import PREAMBLE, cloop_bytes
 from hypothesis import given
 from hypothesis import strategies as st
+
+from storprobe import ProbeError, probe
+
+from builders import PREAMBLE, cloop_bytes
 from oracle import (
     assert_same_as_qemu,
     code_of,
@@ -24,8 +27,6 @@ from oracle import (
     qemu_refuses,
     run,
 )
-
-from storprobe import ProbeError, probe
 
 
 def create_compressed_fs(tmp_path: Path, payload: bytes, block_size: int) -> Path:

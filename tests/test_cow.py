@@ -10,13 +10,14 @@ import struct
 from pathlib import Path
 
 import pytest
-from builders import MAGIC, qemu_v2, uml_v3
 from hypothesis import given
 from hypothesis import strategies as st
-from oracle import code_of, libvirt_volumes, ours, probe_or_named_error, qemu_info
 
 from storprobe import Backing, probe
 from storprobe.qemu_json import EXTRA_KEY, to_qemu_json
+
+from builders import MAGIC, qemu_v2, uml_v3
+from oracle import code_of, libvirt_volumes, ours, probe_or_named_error, qemu_info
 
 MIB = 1024 * 1024
 

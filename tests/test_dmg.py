@@ -7,12 +7,13 @@ import struct
 from pathlib import Path
 
 import pytest
-from builders import RAW_CHUNK, build_dmg
 from hypothesis import given
 from hypothesis import strategies as st
-from oracle import assert_same_as_qemu, code_of, probe_or_named_error, qemu_img_error, qemu_refuses, run
 
 from storprobe import QEMU_MAX_LENGTH, probe
+
+from builders import RAW_CHUNK, build_dmg
+from oracle import assert_same_as_qemu, code_of, probe_or_named_error, qemu_img_error, qemu_refuses, run
 
 
 def disk(sectors: int) -> bytes:
@@ -123,7 +124,9 @@ def test_block_map_rule(tmp_path: Path, block_map, change, code):
     qemu_refuses(path, "dmg")
 
 
-@pytest.mark.parametrize("chunk", [(ZERO_CHUNK, 1 << 40, 0), (ADC_CHUNK, 1 << 40, 1 << 40), (RAW_CHUNK, 131072, 1 << 26)])
+@pytest.mark.parametrize(
+    "chunk", [(ZERO_CHUNK, 1 << 40, 0), (ADC_CHUNK, 1 << 40, 1 << 40), (RAW_CHUNK, 131072, 1 << 26)]
+)
 def test_chunks_qemu_takes(tmp_path: Path, chunk):
     """A zero chunk may span any number of sectors; a chunk type QEMU cannot
     read (ADC) is skipped whatever it says; the limits themselves are allowed."""

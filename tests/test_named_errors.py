@@ -21,6 +21,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
+
+from storprobe import ProbeError, probe
+
 from builders import (
     AUTOCLEAR,
     BACKING_OFFSET,
@@ -80,8 +83,6 @@ from builders import (
     with_cid,
 )
 from oracle import qemu_img_create, require, run
-
-from storprobe import ProbeError, probe
 
 KiB, MiB = 1024, 1024 * 1024
 Edit = Callable[[bytearray], object]
@@ -396,8 +397,8 @@ CATALOGUE: dict[str, list[Rule]] = {
         rule("parallels.ext-bitmap-granularity", "dirty bitmap granularity not a power of two", "parallels",
              parallels_ext(parallels_bitmap(granularity=3))),
         rule("parallels.ext-bitmap-l1-size", "dirty bitmap L1 table beyond its feature", "parallels",
-             parallels_ext(parallels_feature(PARALLELS_DIRTY_BITMAP,
-                                             struct.pack("<Q16sII", 64 * MiB // 512, bytes(16), 128, 1000) + bytes(8)))),
+             parallels_ext(parallels_feature(
+                 PARALLELS_DIRTY_BITMAP, struct.pack("<Q16sII", 64 * MiB // 512, bytes(16), 128, 1000) + bytes(8)))),
     ],
     "qcow": [
         rule("qcow.size-too-small", "size below 2 bytes", "qcow", be(24, "Q", 1)),
@@ -540,25 +541,30 @@ CATALOGUE: dict[str, list[Rule]] = {
              vhdx(lambda v: v.regions(0, "4s", b"reg1"))),
         rule("vhdx.region-count", "more than 2047 region table entries", "vhdx",
              vhdx(lambda v: v.regions(8, "<I", 2048))),
-        rule("vhdx.region-overlap", "regions overlapping", "vhdx", vhdx(region_entry_field(METADATA, 16, "<Q", 2 * MiB))),
+        rule("vhdx.region-overlap", "regions overlapping", "vhdx",
+             vhdx(region_entry_field(METADATA, 16, "<Q", 2 * MiB))),
         rule("vhdx.region-beyond-file", "region past the end of the file", "vhdx",
              vhdx(region_entry_field(METADATA, 16, "<Q", 8 * MiB))),
-        rule("vhdx.region-duplicate", "a region listed twice", "vhdx", vhdx(region_entry_field(BAT, 0, "16s", METADATA))),
+        rule("vhdx.region-duplicate", "a region listed twice", "vhdx",
+             vhdx(region_entry_field(BAT, 0, "16s", METADATA))),
         rule("vhdx.region-required", "unknown required region", "vhdx",
-             vhdx(lambda v: (region_entry_field(BAT, 0, "16s", UNKNOWN)(v), region_entry_field(UNKNOWN, 28, "<I", 1)(v)))),
+             vhdx(lambda v: (region_entry_field(BAT, 0, "16s", UNKNOWN)(v),
+                             region_entry_field(UNKNOWN, 28, "<I", 1)(v)))),
         rule("vhdx.region-missing", "no BAT region", "vhdx", vhdx(region_entry_field(BAT, 0, "16s", UNKNOWN))),
         rule("vhdx.metadata-signature", "metadata table without its signature", "vhdx",
              vhdx(lambda v: v.put(v.metadata, "8s", b"metadatA"))),
         rule("vhdx.metadata-count", "more than 2047 metadata entries", "vhdx",
              vhdx(lambda v: v.put(v.metadata + 10, "<H", 2048))),
         rule("vhdx.metadata-required", "unknown required metadata item", "vhdx",
-             vhdx(lambda v: (item_entry_field(PAGE_83, 0, "16s", UNKNOWN)(v), item_entry_field(UNKNOWN, 24, "<I", 4)(v)))),
+             vhdx(lambda v: (item_entry_field(PAGE_83, 0, "16s", UNKNOWN)(v),
+                             item_entry_field(UNKNOWN, 24, "<I", 4)(v)))),
         rule("vhdx.metadata-duplicate", "a metadata item listed twice", "vhdx",
              vhdx(item_entry_field(PAGE_83, 0, "16s", FILE_PARAMETERS))),
         rule("vhdx.metadata-item-range", "metadata item outside its region", "vhdx",
              vhdx(item_entry_field(VIRTUAL_DISK_SIZE, 16, "<I", 1 * MiB))),
         rule("vhdx.metadata-missing", "a required metadata item missing", "vhdx",
-             vhdx(lambda v: (item_entry_field(PAGE_83, 0, "16s", UNKNOWN)(v), item_entry_field(UNKNOWN, 24, "<I", 0)(v)))),
+             vhdx(lambda v: (item_entry_field(PAGE_83, 0, "16s", UNKNOWN)(v),
+                             item_entry_field(UNKNOWN, 24, "<I", 0)(v)))),
         rule("vhdx.parent-locator-missing", "differencing disk without a parent locator", "vhdx",
              vhdx(lambda v: v.put(v.item(FILE_PARAMETERS) + 4, "<I", 2))),
         rule("vhdx.block-size", "block size not a power of two in 1..256 MiB", "vhdx",

@@ -13,6 +13,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from storprobe import Backing, DataFile, probe
+
 from builders import (
     AUTOCLEAR,
     BACKING_OFFSET,
@@ -48,8 +53,6 @@ from builders import (
     u32,
     u64,
 )
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from oracle import (
     assert_same_as_qemu,
     code_of,
@@ -61,8 +64,6 @@ from oracle import (
     require,
     run,
 )
-
-from storprobe import Backing, DataFile, probe
 
 SECRET = ("--object", "secret,id=s0,data=pw")
 LUKS = "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10"

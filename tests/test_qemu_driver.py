@@ -15,12 +15,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from builders import PREAMBLE, build_dmg, qemu_v2, uml_v3
-from oracle import qemu_img_create, qemu_info, require, run
 
 from storprobe import probe
 from storprobe.qemu_json import EXTRA_KEY, to_qemu_json
 from storprobe.registry import format_table
+
+from builders import PREAMBLE, build_dmg, qemu_v2, uml_v3
+from oracle import qemu_img_create, qemu_info, require, run
 
 
 def _xorriso(path: Path) -> Path:

@@ -9,6 +9,13 @@ import uuid
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from storprobe import Backing, probe
+from storprobe.safety import check
+from storprobe_plugins.vhdx import crc32c
+
 from builders import (
     BAT,
     FILE_PARAMETERS,
@@ -34,8 +41,6 @@ from builders import (
     log_with_invalid_descriptor,
     region_entry_field,
 )
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from oracle import (
     assert_same_as_qemu,
     code_of,
@@ -45,10 +50,6 @@ from oracle import (
     qemu_refuses,
     run,
 )
-
-from storprobe import Backing, probe
-from storprobe.safety import check
-from storprobe_plugins.vhdx import crc32c
 
 
 def pending_log(v: Vhdx, *entries: tuple[int, int]) -> None:

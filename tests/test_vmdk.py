@@ -20,9 +20,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from builders import cowd, descriptor, patch, with_cid
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from storprobe import BytesSource, ProbeError, probe
+from storprobe.qemu_json import to_qemu_json
+from storprobe.safety import check
+
+from builders import cowd, descriptor, patch, with_cid
 from oracle import (
     assert_same_as_qemu,
     code_of,
@@ -35,10 +40,6 @@ from oracle import (
     require,
     run,
 )
-
-from storprobe import BytesSource, ProbeError, probe
-from storprobe.qemu_json import to_qemu_json
-from storprobe.safety import check
 
 GD_AT_END = 0xFFFF_FFFF_FFFF_FFFF
 

@@ -6,9 +6,12 @@ import struct
 from pathlib import Path
 
 import pytest
-from builders import CHECKSUM, FOOTER, checksum, edit, on_both_footers
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from storprobe import Backing, probe
+
+from builders import CHECKSUM, FOOTER, checksum, edit, on_both_footers
 from oracle import (
     assert_same_as_qemu,
     code_of,
@@ -19,8 +22,6 @@ from oracle import (
     qemu_refuses,
     run,
 )
-
-from storprobe import Backing, probe
 
 
 @pytest.fixture
