@@ -14,7 +14,7 @@ is a detail. libvirt 9.0 does not detect bochs at all (it calls it raw).
 from __future__ import annotations
 
 from storprobe import Features, FormatSpec, Image, InvalidHeader, Layout, hookimpl
-from storprobe.layout import cstring, read_uint
+from storprobe.layout import Header, cstring, read_uint
 
 HEADER = Layout(
     "<",
@@ -37,11 +37,11 @@ MAX_CATALOG = 0x100000  # enough for the largest image bximage makes (~8 TiB)
 MAX_EXTENT = 0x800000
 
 
-def _disk_size(img: Image, hdr) -> int:
+def _disk_size(img: Image, hdr: Header) -> int:
     return read_uint(img.header, DISK_SIZE_OFFSET[hdr.version], 8, "<")
 
 
-def _header(img: Image):
+def _header(img: Image) -> Header:
     """The header, checked as QEMU's bochs open checks it."""
     hdr = HEADER.unpack(img.header)
     if hdr.type[: len(REDOLOG)] != REDOLOG:

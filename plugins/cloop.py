@@ -16,6 +16,7 @@ import operator
 import struct
 
 from storprobe import Features, FormatSpec, Image, InvalidHeader, Layout, hookimpl
+from storprobe.layout import Header
 
 PREAMBLE = b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n"
 HEADER = Layout(">", "cloop header", (None, "128x"), ("block_size", "I"), ("n_blocks", "I"))
@@ -28,7 +29,7 @@ MAX_COMPRESSED_BLOCK = 2 * MAX_BLOCK_SIZE  # QEMU's bound on one block's compres
 OFFSETS_SCAN_LIMIT = 4 * 1024 * 1024  # larger tables are checked for position only
 
 
-def _header(img: Image):
+def _header(img: Image) -> Header:
     """The header, checked as QEMU's cloop open checks it."""
     hdr = HEADER.unpack(img.header)
     if hdr.block_size % SECTOR:

@@ -16,6 +16,7 @@ the dirty flag.
 from __future__ import annotations
 
 from storprobe import QEMU_MAX_LENGTH, Features, FormatSpec, Image, InvalidHeader, Layout, LibvirtFacts, hookimpl
+from storprobe.layout import Header
 
 MAGIC = b"WithoutFreeSpace"
 MAGIC_EXT = b"WithouFreSpacExt"
@@ -52,7 +53,7 @@ FEATURE_END = 0
 FEATURE_DIRTY_BITMAP = 0x20385FAE252CB34A
 
 
-def _header(img: Image):
+def _header(img: Image) -> Header:
     """The header, checked as QEMU's parallels open checks it."""
     hdr = HEADER.unpack(img.header)
     if hdr.tracks == 0:
@@ -84,12 +85,12 @@ def _header(img: Image):
     return hdr
 
 
-def _sectors(img: Image, hdr) -> int:
+def _sectors(img: Image, hdr: Header) -> int:
     """Sectors in the disk: 64-bit with the Ext magic, 32-bit with the old one."""
     return hdr.nb_sectors if hdr.magic == MAGIC_EXT else hdr.nb_sectors & 0xFFFFFFFF
 
 
-def _extension(img: Image, hdr) -> int:
+def _extension(img: Image, hdr: Header) -> int:
     """Check the Format Extension cluster as QEMU does; the number of dirty bitmaps in it."""
     cluster = hdr.tracks * SECTOR
     offset = hdr.ext_off * SECTOR

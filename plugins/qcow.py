@@ -10,7 +10,7 @@ whole 512-byte sectors, as QEMU keeps it.
 from __future__ import annotations
 
 from storprobe import QEMU_MAX_LENGTH, Backing, Features, FormatSpec, Image, InvalidHeader, Layout, hookimpl
-from storprobe.layout import cstring
+from storprobe.layout import Header, cstring
 
 HEADER = Layout(
     ">",
@@ -36,7 +36,7 @@ MAX_L1_ENTRIES = (2**31 - 1) // 8  # QEMU sizes the L1 table in an int
 SECTOR = 512
 
 
-def _header(img: Image):
+def _header(img: Image) -> Header:
     """The header, checked as QEMU's qcow open checks it."""
     hdr = HEADER.unpack(img.header)
     if hdr.size <= 1:

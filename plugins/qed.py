@@ -26,7 +26,7 @@ from storprobe import (
     LibvirtFacts,
     hookimpl,
 )
-from storprobe.layout import cstring
+from storprobe.layout import Header, cstring
 
 HEADER = Layout(
     "<",
@@ -60,7 +60,7 @@ def _power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-def _header(img: Image):
+def _header(img: Image) -> Header:
     """The header, checked as QEMU's qed open checks it."""
     hdr = HEADER.unpack(img.header)
     unknown = hdr.features & ~KNOWN_FEATURES
@@ -92,7 +92,7 @@ def _header(img: Image):
     return hdr
 
 
-def _check_l1_table(img: Image, hdr) -> None:
+def _check_l1_table(img: Image, hdr: Header) -> None:
     """The L1 table must be cluster-aligned, after the header, and inside the file."""
     cluster = hdr.cluster_size
     offset = hdr.l1_table_offset

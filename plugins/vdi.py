@@ -11,6 +11,7 @@ sector, as QEMU reads the odd sizes ``VBoxManage convertfromraw`` can write.
 from __future__ import annotations
 
 from storprobe import Features, FormatSpec, Image, InvalidHeader, Layout, hookimpl
+from storprobe.layout import Header
 
 HEADER = Layout(
     "<",
@@ -49,7 +50,7 @@ MAX_DISK_SIZE = MAX_BLOCKS * BLOCK_SIZE
 NULL_UUID = bytes(16)
 
 
-def header(img: Image):
+def header(img: Image) -> Header:
     """The header, checked in QEMU's order, then storprobe's own file checks."""
     hdr = HEADER.unpack(img.header)
     if hdr.disk_size > MAX_DISK_SIZE:

@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 from storprobe import Backing, Features, FormatSpec, Hazard, Image, ImageInfo, InvalidHeader, Layout, hookimpl
+from storprobe.layout import Header
 
 KiB, MiB, TiB = 1024, 1024 * 1024, 1024**4
 
@@ -210,7 +211,7 @@ class Vhdx(NamedTuple):
     parent_locator: Item | None
 
 
-def current_header(img: Image):
+def current_header(img: Image) -> Header:
     """The valid header with the higher sequence number (QEMU's choice)."""
     valid = []
     for offset in HEADER_OFFSETS:
@@ -230,7 +231,7 @@ def current_header(img: Image):
     return max(valid, key=lambda pair: pair[0].sequence_number)[0]
 
 
-def check_log(img: Image, hdr) -> None:
+def check_log(img: Image, hdr: Header) -> None:
     if hdr.log_offset < LOG_ALIGNMENT or hdr.log_offset % LOG_ALIGNMENT:
         raise InvalidHeader(f"log offset {hdr.log_offset} is not a non-zero multiple of 1 MiB", code="vhdx.log-offset")
     if hdr.log_version != 0:
@@ -241,7 +242,7 @@ def check_log(img: Image, hdr) -> None:
         raise InvalidHeader("the log runs past the end of the file", code="vhdx.log-beyond-file")
 
 
-def log_entries(img: Image, hdr) -> int | None:
+def log_entries(img: Image, hdr: Header) -> int | None:
     """How many entries the log sequence QEMU would replay holds (0: none, so
     QEMU opens the image as it is); None when the log is too large to search.
     A log GUID of zero or a log of length zero is no log to QEMU."""
@@ -286,7 +287,7 @@ class LogSearch:
                     code="vhdx.log-loop",
                 )
 
-    def entry(self, previous: int):
+    def entry(self, previous: int) -> Header | None:
         """The entry header at the read position when the entry is valid (and,
         if ``previous``, numbered ``previous`` + 1), moving the position on."""
         hdr = LOG_ENTRY_HEADER.unpack(self.log, self.read)
@@ -304,7 +305,7 @@ class LogSearch:
                 )
         return hdr if checksum_ok(entry) else None
 
-    def header_valid(self, hdr) -> bool:
+    def header_valid(self, hdr: Header) -> bool:
         """QEMU's vhdx_log_hdr_is_valid."""
         return (
             hdr.signature == b"loge"
@@ -325,7 +326,7 @@ class LogSearch:
         return data
 
 
-def descriptor_valid(desc, sequence_number: int) -> bool:
+def descriptor_valid(desc: Header, sequence_number: int) -> bool:
     """QEMU's vhdx_log_desc_is_valid: a zero or data descriptor of the entry's number at a 4 KiB offset."""
     if desc.sequence_number != sequence_number or desc.file_offset % LOG_SECTOR:
         return False
@@ -373,7 +374,7 @@ def region_table(img: Image, taken: list[tuple[int, int]]) -> tuple[Any, Any]:
     return found[BAT_REGION], found[METADATA_REGION]
 
 
-def metadata_items(img: Image, region) -> dict[bytes, Item]:
+def metadata_items(img: Image, region: Header) -> dict[bytes, Item]:
     """The known items of the metadata table, each checked to lie in the region."""
     table = img.read(region.file_offset, METADATA_TABLE_SIZE)
     head = METADATA_TABLE_HEADER.unpack(table)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import struct
 
 from storprobe import Backing, Features, FormatSpec, Image, InvalidHeader, Layout, hookimpl
+from storprobe.layout import Header
 
 FOOTER = Layout(
     ">",
@@ -84,13 +85,13 @@ def checksum(block: bytes, offset: int) -> int:
     return ~(sum(block) - sum(block[offset : offset + 4])) & 0xFFFFFFFF
 
 
-def footer(img: Image):
+def footer(img: Image) -> Header:
     """The footer the row matched (the copy at 0 or the trailer), checked
     (once per probe: size, features and backing all start from it)."""
     return img.memo(footer, _read_footer)
 
 
-def _read_footer(img: Image):
+def _read_footer(img: Image) -> Header:
     block = img.read(img.header_offset, FOOTER_SIZE)
     foot = FOOTER.unpack(block)
     if checksum(block, CHECKSUM_OFFSET) != foot.checksum:
@@ -110,7 +111,7 @@ def _read_footer(img: Image):
     return foot
 
 
-def uses_current_size(foot) -> bool:
+def uses_current_size(foot: Header) -> bool:
     """QEMU's rule for which size field to trust."""
     chs = foot.cylinders * foot.heads * foot.sectors_per_track
     return foot.creator_app in CURRENT_SIZE_CREATORS or chs == MAX_CHS_SECTORS
@@ -127,7 +128,7 @@ def size(img: Image) -> int:
     return sectors * 512
 
 
-def dynamic_header(img: Image, foot) -> tuple:
+def dynamic_header(img: Image, foot: Header) -> tuple[Header, bytes]:
     """The ``cxsparse`` header of a dynamic or differencing disk and its raw bytes."""
     if foot.data_offset > img.size - DYNAMIC_HEADER_SIZE:
         raise InvalidHeader(
@@ -141,7 +142,7 @@ def dynamic_header(img: Image, foot) -> tuple:
     return dyn, raw
 
 
-def check_table(img: Image, dyn, virtual_size: int) -> bool:
+def check_table(img: Image, dyn: Header, virtual_size: int) -> bool:
     """Check the block allocation table as QEMU does on open; False when it
     was too large to scan for blocks past the end of the file."""
     block = dyn.block_size

@@ -451,7 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     is one line ``storprobe: write error: REASON`` and status 1, and a reader
     that went away (EPIPE) ends the command quietly."""
     stdout = sys.stdout
-    sys.stdout = _Output(stdout)  # type: ignore[assignment]
+    sys.stdout = _Output(stdout)
     try:
         try:
             status = _run(argv)

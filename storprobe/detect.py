@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Callable
 from functools import partial
-from typing import BinaryIO, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 from .errors import InvalidHeader, ProbeError, TruncatedHeader, UnsupportedVersion
 from .layout import read_uint
@@ -36,7 +36,7 @@ def open_source(target: Target) -> ByteSource:
         return BytesSource(bytes(target))
     if hasattr(target, "read_at"):
         return target  # type: ignore[return-value]
-    return FileSource(target)  # type: ignore[arg-type]
+    return FileSource(target)
 
 
 def probe(target: Target, *, format: str | None = None, table: FormatTable | None = None) -> ImageInfo:
@@ -277,7 +277,7 @@ def _describe(img: Image, spec: FormatSpec, found: Signature, evidence: str, mat
 
 
 
-def guarded(spec: FormatSpec, callback: str, call):
+def guarded(spec: FormatSpec, callback: str, call: Callable[[], Any]) -> Any:
     """Run a plugin callback; a bug in it becomes a named error, not a traceback."""
     try:
         return call()

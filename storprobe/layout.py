@@ -21,6 +21,10 @@ from typing import Any
 
 from .errors import TruncatedHeader
 
+#: A structure as :meth:`Layout.unpack` returns it: a named tuple whose fields the
+#: layout names at run time, so a type checker knows none of them (it is Any).
+Header = Any
+
 
 class Layout:
     """A fixed-size structure: an endianness and an ordered list of fields."""
@@ -35,7 +39,7 @@ class Layout:
         self._names = [name for name, _ in fields if name]
         self._tuple: type[tuple[Any, ...]] | None = None  # made on first use: most layouts never are
 
-    def unpack(self, buf: bytes | memoryview, offset: int = 0) -> Any:
+    def unpack(self, buf: bytes | memoryview, offset: int = 0) -> Header:
         """The fields at ``offset`` of ``buf`` as a named tuple."""
         if self._tuple is None:
             self._tuple = _record_type(re.sub(r"\W", "_", self.what).strip("_") or "header", self._names)
