@@ -4,6 +4,8 @@ import socket
 import pytest
 from hypothesis import HealthCheck, settings
 
+from builders import real_images
+
 # Tests see only the built-in formats unless a test registers its own plugin.
 os.environ.setdefault("STORPROBE_DISABLE_PLUGIN_AUTOLOAD", "1")
 
@@ -30,3 +32,11 @@ def no_network(monkeypatch):
     for name in ("getaddrinfo", "gethostbyname", "create_connection"):
         monkeypatch.setattr(socket, name, refuse)
     monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+@pytest.fixture(scope="session")
+def real_image_seeds(tmp_path_factory) -> list[bytes]:
+    """The real images of every format (``builders.real_images``), made once a
+    session (once per xdist worker): the fuzz tests and the differential sample
+    mutate copies of these bytes."""
+    return real_images(tmp_path_factory.mktemp("seeds"))

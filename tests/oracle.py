@@ -168,17 +168,21 @@ def rebase_unsafe(image: Path, backing: str, fmt: str | None = None) -> None:
 
 
 class LibvirtPool:
-    """A transient libvirt dir pool over a directory; skips when libvirt is absent."""
+    """A transient libvirt dir pool over a directory; skips when libvirt is absent.
+    Its name is ``name`` and this process's id: libvirtd is one for the whole
+    machine, shared by parallel test workers and by other runs."""
 
     URI = "qemu:///system"
 
     def __init__(self, directory: Path, name: str) -> None:
         require("virsh")
-        self.directory, self.name = directory, name
-        probe_conn = subprocess.run(["virsh", "-c", self.URI, "version"], capture_output=True)
+        self.directory, self.name = directory, f"{name}-{os.getpid()}"
+        # ``virsh uri`` needs the connection and nothing else (``virsh version``
+        # asks libvirtd to probe the hypervisor: about 4 s here, per call).
+        probe_conn = subprocess.run(["virsh", "-c", self.URI, "uri"], capture_output=True)
         if probe_conn.returncode != 0:
             pytest.skip("libvirtd is not running (.ci/run starts it with 'libvirtd -d')")
-        self._virsh("pool-create-as", name, "dir", "--target", str(directory))
+        self._virsh("pool-create-as", self.name, "dir", "--target", str(directory))
 
     def _virsh(self, *args: str) -> str:
         proc = subprocess.run(["virsh", "-c", self.URI, *args], capture_output=True, text=True)
@@ -262,10 +266,9 @@ def renders(info: ImageInfo) -> None:
 
 def libvirt_volumes(directory: Path, tag: str) -> dict[str, tuple[str, int]]:
     """libvirt's (format, capacity) of every file in ``directory``, from a transient dir pool."""
-    import os
     from xml.etree import ElementTree
 
-    pool = LibvirtPool(directory, f"storprobe-{tag}-{os.getpid()}")
+    pool = LibvirtPool(directory, f"storprobe-{tag}")
     try:
         volumes = {name: ElementTree.fromstring(pool.dumpxml(name)) for name in pool.volumes()}
     finally:

@@ -19,7 +19,7 @@ from storprobe.volume_xml import to_volume_xml
 
 
 def _virsh_documents(directory: Path) -> dict[str, etree._Element]:
-    pool = LibvirtPool(directory, f"storprobe-differences-{os.getpid()}")
+    pool = LibvirtPool(directory, "storprobe-differences")
     try:
         return {name: etree.fromstring(pool.dumpxml(name)) for name in pool.volumes()}
     finally:

@@ -8,7 +8,7 @@ import ast
 from pathlib import Path
 
 import pytest
-from builders import real_images
+
 from differential_campaign import KNOWN, divergences, known, qemu_formats
 from oracle import require
 
@@ -17,12 +17,10 @@ SAMPLE = 400
 TESTS = Path(__file__).resolve().parent
 
 
-def test_a_fixed_sample_diverges_only_in_known_ways(tmp_path):
+def test_a_fixed_sample_diverges_only_in_known_ways(tmp_path, real_image_seeds):
     require("qemu-img")
-    (tmp_path / "seeds").mkdir()
-    (tmp_path / "scratch").mkdir()
-    seeds = qemu_formats(real_images(tmp_path / "seeds"))
-    found = {kind for kind, _ in divergences(seeds, SAMPLE, seed=1, scratch=tmp_path / "scratch")}
+    seeds = qemu_formats(real_image_seeds)
+    found = {kind for kind, _ in divergences(seeds, SAMPLE, seed=1, scratch=tmp_path)}
     assert found, "the sample should meet at least the known divergences"
     assert [kind for kind in sorted(found) if not known(kind)] == []
 

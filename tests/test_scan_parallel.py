@@ -37,6 +37,11 @@ def pool(tmp_path_factory) -> Path:
             name.write_bytes(bytes(4096))  # raw
         else:
             name.write_bytes(good)
+        # An access time after the change time: a read (relatime) no longer
+        # updates it, so every scan of the pool prints the same <atime>, in
+        # whichever order (or xdist worker) the tests run.
+        stat = name.stat()
+        os.utime(name, ns=(stat.st_mtime_ns + 3600 * 10**9, stat.st_mtime_ns))
     os.mkfifo(root / "fifo")
     (root / "dangling").symlink_to("nowhere")
     (root / "sub").mkdir()

@@ -62,9 +62,9 @@ def images(tmp_path_factory) -> Path:
     for name, (fmt, size, *options) in QEMU_IMAGES.items():
         qemu_img_create(directory / name, fmt, size, *options)
     run("qemu-img", "create", "-q", "-f", "qcow2", "--object", "secret,id=s0,data=pw",
-        "-o", "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=100", directory / "enc.qcow2", "64M")
+        "-o", "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10", directory / "enc.qcow2", "64M")
     run("qemu-img", "create", "-q", "-f", "luks", "--object", "secret,id=s0,data=pw",
-        "-o", "key-secret=s0,iter-time=100", directory / "vol.luks", "16M")
+        "-o", "key-secret=s0,iter-time=10", directory / "vol.luks", "16M")
     run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "v3.qcow2", "-F", "qcow2", directory / "child.qcow2")
     run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "plain.raw", "-F", "raw", directory / "onraw.qcow2")
     qemu_img_create(directory / "a.vhdx", "vhdx", "32M")
