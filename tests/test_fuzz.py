@@ -49,7 +49,7 @@ EXPECTED = {
     "vmdk-blank-lines.vmdk.xz": ("vmdk.extent-count", ["malformed"]),
     "vmdk-hostile-extents.vmdk.xz": ("vmdk.extent-line", ["malformed"]),
     "vmdk-stream-footer-odd-size.vmdk.xz": ("vmdk.footer", ["malformed"]),
-    "vmdk-unparseable-json-parent.vmdk.xz": ("vmdk", ["backing-file", "vmdk.external-extent", "vmdk.extent-path"]),
+    "vmdk-unparseable-json-parent.vmdk.xz": ("vmdk", ["vmdk.external-extent", "vmdk.extent-path", "backing-invalid"]),
     "vpc-differencing-surrogate-parent.vhd.xz": ("vpc", ["backing-file"]),
 }
 
