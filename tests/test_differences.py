@@ -9,13 +9,14 @@ import re
 from pathlib import Path
 
 import pytest
-from builders import build_dmg
 from lxml import etree
-from oracle import LibvirtPool, canonical_xml, qemu_img_create, qemu_info, qemu_refuses, run
 
 from storprobe import probe
 from storprobe.qemu_json import EXTRA_KEY, to_qemu_json
 from storprobe.volume_xml import to_volume_xml
+
+from builders import build_dmg
+from oracle import LibvirtPool, canonical_xml, qemu_img_create, qemu_info, qemu_refuses, run
 
 
 def _virsh_documents(directory: Path) -> dict[str, etree._Element]:
