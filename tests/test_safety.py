@@ -224,7 +224,7 @@ def _vpc_fixed_partitioned(path: Path, tmp_path: Path) -> Path:
 
 def _dmg_partitioned(path: Path, tmp_path: Path) -> Path:
     """A DMG's data fork is the guest's disk, MBR and all; its header is the trailer."""
-    from test_dmg import build_dmg
+    from builders import build_dmg
 
     path = path.with_suffix(".dmg")
     path.write_bytes(build_dmg(partitioned_raw(tmp_path / "guest.img").read_bytes()))
@@ -332,7 +332,7 @@ def test_backing_file_in_every_format_that_has_one(tmp_path, fmt):
 
 
 def test_differencing_vhd_names_a_backing_file(tmp_path):
-    from test_vpc import edit, on_both_footers
+    from builders import edit, on_both_footers
 
     path = qemu_img_create(tmp_path / "child.vhd", "vpc", "64M")
     name = "parent.vhd".encode("utf-16-be")
@@ -341,7 +341,7 @@ def test_differencing_vhd_names_a_backing_file(tmp_path):
 
 
 def test_differencing_vhdx_names_a_backing_file(tmp_path):
-    from test_vhdx import Vhdx
+    from builders import Vhdx
 
     image = Vhdx(qemu_img_create(tmp_path / "child.vhdx", "vhdx", "64M"))
     image.make_differencing({"relative_path": ".\\parent.vhdx", "absolute_win32_path": "C:\\vms\\parent.vhdx"})
@@ -923,7 +923,7 @@ def test_partition_table_in_a_dynamic_vhds_footer_copy(tmp_path):
     end: an MBR fits there (checksum refreshed, QEMU opens the image). A fixed
     VHD's first sector is the guest's disk, judged by
     test_declared_raw_is_safe_when_its_first_sector_is_the_guests."""
-    from test_vpc import edit
+    from builders import edit
 
     entry = struct.pack("<B3sB3sII", 0x80, bytes(3), 0x83, bytes(3), 2048, 8192)
     path = edit(qemu_img_create(tmp_path / "a.vhd", "vpc", "64M"), (446, "16s", entry), (510, "2s", b"\x55\xaa"))
