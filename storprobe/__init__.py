@@ -18,10 +18,10 @@ from .errors import (
 )
 from .hookspecs import hookimpl
 from .layout import Layout
-from .model import Backing, DataFile, ImageInfo, Snapshot
+from .model import Backing, DataFile, ImageInfo, LibvirtFacts, Snapshot
 from .registry import format_table, register, registered, unregister
 from .source import BytesSource, FileSource, Image, PathSource
-from .spec import INT64_MAX, QEMU_MAX_LENGTH, Features, FormatSpec, Hazard, LibvirtFacts
+from .spec import INT64_MAX, QEMU_MAX_LENGTH, Features, FormatSpec, Hazard
 
 if TYPE_CHECKING:
     from . import chain as chain

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 from urllib.parse import unquote
 
 from .errors import BackingNameError
-from .spec import EMPTY
+from .model import EMPTY
 
 #: What a backing name reaches (``BackingStore.reach``).
 REACH_FILE = "file"  # a local file, ``path`` as QEMU resolves it (relative: QEMU's working directory)

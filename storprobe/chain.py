@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import os
 
-from .backing import BackingStore, has_protocol_prefix, parse_backing_name
+from .backing import BackingStore, has_protocol_prefix
 from .detect import probe
 from .errors import (
     BackingError,
     BackingFormatNotSpecified,
     BackingLoop,
     BackingMissing,
+    BackingNameError,
     ChainTooDeep,
     ProbeError,
     SourceError,
@@ -50,10 +51,11 @@ class Chain:
 
 
 def backing_store(info: ImageInfo) -> BackingStore | None:
-    """What ``info``'s recorded backing name denotes, resolved against its directory."""
-    if info.backing is None:
-        return None
-    return parse_backing_name(info.backing.name, info.filename)
+    """What ``info``'s recorded backing name denotes, resolved against its directory
+    (parsed when it was probed); BackingNameError when QEMU refuses the name."""
+    if isinstance(info.backing_store, BackingNameError):
+        raise info.backing_store
+    return info.backing_store
 
 
 def probe_chain(

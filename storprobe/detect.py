@@ -14,14 +14,17 @@ import os
 import sys
 from collections.abc import Callable
 from functools import partial
-from typing import Any, BinaryIO, NamedTuple
+from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
 
-from .errors import InvalidHeader, ProbeError, TruncatedHeader, UnsupportedVersion
+from .errors import BackingNameError, InvalidHeader, ProbeError, TruncatedHeader, UnsupportedVersion
 from .layout import read_uint
 from .model import ImageInfo
 from .registry import FormatTable, format_table
 from .source import ByteSource, BytesSource, FileSource, Image, PathSource
 from .spec import QEMU_MAX_LENGTH, Features, FormatSpec
+
+if TYPE_CHECKING:
+    from .backing import BackingStore
 
 Target = str | os.PathLike[str] | bytes | BinaryIO | ByteSource
 #: A refused signature's error, made only when it is raised.
@@ -69,19 +72,19 @@ def describe_image(img: Image, table: FormatTable, format: str | None) -> ImageI
             article = "an" if spec.name[:1] in "aeiou" else "a"
             raise InvalidHeader(f"not {article} {spec.name} image (its signature is missing)", code="wrong-format")
         found = matched.get(spec.name, Signature(spec, spec.header_offsets[0], by_magic=False))
-        return _describe(img, spec, found, "caller", matches)
+        return _describe(img, table, spec, found, "caller", matches)
     if matched:
         found = next(iter(matched.values()))
-        return _describe(img, found.spec, found, "magic", matches)
+        return _describe(img, table, found.spec, found, "magic", matches)
     if rejected:
         raise _refusal([refuse() for refuse in rejected.values()])
     for spec in table.unsigned:
         if img.file_type in spec.file_types:
             no_signature = Signature(spec, spec.header_offsets[0], by_magic=False)
             if spec.extension and img.name.lower().endswith(spec.extension):
-                return _describe(img, spec, no_signature, "extension", matches)
+                return _describe(img, table, spec, no_signature, "extension", matches)
             if spec.catch_all:
-                return _describe(img, spec, no_signature, "fallback", matches)
+                return _describe(img, table, spec, no_signature, "fallback", matches)
     raise ProbeError(f"no format applies to a {img.file_type}", code="no-format")
 
 
@@ -217,7 +220,9 @@ _NO_FEATURES = Features()
 SECTOR = 512
 
 
-def _describe(img: Image, spec: FormatSpec, found: Signature, evidence: str, matches: tuple[str, ...]) -> ImageInfo:
+def _describe(
+    img: Image, table: FormatTable, spec: FormatSpec, found: Signature, evidence: str, matches: tuple[str, ...]
+) -> ImageInfo:
     img.at_header(found.offset)
     header = img.header
     callback = "features"
@@ -251,6 +256,20 @@ def _describe(img: Image, spec: FormatSpec, found: Signature, evidence: str, mat
     driver_size = None
     if driver != spec.name and img.file_type != "directory":  # QEMU reads the bytes as they are
         driver_size = -(-img.size // SECTOR) * SECTOR
+    backing_libvirt_format: str | None = None
+    backing_store: BackingStore | BackingNameError | None = None
+    data_file_store: BackingStore | BackingNameError | None = None
+    data_file = features.data_file
+    if backing is not None or (data_file is not None and data_file.name is not None):
+        from .backing import describe_backing_name  # only images that name one pay for its import
+
+        if backing is not None:
+            backing_store = describe_backing_name(backing.name, img.name)
+            if backing.format is not None:
+                recorded = backing.format
+                backing_libvirt_format = table[recorded].libvirt_format if recorded in table else recorded
+        if data_file is not None and data_file.name is not None:
+            data_file_store = describe_backing_name(data_file.name, img.name)
     return ImageInfo(  # by position, in the field order: keywords cost 1.5 us per probe
         img.name,  # filename
         spec.name,  # format
@@ -273,6 +292,11 @@ def _describe(img: Image, spec: FormatSpec, found: Signature, evidence: str, mat
         stat,
         driver,
         driver_size,
+        spec.libvirt,
+        backing_libvirt_format,
+        backing_store,
+        data_file_store,
+        getattr(img.source, "security_label", None),  # optional: see ByteSource
     )
 
 

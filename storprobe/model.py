@@ -9,7 +9,11 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+if TYPE_CHECKING:
+    from .backing import BackingStore
+    from .errors import BackingNameError
 
 #: The empty mapping a record holds by default (shared, so read-only).
 EMPTY: Mapping[Any, Any] = MappingProxyType({})
@@ -39,6 +43,20 @@ class Snapshot(NamedTuple):
     date_nsec: int
     vm_clock_nsec: int
     icount: int | None = None
+
+
+class LibvirtFacts(NamedTuple):
+    """How libvirt's storage driver treats a format's volumes, where it differs from
+    what the bytes say; only the volume XML reads these (a row's, carried by each of its records)."""
+
+    #: libvirt's ``<format type=...>`` for the format, when it is not the row's name.
+    name: str | None = None
+    #: libvirt reads no size from such a volume: its ``<capacity>`` is the file's size,
+    #: even where qemu-img's virtual size is rounded to whole sectors.
+    capacity_is_file_size: bool = False
+    #: libvirt can create this format with a given cluster size (``vol-create`` passes
+    #: ``<clusterSize>`` to ``qemu-img create -o cluster_size=``), so the volume XML carries it.
+    cluster_size: bool = False
 
 
 class ImageInfo(NamedTuple):
@@ -74,6 +92,16 @@ class ImageInfo(NamedTuple):
     #: The virtual size that driver shows, when it is not the format's own driver
     #: (QEMU reads an iso, a cow file, a LUKS2 volume as raw: the volume in whole sectors).
     driver_size: int | None = None
+    #: What renderers need beyond the bytes' facts, so that they look nothing up:
+    #: the row's libvirt facts; libvirt's name for the backing's recorded format
+    #: (its row's, else the name as recorded); what the backing and data-file
+    #: names denote (parsed as QEMU parses them, never opened), or why QEMU
+    #: refuses them; the volume's SELinux label, read with its stat.
+    libvirt: LibvirtFacts = LibvirtFacts()
+    backing_libvirt_format: str | None = None
+    backing_store: BackingStore | BackingNameError | None = None
+    data_file_store: BackingStore | BackingNameError | None = None
+    security_label: str | None = None
 
     @property
     def encrypted(self) -> bool:

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import BackingNameError
-from .model import ImageInfo
-from .scan import ScanRecord
-from .spec import Snapshot
+from .model import ImageInfo, Snapshot
+
+if TYPE_CHECKING:
+    from .backing import BackingStore
+    from .scan import ScanRecord
 
 EXTRA_KEY = "storprobe"
 #: What QEMU takes for a protocol prefix: a colon before any slash (``nbd:``,
@@ -107,22 +109,19 @@ def extras(info: ImageInfo) -> dict[str, Any]:
         extra["compat"] = info.compat
     if info.flags is not None:
         extra["features"] = list(info.flags)
-    if info.backing is not None:
-        extra["backing-store"] = _store(info.backing.name, info.filename)
+    if info.backing is not None and info.backing_store is not None:
+        extra["backing-store"] = _store(info.backing.name, info.backing_store)
     if info.data_file is not None:
         extra["data-file"] = {"raw-image": info.data_file.raw}  # qemu-img: data-file-raw
-        if info.data_file.name is not None:
-            extra["data-file"] |= _store(info.data_file.name, info.filename)
+        if info.data_file.name is not None and info.data_file_store is not None:
+            extra["data-file"] |= _store(info.data_file.name, info.data_file_store)
     if info.details:
         extra["details"] = dict(info.details)
     return extra
 
 
-def _store(name: str, image: str) -> dict[str, Any]:
-    """What a recorded backing or data-file name denotes (parsed, never opened)."""
-    from .backing import describe_backing_name  # only images that name one pay for its import
-
-    store = describe_backing_name(name, image)
+def _store(name: str, store: BackingStore | BackingNameError) -> dict[str, Any]:
+    """What a recorded backing or data-file name denotes (parsed when probed, never opened)."""
     if isinstance(store, BackingNameError):  # a name QEMU refuses: as recorded, flagged
         return {"name": name, "error": {"code": store.code, "message": store.reason}}
     out: dict[str, Any] = {"name": store.name, "protocol": store.protocol, "reach": store.reach}

@@ -37,7 +37,8 @@ T = TypeVar("T")
 class ByteSource(Protocol):
     """What the core reads a volume through. The core only reads ``name``,
     ``file_type`` and ``stat``: a plain attribute, a class attribute or a
-    property satisfies each."""
+    property satisfies each. A source may also have ``security_label``, the
+    volume's SELinux label read when it was opened (the volume XML's ``<label>``)."""
 
     @property
     def name(self) -> str: ...
@@ -67,6 +68,14 @@ _KIND_BY_MODE = (
     (stat.S_ISFIFO, "FIFO"),
     (stat.S_ISSOCK, "socket"),
 )
+
+
+def _security_label(fd: int) -> str | None:
+    """The SELinux label of the open file ``fd`` (libvirt's ``<label>``), if it has one."""
+    try:
+        return os.getxattr(fd, "security.selinux").rstrip(b"\0").decode() or None
+    except (OSError, AttributeError, UnicodeDecodeError):  # no label, no xattrs, not Linux
+        return None
 
 
 def _kind(mode: int) -> str:
@@ -119,6 +128,7 @@ class PathSource:
         try:
             self.stat = os.fstat(self._fd)
             self.file_type = _check_volume(self.stat.st_mode)  # the path may have changed since
+            self.security_label = _security_label(self._fd)
             self._size = (
                 os.lseek(self._fd, 0, os.SEEK_END) if self.file_type == "block" else self.stat.st_size
             )
@@ -165,11 +175,14 @@ class FileSource:
         self.name = name or str(getattr(fileobj, "name", "<file>"))
         self._fd: int | None = None
         self.stat: os.stat_result | None = None
+        self.security_label: str | None = None
         try:
             fd = fileobj.fileno()
             self._fd, self.stat = fd, os.fstat(fd)
         except (OSError, AttributeError, io.UnsupportedOperation):
             self._fd, self.stat = None, None
+        else:
+            self.security_label = _security_label(fd)
         if self.stat is not None:
             self.file_type = _kind(self.stat.st_mode)
             if self.file_type not in ("file", "block"):
@@ -201,6 +214,7 @@ class BytesSource:
 
     file_type = "file"
     stat = None
+    security_label = None
 
     def __init__(self, data: bytes, name: str = "<bytes>") -> None:
         self._data = bytes(data)

@@ -14,10 +14,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
-from .model import EMPTY, Backing, DataFile, ImageInfo, Snapshot
+from .model import EMPTY, LibvirtFacts
 from .source import HEAD_SIZE
 
 if TYPE_CHECKING:
+    from .model import Backing, DataFile, ImageInfo, Snapshot
     from .source import Image
 
 FileType = Literal["file", "block", "directory"]
@@ -52,20 +53,6 @@ class Hazard(NamedTuple):
 
     check: str  # a stable name: "backing-file", "polyglot", "qcow2.unknown-feature" ...
     message: str
-
-
-class LibvirtFacts(NamedTuple):
-    """How libvirt's storage driver treats a format's volumes, where it differs from
-    what the bytes say; only the volume XML reads these."""
-
-    #: libvirt's ``<format type=...>`` for the format, when it is not the row's name.
-    name: str | None = None
-    #: libvirt reads no size from such a volume: its ``<capacity>`` is the file's size,
-    #: even where qemu-img's virtual size is rounded to whole sectors.
-    capacity_is_file_size: bool = False
-    #: libvirt can create this format with a given cluster size (``vol-create`` passes
-    #: ``<clusterSize>`` to ``qemu-img create -o cluster_size=``), so the volume XML carries it.
-    cluster_size: bool = False
 
 
 #: Widths a fixed field may have: an unsigned integer of one to eight bytes.
@@ -118,14 +105,6 @@ class FormatSpec(NamedTuple):
     def libvirt_format(self) -> str:
         """The name libvirt's ``<format type=...>`` uses for this format."""
         return self.libvirt.name or self.name
-
-    @property
-    def libvirt_capacity_is_file_size(self) -> bool:
-        return self.libvirt.capacity_is_file_size
-
-    @property
-    def libvirt_cluster_size(self) -> bool:
-        return self.libvirt.cluster_size
 
     def driver(self, version: int | None) -> str:
         """The QEMU driver that opens an image of this format and ``version``."""

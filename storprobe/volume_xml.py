@@ -9,6 +9,10 @@ Safety: a single image's ``<backingStore>`` carries the recorded path and
 format only. Permissions and timestamps of a backing file come from ``stat``
 of that file, which is done only for a chain the caller asked to follow, so an
 untrusted image cannot make us report on arbitrary host paths.
+
+Rendering is a pure function of the records: what it needs beyond the bytes'
+facts (the row's libvirt facts, the parsed backing name, the SELinux label)
+was put in the record when the volume was probed.
 """
 
 from __future__ import annotations
@@ -16,16 +20,18 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from lxml import etree
 
-from .backing import BackingStore, describe_backing_name, has_protocol_prefix
-from .chain import Chain
+from .backing import BackingStore, has_protocol_prefix
 from .errors import InvalidDocument, ProbeError, Unrepresentable
-from .model import ImageInfo
-from .registry import format_table
-from .scan import ScanRecord
-from .spec import FormatSpec
+from .model import ImageInfo, LibvirtFacts
+
+if TYPE_CHECKING:
+    from .chain import Chain
+    from .registry import FormatTable
+    from .scan import ScanRecord
 
 VOLUME_TYPES = {"file": "file", "block": "block", "directory": "dir"}
 #: Our encryption method names -> libvirt's ``<encryption format=...>``.
@@ -78,21 +84,13 @@ def _timestamp(ns: int) -> str:
     return f"{sec}.{nsec:09d}" if nsec else str(sec)
 
 
-def _label(path: str) -> str | None:
-    try:
-        return os.getxattr(path, "security.selinux").rstrip(b"\0").decode()
-    except (OSError, AttributeError, UnicodeDecodeError):
-        return None
-
-
-def _permissions_and_times(parent: etree._Element, path: str, st: os.stat_result) -> None:
+def _permissions_and_times(parent: etree._Element, info: ImageInfo, st: os.stat_result) -> None:
     perms = _sub(parent, "permissions")
     _sub(perms, "mode", f"0{st.st_mode & 0o777:o}")  # as libvirt: "0%o" of the rwx bits (00 for mode 0)
     _sub(perms, "owner", st.st_uid)
     _sub(perms, "group", st.st_gid)
-    label = _label(path)
-    if label:
-        _sub(perms, "label", label)
+    if info.security_label:
+        _sub(perms, "label", info.security_label)
     times = _sub(parent, "timestamps")
     _sub(times, "atime", _timestamp(st.st_atime_ns))
     _sub(times, "mtime", _timestamp(st.st_mtime_ns))
@@ -100,25 +98,21 @@ def _permissions_and_times(parent: etree._Element, path: str, st: os.stat_result
     _sub(times, "btime", "0")  # Linux stat has no birth time; libvirt prints 0 too
 
 
-def _row(fmt: str) -> FormatSpec | None:
-    """The table row of a format name, if a plugin provides it."""
-    table = format_table()
-    return table[fmt] if fmt in table else None
-
-
 #: A format name the schema accepts for a format it does not list (xml-schemas/storagevol.rng).
 _FORMAT_NAME = re.compile(r"[a-z][a-z0-9_+.\-]*")
 
 
-def _libvirt_name(fmt: str) -> str:
-    """The name libvirt's ``<format type=...>`` uses for ``fmt``; Unrepresentable
-    for a name no format could have (an image's backing format is its own text)."""
-    row = _row(fmt)
-    if row is not None:
-        return row.libvirt_format
-    if not _FORMAT_NAME.fullmatch(fmt):
-        raise Unrepresentable(f"format {fmt!r} is not a format name (a-z, then a-z, 0-9, _+.-)")
-    return fmt
+def _format_type(name: str) -> str:
+    """``name`` for libvirt's ``<format type=...>``; Unrepresentable for a name no
+    format could have (an image's backing format is its own text)."""
+    if not _FORMAT_NAME.fullmatch(name):
+        raise Unrepresentable(f"format {name!r} is not a format name (a-z, then a-z, 0-9, _+.-)")
+    return name
+
+
+def _libvirt_format(info: ImageInfo) -> str:
+    """The name libvirt's ``<format type=...>`` uses for the volume's format."""
+    return _format_type(info.libvirt.name or info.format)
 
 
 def volume_element(info: ImageInfo, chain: Chain | None = None, key: str | None = None) -> etree._Element:
@@ -131,22 +125,21 @@ def volume_element(info: ImageInfo, chain: Chain | None = None, key: str | None 
     _sub(vol, "key", key or path)
     st = info.stat
     physical = None if is_dir or st is None else info.virtual_size if info.file_type == "block" else st.st_size
-    row = _row(info.format)
-    sized_by_file = row is not None and row.libvirt_capacity_is_file_size
+    sized_by_file = info.libvirt.capacity_is_file_size
     _sub(vol, "capacity", physical if sized_by_file and physical is not None else info.virtual_size, unit="bytes")
     _sub(vol, "allocation", 0 if is_dir or st is None else st.st_blocks * 512, unit="bytes")
     if physical:  # libvirt writes no <physical> of 0 bytes (an empty file)
         _sub(vol, "physical", physical, unit="bytes")
     target = _sub(vol, "target")
     _sub(target, "path", path)
-    _sub(target, "format", type=_libvirt_name(info.format))
+    _sub(target, "format", type=_libvirt_format(info))
     if st is not None:
-        _permissions_and_times(target, path, st)
+        _permissions_and_times(target, info, st)
     if info.encryption is not None:
         _sub(target, "encryption", format=LIBVIRT_ENCRYPTION.get(info.encryption, info.encryption))
     if info.compat is not None:
         _sub(target, "compat", info.compat)
-    if info.cluster_size is not None and row is not None and row.libvirt_cluster_size:
+    if info.cluster_size is not None and info.libvirt.cluster_size:
         _sub(target, "clusterSize", info.cluster_size, unit="B")  # elsewhere vol-create would refuse it
     if info.flags is not None:
         features = _sub(target, "features")
@@ -155,26 +148,25 @@ def volume_element(info: ImageInfo, chain: Chain | None = None, key: str | None 
     if chain is not None:
         _chain_backing(vol, chain, 0)
     elif info.backing is not None:
-        _backing_element(vol, describe_backing_name(info.backing.name, info.filename), info.backing.name,
-                         info.backing.format)
+        _backing_element(vol, info.backing_store, info)
     return vol
 
 
-def _backing_element(
-    parent: etree._Element, store: BackingStore | ProbeError | None, name: str, fmt: str | None
-) -> etree._Element:
+def _backing_element(parent: etree._Element, store: BackingStore | ProbeError | None, info: ImageInfo) -> None:
     """``<backingStore>`` from the recorded name alone (nothing is stat'ed). A
     local file is its absolute path, a network store libvirt has a protocol for
     its ``<source>``; any other store, a file relative to QEMU's working directory
     (``file:x.img``), and a name QEMU refuses (an error or None) is the name as
     recorded, as libvirt's vol-dumpxml prints it."""
+    assert info.backing is not None
+    fmt = info.backing_libvirt_format
     if isinstance(store, BackingStore) and store.protocol in LIBVIRT_PROTOCOLS and store.reach == "network":
-        return _network_backing(parent, store, fmt)
+        _network_backing(parent, store, fmt)
+        return
     element = _sub(parent, "backingStore")
-    _sub(element, "path", _backing_path(store, name))
+    _sub(element, "path", _backing_path(store, info.backing.name))
     if fmt is not None:
-        _sub(element, "format", type=_libvirt_name(fmt))
-    return element
+        _sub(element, "format", type=_format_type(fmt))
 
 
 def _backing_path(store: BackingStore | ProbeError | None, name: str) -> str:
@@ -186,11 +178,11 @@ def _backing_path(store: BackingStore | ProbeError | None, name: str) -> str:
     return name
 
 
-def _network_backing(parent: etree._Element, store: BackingStore, fmt: str | None) -> etree._Element:
+def _network_backing(parent: etree._Element, store: BackingStore, fmt: str | None) -> None:
     """A network backing, described the way libvirt's domain XML describes one."""
     element = _sub(parent, "backingStore", type="network")
     if fmt is not None:
-        _sub(element, "format", type=_libvirt_name(fmt))
+        _sub(element, "format", type=_format_type(fmt))
     source = _sub(element, "source", protocol=LIBVIRT_PROTOCOLS[store.protocol])
     if store.target is not None:
         source.set("name", _xml(store.target))
@@ -203,7 +195,6 @@ def _network_backing(parent: etree._Element, store: BackingStore, fmt: str | Non
         if host.socket is not None:
             attrs["socket"] = host.socket
         _sub(source, "host", **attrs)
-    return element
 
 
 def _chain_backing(parent: etree._Element, chain: Chain, index: int) -> None:
@@ -212,15 +203,14 @@ def _chain_backing(parent: etree._Element, chain: Chain, index: int) -> None:
     if info.backing is None:
         return
     if store is None or index + 1 >= len(chain.images) or not store.is_file:
-        _backing_element(parent, store, info.backing.name, info.backing.format)
+        _backing_element(parent, store, info)
         return
     below = chain.images[index + 1]
     element = _sub(parent, "backingStore")
-    path = os.path.abspath(below.filename)
-    _sub(element, "path", path)
-    _sub(element, "format", type=_libvirt_name(below.format))
+    _sub(element, "path", os.path.abspath(below.filename))
+    _sub(element, "format", type=_libvirt_format(below))
     if below.stat is not None:
-        _permissions_and_times(element, path, below.stat)
+        _permissions_and_times(element, below, below.stat)
     _chain_backing(element, chain, index + 1)
 
 
@@ -268,49 +258,61 @@ def _serialize(element: etree._Element) -> str:
     return etree.tostring(element, encoding="unicode") + "\n"
 
 
-def parse_volume_xml(text: str | bytes) -> ImageInfo:
+def parse_volume_xml(text: str | bytes, table: FormatTable | None = None) -> ImageInfo:
     """Read a ``<volume>`` document back into the data model (the facts it
-    carries); InvalidDocument for anything else, or one without a capacity or a format."""
-    from .spec import Backing
+    carries, with ``table``'s row for its format: default, the plugins' table);
+    InvalidDocument for anything else, or one without a capacity or a format."""
+    from .backing import describe_backing_name
+    from .model import Backing
+    from .registry import format_table
     from .validate import valid_root
 
+    table = table or format_table()
     root = valid_root(text)
-    if root.tag != "volume" or root.find("capacity") is None or root.find("target/format") is None:
-        raise InvalidDocument("not a <volume> document with a <capacity> and a <format>")
     target = root.find("target")
-    libvirt_name = target.find("format").get("type")
+    capacity = root.findtext("capacity")
+    format_el = target.find("format") if target is not None else None
+    if root.tag != "volume" or capacity is None or format_el is None or target is None:
+        raise InvalidDocument("not a <volume> document with a <capacity> and a <format>")
+    fmt = _our_name(format_el.get("type", ""), table)
+    path = target.findtext("path", "")
     encryption_el = target.find("encryption")
     encryption = None
     if encryption_el is not None:
         reverse = {v: k for k, v in LIBVIRT_ENCRYPTION.items()}
-        encryption = reverse.get(encryption_el.get("format"), encryption_el.get("format"))
+        recorded = encryption_el.get("format", "")
+        encryption = reverse.get(recorded, recorded)
     features_el = target.find("features")
     backing_el = root.find("backingStore")
-    backing = None
-    if backing_el is not None and backing_el.find("path") is not None:
+    backing = backing_format = None
+    backing_path = backing_el.findtext("path") if backing_el is not None else None
+    if backing_el is not None and backing_path is not None:
         bfmt = backing_el.find("format")
-        backing = Backing(backing_el.findtext("path"), _our_name(bfmt.get("type")) if bfmt is not None else None)
+        backing_format = bfmt.get("type") if bfmt is not None else None
+        backing = Backing(backing_path, _our_name(backing_format, table) if backing_format is not None else None)
     types = {v: k for k, v in VOLUME_TYPES.items()}
     cluster = target.findtext("clusterSize")
     allocation = root.findtext("allocation")
     return ImageInfo(
-        filename=target.findtext("path"),
-        format=_our_name(libvirt_name),
-        virtual_size=int(root.findtext("capacity")),
+        filename=path,
+        format=fmt,
+        virtual_size=int(capacity),
         actual_size=int(allocation) if allocation is not None else None,
-        file_type=types.get(root.get("type"), "file"),
+        file_type=types.get(root.get("type", ""), "file"),
         evidence="caller",
         encryption=encryption,
         compat=target.findtext("compat"),
         cluster_size=int(cluster) if cluster is not None else None,
-        flags=tuple(child.tag for child in features_el) if features_el is not None else None,
+        flags=tuple(str(child.tag) for child in features_el) if features_el is not None else None,
         backing=backing,
+        libvirt=table[fmt].libvirt if fmt in table else LibvirtFacts(),
+        backing_libvirt_format=backing_format,
+        backing_store=describe_backing_name(backing.name, path) if backing is not None else None,
     )
 
 
-def _our_name(libvirt_name: str) -> str:
+def _our_name(libvirt_name: str, table: FormatTable) -> str:
     """Our format name for a libvirt one: the row of that name, else the row that maps to it."""
-    table = format_table()
     if libvirt_name in table:
         return libvirt_name
     return next((s.name for s in table.specs if s.libvirt_format == libvirt_name), libvirt_name)

@@ -3,7 +3,9 @@ our schema and libvirt's, and readable back into the data model."""
 
 from __future__ import annotations
 
+import ast
 import itertools
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -325,3 +327,76 @@ def test_validate_reads_a_bounded_document(tmp_path, monkeypatch):
     cli = subprocess.run([sys.executable, "-m", "storprobe", "validate", "/dev/zero"],
                          capture_output=True, text=True, check=False, timeout=60)
     assert cli.returncode == 1 and "larger than" in cli.stderr
+
+
+def test_the_label_is_read_with_the_stat_not_when_rendering(tmp_path):
+    """libvirt's <label> is the volume's security.selinux, read when the volume is
+    opened (with its stat); rendering the record later reads no file, so a label
+    changed since, or a file gone since, does not change the document."""
+    image = qemu_img_create(tmp_path / "labelled.qcow2", "qcow2", "1M")
+    label = "system_u:object_r:virt_image_t:s0"
+    try:
+        os.setxattr(image, "security.selinux", label.encode() + b"\0")
+    except OSError as exc:
+        pytest.skip(f"this file system or user cannot set security.selinux: {exc}")
+    info = probe(image)
+    assert info.security_label == label
+    os.setxattr(image, "security.selinux", b"other_u:object_r:other_t:s0\0")
+    image.unlink()
+    document = etree.fromstring(to_volume_xml(info))
+    assert document.findtext("target/permissions/label") == label
+
+
+class Custom:
+    """A row libvirt calls by another name and sizes by the file, in no global table."""
+
+    @staticmethod
+    def row():
+        from storprobe import FormatSpec, LibvirtFacts
+
+        return FormatSpec(name="customfmt", magic=b"CUSTOMFMT", size_offset=16, size_width=4,
+                          libvirt=LibvirtFacts(name="raw", capacity_is_file_size=True))
+
+
+def test_a_record_of_a_table_given_to_probe_renders_without_that_table(tmp_path):
+    """probe(table=...) is honoured by the renderers: they read the row's libvirt
+    facts and the parsed backing name from the record, not from the plugins'
+    table, which here has no such format."""
+    from storprobe.qemu_json import to_qemu_json
+    from storprobe.registry import FormatTable, Row
+
+    table = FormatTable([Row(Custom.row(), "custom"), *format_table().rows])
+    image = tmp_path / "one.custom"
+    image.write_bytes(b"CUSTOMFMT".ljust(16, b"\0") + (1 << 20).to_bytes(4, "little") + bytes(1000))
+    info = probe(image, table=table)
+    assert "customfmt" not in format_table() and info.format == "customfmt"
+    document = etree.fromstring(to_volume_xml(info))
+    assert document.find("target/format").get("type") == "raw"  # libvirt's name, from the record
+    assert document.findtext("capacity") == str(image.stat().st_size)  # sized by the file, from the record
+    assert to_qemu_json(info)["virtual-size"] == 1 << 20
+
+
+RENDERERS = ("qemu_json.py", "volume_xml.py", "human.py")
+#: What a renderer must not call: the global table, the file system, the backing-name parser.
+LOOKUPS = {"format_table", "getxattr", "stat", "lstat", "describe_backing_name", "parse_backing_name", "open"}
+#: Functions of a renderer module that read a document rather than render a record.
+READERS = {"parse_volume_xml", "_our_name"}
+
+
+def test_renderers_call_no_lookup_and_import_no_engine():
+    """Renderers are pure functions of the record: no function of theirs (but the
+    XML reader) calls a lookup, and none imports the scan, chain or detect
+    engine when it runs (their names are for the type checker only)."""
+    root = Path(__file__).resolve().parent.parent / "storprobe"
+    for name in RENDERERS:
+        tree = ast.parse((root / name).read_text())
+        for function in [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name not in READERS]:
+            called = {
+                node.func.id if isinstance(node.func, ast.Name) else node.func.attr
+                for node in ast.walk(function) if isinstance(node, ast.Call)
+                and isinstance(node.func, (ast.Name, ast.Attribute))
+            }
+            assert not called & LOOKUPS, f"{name}: {function.name} calls {called & LOOKUPS}"
+        runtime = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
+        modules = {node.module for node in runtime if isinstance(node, ast.ImportFrom) and node.module}
+        assert not modules & {"scan", "chain", "detect", "registry"}, f"{name} imports {modules}"
