@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Iterable, Iterator
+from functools import partial
 from typing import Any, NamedTuple
 
 from .backing import (
@@ -189,7 +190,13 @@ def _in_first_sector(img: Image, spec: FormatSpec) -> bool:
 def _row_hazards(img: Image, info: ImageInfo, table: FormatTable) -> Iterator[Hazard]:
     for spec in table.specs:
         if spec.hazards is not None and img.file_type in spec.file_types:
-            yield from guarded(spec, "hazards", lambda spec=spec: tuple(spec.hazards(img, info)))
+            yield from guarded(spec, "hazards", partial(_hazards_of, spec, img, info))
+
+
+def _hazards_of(spec: FormatSpec, img: Image, info: ImageInfo) -> tuple[Hazard, ...]:
+    """The row's hazards, all of them (so an error while they are made is the callback's)."""
+    assert spec.hazards is not None
+    return tuple(spec.hazards(img, info))
 
 
 # ---- where the files an image names lie ----------------------------------------

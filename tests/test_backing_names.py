@@ -20,8 +20,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 from lxml import etree
 
-from oracle import LibvirtPool, qemu_img_create, qemu_img_error, renders, require, run
-
 from storprobe import Backing, ImageInfo, ProbeError, probe
 from storprobe.backing import (
     JSON_DRIVERS,
@@ -38,6 +36,8 @@ from storprobe.chain import probe_chain
 from storprobe.errors import BackingNameError
 from storprobe.validate import schema_errors
 from storprobe.volume_xml import to_volume_xml
+
+from oracle import LibvirtPool, qemu_img_create, qemu_img_error, renders, require, run
 
 TOP = "/images/top.qcow2"
 REFUSED = "refused"

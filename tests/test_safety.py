@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from oracle import qemu_img_create, qemu_img_error, qemu_info, rebase_unsafe, run, unusable_entry
 
 from storprobe import SourceError, UnknownFormat
 from storprobe.safety import DEFAULT_MAX_VIRTUAL_SIZE, Policy, Verdict, check
+
+from oracle import qemu_img_create, qemu_img_error, qemu_info, rebase_unsafe, run, unusable_entry
 
 SECRET = ("--object", "secret,id=sec0,data=123456")
 QCOW2_INCOMPATIBLE = 72  # offset of the v3 incompatible feature bits
