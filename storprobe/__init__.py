@@ -8,7 +8,10 @@ from typing import TYPE_CHECKING
 
 from .detect import open_source, probe
 from .errors import (
+    InvalidFormatSpec,
     InvalidHeader,
+    PluginConflict,
+    PluginError,
     ProbeError,
     ReadLimitExceeded,
     SourceError,
@@ -62,10 +65,13 @@ __all__ = [
     "Hazard",
     "Image",
     "ImageInfo",
+    "InvalidFormatSpec",
     "InvalidHeader",
     "Layout",
     "LibvirtFacts",
     "PathSource",
+    "PluginConflict",
+    "PluginError",
     "ProbeError",
     "ReadLimitExceeded",
     "Snapshot",

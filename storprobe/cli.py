@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
 from .detect import probe
-from .errors import BackingFormatNotSpecified, ProbeError
+from .errors import BackingFormatNotSpecified, PluginError, ProbeError
 from .registry import format_table
 
 if TYPE_CHECKING:
@@ -458,6 +458,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except SystemExit as exc:  # argparse's --help, --version and usage errors
             status = exc.code if isinstance(exc.code, int) else EXIT_USAGE
         sys.stdout.flush()  # a last write error shows here, not at interpreter exit
+    except PluginError as broken:  # a plugin's rows cannot make a format table: no command can run
+        _complain("plugin error", str(broken))
+        return EXIT_PROBE
     except OutputFailed as failed:
         _discard(stdout)
         if isinstance(failed.error, BrokenPipeError):

@@ -232,6 +232,19 @@ def test_a_row_that_cannot_work_is_refused_at_load(row, reason):
     assert probe(b"BADROW" + bytes(100)).format == "raw"  # the table is whole again without it
 
 
+@pytest.mark.parametrize("command", [["formats"], ["info", "-"], ["scan", "."]])
+def test_a_broken_plugin_is_one_line_on_the_command_line(command, capsys):
+    """Every command needs the table: a plugin that cannot make one is a named
+    error (``storprobe: plugin error: ...``, status 1), never a traceback."""
+    from storprobe.cli import main
+
+    with storprobe.registered(OneRow(FormatSpec(name="badrow", version_offset=4)), name="throwaway"):
+        status = main(command)
+    err = capsys.readouterr().err
+    assert status == 1 and err.startswith("storprobe: plugin error: ") and err.count("\n") == 1
+    assert "'throwaway'" in err and "Traceback" not in err
+
+
 def test_the_crypt_field_has_a_width():
     """``crypt_width`` is read like the size and version fields: a 2-byte big-endian method."""
     row = FormatSpec(name="crypted", magic=b"CRYPTED!", endian=">", crypt_offset=8, crypt_width=2,
