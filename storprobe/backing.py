@@ -138,13 +138,27 @@ def parse_backing_name(name: str, image_path: str | None = None) -> BackingStore
     return _from_plain(name, image_path)
 
 
-def describe_backing_name(name: str, image_path: str | None = None) -> BackingStore | BackingNameError:
-    """:func:`parse_backing_name`, with a name QEMU refuses returned as its error
-    (renderers show such a name as recorded, flagged)."""
+class RefusedName(NamedTuple):
+    """A recorded name QEMU refuses, kept in a record with the reason (renderers
+    show it as recorded, flagged); :meth:`error` is what parsing it raises."""
+
+    name: str
+    reason: str
+
+    @property
+    def code(self) -> str:
+        return BackingNameError.code
+
+    def error(self) -> BackingNameError:
+        return BackingNameError(self.reason)
+
+
+def describe_backing_name(name: str, image_path: str | None = None) -> BackingStore | RefusedName:
+    """:func:`parse_backing_name`, with a name QEMU refuses returned as a :class:`RefusedName`."""
     try:
         return parse_backing_name(name, image_path)
     except BackingNameError as exc:
-        return exc
+        return RefusedName(name, exc.reason)
 
 
 def has_protocol_prefix(name: str) -> bool:

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import os
 
-from .backing import BackingStore, has_protocol_prefix
+from .backing import BackingStore, RefusedName, has_protocol_prefix
 from .detect import probe
 from .errors import (
     BackingError,
     BackingFormatNotSpecified,
     BackingLoop,
     BackingMissing,
-    BackingNameError,
     ChainTooDeep,
     ProbeError,
     SourceError,
@@ -52,9 +51,9 @@ class Chain:
 
 def backing_store(info: ImageInfo) -> BackingStore | None:
     """What ``info``'s recorded backing name denotes, resolved against its directory
-    (parsed when it was probed); BackingNameError when QEMU refuses the name."""
-    if isinstance(info.backing_store, BackingNameError):
-        raise info.backing_store
+    (parsed when it was probed); raises BackingNameError when QEMU refuses the name."""
+    if isinstance(info.backing_store, RefusedName):
+        raise info.backing_store.error()
     return info.backing_store
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
 
-from .errors import BackingNameError, InvalidHeader, ProbeError, TruncatedHeader, UnsupportedVersion
+from .errors import InvalidHeader, ProbeError, TruncatedHeader, UnsupportedVersion
 from .layout import read_uint
 from .model import ImageInfo
 from .registry import FormatTable, format_table
@@ -24,7 +24,7 @@ from .source import ByteSource, BytesSource, FileSource, Image, PathSource
 from .spec import QEMU_MAX_LENGTH, Features, FormatSpec
 
 if TYPE_CHECKING:
-    from .backing import BackingStore
+    from .backing import BackingStore, RefusedName
 
 Target = str | os.PathLike[str] | bytes | BinaryIO | ByteSource
 #: A refused signature's error, made only when it is raised.
@@ -257,8 +257,8 @@ def _describe(
     if driver != spec.name and img.file_type != "directory":  # QEMU reads the bytes as they are
         driver_size = -(-img.size // SECTOR) * SECTOR
     backing_libvirt_format: str | None = None
-    backing_store: BackingStore | BackingNameError | None = None
-    data_file_store: BackingStore | BackingNameError | None = None
+    backing_store: BackingStore | RefusedName | None = None
+    data_file_store: BackingStore | RefusedName | None = None
     data_file = features.data_file
     if backing is not None or (data_file is not None and data_file.name is not None):
         from .backing import describe_backing_name  # only images that name one pay for its import

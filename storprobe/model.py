@@ -12,8 +12,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
-    from .backing import BackingStore
-    from .errors import BackingNameError
+    from .backing import BackingStore, RefusedName
 
 #: The empty mapping a record holds by default (shared, so read-only).
 EMPTY: Mapping[Any, Any] = MappingProxyType({})
@@ -99,8 +98,8 @@ class ImageInfo(NamedTuple):
     #: refuses them; the volume's SELinux label, read with its stat.
     libvirt: LibvirtFacts = LibvirtFacts()
     backing_libvirt_format: str | None = None
-    backing_store: BackingStore | BackingNameError | None = None
-    data_file_store: BackingStore | BackingNameError | None = None
+    backing_store: BackingStore | RefusedName | None = None
+    data_file_store: BackingStore | RefusedName | None = None
     security_label: str | None = None
 
     @property

@@ -8,11 +8,10 @@ import os
 import re
 from typing import TYPE_CHECKING, Any
 
-from .errors import BackingNameError
 from .model import ImageInfo, Snapshot
 
 if TYPE_CHECKING:
-    from .backing import BackingStore
+    from .backing import BackingStore, RefusedName
     from .scan import ScanRecord
 
 EXTRA_KEY = "storprobe"
@@ -120,9 +119,11 @@ def extras(info: ImageInfo) -> dict[str, Any]:
     return extra
 
 
-def _store(name: str, store: BackingStore | BackingNameError) -> dict[str, Any]:
+def _store(name: str, store: BackingStore | RefusedName) -> dict[str, Any]:
     """What a recorded backing or data-file name denotes (parsed when probed, never opened)."""
-    if isinstance(store, BackingNameError):  # a name QEMU refuses: as recorded, flagged
+    from .backing import RefusedName  # loaded already: the probe that made ``store`` used it
+
+    if isinstance(store, RefusedName):  # a name QEMU refuses: as recorded, flagged
         return {"name": name, "error": {"code": store.code, "message": store.reason}}
     out: dict[str, Any] = {"name": store.name, "protocol": store.protocol, "reach": store.reach}
     if store.path is not None:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from lxml import etree
 
-from .backing import BackingStore, has_protocol_prefix
+from .backing import BackingStore, RefusedName, has_protocol_prefix
 from .errors import InvalidDocument, ProbeError, Unrepresentable
 from .model import ImageInfo, LibvirtFacts
 
@@ -152,7 +152,7 @@ def volume_element(info: ImageInfo, chain: Chain | None = None, key: str | None 
     return vol
 
 
-def _backing_element(parent: etree._Element, store: BackingStore | ProbeError | None, info: ImageInfo) -> None:
+def _backing_element(parent: etree._Element, store: BackingStore | RefusedName | None, info: ImageInfo) -> None:
     """``<backingStore>`` from the recorded name alone (nothing is stat'ed). A
     local file is its absolute path, a network store libvirt has a protocol for
     its ``<source>``; any other store, a file relative to QEMU's working directory
@@ -169,7 +169,7 @@ def _backing_element(parent: etree._Element, store: BackingStore | ProbeError | 
         _sub(element, "format", type=_format_type(fmt))
 
 
-def _backing_path(store: BackingStore | ProbeError | None, name: str) -> str:
+def _backing_path(store: BackingStore | RefusedName | None, name: str) -> str:
     """A local file's absolute path; the recorded name for any other store and
     for a file QEMU opens against its own working directory (``file:x.img``)."""
     if isinstance(store, BackingStore) and store.is_file and store.path is not None:

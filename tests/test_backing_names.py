@@ -29,6 +29,7 @@ from storprobe.backing import (
     REACHES,
     BackingStore,
     Host,
+    RefusedName,
     describe_backing_name,
     parse_backing_name,
 )
@@ -346,7 +347,9 @@ def test_libvirts_table_of_backing_names(name, expected):
     if expected == REFUSED:
         with pytest.raises(BackingNameError):
             parse_backing_name(name, TOP)
-        assert isinstance(describe_backing_name(name, TOP), BackingNameError)
+        refused = describe_backing_name(name, TOP)
+        assert isinstance(refused, RefusedName) and refused.name == name and refused.code == "backing.name"
+        assert refused == describe_backing_name(name, TOP)  # a record holding it compares as a value
     else:
         assert facts(parse_backing_name(name, TOP)) == expected
 
@@ -588,7 +591,7 @@ def test_any_name_parses_or_is_a_named_error(base_info, name):
     """Any name parses or is a named error, and an image naming it renders:
     its volume XML describes the store (a name QEMU refuses as recorded)."""
     store = describe_backing_name(name, TOP)
-    assert isinstance(store, BackingNameError) or store.reach in REACHES
+    assert isinstance(store, RefusedName) or store.reach in REACHES
     info = base_info._replace(backing=Backing(name, "raw"))
     renders(info)
     try:
