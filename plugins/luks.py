@@ -48,6 +48,9 @@ SECONDARY_MAGIC = b"SKUL\xba\xbe"
 HDR_SIZES = frozenset(16384 << n for n in range(9))  # 16 KiB .. 4 MiB
 CHECKSUM_ALGS = frozenset({"sha1", "sha224", "sha256", "sha384", "sha512"})
 MAX_OBJECTS = 32  # cryptsetup's keyslot limit, applied to segments too
+#: Deepest nesting of objects and arrays cryptsetup reads (json-c's default tokener depth;
+#: checked: a 33rd level makes luksDump refuse the header), whatever Python's recursion limit.
+JSON_DEPTH = 32
 
 
 def _luks2_metadata(img: Image) -> tuple[Any, bytes, dict[str, Any]]:
@@ -82,14 +85,32 @@ def _verify_checksum(hdr: Any, area: bytes, which: str) -> None:
 
 
 def _json_object(area: bytes) -> dict[str, Any]:
-    """The JSON area's object: it opens the area, ends at a NUL, and only NULs follow."""
+    """The JSON area's object: it opens the area, ends at a NUL, and only NULs follow,
+    nested at most :data:`JSON_DEPTH` deep."""
     text, nul, rest = area.partition(b"\0")
     if not text.startswith(b"{") or not nul or rest.lstrip(b"\0"):
         raise InvalidHeader("JSON area is not one NUL-terminated object followed by zeros", code="luks.json")
     try:
-        return json.loads(text.decode("utf-8"))
+        root = json.loads(text.decode("utf-8"))
     except (ValueError, RecursionError) as exc:
         raise InvalidHeader(f"JSON metadata does not parse: {exc}", code="luks.json") from None
+    if _deeper_than(root, JSON_DEPTH):
+        raise InvalidHeader(f"JSON metadata nests deeper than {JSON_DEPTH} levels", code="luks.json")
+    return root
+
+
+def _deeper_than(root: Any, limit: int) -> bool:
+    """Whether objects and arrays nest more than ``limit`` deep (``root`` is level 1)."""
+    pending = [(root, 1)]
+    while pending:
+        node, depth = pending.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return True
+        pending.extend((child, depth + 1) for child in children)
+    return False
 
 
 def _number(value: Any) -> int | None:

@@ -367,6 +367,23 @@ def test_luks2_rule(small_luks2, rule, change):
     assert code_of(luks2_edit(small_luks2, **change)) == f"luks.{rule}"
 
 
+@pytest.mark.parametrize("levels, cryptsetup_reads_it", [(31, True), (32, False)])
+def test_luks2_json_nesting_limit_is_cryptsetups(small_luks2, tmp_path, levels, cryptsetup_reads_it):
+    """cryptsetup's JSON parser (json-c) reads 32 levels of nesting and no more; so
+    do we, on every Python (3.11's parser gives up on deep nesting, 3.13's does not)."""
+    meta = json.loads(small_luks2[4096:16384].split(b"\0")[0])
+    text = json.dumps(meta, separators=(",", ":")).encode()
+    text = text[:-1] + b',"x":' + b"[" * levels + b"]" * levels + b"}"  # the root object is level 1
+    path = tmp_path / "nested.luks2"
+    path.write_bytes(luks2_edit(small_luks2, text=text))
+    dumped = subprocess.run(["cryptsetup", "luksDump", path], capture_output=True, check=False)
+    assert (dumped.returncode == 0) is cryptsetup_reads_it
+    if cryptsetup_reads_it:
+        assert probe(path).format == "luks"
+    else:
+        assert code_of(path) == "luks.json"
+
+
 def test_luks2_checksums(small_luks2):
     """A flipped byte anywhere in either copy is caught; salts differ between copies."""
     hdr_size = 16384
