@@ -31,11 +31,10 @@ from storprobe import (
     ImageInfo,
     Layout,
     LibvirtFacts,
-    format_table,
     hookimpl,
 )
 from storprobe.partitions import BOOT_SIGNATURE, partition_details
-from storprobe.source import SECTOR, sector_rounded_size
+from storprobe.source import sector_rounded_size
 
 FAT_BOOT_SECTOR = Layout(
     "<",
@@ -107,11 +106,7 @@ def hazards(img: Image, info: ImageInfo) -> Iterator[Hazard]:
     (VHD) means its magic is there (a dynamic VHD's footer copy): an ISO's
     system area, a fixed VHD's or a DMG's first sector are the guest's disk and
     may hold a partition table."""
-    table = format_table()
-    if info.format not in table:
-        return
-    spec = table[info.format]
-    if spec.catch_all or spec.magic_offset >= SECTOR or not _header_at_start(img, spec):
+    if not info.header_at_start:
         return
     found = fat_details(img.head) or partition_details(img.head)
     if "partition-table" in found:
@@ -122,12 +117,6 @@ def hazards(img: Image, info: ImageInfo) -> Iterator[Hazard]:
         )
     elif found:
         yield Hazard("raw.boot-sector", f"the first sector of the {info.format} header is also a FAT boot sector")
-
-
-def _header_at_start(img: Image, spec: FormatSpec) -> bool:
-    if spec.header_offsets == (0,):
-        return True
-    return 0 in spec.header_offsets and any(img.head.startswith(m, spec.magic_offset) for m in spec.magics)
 
 
 @hookimpl

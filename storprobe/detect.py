@@ -297,7 +297,17 @@ def _describe(
         backing_store,
         data_file_store,
         getattr(img.source, "security_label", None),  # optional: see ByteSource
+        _header_at_start(img, spec),
     )
+
+
+def _header_at_start(img: Image, spec: FormatSpec) -> bool:
+    """Whether ``spec``'s header occupies the first sector: a row with a signature
+    below the sector's end whose header is at 0 (for a row that also reads one
+    elsewhere, a trailer, only when its magic is at 0)."""
+    if spec.catch_all or spec.magic_offset >= SECTOR or 0 not in spec.header_offsets:
+        return False
+    return spec.header_offsets == (0,) or any(img.head.startswith(m, spec.magic_offset) for m in spec.magics)
 
 
 

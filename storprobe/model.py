@@ -101,6 +101,10 @@ class ImageInfo(NamedTuple):
     backing_store: BackingStore | RefusedName | None = None
     data_file_store: BackingStore | RefusedName | None = None
     security_label: str | None = None
+    #: Whether the format's header occupies the volume's first sector (its row
+    #: reads a header at 0 with a signature there), the sector firmware and
+    #: partition scanners read: for row hazards that judge that sector.
+    header_at_start: bool = False
 
     @property
     def encrypted(self) -> bool:

@@ -909,6 +909,21 @@ def test_partition_table_inside_a_header(tmp_path, fmt, label, table):
     assert table in verdict.hazards[0].message
 
 
+def test_partition_table_inside_a_header_of_a_row_only_the_given_table_has(tmp_path):
+    """check(table=...) is honoured by the row hazards too: the raw row judges the
+    first sector of a format that exists only in the caller's table."""
+    from storprobe import FormatSpec
+    from storprobe.registry import FormatTable, Row, format_table
+
+    table = FormatTable([Row(FormatSpec(name="customfmt", magic=b"CUSTOMFMT"), "custom"), *format_table().rows])
+    disk = partitioned_raw(tmp_path / "disk.img", "dos").read_bytes()
+    image = bytearray(b"CUSTOMFMT".ljust(4096, b"\0"))
+    image[446:512] = disk[446:512]
+    verdict = check(bytes(image), table=table)
+    assert "customfmt" not in format_table() and verdict.info.format == "customfmt"
+    assert checks(verdict) == ["raw.partition-table"]
+
+
 def test_mbr_entry_past_a_vdi_header(tmp_path):
     """VDI's header ends at byte 456: the MBR's second to fourth entries and
     its signature fit after it."""
