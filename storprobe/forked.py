@@ -35,6 +35,16 @@ _FRAME = struct.Struct("<Q")
 PIPE_BYTES = 1 << 20
 
 
+def threads() -> int:
+    """Threads of this process, those :mod:`threading` does not know of included
+    (started through ``_thread`` or by C code: execnet's, a library's); where the
+    kernel does not list them, the ones :mod:`threading` knows."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return threading.active_count()
+
+
 def usable_cpus() -> int:
     """The CPUs this process may run on."""
     try:
@@ -47,9 +57,9 @@ def ordered_map(work: Callable[[S], R], items: Sequence[S], jobs: int) -> Iterat
     """``work(item)`` for every item, in item order, computed by ``jobs``
     processes (this one and ``jobs - 1`` forked children). Results of children
     must pickle; ``work`` must not raise (it runs where nobody could catch it).
-    With other threads running (those :mod:`threading` knows of), one process
-    does all the work: see the module's note on forking threaded processes."""
-    jobs = min(jobs, len(items)) if hasattr(os, "fork") and threading.active_count() == 1 else 1
+    With other threads running, one process does all the work: see the
+    module's note on forking threaded processes."""
+    jobs = min(jobs, len(items)) if hasattr(os, "fork") and threads() == 1 else 1
     if jobs <= 1:
         yield from map(work, items)
         return

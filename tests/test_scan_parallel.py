@@ -15,11 +15,15 @@ import pytest
 
 import storprobe.scan
 from storprobe import probe
-from storprobe.forked import ordered_map
+from storprobe.forked import ordered_map, threads
 from storprobe.qemu_json import scan_record
 from storprobe.scan import BATCH, READAHEAD, scan, scan_map
 
 from oracle import qemu_img_create
+
+#: Tests that need this process to fork: it must have no other thread (a pytest-xdist
+#: worker has execnet's), so there they run in a single-threaded pytest of their own.
+forks = pytest.mark.skipif(threads() > 1, reason="other threads run here: test_forking_tests_single_threaded runs it")
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +76,7 @@ def test_worker_processes_keep_name_order_and_records(pool, jobs):
     assert list(scan_map(pool, _rendered, jobs=jobs)) == _records(scan(pool))
 
 
+@forks
 def test_ordered_map_deals_items_round_robin_and_keeps_their_order():
     parent = os.getpid()
     done = list(ordered_map(lambda i: (i, os.getpid()), list(range(23)), 3))
@@ -84,6 +89,7 @@ def test_ordered_map_deals_items_round_robin_and_keeps_their_order():
     assert list(ordered_map(str, [7], 4)) == ["7"]  # no more processes than items
 
 
+@forks
 def test_a_child_that_dies_leaves_its_items_to_the_parent():
     parent = os.getpid()
 
@@ -96,6 +102,7 @@ def test_a_child_that_dies_leaves_its_items_to_the_parent():
     _assert_no_children_left()
 
 
+@forks
 def test_stopping_early_kills_and_reaps_the_children():
     results = ordered_map(lambda i: "x" * 100_000, list(range(200)), 3)
     next(results)
@@ -189,6 +196,7 @@ def test_stopping_early_closes_what_was_opened_ahead(pool):
     assert len(os.listdir("/proc/self/fd")) == before
 
 
+@forks
 def test_a_child_that_cannot_be_forked_leaves_its_items_to_the_parent(monkeypatch):
     """At a process limit fork fails: the items it would have had are done here."""
     real_fork, forks = os.fork, []
@@ -212,6 +220,7 @@ def _rendered_with_pid(record) -> tuple:
     return record.path, scan_record(record), os.getpid()
 
 
+@forks
 def test_no_fork_while_other_threads_run(pool):
     """Forking a process with other threads can deadlock the child (it inherits
     locks those threads held): scan_map then runs in this process alone, with the
@@ -233,3 +242,39 @@ def test_no_fork_while_other_threads_run(pool):
     forked = list(scan_map(pool, _rendered_with_pid, jobs=2))
     assert [(path, record) for path, record, _ in forked] == expected
     assert len({pid for _, _, pid in forked}) == 2
+
+
+@forks
+def test_no_fork_while_a_thread_threading_does_not_know_runs():
+    """A thread started through ``_thread`` (as execnet and C libraries start
+    theirs) is invisible to threading.active_count(), not to the kernel."""
+    import _thread
+
+    parent, release, started = os.getpid(), threading.Event(), threading.Event()
+    _thread.start_new_thread(lambda: (started.set(), release.wait()), ())
+    started.wait()
+    try:
+        assert threading.active_count() == 1 and threads() == 2
+        assert list(ordered_map(lambda i: (i, os.getpid()), list(range(6)), 3)) == [(i, parent) for i in range(6)]
+    finally:
+        release.set()
+
+
+def test_forking_tests_single_threaded():
+    """Where this process has other threads (an xdist worker), the tests marked
+    ``forks`` run in a pytest of their own, in one thread."""
+    if threads() == 1:
+        pytest.skip("this process is single-threaded: the forking tests ran here")
+    selected = [name for name, test in globals().items() if name.startswith("test_") and _forks(test)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", __file__,
+         "-k", " or ".join(selected)],
+        capture_output=True, text=True, cwd=Path(__file__).parent.parent, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert f"{len(selected)} passed" in proc.stdout.splitlines()[-1]
+
+
+def _forks(test) -> bool:
+    return any(mark.name == "skipif" and mark.kwargs.get("reason") == forks.kwargs["reason"]
+               for mark in getattr(test, "pytestmark", []))
