@@ -8,6 +8,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,11 @@ from storprobe.source import READ_BUDGET
 
 
 def require(tool: str) -> str:
-    """The path of ``tool``; skip the test, saying why, when it is not installed."""
-    path = shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/sbin")
+    """The path of ``tool``, looked for first beside the running interpreter (the
+    virtual environment's ``storprobe``, which is not on ``PATH`` unless it is
+    activated); skip the test, saying why, when it is not installed."""
+    beside = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", os.defpath)])
+    path = shutil.which(tool, path=beside) or shutil.which(tool, path="/usr/sbin:/sbin")
     if path is None:
         pytest.skip(f"{tool} is not installed (.ci/run installs it)")
     return path
