@@ -173,8 +173,7 @@ def _format_name(name: str) -> str:
 
 
 class _FormatNames(argparse.Action):
-    """``--allow qcow2,raw --allow vmdk``: every list given, joined into one
-    comma-separated list of known formats."""
+    """``--allow qcow2,raw --allow vmdk``: the known formats of every list given."""
 
     def __call__(
         self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object, *_: object
@@ -186,8 +185,7 @@ class _FormatNames(argparse.Action):
             names = [_format_name(name) for name in given]
         except argparse.ArgumentTypeError as exc:
             raise argparse.ArgumentError(self, str(exc)) from None
-        earlier = getattr(namespace, self.dest, None)
-        setattr(namespace, self.dest, ",".join([earlier, *names] if earlier else names))
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest, None) or ()), *names])
 
 
 def _size(text: str) -> int:
@@ -337,10 +335,11 @@ def _progress(entries: Iterator[str], args: argparse.Namespace) -> Iterable[str]
 
 
 def _check(args: argparse.Namespace) -> int:
-    from .safety import DEFAULT_MAX_VIRTUAL_SIZE, check, names, policy_from_allow
+    from .safety import DEFAULT_MAX_VIRTUAL_SIZE, Policy, check, names
 
-    policy = policy_from_allow(
-        args.allow, allow_backing=args.allow_backing, allow_data_file=args.allow_data_file,
+    policy = Policy(
+        allow_formats=None if args.allow is None else frozenset(args.allow),
+        allow_backing=args.allow_backing, allow_data_file=args.allow_data_file,
         max_virtual_size=DEFAULT_MAX_VIRTUAL_SIZE if args.max_size is None else args.max_size,
         backing_dirs=tuple(args.allow_backing_in), backing_protocols=names(args.allow_backing_protocol),
         data_file_dirs=tuple(args.allow_data_file_in),

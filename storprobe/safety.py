@@ -24,7 +24,7 @@ import os
 import stat
 from collections.abc import Iterable, Iterator
 from functools import partial
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from .backing import (
     REACH_HOST_DEVICE,
@@ -447,8 +447,3 @@ def _strictly_inside(path: str, dirs: Iterable[str]) -> bool:
 def names(values: Iterable[str] | None) -> frozenset[str]:
     """Names from comma-separated lists (``--allow-backing-protocol nbd,rbd``)."""
     return frozenset(name.strip() for value in values or () for name in value.split(",") if name.strip())
-
-
-def policy_from_allow(allow: str | None, **fields: Any) -> Policy:
-    """A policy from a comma-separated ``--allow`` list and the other fields."""
-    return Policy(allow_formats=names([allow]) if allow is not None else None, **fields)
