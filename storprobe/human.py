@@ -72,12 +72,11 @@ def render(info: ImageInfo) -> str:
     another driver than its format's (an iso, a cow file, LUKS2: raw), the
     qemu-img part is what that driver shows, as in the JSON; our reading
     follows under ``storprobe:``."""
-    through_driver = info.driver not in (None, info.format)
-    size = info.driver_size if through_driver and info.driver_size is not None else info.virtual_size
+    through_driver = info.read_through_other_driver
     lines = [
         f"image: {shown(info.filename)}",
         f"file format: {info.driver if through_driver else info.format}",
-        f"virtual size: {size_text(size)}",
+        f"virtual size: {size_text(info.driver_virtual_size)}",
     ]
     if info.actual_size is not None:
         lines.append(f"disk size: {size_to_str(info.actual_size)}")

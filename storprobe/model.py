@@ -109,3 +109,14 @@ class ImageInfo(NamedTuple):
     @property
     def encrypted(self) -> bool:
         return self.encryption is not None
+
+    @property
+    def read_through_other_driver(self) -> bool:
+        """Whether QEMU opens the volume with a driver not its format's (an iso,
+        a cow file, LUKS2: raw), which shows none of the format's structures."""
+        return self.driver not in (None, self.format)
+
+    @property
+    def driver_virtual_size(self) -> int:
+        """The virtual size the driver QEMU opens the volume with shows."""
+        return self.virtual_size if self.driver_size is None else self.driver_size

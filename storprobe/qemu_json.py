@@ -49,8 +49,8 @@ def _snapshot(snap: Snapshot) -> dict[str, Any]:
 def to_qemu_json(info: ImageInfo) -> dict[str, Any]:
     """The object ``qemu-img info --output=json`` prints, plus our extra key.
     ``format`` is the driver QEMU opens the volume with (``qemu-img -f``)."""
-    if info.driver not in (None, info.format):
-        return _through_driver(info, info.driver)
+    if info.read_through_other_driver:
+        return _through_driver(info)
     out: dict[str, Any] = {}
     if info.snapshots:
         out["snapshots"] = [_snapshot(s) for s in info.snapshots]
@@ -76,14 +76,14 @@ def to_qemu_json(info: ImageInfo) -> dict[str, Any]:
     return out
 
 
-def _through_driver(info: ImageInfo, driver: str) -> dict[str, Any]:
+def _through_driver(info: ImageInfo) -> dict[str, Any]:
     """What qemu-img prints of a volume QEMU opens with another driver than its
     format's (an iso, a cow file, LUKS2: raw): that driver reads the bytes as they
     are, so no structure of the format shows; our reading is under our key."""
     out: dict[str, Any] = {
-        "virtual-size": info.virtual_size if info.driver_size is None else info.driver_size,
+        "virtual-size": info.driver_virtual_size,
         "filename": info.filename,
-        "format": driver,
+        "format": info.driver,
     }
     if info.actual_size is not None:
         out["actual-size"] = info.actual_size
