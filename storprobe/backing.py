@@ -129,6 +129,13 @@ class BackingStore(NamedTuple):
     def is_file(self) -> bool:
         return self.reach == REACH_FILE
 
+    @property
+    def relative_to_working_directory(self) -> bool:
+        """A local file QEMU opens against its own working directory, not the
+        image's directory: a relative name after ``file:`` or inside ``json:``."""
+        return (self.is_file and self.path is not None and not os.path.isabs(self.path)
+                and has_protocol_prefix(self.name))
+
 
 def parse_backing_name(name: str, image_path: str | None = None) -> BackingStore:
     """Classify ``name`` as recorded by the image at ``image_path``;

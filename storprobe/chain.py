@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 
-from .backing import BackingStore, RefusedName, has_protocol_prefix
+from .backing import BackingStore, RefusedName
 from .detect import probe
 from .errors import (
     BackingError,
@@ -86,7 +86,7 @@ def probe_chain(
         if store is None or not store.is_file:
             return chain
         assert store.path is not None and info.backing is not None
-        if not os.path.isabs(store.path) and has_protocol_prefix(info.backing.name):
+        if store.relative_to_working_directory:
             chain.error = BackingError(
                 f"backing file {store.path} of {info.filename} ({info.backing.name}) is relative to the working "
                 "directory of the process that opens it, not to the image: not followed",

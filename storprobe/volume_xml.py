@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from lxml import etree
 
-from .backing import BackingStore, RefusedName, has_protocol_prefix
+from .backing import BackingStore, RefusedName
 from .errors import InvalidDocument, ProbeError, Unrepresentable
 from .model import ImageInfo, LibvirtFacts
 
@@ -173,7 +173,7 @@ def _backing_path(store: BackingStore | RefusedName | None, name: str) -> str:
     """A local file's absolute path; the recorded name for any other store and
     for a file QEMU opens against its own working directory (``file:x.img``)."""
     if isinstance(store, BackingStore) and store.is_file and store.path is not None:
-        if os.path.isabs(store.path) or not has_protocol_prefix(name):
+        if not store.relative_to_working_directory:
             return os.path.abspath(store.path)
     return name
 
