@@ -16,6 +16,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
 
+from .engine import KnownBytes, Rounds, rounds
 from .errors import InvalidHeader, ProbeError, TruncatedHeader, UnsupportedVersion
 from .layout import read_uint
 from .model import ImageInfo
@@ -56,6 +57,13 @@ def probe(target: Target, *, format: str | None = None, table: FormatTable | Non
     finally:
         if source is not target:
             source.close()
+
+
+def probing(known: KnownBytes, *, format: str | None = None, table: FormatTable | None = None) -> Rounds[ImageInfo]:
+    """:func:`probe` of a volume whose bytes arrive in rounds: a generator that
+    yields the ranges it needs and is sent them (see :mod:`storprobe.engine`)."""
+    table = table or format_table()
+    return rounds(lambda source: describe_image(Image(source), table, format), known)
 
 
 def describe_image(img: Image, table: FormatTable, format: str | None) -> ImageInfo:

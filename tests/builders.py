@@ -10,6 +10,7 @@ layout in a plugin cannot hide behind the builder that tests it.
 
 from __future__ import annotations
 
+import lzma
 import plistlib
 import shutil
 import struct
@@ -513,6 +514,20 @@ def real_images(d: Path) -> list[bytes]:
         build_dmg(bytes(range(256)) * 64, block_map="rsrc"),
     ]
     return [path.read_bytes() for path in made] + hand_built
+
+
+CORPUS = Path(__file__).resolve().parent / "corpus"
+
+
+def corpus_files() -> list[Path]:
+    """The regression corpus: inputs that once crashed or hung a probe (see its README)."""
+    return sorted(p for p in CORPUS.iterdir() if p.name != "README.md")
+
+
+def load(path: Path) -> bytes:
+    """A corpus file's bytes, decompressed."""
+    data = path.read_bytes()
+    return lzma.decompress(data) if path.suffix == ".xz" else data
 
 
 INTERESTING = [0, 1, 7, 8, 0x7F, 0x80, 0xFF, 0x100, 0x200, 0xFFFF, 0x10000, 2**31 - 1, 2**31, 2**32 - 1, 2**32,

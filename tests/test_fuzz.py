@@ -11,29 +11,14 @@ hypothesis profile (tests/conftest.py):
 
 from __future__ import annotations
 
-import lzma
-from pathlib import Path
-
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from storprobe.safety import check
 
-from builders import INTERESTING
+from builders import CORPUS, INTERESTING, corpus_files, load
 from oracle import probe_and_check
-
-CORPUS = Path(__file__).resolve().parent / "corpus"
-
-
-def corpus_files() -> list[Path]:
-    return sorted(p for p in CORPUS.iterdir() if p.name != "README.md")
-
-
-def load(path: Path) -> bytes:
-    data = path.read_bytes()
-    return lzma.decompress(data) if path.suffix == ".xz" else data
-
 
 #: What each corpus file is (or fails as) and its hazards; files not listed
 #: are only required to give a result or a named error.
