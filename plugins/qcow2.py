@@ -13,6 +13,8 @@ the corrupt bit are the row's hazards for ``storprobe check``. Names
 from __future__ import annotations
 
 import struct
+import sys
+from array import array
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
@@ -35,6 +37,7 @@ from storprobe import (
 from storprobe.layout import cstring
 from storprobe.luks1 import LUKS1_HEADER_SIZE, luks_specific
 from storprobe.source import TableWalker
+from storprobe.verify import CheckFailed, CheckReader, CheckResult
 
 HEADER = Layout(
     ">",
@@ -353,11 +356,23 @@ def _read_within_file(img: Image | TableWalker, offset: int, length: int, rule: 
     return img.read(offset, length)
 
 
-def _snapshots(img: Image, hdr: Any) -> tuple[Snapshot, ...]:
-    """The snapshot table (nb_snapshots is capped by _check_header). Entries are
-    8-byte aligned; each is sized before its variable part is read, and of its
-    extra data only the fields QEMU knows are read."""
-    snapshots = []
+class SnapshotEntry(NamedTuple):
+    """One snapshot table entry as QEMU reads it: the fixed fields, the extra data
+    fields QEMU knows (zeros for those the entry lacks), their length, the names,
+    and where the entry ends (the table's size is the last one's end)."""
+
+    entry: Any  # SNAPSHOT fields
+    extra: Any  # SNAPSHOT_EXTRA fields
+    known: int  # bytes of extra data QEMU reads: up to SNAPSHOT_EXTRA.size
+    id: str
+    name: str
+    end: int
+
+
+def _snapshot_entries(img: Image, hdr: Any) -> Iterator[SnapshotEntry]:
+    """The snapshot table's entries (nb_snapshots is capped by _check_header).
+    Entries are 8-byte aligned; each is sized before its variable part is read,
+    and of its extra data only the fields QEMU knows are read."""
     offset, table_length = hdr.snapshots_offset, 0
     table = img.walker()
 
@@ -378,18 +393,27 @@ def _snapshots(img: Image, hdr: Any) -> tuple[Snapshot, ...]:
         offset += entry.extra_data_size
         names = read(offset, entry.id_str_size + entry.name_size)
         offset += len(names)
-        snapshots.append(
-            Snapshot(
-                id=cstring(names[: entry.id_str_size]),
-                name=cstring(names[entry.id_str_size :]),
-                vm_state_size=_int64(extra.vm_state_size_large if known >= 8 else entry.vm_state_size),
-                date_sec=entry.date_sec,
-                date_nsec=entry.date_nsec,
-                vm_clock_nsec=entry.vm_clock_nsec,
-                icount=_int64(extra.icount) if known == SNAPSHOT_EXTRA.size and extra.icount != NO_ICOUNT else None,
-            )
+        yield SnapshotEntry(
+            entry, extra, known, cstring(names[: entry.id_str_size]), cstring(names[entry.id_str_size :]), offset
         )
-    return tuple(snapshots)
+
+
+def _snapshots(img: Image, hdr: Any) -> tuple[Snapshot, ...]:
+    """The snapshot table, as qemu-img info lists it."""
+    return tuple(
+        Snapshot(
+            id=sn.id,
+            name=sn.name,
+            vm_state_size=_int64(sn.extra.vm_state_size_large if sn.known >= 8 else sn.entry.vm_state_size),
+            date_sec=sn.entry.date_sec,
+            date_nsec=sn.entry.date_nsec,
+            vm_clock_nsec=sn.entry.vm_clock_nsec,
+            icount=_int64(sn.extra.icount)
+            if sn.known == SNAPSHOT_EXTRA.size and sn.extra.icount != NO_ICOUNT
+            else None,
+        )
+        for sn in _snapshot_entries(img, hdr)
+    )
 
 
 def _bitmaps(img: Image, hdr: Any, ext: Any) -> list[dict[str, Any]]:
@@ -609,5 +633,361 @@ def storprobe_formats() -> list[FormatSpec]:
             backing=backing,
             features=features,
             hazards=hazards,
+            check=check,
         )
     ]
+
+
+# ===========================================================================
+# verify: the refcount walk of ``qemu-img check`` (QEMU 7.2's qcow2_co_check
+# without repair). References to every cluster are counted from the header,
+# the active and snapshot L1/L2 tables, the snapshot table, the refcount table
+# and blocks, the LUKS header and the bitmaps, then compared with the refcounts
+# the image records; each rule counts a corruption, a leak or a check error
+# exactly where QEMU counts one. Memory: one array with an entry per cluster of
+# the file (its size, never a pointer in it, decides), at the image's refcount
+# width rounded up to a byte; reads go through the check's bounded reader.
+# ===========================================================================
+
+L1E_OFFSET_MASK = L2E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
+OFLAG_COMPRESSED, OFLAG_ZERO = 1 << 62, 1 << 0
+COMPRESSED_SECTOR = 512
+L1E_RESERVED_MASK, L2E_STD_RESERVED_MASK, REFT_RESERVED_MASK = 0x7F000000000001FF, 0x3F000000000001FE, 0x1FF
+OFLAG_COPIED = 1 << 63
+SUBCLUSTER_ALLOC_BITS = (1 << SUBCLUSTERS) - 1  # an extended L2 bitmap's allocation half
+FAST_RUN_FLAGS = ~(OFLAG_COPIED | L2E_OFFSET_MASK) % UINT64  # bits a plain data cluster entry leaves clear
+#: Array type codes holding a refcount of 2**refcount_order bits (narrower ones take a byte each).
+REFCOUNT_TYPECODES = {0: "B", 1: "B", 2: "B", 3: "B", 4: "H", 5: "I", 6: "Q"}
+#: Sub-byte refcount blocks, one byte per refcount: QEMU packs them from each byte's low bits up.
+SUB_BYTE_EXPANSION = {
+    order: [bytes((value >> shift) & ((1 << (1 << order)) - 1) for shift in range(0, 8, 1 << order))
+            for value in range(256)]
+    for order in range(3)
+}
+
+
+def _words(data: bytes, typecode: str = "Q") -> array:
+    """``data`` as big-endian unsigned integers of ``typecode``'s width."""
+    words = array(typecode, data)
+    if words.itemsize > 1 and sys.byteorder == "little":
+        words.byteswap()
+    return words
+
+
+class _RefcountWalk:
+    """One check of one image: the in-memory refcounts (QEMU's IMRT) and the counts of the result."""
+
+    def __init__(self, hdr: Any, ext: Extensions, reader: CheckReader) -> None:
+        self.hdr, self.ext, self.reader = hdr, ext, reader
+        self.cluster_bits = hdr.cluster_bits
+        self.cluster_size = 1 << hdr.cluster_bits
+        self.file_length = reader.size
+        self.nb_clusters = -(-self.file_length // self.cluster_size)
+        if self.nb_clusters > INT_MAX:
+            raise CheckFailed(f"Check failed: File too large ({self.nb_clusters} clusters)")
+        self.extended = bool(hdr.incompatible_features & INCOMPAT_EXTENDED_L2)
+        self.data_file = bool(hdr.incompatible_features & INCOMPAT_DATA_FILE)
+        self.order = hdr.refcount_order
+        self.refcount_max = (1 << (1 << self.order)) - 1
+        self.typecode = REFCOUNT_TYPECODES[self.order]
+        # a reference may reach less than a cluster past the end: one spare entry
+        self.counts = array(self.typecode, [0]) * (self.nb_clusters + 1)
+        self.size = self.nb_clusters  # entries in use, QEMU's refcount_table_size of the IMRT
+        self.l2_entries = self.cluster_size // (16 if self.extended else 8)
+        self.zero_cluster = bytes(self.cluster_size)
+        self.zero_run = array(self.typecode, [0]) * self.l2_entries
+        self.one_run = array(self.typecode, [1]) * self.l2_entries
+        self.csize_shift = 62 - (self.cluster_bits - 8)
+        self.csize_mask = (1 << (self.cluster_bits - 8)) - 1
+        self.coffset_mask = (1 << self.csize_shift) - 1
+        self.refblock_bits = self.cluster_bits + 3 - self.order  # clusters one refcount block covers
+        self.reftable = _words(reader.read(hdr.refcount_table_offset, hdr.refcount_table_clusters * self.cluster_size))
+        self.bad_refblocks: set[int] = set()  # reftable indices whose refcounts cannot be read
+        self.refblock_cache: tuple[int, array] | None = None
+        self.check_errors = self.corruptions = self.leaks = 0
+        self.allocated = self.fragmented = self.compressed = 0
+
+    # --- counting references (qcow2_inc_refcounts_imrt) ---------------------------------
+
+    def reference(self, offset: int, size: int) -> None:
+        """Count a reference to each cluster of ``size`` bytes at ``offset``."""
+        if size <= 0:
+            return
+        offset = _int64(offset)  # QEMU takes the offset as a signed 64-bit value
+        if offset + size - self.file_length >= self.cluster_size:
+            self.corruptions += 1  # "region exceeding the end of the file by one cluster or more"
+            return
+        if offset < 0:  # QEMU would grow its array to 2**64 bytes and fail
+            raise CheckFailed("Check failed: Cannot allocate memory (a reference at a negative offset)")
+        counts, refcount_max = self.counts, self.refcount_max
+        for cluster in range(offset >> self.cluster_bits, ((offset + size - 1) >> self.cluster_bits) + 1):
+            if cluster >= self.size:
+                self.size = cluster + 1
+            if counts[cluster] == refcount_max:
+                self.corruptions += 1  # the refcount would overflow its width
+            else:
+                counts[cluster] += 1
+
+    def l1_table(self, offset: int, entries: int, active: bool) -> None:
+        """check_refcounts_l1: the L1 table, its L2 tables and their clusters."""
+        if not entries:
+            return
+        self.reference(offset, entries * 8)
+        for entry in filter(None, _words(self.reader.read(offset, entries * 8))):
+            if entry & L1E_RESERVED_MASK:
+                self.corruptions += 1
+            l2_offset = entry & L1E_OFFSET_MASK
+            self.reference(l2_offset, self.cluster_size)
+            if l2_offset % self.cluster_size:
+                self.corruptions += 1
+            self.l2_table(l2_offset, active)
+
+    def l2_table(self, offset: int, active: bool) -> None:
+        """check_refcounts_l2; ``active``: the active table's clusters also count as allocated."""
+        data = self.reader.read(offset, self.cluster_size)
+        if data == self.zero_cluster:
+            return
+        words = _words(data)
+        entries, bitmaps = (words[0::2], words[1::2]) if self.extended else (words, None)
+        if bitmaps is None and self._contiguous_run(entries, active):
+            return
+        next_contiguous = 0
+        for index, entry in enumerate(entries):
+            bitmap = bitmaps[index] if bitmaps is not None else 0
+            if not entry and not bitmap:
+                continue
+            if entry & OFLAG_COMPRESSED:
+                self.compressed_cluster(entry, bitmap, active)
+                continue
+            if entry & L2E_STD_RESERVED_MASK:
+                self.corruptions += 1
+            data_offset = entry & L2E_OFFSET_MASK
+            if entry & OFLAG_ZERO and not self.extended and not data_offset:
+                continue  # a zero cluster with no allocation
+            if not data_offset and not (self.data_file and entry & OFLAG_COPIED):
+                if bitmap & SUBCLUSTER_ALLOC_BITS:
+                    self.corruptions += 1  # unallocated, yet subclusters are allocated
+                continue
+            if (bitmap >> 32) & bitmap:
+                self.corruptions += 1  # subclusters both allocated and zero
+            if data_offset % self.cluster_size:
+                self.corruptions += 1
+            if active:
+                self.allocated += 1
+                if next_contiguous and data_offset != next_contiguous:
+                    self.fragmented += 1
+                next_contiguous = data_offset + self.cluster_size
+            if not self.data_file:
+                self.reference(data_offset, self.cluster_size)
+
+    def compressed_cluster(self, entry: int, bitmap: int, active: bool) -> None:
+        if entry & OFLAG_COPIED:
+            self.corruptions += 1  # compressed clusters never have the COPIED flag
+        if self.data_file or bitmap:
+            self.corruptions += 1  # with a data file, or with a subcluster bitmap
+            return
+        offset = entry & self.coffset_mask
+        sectors = ((entry >> self.csize_shift) & self.csize_mask) + 1
+        self.reference(offset, sectors * COMPRESSED_SECTOR - offset % COMPRESSED_SECTOR)
+        if active:
+            self.allocated += 1
+            self.compressed += 1
+            self.fragmented += 1  # compressed clusters are fragmented by nature
+
+    def _contiguous_run(self, entries: array, active: bool) -> bool:
+        """Count a table of plain data clusters laid out one after another, each
+        referenced for the first time, at once (what preallocated metadata and
+        sequential writes make). False, having counted nothing, for any other."""
+        first = entries[0]
+        start = first & L2E_OFFSET_MASK
+        end = start + len(entries) * self.cluster_size
+        if first & FAST_RUN_FLAGS or not start or start % self.cluster_size or end > self.file_length:
+            return False
+        if self.data_file or entries != array("Q", range(first, first + end - start, self.cluster_size)):
+            return False
+        low, high = start >> self.cluster_bits, end >> self.cluster_bits
+        if self.counts[low:high] != self.zero_run:
+            return False
+        self.counts[low:high] = self.one_run
+        if active:
+            self.allocated += len(entries)
+        return True
+
+    # --- what the image records (qcow2_get_refcount) -------------------------------------
+
+    def refcount_block(self, index: int) -> array | None:
+        """The refcounts reftable entry ``index`` covers (zeros where it points
+        nowhere), or None when its block cannot be read (an unaligned offset)."""
+        if index >= len(self.reftable):
+            return None if index < 0 else array(self.typecode, [0]) * (1 << self.refblock_bits)
+        offset = self.reftable[index] & REFT_OFFSET_MASK
+        if not offset:
+            return array(self.typecode, [0]) * (1 << self.refblock_bits)
+        if offset % self.cluster_size:
+            return None
+        data = self.reader.read(offset, self.cluster_size)
+        if self.order < 3:
+            return array("B", b"".join(map(SUB_BYTE_EXPANSION[self.order].__getitem__, data)))
+        return _words(data, self.typecode)
+
+    def recorded_refcount(self, cluster: int) -> int | None:
+        """The refcount the image records for ``cluster``; None when it cannot be read.
+        After :meth:`compare`, ``counts`` holds the recorded refcounts of the file's clusters."""
+        index = cluster >> self.refblock_bits
+        if index in self.bad_refblocks:
+            return None
+        if cluster < self.size:
+            return self.counts[cluster]
+        if self.refblock_cache is None or self.refblock_cache[0] != index:
+            block = self.refcount_block(index)
+            if block is None:
+                return None
+            self.refblock_cache = (index, block)
+        return self.refblock_cache[1][cluster & ((1 << self.refblock_bits) - 1)]
+
+    # --- the checks after the walk ----------------------------------------------------
+
+    def refcount_blocks(self) -> None:
+        """check_refblocks: each refcount block is referenced once, inside the file."""
+        for entry in self.reftable:
+            if not entry:
+                continue
+            offset = entry & REFT_OFFSET_MASK
+            if entry & REFT_RESERVED_MASK or offset % self.cluster_size or offset >> self.cluster_bits >= self.size:
+                self.corruptions += 1
+                continue
+            if offset:
+                self.reference(offset, self.cluster_size)
+                if self.counts[offset >> self.cluster_bits] != 1:
+                    self.corruptions += 1
+
+    def compare(self) -> int:
+        """compare_refcounts: recorded against counted, block by block; leaves the
+        recorded refcounts in ``counts``. The highest cluster either says is used."""
+        highest = 0
+        span = 1 << self.refblock_bits
+        for low in range(0, self.size, span):
+            high = min(low + span, self.size)
+            block = self.refcount_block(low >> self.refblock_bits)
+            if block is None:
+                self.check_errors += high - low  # "Can't get refcount for cluster"
+                self.bad_refblocks.add(low >> self.refblock_bits)
+                continue
+            recorded, counted = block[: high - low], self.counts[low:high]
+            if recorded != counted:
+                for recorded_count, counted_count in zip(recorded, counted, strict=True):
+                    if recorded_count < counted_count:
+                        self.corruptions += 1
+                    elif recorded_count > counted_count:
+                        self.leaks += 1
+                self.counts[low:high] = recorded
+            used = max(_last_nonzero(recorded), _last_nonzero(counted))
+            if used >= 0:
+                highest = low + used
+        return highest
+
+    def copied_flags(self) -> None:
+        """check_oflag_copied: an active L2 table, and each cluster it allocates,
+        has the COPIED flag exactly when its recorded refcount is 1."""
+        hdr = self.hdr
+        for entry in filter(None, _words(self.reader.read(hdr.l1_table_offset, hdr.l1_size * 8))):
+            l2_offset = entry & L1E_OFFSET_MASK
+            if not l2_offset:
+                continue
+            refcount = self.recorded_refcount(l2_offset >> self.cluster_bits)
+            if refcount is None:
+                continue
+            if (refcount == 1) != bool(entry & OFLAG_COPIED):
+                self.corruptions += 1
+            data = self.reader.read(l2_offset, self.cluster_size)
+            if data == self.zero_cluster:
+                continue
+            words = _words(data)
+            entries = words[0::2] if self.extended else words
+            if not self.extended and self._copied_run(entries):
+                continue
+            for l2_entry in entries:
+                if not l2_entry or l2_entry & OFLAG_COMPRESSED:
+                    continue
+                data_offset = l2_entry & L2E_OFFSET_MASK
+                if not data_offset and not (self.data_file and l2_entry & OFLAG_COPIED):
+                    continue  # unallocated, or a zero cluster without an allocation
+                if l2_entry & OFLAG_ZERO and not self.extended and not data_offset:
+                    continue
+                recorded = 1 if self.data_file else self.recorded_refcount(data_offset >> self.cluster_bits)
+                if recorded is not None and (recorded == 1) != bool(l2_entry & OFLAG_COPIED):
+                    self.corruptions += 1
+
+    def _copied_run(self, entries: array) -> bool:
+        """A table of consecutive data clusters, each with COPIED and a recorded refcount of 1."""
+        first = entries[0]
+        start = first & L2E_OFFSET_MASK
+        end = start + len(entries) * self.cluster_size
+        if not first & OFLAG_COPIED or first & FAST_RUN_FLAGS or not start or end > self.size << self.cluster_bits:
+            return False
+        if self.data_file or self.bad_refblocks or start % self.cluster_size:
+            return False
+        if entries != array("Q", range(first, first + end - start, self.cluster_size)):
+            return False
+        return self.counts[start >> self.cluster_bits : end >> self.cluster_bits] == self.one_run
+
+
+def _last_nonzero(values: array) -> int:
+    """The index of the last non-zero value, -1 when all are zero."""
+    used = len(values.tobytes().rstrip(b"\0"))
+    return (used - 1) // values.itemsize if used else -1
+
+
+def check(img: Image, reader: CheckReader) -> CheckResult:
+    """qemu-img check of a qcow2 image, read-only (QEMU 7.2: qcow2_co_check_locked)."""
+    hdr = _header(img)
+    ext = _read_extensions(img, hdr)
+    walk = _RefcountWalk(hdr, ext, reader)
+    walk.reference(0, walk.cluster_size)  # the header
+    walk.l1_table(hdr.l1_table_offset, hdr.l1_size, active=True)
+    snapshots = list(_snapshot_entries(img, hdr)) if hdr.nb_snapshots else []
+    if walk.data_file and snapshots:
+        walk.corruptions += 1
+    for snapshot in snapshots:
+        if hdr.version >= 3 and snapshot.entry.extra_data_size < 16:
+            walk.corruptions += 1  # "snapshot table entry is incomplete"
+        l1_offset, l1_size = snapshot.entry.l1_table_offset, snapshot.entry.l1_size
+        if l1_offset % walk.cluster_size or l1_size > MAX_L1_BYTES // 8:
+            walk.corruptions += 1
+            continue
+        walk.l1_table(l1_offset, l1_size, active=False)
+    walk.reference(hdr.snapshots_offset, snapshots[-1].end - hdr.snapshots_offset if snapshots else 0)
+    walk.reference(hdr.refcount_table_offset, len(walk.reftable) * 8)
+    if ext.crypto is not None:
+        walk.reference(ext.crypto.offset, ext.crypto.length)
+    if ext.bitmaps is not None:
+        _bitmap_references(img, hdr, ext.bitmaps, walk)
+    walk.refcount_blocks()
+    highest = walk.compare()
+    walk.copied_flags()
+    return CheckResult(
+        check_errors=walk.check_errors,
+        corruptions=walk.corruptions,
+        leaks=walk.leaks,
+        image_end_offset=(highest + 1) * walk.cluster_size,
+        total_clusters=-(-(hdr.size // SECTOR * SECTOR) // walk.cluster_size),
+        allocated_clusters=walk.allocated,
+        fragmented_clusters=walk.fragmented,
+        compressed_clusters=walk.compressed,
+    )
+
+
+def _bitmap_references(img: Image, hdr: Any, ext: Any, walk: _RefcountWalk) -> None:
+    """qcow2_check_bitmaps_refcounts: the directory, each bitmap's table and the clusters it names."""
+    walk.reference(ext.directory_offset, ext.directory_size)
+    for entry, _name in _bitmap_directory(img, hdr, ext):
+        table_bytes = entry.bitmap_table_size * 8
+        walk.reference(entry.bitmap_table_offset, table_bytes)
+        for value in _words(walk.reader.read(entry.bitmap_table_offset, table_bytes)):
+            offset = value & BITMAP_TABLE_OFFSET
+            misaligned = offset % walk.cluster_size
+            if value & BITMAP_TABLE_RESERVED or (offset and (value & BITMAP_TABLE_ALL_ONES or misaligned)):
+                walk.corruptions += 1
+            elif offset:
+                walk.reference(offset, walk.cluster_size)

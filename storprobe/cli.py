@@ -129,6 +129,22 @@ def _parser() -> _Parser:
     )
     check.add_argument("path", metavar="PATH", help="the volume to judge")
 
+    verify = sub.add_parser(
+        "verify", help="check an image's metadata as qemu-img check does (read-only; its exit codes)",
+        description="Check the consistency of an image's metadata as qemu-img check does, without repairing "
+                    "anything: exit 0 clean, 2 corruptions, 3 leaked clusters only, 63 the format has no check, "
+                    "1 it could not be checked.",
+    )
+    verify.add_argument(
+        "-f", "--format", type=_format_name,
+        help="trust this format instead of probing (one of 'storprobe formats'); its signature must be there",
+    )
+    verify.add_argument(
+        "--output", choices=("human", "json"), default="human",
+        help="human: qemu-img check's lines; json: qemu-img check --output=json's object (default: %(default)s)",
+    )
+    verify.add_argument("path", metavar="PATH", help="the image to check")
+
     validate = sub.add_parser(
         "validate", help="validate volume XML against storprobe's schemas",
         description="Validate volume XML against storprobe's RelaxNG schema: 'FILE: valid' or 'FILE: invalid' "
@@ -370,6 +386,21 @@ def _check(args: argparse.Namespace) -> int:
     return EXIT_OK if verdict.safe else EXIT_UNSAFE
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from .verify import EXIT_FAILED, EXIT_NO_CHECK, NoCheck, to_human, to_json, verify
+
+    try:
+        report = verify(args.path, format=args.format)
+    except NoCheck as exc:
+        _complain(args.path, exc.reason)
+        return EXIT_NO_CHECK
+    except ProbeError as exc:
+        _complain(args.path, exc.reason)
+        return EXIT_FAILED
+    sys.stdout.write(to_json(report) if args.output == "json" else to_human(report))
+    return report.exit_status
+
+
 def _validate(args: argparse.Namespace) -> int:
     """``FILE: valid`` or ``FILE: invalid`` on stdout, then each reason on
     stderr as ``storprobe: FILE:LINE: element NAME: why`` (virt-xml-validate's
@@ -481,7 +512,9 @@ def _run(argv: Sequence[str] | None) -> int:
         command.error(f"unrecognized arguments: {' '.join(unknown)}")
     for useless in _useless_options(args):
         command.error(useless)
-    commands = {"info": _info, "scan": _scan, "check": _check, "validate": _validate, "formats": _formats}
+    commands = {
+        "info": _info, "scan": _scan, "check": _check, "verify": _verify, "validate": _validate, "formats": _formats,
+    }
     return commands[args.command](args)
 
 

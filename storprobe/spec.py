@@ -20,6 +20,7 @@ from .source import HEAD_SIZE
 if TYPE_CHECKING:
     from .model import Backing, DataFile, ImageInfo, Snapshot
     from .source import Image
+    from .verify import CheckReader, CheckResult
 
 FileType = Literal["file", "block", "directory"]
 #: The largest virtual size qemu-img can report (its sizes are signed 64-bit).
@@ -93,6 +94,10 @@ class FormatSpec(NamedTuple):
     backing: Callable[[Image], Backing | None] | None = None
     features: Callable[[Image], Features] | None = None
     hazards: Callable[[Image, ImageInfo], Iterable[Hazard]] | None = None
+    #: ``storprobe verify``: the metadata walk of ``qemu-img check`` (read-only), given the
+    #: image and a bounded reader of its metadata (see :mod:`storprobe.verify`). None: the
+    #: format has no check here (exit 63 unless QEMU's driver has one, then "not yet").
+    check: Callable[[Image, CheckReader], CheckResult] | None = None
     priority: int = 0
     libvirt: LibvirtFacts = LibvirtFacts()
     #: The QEMU block driver that opens this format's images (``qemu-img -f``), when it is

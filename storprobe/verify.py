@@ -1,0 +1,194 @@
+"""``storprobe verify``: what ``qemu-img check`` reports on an image, read-only.
+
+A format row's ``check`` callback walks the image's metadata the way QEMU 7.2's
+driver checks it and returns a :class:`CheckResult`; this module opens the image
+(a probe: what QEMU's open refuses, storprobe refuses with the same exit status),
+reads for the callback through a bounded :class:`CheckReader`, and renders the
+outcome as qemu-img check prints it: JSON byte for byte, the human lines, and
+the exit status (0 clean, 2 corruptions, 3 leaks only, 63 no check, 1 could not
+check). Nothing is ever repaired: the file is opened read-only.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple
+
+from .detect import Target, open_source, probe
+from .errors import ProbeError, ReadLimitExceeded
+from .jsontext import indented
+from .registry import FormatTable, format_table
+from .source import Image
+
+if TYPE_CHECKING:
+    from .source import ByteSource
+
+#: qemu-img check's exit statuses.
+EXIT_CLEAN, EXIT_FAILED, EXIT_CORRUPT, EXIT_LEAKS, EXIT_NO_CHECK = 0, 1, 2, 3, 63
+#: QEMU 7.2's format drivers that have a check (``bdrv_co_check``); every other
+#: driver answers qemu-img check with "This image format does not support checks".
+QEMU_CHECKED_DRIVERS = frozenset({"qcow2", "qed", "vdi", "vhdx", "vmdk", "parallels"})
+#: The ImageCheck keys in the order qemu-img 7.2 prints them: its JSON object is
+#: a QDict, iterated by hash bucket (tdb_hash(key) % 512); no two keys share one.
+JSON_KEYS = (
+    "image-end-offset", "compressed-clusters", "total-clusters", "corruptions", "corruptions-fixed",
+    "check-errors", "leaks", "leaks-fixed", "allocated-clusters", "filename", "format", "fragmented-clusters",
+)
+#: Metadata bytes one check may read: at least this, and at least
+#: :data:`READ_FACTOR` times the file's size (snapshots re-read shared tables).
+MIN_READ_BUDGET = 1 << 30
+READ_FACTOR = 4
+
+
+class NoCheck(ProbeError):
+    """The image's QEMU driver has no check: qemu-img check exits 63."""
+
+    code = "verify.no-check"
+
+
+class CheckNotImplemented(ProbeError):
+    """QEMU has a check for this format and storprobe does not have it yet."""
+
+    code = "verify.not-implemented"
+
+
+class CheckFailed(ProbeError):
+    """The check could not complete, as qemu-img's "Check failed: REASON" (exit 1, no report)."""
+
+    code = "verify.failed"
+
+
+class CheckResult(NamedTuple):
+    """QEMU's BdrvCheckResult of a read-only check (nothing fixed, so no *-fixed counts)."""
+
+    check_errors: int = 0
+    corruptions: int = 0
+    leaks: int = 0
+    image_end_offset: int = 0
+    total_clusters: int = 0
+    allocated_clusters: int = 0
+    fragmented_clusters: int = 0
+    compressed_clusters: int = 0
+
+
+class Report(NamedTuple):
+    """qemu-img check's ImageCheck: the result with the name it was asked about and the format."""
+
+    filename: str
+    format: str
+    result: CheckResult
+
+    @property
+    def exit_status(self) -> int:
+        """qemu-img check's status for a check that completed."""
+        result = self.result
+        if result.check_errors:
+            return EXIT_FAILED
+        if result.corruptions:
+            return EXIT_CORRUPT
+        return EXIT_LEAKS if result.leaks else EXIT_CLEAN
+
+
+class CheckReader:
+    """Metadata reads for a check, as QEMU's block layer serves a format driver:
+    bytes past the end of the file read as zeros. Every read counts against a
+    budget (``budget``: bytes; default the larger of :data:`MIN_READ_BUDGET` and
+    :data:`READ_FACTOR` times the file's size); a check that needs more raises
+    ReadLimitExceeded instead of reading on."""
+
+    __slots__ = ("_source", "size", "_left")
+
+    def __init__(self, source: ByteSource, budget: int | None = None) -> None:
+        self._source = source
+        self.size = source.size()
+        self._left = max(MIN_READ_BUDGET, READ_FACTOR * self.size) if budget is None else budget
+
+    def read(self, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset``, zeros where the file has none."""
+        self._left -= length
+        if self._left < 0:
+            raise ReadLimitExceeded(
+                f"reading {length} bytes of metadata at offset {offset} exceeds the check's read budget",
+                code="verify.read-limit",
+            )
+        if offset >= self.size or length <= 0:
+            return bytes(max(length, 0))
+        data = self._source.read_at(offset, min(length, self.size - offset))
+        return data + bytes(length - len(data)) if len(data) < length else data
+
+
+#: A format row's check: the image (its header read) and a reader for its metadata.
+Check = Callable[[Image, CheckReader], CheckResult]
+
+
+def verify(
+    target: Target, *, format: str | None = None, table: FormatTable | None = None, budget: int | None = None
+) -> Report:
+    """Check ``target`` as ``qemu-img check [-f FORMAT]`` does, read-only.
+
+    Raises NoCheck (exit 63) when the format's QEMU driver has none,
+    CheckNotImplemented when QEMU has one storprobe lacks, CheckFailed or
+    another ProbeError when the image cannot be opened or checked (exit 1).
+    """
+    table = table or format_table()
+    source = open_source(target)
+    try:
+        info = probe(source, format=format, table=table)  # what QEMU's open refuses
+        spec = table[info.format]
+        driver = spec.driver(info.version)
+        if spec.check is None or driver != spec.name:
+            if driver in QEMU_CHECKED_DRIVERS:
+                raise CheckNotImplemented(f"storprobe has no check for {driver} images yet (QEMU has one)")
+            raise NoCheck("This image format does not support checks")
+        result = spec.check(Image(source), CheckReader(source, budget))
+    finally:
+        if source is not target:
+            source.close()
+    name = os.fspath(target) if isinstance(target, (str, os.PathLike)) else source.name
+    return Report(str(name), driver, result)
+
+
+def to_json(report: Report) -> str:
+    """``qemu-img check --output=json``'s text (newline included): counts that
+    are zero are left out, except check-errors, as qemu-img does."""
+    result = report.result
+    values = {
+        "filename": report.filename,
+        "format": report.format,
+        "check-errors": result.check_errors,
+        "image-end-offset": result.image_end_offset or None,
+        "corruptions": result.corruptions or None,
+        "leaks": result.leaks or None,
+        "total-clusters": result.total_clusters or None,
+        "allocated-clusters": result.allocated_clusters or None,
+        "fragmented-clusters": result.fragmented_clusters or None,
+        "compressed-clusters": result.compressed_clusters or None,
+    }
+    return indented({key: values[key] for key in JSON_KEYS if values.get(key) is not None}) + "\n"
+
+
+def to_human(report: Report) -> str:
+    """``qemu-img check``'s human text (newline included)."""
+    result = report.result
+    lines: list[str] = []
+    if not (result.corruptions or result.leaks or result.check_errors):
+        lines.append("No errors were found on the image.")
+    if result.corruptions:
+        lines += ["", f"{result.corruptions} errors were found on the image.",
+                  "Data may be corrupted, or further writes to the image may corrupt it."]
+    if result.leaks:
+        lines += ["", f"{result.leaks} leaked clusters were found on the image.",
+                  "This means waste of disk space, but no harm to data."]
+    if result.check_errors:
+        lines += ["", f"{result.check_errors} internal errors have occurred during the check."]
+    if result.total_clusters and result.allocated_clusters:
+        allocated = result.allocated_clusters
+        lines.append(
+            f"{allocated}/{result.total_clusters} = {allocated * 100.0 / result.total_clusters:.2f}% allocated, "
+            f"{result.fragmented_clusters * 100.0 / allocated:.2f}% fragmented, "
+            f"{result.compressed_clusters * 100.0 / allocated:.2f}% compressed clusters"
+        )
+    if result.image_end_offset:
+        lines.append(f"Image end offset: {result.image_end_offset}")
+    return "\n".join(lines) + "\n"
