@@ -698,6 +698,12 @@ class _RefcountWalk:
         self.zero_cluster = bytes(self.cluster_size)
         self.zero_run = array(self.typecode, [0]) * self.l2_entries
         self.one_run = array(self.typecode, [1]) * self.l2_entries
+        # a table of consecutive clusters from entry E, read as one big-endian integer, is E * repunit + steps
+        self.run_repunit = int.from_bytes((1).to_bytes(8, "big") * self.l2_entries, "big")
+        steps = array("Q", range(0, self.l2_entries * self.cluster_size, self.cluster_size))
+        if sys.byteorder == "little":
+            steps.byteswap()
+        self.run_steps = int.from_bytes(steps.tobytes(), "big")
         self.csize_shift = 62 - (self.cluster_bits - 8)
         self.csize_mask = (1 << (self.cluster_bits - 8)) - 1
         self.coffset_mask = (1 << self.csize_shift) - 1
@@ -746,12 +752,10 @@ class _RefcountWalk:
     def l2_table(self, offset: int, active: bool) -> None:
         """check_refcounts_l2; ``active``: the active table's clusters also count as allocated."""
         data = self.reader.read(offset, self.cluster_size)
-        if data == self.zero_cluster:
+        if data == self.zero_cluster or self._contiguous_run(data, active):
             return
         words = _words(data)
         entries, bitmaps = (words[0::2], words[1::2]) if self.extended else (words, None)
-        if bitmaps is None and self._contiguous_run(entries, active):
-            return
         next_contiguous = 0
         for index, entry in enumerate(entries):
             bitmap = bitmaps[index] if bitmaps is not None else 0
@@ -795,23 +799,34 @@ class _RefcountWalk:
             self.compressed += 1
             self.fragmented += 1  # compressed clusters are fragmented by nature
 
-    def _contiguous_run(self, entries: array, active: bool) -> bool:
-        """Count a table of plain data clusters laid out one after another, each
-        referenced for the first time, at once (what preallocated metadata and
-        sequential writes make). False, having counted nothing, for any other."""
-        first = entries[0]
+    def _run_start(self, data: bytes) -> int | None:
+        """The host offset of the first cluster of an L2 table (standard entries)
+        that maps consecutive plain data clusters, all inside the file; None for
+        any other table."""
+        first = int.from_bytes(data[:8], "big")
         start = first & L2E_OFFSET_MASK
-        end = start + len(entries) * self.cluster_size
-        if first & FAST_RUN_FLAGS or not start or start % self.cluster_size or end > self.file_length:
+        if self.extended or self.data_file or first & FAST_RUN_FLAGS or not start or start % self.cluster_size:
+            return None
+        if start + self.l2_entries * self.cluster_size > self.file_length:
+            return None
+        if int.from_bytes(data, "big") != first * self.run_repunit + self.run_steps:
+            return None
+        return start
+
+    def _contiguous_run(self, data: bytes, active: bool) -> bool:
+        """Count a table of consecutive data clusters, each referenced for the
+        first time, at once (what preallocated metadata and sequential writes
+        make). False, having counted nothing, for any other table."""
+        start = self._run_start(data)
+        if start is None:
             return False
-        if self.data_file or entries != array("Q", range(first, first + end - start, self.cluster_size)):
-            return False
-        low, high = start >> self.cluster_bits, end >> self.cluster_bits
+        low = start >> self.cluster_bits
+        high = low + self.l2_entries
         if self.counts[low:high] != self.zero_run:
             return False
         self.counts[low:high] = self.one_run
         if active:
-            self.allocated += len(entries)
+            self.allocated += self.l2_entries
         return True
 
     # --- what the image records (qcow2_get_refcount) -------------------------------------
@@ -901,12 +916,10 @@ class _RefcountWalk:
             if (refcount == 1) != bool(entry & OFLAG_COPIED):
                 self.corruptions += 1
             data = self.reader.read(l2_offset, self.cluster_size)
-            if data == self.zero_cluster:
+            if data == self.zero_cluster or self._copied_run(data):
                 continue
             words = _words(data)
             entries = words[0::2] if self.extended else words
-            if not self.extended and self._copied_run(entries):
-                continue
             for l2_entry in entries:
                 if not l2_entry or l2_entry & OFLAG_COMPRESSED:
                     continue
@@ -919,18 +932,15 @@ class _RefcountWalk:
                 if recorded is not None and (recorded == 1) != bool(l2_entry & OFLAG_COPIED):
                     self.corruptions += 1
 
-    def _copied_run(self, entries: array) -> bool:
+    def _copied_run(self, data: bytes) -> bool:
         """A table of consecutive data clusters, each with COPIED and a recorded refcount of 1."""
-        first = entries[0]
-        start = first & L2E_OFFSET_MASK
-        end = start + len(entries) * self.cluster_size
-        if not first & OFLAG_COPIED or first & FAST_RUN_FLAGS or not start or end > self.size << self.cluster_bits:
+        if not data[0] & 0x80 or self.bad_refblocks:  # COPIED is the first entry's top bit
             return False
-        if self.data_file or self.bad_refblocks or start % self.cluster_size:
+        start = self._run_start(data)
+        if start is None:
             return False
-        if entries != array("Q", range(first, first + end - start, self.cluster_size)):
-            return False
-        return self.counts[start >> self.cluster_bits : end >> self.cluster_bits] == self.one_run
+        low = start >> self.cluster_bits
+        return self.counts[low : low + self.l2_entries] == self.one_run
 
 
 def _last_nonzero(values: array) -> int:
@@ -991,3 +1001,4 @@ def _bitmap_references(img: Image, hdr: Any, ext: Any, walk: _RefcountWalk) -> N
                 walk.corruptions += 1
             elif offset:
                 walk.reference(offset, walk.cluster_size)
+
