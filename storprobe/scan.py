@@ -111,6 +111,21 @@ def scan_map(
     return _rendered(paths, render, table, jobs or min(usable_cpus(), DEFAULT_JOBS_CAP))
 
 
+def listing(directory: str | os.PathLike[str], *, recursive: bool = False) -> list[Entry]:
+    """The entries :func:`scan` probes, in its order, without probing them (a
+    fleet scan deals them out in batches to :func:`scan_entries`).
+
+    Raises SourceError when ``directory`` itself cannot be listed.
+    """
+    return list(_paths(_top_listing(directory), recursive))
+
+
+def scan_entries(entries: Iterable[Entry], *, table: FormatTable | None = None) -> Iterator[ScanRecord]:
+    """Records for ``entries`` (from :func:`listing`, or some of them), in
+    their order, read ahead as :func:`scan` reads."""
+    return _records(entries, table or format_table())
+
+
 def _rendered(paths: list[Entry], render: Callable[[ScanRecord], T], table: FormatTable, jobs: int) -> Iterator[T]:
     from .forked import ordered_map
 

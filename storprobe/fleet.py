@@ -1,0 +1,373 @@
+"""Fleet scans: a listing probed on a Dask cluster into an inventory of Parquet parts.
+
+The listing (every entry of a directory, with what ``stat`` says of it) is
+sorted by name and cut into batches of :data:`BATCH` entries. Each batch is
+one task (:func:`run_batch`): it probes its entries and writes one part, a
+Parquet file of :mod:`storprobe.inventory` rows in name order (or JSON lines),
+named after the batch's number and its first name, and put in place in one
+step: a task that runs again (a retry, a worker lost) overwrites its part, so
+an inventory never holds a row twice. When every part is written, the driver
+writes the manifest (:data:`MANIFEST`: the parts, each with its first and last
+name and its counts) and removes parts a previous run left that this one did
+not write.
+
+Refreshing: given a previous inventory, a task reads that inventory's parts
+whose names overlap its batch and carries over the row of every entry the
+listing says is unchanged (:func:`storprobe.inventory.unchanged`) instead of
+probing it again.
+
+Without a Dask client the batches run one after another in this process, the
+same code. Dask is imported only by :func:`dask_client`.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+import os
+import stat
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from .inventory import SCHEMA_VERSION, ObjectFacts, arrow_schema, row, unchanged
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+#: Entries a task probes and writes as one part: large enough that a task's
+#: start and its part's file cost little next to its probes, small enough that
+#: a part of a cluster's first round of tasks is written within seconds.
+BATCH = 256
+#: The inventory's manifest, written last: the parts that make the inventory.
+MANIFEST = "_inventory.json"
+#: The start of every part's name; other files in the destination are never touched.
+PART_PREFIX = "part-"
+#: The part formats and their names' endings.
+FORMATS = {"parquet": ".parquet", "jsonl": ".jsonl"}
+#: Most workers a LocalCluster starts unless told (one process each, one thread:
+#: probing is Python, which one interpreter runs on one CPU at a time).
+DEFAULT_WORKERS_CAP = 8
+#: Times the scheduler runs a task again after its worker failed.
+RETRIES = 2
+
+
+class InventoryError(Exception):
+    """An inventory cannot be written or read (not a volume's fault: the scan stops)."""
+
+
+class Entry(NamedTuple):
+    """One object to probe: its name (path or URL, its row's ``filename``),
+    what the listing says of it, and whether the listing says it is a regular file."""
+
+    name: str
+    facts: ObjectFacts
+    listed_as_file: bool = False
+
+
+class PreviousPart(NamedTuple):
+    """A part of an earlier inventory: where it is, and the names it covers."""
+
+    location: str
+    first: str
+    last: str
+
+
+class Batch(NamedTuple):
+    """One task's work: probe ``entries`` and write part ``number`` into ``to``,
+    carrying rows over from ``previous`` parts where the entries are unchanged."""
+
+    number: int
+    entries: tuple[Entry, ...]
+    to: str
+    to_format: str
+    previous: tuple[PreviousPart, ...] = ()
+
+
+class Part(NamedTuple):
+    """A part as written, and as the manifest lists it."""
+
+    name: str
+    first: str
+    last: str
+    records: int
+    probed: int
+    carried: int
+    errors: int
+
+
+class Inventory(NamedTuple):
+    """What a fleet scan wrote: its parts, in name order, and their totals."""
+
+    to: str
+    to_format: str
+    parts: tuple[Part, ...]
+
+    @property
+    def records(self) -> int:
+        return sum(p.records for p in self.parts)
+
+    @property
+    def probed(self) -> int:
+        return sum(p.probed for p in self.parts)
+
+    @property
+    def carried(self) -> int:
+        return sum(p.carried for p in self.parts)
+
+    @property
+    def errors(self) -> int:
+        return sum(p.errors for p in self.parts)
+
+
+def fleet_scan(
+    source: str | os.PathLike[str],
+    to: str | os.PathLike[str],
+    *,
+    client: Client | None = None,
+    since: str | os.PathLike[str] | None = None,
+    to_format: str = "parquet",
+    batch_size: int = BATCH,
+    recursive: bool = False,
+) -> Inventory:
+    """Probe every entry of the directory ``source`` into an inventory in the
+    directory ``to``: one part per batch of ``batch_size`` entries, each a task
+    on ``client`` (a Dask client), or run here one after another without one.
+    With ``since``, an earlier inventory, unchanged entries keep their rows
+    from it and are not read (``since`` must not be ``to``: its parts are read
+    while this scan writes).
+
+    Raises SourceError when ``source`` cannot be listed, InventoryError when
+    ``since`` is no inventory or ``to`` cannot be written.
+    """
+    if to_format not in FORMATS:
+        raise ValueError(f"unknown inventory format {to_format!r} (known: {', '.join(FORMATS)})")
+    destination = os.fspath(to)
+    place = LocalPlace(destination)
+    previous = _previous_parts(since, place) if since is not None else []
+    entries = _local_listing(os.fspath(source), recursive)
+    batches = [
+        Batch(number, chunk, destination, to_format, _overlapping(previous, chunk[0].name, chunk[-1].name))
+        for number, chunk in enumerate(_chunks(entries, batch_size))
+    ]
+    place.prepare()
+    if client is None:
+        parts = [run_batch(batch) for batch in batches]
+    else:
+        parts = client.gather(client.map(run_batch, batches, retries=RETRIES, pure=False))
+    inventory = Inventory(destination, to_format, tuple(parts))
+    _write_manifest(place, inventory, os.fspath(source))
+    written = {p.name for p in parts}
+    for name in place.names():
+        if name.startswith(PART_PREFIX) and name.endswith(tuple(FORMATS.values())) and name not in written:
+            place.delete(name)
+    return inventory
+
+
+def run_batch(batch: Batch) -> Part:
+    """Probe one batch (carrying over what is unchanged) and write its part: a Dask task."""
+    version = _version()
+    names = {entry.name for entry in batch.entries}
+    earlier = {r["filename"]: r for part in batch.previous for r in _read_part(part.location, names)}
+    fresh = [
+        entry for entry in batch.entries
+        if entry.name not in earlier or not unchanged(earlier[entry.name], entry.facts, version)
+    ]
+    probed = dict(_probe_local(fresh, version))
+    rows = [probed.get(entry.name) or earlier[entry.name] for entry in batch.entries]
+    first = batch.entries[0].name
+    name = part_name(batch.number, first, batch.to_format)
+    LocalPlace(batch.to).put(name, _encode(rows, batch.to_format))
+    return Part(
+        name, first, batch.entries[-1].name, len(rows), len(fresh), len(rows) - len(fresh),
+        sum(r["error_code"] is not None for r in rows),
+    )
+
+
+def part_name(number: int, first: str, to_format: str) -> str:
+    """A part's name: the batch's number and a digest of its first entry's name,
+    the same each time the same batch runs."""
+    digest = hashlib.sha256(first.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+    return f"{PART_PREFIX}{number:06d}-{digest}{FORMATS[to_format]}"
+
+
+@contextmanager
+def dask_client(address: str | None = None, *, workers: int | None = None) -> Iterator[Client]:
+    """A Dask client: of the scheduler at ``address``, or of a LocalCluster on
+    this machine, listening on loopback only, with ``workers`` processes (default:
+    one per usable CPU, at most :data:`DEFAULT_WORKERS_CAP`) of one thread each,
+    closed on leaving."""
+    import logging
+
+    from distributed import Client, LocalCluster
+
+    if address:
+        with Client(address) as client:
+            yield client
+        return
+    from .forked import usable_cpus
+
+    count = workers or min(usable_cpus(), DEFAULT_WORKERS_CAP)
+    with (
+        LocalCluster(
+            n_workers=count, threads_per_worker=1, processes=True, host="127.0.0.1",
+            dashboard_address=None, silence_logs=logging.ERROR,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        yield client
+
+
+@functools.cache
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _chunks(entries: Sequence[Entry], size: int) -> Iterator[tuple[Entry, ...]]:
+    for start in range(0, len(entries), size):
+        yield tuple(entries[start : start + size])
+
+
+def _local_listing(directory: str, recursive: bool) -> list[Entry]:
+    """Every entry a scan of ``directory`` probes, with its status, sorted by name."""
+    from .scan import listing
+
+    listed = listing(directory, recursive=recursive)
+    return sorted(Entry(path, _file_facts(path, as_file), as_file) for path, as_file in listed)
+
+
+def _file_facts(path: str, listed_as_file: bool) -> ObjectFacts:
+    """What ``stat`` says of a listed file (of what a link points to, as the
+    probe follows it); nothing when it cannot be asked (the entry is probed again)."""
+    try:
+        status = os.stat(path, follow_symlinks=not listed_as_file)
+    except OSError:
+        return ObjectFacts()
+    if not (stat.S_ISREG(status.st_mode) or stat.S_ISDIR(status.st_mode) or stat.S_ISBLK(status.st_mode)):
+        return ObjectFacts()  # no volume: its error record is made again each time
+    return ObjectFacts(
+        size=status.st_size, mtime_ns=status.st_mtime_ns, ctime_ns=status.st_ctime_ns,
+        device=status.st_dev, inode=status.st_ino,
+    )
+
+
+def _probe_local(entries: Sequence[Entry], version: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    from .scan import scan_entries
+
+    records = scan_entries([(entry.name, entry.listed_as_file) for entry in entries])
+    for entry, record in zip(entries, records, strict=True):
+        yield entry.name, row(entry.name, record.info, record.error, entry.facts, version)
+
+
+def _encode(rows: list[dict[str, Any]], to_format: str) -> bytes:
+    if to_format == "jsonl":
+        return "".join(json.dumps(r) + "\n" for r in rows).encode()
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=arrow_schema()), out)
+    return out.getvalue()
+
+
+def _read_part(location: str, names: set[str]) -> list[dict[str, Any]]:
+    """The rows of the part at ``location`` whose filename is in ``names``
+    (timestamps as nanoseconds, as :func:`storprobe.inventory.row` makes them)."""
+    directory, name = os.path.split(location)
+    data = LocalPlace(directory).get(name)
+    if name.endswith(FORMATS["jsonl"]):
+        lines = (json.loads(line) for line in data.splitlines())
+        return [r for r in lines if r["filename"] in names]
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(io.BytesIO(data), schema=arrow_schema())
+    table = table.filter(pc.is_in(table["filename"], value_set=pa.array(sorted(names), pa.string())))
+    as_numbers = pa.schema([f.with_type(pa.int64()) if pa.types.is_timestamp(f.type) else f for f in table.schema])
+    rows: list[dict[str, Any]] = table.cast(as_numbers).to_pylist()
+    return rows
+
+
+def _previous_parts(since: str | os.PathLike[str], to: LocalPlace) -> list[PreviousPart]:
+    """The parts of the inventory at ``since``, in name order; none when it was
+    made with another schema (every entry is probed again)."""
+    earlier = LocalPlace(os.fspath(since))
+    if earlier.same_as(to):
+        raise InventoryError("the previous inventory cannot be the destination: write the new one beside it")
+    try:
+        manifest = json.loads(earlier.get(MANIFEST))
+    except (InventoryError, ValueError) as exc:
+        raise InventoryError(f"{earlier.where}: no inventory ({MANIFEST}: {exc})") from None
+    if manifest.get("schema") != SCHEMA_VERSION:
+        return []
+    return [PreviousPart(earlier.location(p["name"]), p["first"], p["last"]) for p in manifest["parts"]]
+
+
+def _overlapping(parts: Sequence[PreviousPart], first: str, last: str) -> tuple[PreviousPart, ...]:
+    return tuple(p for p in parts if p.first <= last and first <= p.last)
+
+
+def _write_manifest(place: LocalPlace, inventory: Inventory, source: str) -> None:
+    manifest = {
+        "schema": SCHEMA_VERSION, "storprobe": _version(), "source": source, "format": inventory.to_format,
+        "records": inventory.records, "probed": inventory.probed, "carried": inventory.carried,
+        "errors": inventory.errors, "parts": [p._asdict() for p in inventory.parts],
+    }
+    place.put(MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+
+
+class LocalPlace:
+    """An inventory's directory on this machine (or one every worker mounts)."""
+
+    def __init__(self, directory: str) -> None:
+        self.where = directory
+
+    def location(self, name: str) -> str:
+        return os.path.join(self.where, name)
+
+    def same_as(self, other: LocalPlace) -> bool:
+        return os.path.realpath(self.where) == os.path.realpath(other.where)
+
+    def prepare(self) -> None:
+        try:
+            os.makedirs(self.where, exist_ok=True)
+        except OSError as exc:
+            raise InventoryError(f"{self.where}: {exc.strerror or exc}") from None
+
+    def put(self, name: str, data: bytes) -> None:
+        """Write ``name`` whole, or leave it as it was: a temporary file renamed over it."""
+        final = self.location(name)
+        temporary = self.location(f".{name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        try:
+            with open(temporary, "wb") as f:
+                f.write(data)
+            os.replace(temporary, final)
+        except OSError as exc:
+            _remove_quietly(temporary)
+            raise InventoryError(f"{final}: {exc.strerror or exc}") from None
+
+    def get(self, name: str) -> bytes:
+        try:
+            with open(self.location(name), "rb") as f:
+                return f.read()
+        except OSError as exc:
+            raise InventoryError(f"{self.location(name)}: {exc.strerror or exc}") from None
+
+    def names(self) -> list[str]:
+        return sorted(os.listdir(self.where))
+
+    def delete(self, name: str) -> None:
+        _remove_quietly(self.location(name))
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
