@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import struct
 import sys
+import zlib
 from array import array
 from collections.abc import Iterator
 from typing import Any, NamedTuple
@@ -34,6 +35,7 @@ from storprobe import (
     Snapshot,
     hookimpl,
 )
+from storprobe.blockmap import DataPathError, Extent, HostFile, MissingExtra
 from storprobe.layout import cstring
 from storprobe.luks1 import LUKS1_HEADER_SIZE, luks_specific
 from storprobe.source import TableWalker
@@ -616,6 +618,325 @@ def hazards(img: Image, info: ImageInfo) -> Iterator[Hazard]:
         )
 
 
+# --------------------------------------------------------------------------------------
+# Data path: the guest-to-host map (L1 and L2 tables), read as QEMU 7.2 reads it
+# (block/qcow2-cluster.c qcow2_get_host_offset, qcow2.h qcow2_get_subcluster_type,
+# qcow2_co_block_status, block/qcow2-threads.c for compressed clusters).
+# --------------------------------------------------------------------------------------
+
+L1E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+L2E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
+OFLAG_COMPRESSED = 1 << 62
+OFLAG_ZERO = 1 << 0  # standard L2 entries only; extended ones keep zero bits in the bitmap
+#: Bytes of the L1 table read (and cached) at once.
+L1_PIECE = 64 * 1024
+#: Compressed data is located in 512-byte sectors (QEMU's QCOW2_COMPRESSED_SECTOR_SIZE).
+COMPRESSED_SECTOR = 512
+#: zlib's window for qcow2's raw deflate streams (QEMU inflates with windowBits -12).
+ZLIB_WBITS = -12
+#: Each byte value -> 1 when non-zero (for counting non-zero refcounts a table at a time).
+_NONZERO = bytes([0] + [1] * 255)
+#: For refcounts of 1, 2 and 4 bits: each byte value -> how many of its refcounts are non-zero.
+_NONZERO_FIELDS = {
+    bits: bytes(sum(1 for k in range(8 // bits) if value >> (bits * k) & ((1 << bits) - 1)) for value in range(256))
+    for bits in (1, 2, 4)
+}
+
+
+def _map_error(rule: str, message: str) -> DataPathError:
+    return DataPathError(message, code=f"qcow2.{rule}")
+
+
+class Qcow2Map:
+    """The block map of a qcow2 image: cluster types, host offsets, and the
+    bytes of compressed clusters. Every table is read through the chain's
+    bounded cache; offsets QEMU refuses (unaligned tables and clusters, zero
+    clusters in a version 2 image, invalid subcluster bitmaps) are named
+    errors; reserved bits QEMU's reader ignores are ignored here too."""
+
+    def __init__(self, img: Image, info: ImageInfo, host: HostFile) -> None:
+        hdr = _header(img)
+        if hdr.incompatible_features & ~INCOMPAT_KNOWN:
+            raise _map_error("unknown-feature", "unknown incompatible features: QEMU does not read this image")
+        self.host, self.size = host, info.virtual_size
+        self.v2 = hdr.version == 2
+        self.cluster_bits = hdr.cluster_bits
+        self.cluster_size = 1 << hdr.cluster_bits
+        self.extended = bool(hdr.incompatible_features & INCOMPAT_EXTENDED_L2)
+        self.entry_size = 16 if self.extended else 8
+        self.l2_entries = self.cluster_size // self.entry_size
+        self.l1_span = self.l2_entries * self.cluster_size  # guest bytes one L1 entry maps
+        self.subcluster_size = self.cluster_size // SUBCLUSTERS if self.extended else self.cluster_size
+        self.l1_offset, self.l1_size = hdr.l1_table_offset, hdr.l1_size
+        self.compression = hdr.compression_type
+        self.csize_shift = 62 - (hdr.cluster_bits - 8)
+        self.csize_mask = (1 << (hdr.cluster_bits - 8)) - 1
+        self.refcount = (hdr.refcount_order, hdr.refcount_table_offset, hdr.refcount_table_clusters)
+        self._preallocated: bool | None = None
+        self._inflated: tuple[int, bytes] = (-1, b"")
+
+    # -- tables ------------------------------------------------------------------------
+
+    def _l2_table(self, l1_index: int) -> bytes | None:
+        """The L2 table of L1 entry ``l1_index``, None when it has none."""
+        if l1_index >= self.l1_size:
+            return None
+        at = l1_index * 8
+        piece = at - at % L1_PIECE
+        table = self.host.table(self.l1_offset + piece, min(L1_PIECE, self.l1_size * 8 - piece))
+        l2_offset = int.from_bytes(table[at - piece : at - piece + 8], "big") & L1E_OFFSET_MASK
+        if not l2_offset:
+            return None
+        if l2_offset % self.cluster_size:
+            raise _map_error(
+                "l2-offset-unaligned", f"L2 table offset {l2_offset:#x} unaligned (L1 index {l1_index:#x})"
+            )
+        return self.host.table(l2_offset, self.cluster_size)
+
+    def _entry(self, table: bytes, index: int) -> tuple[int, int]:
+        at = index * self.entry_size
+        bitmap = int.from_bytes(table[at + 8 : at + 16], "big") if self.extended else 0
+        return int.from_bytes(table[at : at + 8], "big"), bitmap
+
+    # -- extents -----------------------------------------------------------------------
+
+    def extents(self, start: int, length: int, *, want_zero: bool = True) -> Iterator[Extent]:
+        end = start + length
+        while start < end:
+            l1_index = start // self.l1_span
+            stop = min(end, (l1_index + 1) * self.l1_span)
+            table = self._l2_table(l1_index)
+            if table is None:
+                yield Extent(start, stop - start, False, False)
+            else:
+                for extent in self._merged(self._clusters(table, l1_index, start, stop)):
+                    if want_zero and extent.data and extent.host_offset is not None and self.preallocated():
+                        yield from self._split_by_holes(extent)
+                    else:
+                        yield extent
+            start = stop
+
+    def _clusters(self, table: bytes, l1_index: int, start: int, stop: int) -> Iterator[Extent]:
+        """One extent per cluster (per run of like subclusters) of ``[start, stop)``."""
+        first = l1_index * self.l1_span
+        cs = self.cluster_size
+        index = (start - first) // cs
+        last = (stop - 1 - first) // cs
+        first_byte, end_byte = index * self.entry_size, (last + 1) * self.entry_size
+        if table.count(0, first_byte, end_byte) == end_byte - first_byte:
+            yield Extent(start, stop - start, False, False)  # an L2 range with nothing allocated
+            return
+        for i in range(index, last + 1):
+            entry, bitmap = self._entry(table, i)
+            c_start = first + i * cs
+            lo, hi = max(start, c_start) - c_start, min(stop, c_start + cs) - c_start
+            runs = self._cluster(entry, bitmap, l1_index, i, lo, hi)
+            for s, e, data, zero, host, compressed in runs:
+                yield Extent(c_start + s, e - s, data, zero, None if host is None else host + s, compressed)
+
+    def _cluster(
+        self, entry: int, bitmap: int, l1_index: int, index: int, lo: int, hi: int
+    ) -> Iterator[tuple[int, int, bool, bool, int | None, bool]]:
+        """(start, end, data, zero, host cluster offset, compressed) runs of one
+        cluster's bytes ``[lo, hi)`` (offsets into the cluster)."""
+        if entry & OFLAG_COMPRESSED:
+            yield lo, hi, True, False, None, True
+            return
+        host = entry & L2E_OFFSET_MASK
+        if not self.extended:
+            zero = bool(entry & OFLAG_ZERO)
+            if zero and self.v2:
+                raise _map_error(
+                    "zero-cluster-in-v2", f"zero cluster entry in a version 2 image (L1 index {l1_index:#x}, "
+                    f"L2 index {index:#x})"
+                )
+            if host:
+                self._check_aligned(host, l1_index, index)
+            yield lo, hi, bool(host) and not zero, zero, host or None, False
+            return
+        alloc, zeros = bitmap & 0xFFFFFFFF, bitmap >> 32
+        if (host and alloc & zeros) or (not host and alloc):
+            raise _map_error(
+                "invalid-subclusters", f"invalid subcluster bitmap {bitmap:#018x} (L1 index {l1_index:#x}, "
+                f"L2 index {index:#x})"
+            )
+        if host:
+            self._check_aligned(host, l1_index, index)
+        sc = self.subcluster_size
+        s = lo
+        while s < hi:
+            k = s // sc
+            state = (alloc >> k & 1, zeros >> k & 1)
+            e = (k + 1) * sc
+            while e < hi and (alloc >> (e // sc) & 1, zeros >> (e // sc) & 1) == state:
+                e += sc
+            e = min(e, hi)
+            is_alloc, is_zero = state
+            yield s, e, bool(is_alloc and not is_zero), bool(is_zero), host or None, False
+            s = e
+
+    def _check_aligned(self, host: int, l1_index: int, index: int) -> None:
+        if host % self.cluster_size:
+            raise _map_error(
+                "cluster-offset-unaligned", f"cluster offset {host:#x} unaligned (L1 index {l1_index:#x}, "
+                f"L2 index {index:#x})"
+            )
+
+    @staticmethod
+    def _merged(extents: Iterator[Extent]) -> Iterator[Extent]:
+        """Adjacent extents of one status and contiguous host offsets, as one."""
+        pending: Extent | None = None
+        for extent in extents:
+            if (
+                pending is not None
+                and not extent.compressed
+                and not pending.compressed
+                and (extent.data, extent.zero) == (pending.data, pending.zero)
+                and (extent.host_offset is None) == (pending.host_offset is None)
+                and (pending.host_offset is None or extent.host_offset == pending.host_offset + pending.length)
+            ):
+                pending = pending._replace(length=pending.length + extent.length)
+                continue
+            if pending is not None:
+                yield pending
+            pending = extent
+        if pending is not None:
+            yield pending
+
+    def _split_by_holes(self, extent: Extent) -> Iterator[Extent]:
+        """A data extent of a preallocated image, where the file has holes (or
+        has ended) marked as reading zeros, as QEMU's block status recurses."""
+        assert extent.host_offset is not None
+        delta = extent.start - extent.host_offset
+        for offset, length, is_data in self.host.holes(extent.host_offset, extent.length):
+            yield Extent(offset + delta, length, True, not is_data, offset)
+
+    def preallocated(self) -> bool:
+        """QEMU's qcow2_detect_metadata_preallocation: more clusters have a
+        refcount than the file system holds (with a margin), so the file is
+        sparse under allocated clusters; an unreadable refcount says no."""
+        if self._preallocated is None:
+            self._preallocated = self._count_refcounted() >= self._threshold()
+        return self._preallocated
+
+    def _threshold(self) -> int:
+        real_clusters = self.host.allocated_bytes // self.cluster_size
+        return max(real_clusters * 10 // 9, real_clusters + 2)
+
+    def _count_refcounted(self) -> int:
+        """Clusters of the file with a non-zero refcount, counted up to the
+        threshold; 0 when a refcount block QEMU would need is unaligned."""
+        order, table_offset, table_clusters = self.refcount
+        threshold, cs = self._threshold(), self.cluster_size
+        end_cluster = -(-self.host.size() // cs)
+        per_block = 1 << (self.cluster_bits - order + 3)
+        table_entries = table_clusters * cs // 8
+        count = 0
+        for block in range(-(-end_cluster // per_block)):
+            if count >= threshold:
+                break
+            if block >= table_entries:
+                break
+            at = table_offset + block * 8
+            piece = at - at % L1_PIECE
+            reftable = self.host.table(piece, L1_PIECE)
+            offset = int.from_bytes(reftable[at - piece : at - piece + 8], "big") & REFT_OFFSET_MASK
+            if not offset:
+                continue
+            if offset % cs:
+                return 0
+            entries = min(per_block, end_cluster - block * per_block)
+            count += _nonzero_refcounts(self.host.table(offset, cs), 1 << order, entries)
+        return count
+
+    # -- reads -------------------------------------------------------------------------
+
+    def read(self, extent: Extent, offset: int, length: int) -> bytes:
+        if not extent.compressed:
+            assert extent.host_offset is not None
+            return self.host.read(extent.host_offset + offset - extent.start, length)
+        cluster = offset - offset % self.cluster_size
+        within = offset - cluster
+        return self._inflate(cluster)[within : within + length]
+
+    def _inflate(self, cluster: int) -> bytes:
+        """The bytes of the compressed guest cluster at ``cluster`` (the last one is kept)."""
+        if self._inflated[0] == cluster:
+            return self._inflated[1]
+        l1_index = cluster // self.l1_span
+        table = self._l2_table(l1_index)
+        assert table is not None
+        entry, _ = self._entry(table, (cluster - l1_index * self.l1_span) // self.cluster_size)
+        offset = entry & ((1 << self.csize_shift) - 1)
+        sectors = ((entry >> self.csize_shift) & self.csize_mask) + 1
+        size = sectors * COMPRESSED_SECTOR - offset % COMPRESSED_SECTOR  # at most two clusters
+        data = self.host.read(offset, size)
+        out = _zstd(data, self.cluster_size) if self.compression else _zlib(data, self.cluster_size)
+        if len(out) != self.cluster_size:
+            raise _map_error(
+                "compressed-short",
+                f"compressed cluster at guest offset {cluster:#x} inflates to {len(out)} bytes, "
+                f"not a cluster of {self.cluster_size}",
+            )
+        self._inflated = (cluster, out)
+        return out
+
+
+def _zlib(data: bytes, cluster_size: int) -> bytes:
+    """A raw deflate stream inflated as QEMU does: at most one cluster out."""
+    try:
+        return zlib.decompressobj(ZLIB_WBITS).decompress(data, cluster_size)
+    except zlib.error as exc:
+        raise _map_error("compressed-corrupt", f"compressed cluster does not inflate: {exc}") from None
+
+
+def _zstd(data: bytes, cluster_size: int) -> bytes:
+    """A zstd frame decompressed to one cluster. A frame that holds more is
+    refused, as QEMU refuses it (its frame must end with the cluster); one that
+    holds less too (QEMU would read on into whatever frame follows: it writes
+    one frame per cluster). Output never exceeds a cluster: a declared content
+    size is checked before anything is decompressed."""
+    try:
+        import zstandard
+    except ImportError:
+        raise MissingExtra(
+            "the image's compressed clusters are zstd: install storprobe[zstd] (the zstandard package)"
+        ) from None
+    try:
+        declared = zstandard.get_frame_parameters(data).content_size
+        if declared != zstandard.CONTENTSIZE_UNKNOWN and declared > cluster_size:
+            raise _map_error("compressed-too-long", f"a zstd frame of {declared} bytes, a cluster of {cluster_size}")
+        if declared != zstandard.CONTENTSIZE_UNKNOWN and declared < cluster_size:
+            raise _map_error("compressed-short", f"a zstd frame of {declared} bytes in a {cluster_size}-byte cluster")
+        return zstandard.ZstdDecompressor().decompress(data, max_output_size=cluster_size)
+    except zstandard.ZstdError as exc:
+        if "full frame" in str(exc):  # more output than max_output_size
+            raise _map_error("compressed-too-long", "a zstd frame holds more than one cluster") from None
+        raise _map_error("compressed-corrupt", f"compressed cluster does not decompress: {exc}") from None
+
+
+def _nonzero_refcounts(block: bytes, bits: int, entries: int) -> int:
+    """How many of the first ``entries`` refcounts of ``bits`` bits in ``block`` are not zero."""
+    if bits >= 8:
+        width = bits // 8
+        used = block[: entries * width]
+        combined = 0
+        for byte in range(width):
+            combined |= int.from_bytes(used[byte::width].translate(_NONZERO), "big")
+        return combined.bit_count()
+    per_byte = 8 // bits  # sub-byte refcounts, the low bits of a byte first (as QEMU stores them)
+    whole, rest = divmod(entries, per_byte)
+    count = sum(block[:whole].translate(_NONZERO_FIELDS[bits]))
+    if rest:
+        count += _NONZERO_FIELDS[bits][block[whole] & ((1 << bits * rest) - 1)]
+    return count
+
+
+def block_map(img: Image, info: ImageInfo, host: HostFile) -> Qcow2Map:
+    return Qcow2Map(img, info, host)
+
+
 @hookimpl
 def storprobe_formats() -> list[FormatSpec]:
     return [
@@ -633,6 +954,7 @@ def storprobe_formats() -> list[FormatSpec]:
             backing=backing,
             features=features,
             hazards=hazards,
+            block_map=block_map,
             check=check,
         )
     ]

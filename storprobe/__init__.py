@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-from types import ModuleType
 from typing import TYPE_CHECKING
 
 from .detect import open_source, probe
@@ -28,24 +27,30 @@ from .spec import INT64_MAX, QEMU_MAX_LENGTH, Features, FormatSpec, Hazard
 
 if TYPE_CHECKING:
     from . import chain as chain
+    from . import datapath as datapath
     from . import human as human
     from . import qemu_json as qemu_json
     from . import safety as safety
     from . import scan as scan
     from . import validate as validate
     from . import volume_xml as volume_xml
+    from .datapath import open_image as open_image
 
     __version__: str
 
 #: Modules of the API that ``import storprobe`` does not load (they cost
 #: start-up time a probe does not need); naming one loads it, so
 #: ``storprobe.qemu_json.to_qemu_json(info)`` works after a bare import.
-_LAZY_MODULES = frozenset({"chain", "human", "qemu_json", "safety", "scan", "validate", "volume_xml"})
+_LAZY_MODULES = frozenset({"chain", "datapath", "human", "qemu_json", "safety", "scan", "validate", "volume_xml"})
 
 
-def __getattr__(name: str) -> ModuleType | str:
+def __getattr__(name: str) -> object:
     if name in _LAZY_MODULES:
         return importlib.import_module(f"{__name__}.{name}")
+    if name == "open_image":  # the data path, loaded when first used
+        from .datapath import open_image
+
+        return open_image
     if name == "__version__":  # read when asked: importing importlib.metadata takes about 15 ms
         from importlib.metadata import version
 
@@ -80,6 +85,7 @@ __all__ = [
     "UnknownFormat",
     "UnsupportedVersion",
     "format_table",
+    "open_image",
     "hookimpl",
     "open_source",
     "probe",

@@ -81,30 +81,6 @@ def _parser() -> _Parser:
         "--jobs", type=_positive, default=None, metavar="N",
         help="processes probing in parallel (default: one per usable CPU, at most 8)",
     )
-    scan.add_argument(
-        "--to", metavar="DEST",
-        help="write an inventory into the directory DEST instead of records on stdout: Parquet parts, one per "
-             "batch of entries, and a manifest; stdout gets a summary",
-    )
-    scan.add_argument(
-        "--to-format", choices=("parquet", "jsonl"), default="parquet",
-        help="with --to: the parts' format (default: %(default)s)",
-    )
-    scan.add_argument(
-        "--dask", nargs="?", const="", type=_scheduler, metavar="SCHEDULER",
-        help="with --to: probe the batches on a Dask cluster, the one whose scheduler listens at SCHEDULER "
-             "(tcp://HOST:PORT), or without it a LocalCluster on this machine (--jobs workers); needs the "
-             "fleet extra",
-    )
-    scan.add_argument(
-        "--since", metavar="INVENTORY",
-        help="with --to: carry over from this earlier inventory the rows of entries unchanged since "
-             "(same size, times, inode), without reading them",
-    )
-    scan.add_argument(
-        "--batch", type=_positive, default=None, metavar="N",
-        help="with --to: entries per part, each one task (default: 256)",
-    )
     scan.add_argument("directory", metavar="DIR", help="the directory (a dir pool's target path)")
 
     check = sub.add_parser(
@@ -168,6 +144,35 @@ def _parser() -> _Parser:
         help="human: qemu-img check's lines; json: qemu-img check --output=json's object (default: %(default)s)",
     )
     verify.add_argument("path", metavar="PATH", help="the image to check")
+
+    map_ = sub.add_parser(
+        "map", help="where the guest's data lies, as qemu-img map shows it",
+        description="Map the guest disk of an image, range by range: data, zeros or unallocated, the image of "
+                    "the backing chain that holds it and where in its file, as qemu-img map prints it. A recorded "
+                    "local backing chain is followed as info --backing-chain follows it.",
+    )
+    map_.add_argument(
+        "-f", "--format", type=_format_name,
+        help="trust this format instead of probing (one of 'storprobe formats'); its signature must be there",
+    )
+    map_.add_argument(
+        "--output", choices=("human", "json"), default="human",
+        help="human: qemu-img map's table of data ranges; json: qemu-img map --output=json's array "
+             "(default: %(default)s)",
+    )
+    map_.add_argument(
+        "--no-backing", action="store_true",
+        help="read the image alone: what its backing file would hold shows as unallocated zeros",
+    )
+    map_.add_argument(
+        "--compressed", action="store_true",
+        help="with --output json: a \"compressed\" key on every range, as QEMU 8.2 prints it",
+    )
+    map_.add_argument(
+        "--max-depth", type=_positive, metavar="N",
+        help="the most backing images followed below the top one (default: 200, libvirt's)",
+    )
+    map_.add_argument("path", metavar="PATH", help="the image")
 
     validate = sub.add_parser(
         "validate", help="validate volume XML against storprobe's schemas",
@@ -235,17 +240,6 @@ def _size(text: str) -> int:
         return parse_size(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
-
-
-def _scheduler(text: str) -> str:
-    """A Dask scheduler's address (``tcp://HOST:PORT``, ``HOST:PORT``), not the
-    directory that ``--dask DIR`` puts where an address may stand; empty:
-    ``--dask`` given alone, a LocalCluster."""
-    if text and ":" not in text:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is no scheduler address (tcp://HOST:PORT); for a LocalCluster, put --dask after DIR"
-        )
-    return text
 
 
 def _positive(text: str) -> int:
@@ -330,8 +324,6 @@ def _chain_error(error: ProbeError, images: list[ImageInfo]) -> str:
 
 
 def _scan(args: argparse.Namespace) -> int:
-    if args.to is not None:
-        return _inventory(args)
     from .scan import scan_map
 
     try:
@@ -354,33 +346,6 @@ def _scan(args: argparse.Namespace) -> int:
         from .jsontext import write_array
 
         write_array(shown, out)
-    return EXIT_OK
-
-
-def _inventory(args: argparse.Namespace) -> int:
-    """``scan --to``: the inventory written, its summary on stdout."""
-    from contextlib import nullcontext
-
-    from .fleet import BATCH, InventoryError, dask_client, fleet_scan
-
-    try:
-        with dask_client(args.dask or None, workers=args.jobs) if args.dask is not None else nullcontext() as client:
-            inventory = fleet_scan(
-                args.directory, args.to, client=client, since=args.since, to_format=args.to_format,
-                batch_size=args.batch or BATCH, recursive=args.recursive,
-            )
-    except ProbeError as exc:
-        _complain(args.directory, exc.reason)
-        return EXIT_PROBE
-    except InventoryError as exc:
-        _complain("inventory", str(exc))
-        return EXIT_PROBE
-    summary = {
-        "inventory": inventory.to, "format": inventory.to_format, "parts": len(inventory.parts),
-        "records": inventory.records, "probed": inventory.probed, "carried": inventory.carried,
-        "errors": inventory.errors,
-    }
-    print(json.dumps(summary, indent=4))
     return EXIT_OK
 
 
@@ -463,6 +428,25 @@ def _verify(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     sys.stdout.write(to_json(report) if args.output == "json" else to_human(report))
     return report.exit_status
+
+
+def _map(args: argparse.Namespace) -> int:
+    from .chain import DEFAULT_MAX_DEPTH
+    from .datapath import IGNORE, LOCAL, open_image
+    from .qemu_map import human_lines, json_lines
+
+    depth = DEFAULT_MAX_DEPTH if args.max_depth is None else args.max_depth
+    try:
+        with open_image(args.path, args.format, backing=IGNORE if args.no_backing else LOCAL, max_depth=depth) as disk:
+            statuses = disk.block_status()
+            lines = json_lines(statuses, compressed=args.compressed) if args.output == "json" else human_lines(statuses)
+            for line in lines:
+                sys.stdout.write(line)
+    except ProbeError as exc:
+        sys.stdout.flush()
+        _complain(args.path, exc.reason)
+        return EXIT_PROBE
+    return EXIT_OK
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -577,7 +561,8 @@ def _run(argv: Sequence[str] | None) -> int:
     for useless in _useless_options(args):
         command.error(useless)
     commands = {
-        "info": _info, "scan": _scan, "check": _check, "verify": _verify, "validate": _validate, "formats": _formats,
+        "info": _info, "scan": _scan, "check": _check, "verify": _verify,
+        "map": _map, "validate": _validate, "formats": _formats,
     }
     return commands[args.command](args)
 
@@ -588,27 +573,10 @@ def _useless_options(args: argparse.Namespace) -> Iterator[str]:
         for given, option in ((args.allow_probe, "--allow-probe"), (args.max_depth is not None, "--max-depth")):
             if given:
                 yield f"{option} applies only with --backing-chain"
+    if args.command == "map" and args.compressed and args.output != "json":
+        yield f"--compressed is a JSON key; it does not apply to --output {args.output}"
     if args.command == "scan" and args.jsonl and args.output != "json":
         yield f"--jsonl is a JSON shape; it does not apply to --output {args.output}"
-    if args.command == "scan":
-        yield from _useless_scan_options(args)
-
-
-def _useless_scan_options(args: argparse.Namespace) -> Iterator[str]:
-    """``scan``'s options that shape stdout, the cluster or the inventory, where they would do nothing."""
-    if args.to is None:
-        for given, option in (
-            (args.dask is not None, "--dask"), (args.since is not None, "--since"),
-            (args.batch is not None, "--batch"), (args.to_format != "parquet", "--to-format"),
-        ):
-            if given:
-                yield f"{option} applies only with --to (an inventory)"
-        return
-    for given, option in ((args.output != "json", "--output"), (args.jsonl, "--jsonl")):
-        if given:
-            yield f"{option} shapes records on stdout; with --to they go into the inventory"
-    if args.jobs is not None and args.dask != "":
-        yield "--jobs with --to is the number of workers of --dask's LocalCluster (given no SCHEDULER)"
 
 
 class OutputFailed(Exception):

@@ -18,6 +18,7 @@ from .model import EMPTY, LibvirtFacts
 from .source import HEAD_SIZE
 
 if TYPE_CHECKING:
+    from .blockmap import BlockMap, HostFile
     from .model import Backing, DataFile, ImageInfo, Snapshot
     from .source import Image
     from .verify import CheckReader, CheckResult
@@ -105,6 +106,9 @@ class FormatSpec(NamedTuple):
     qemu_driver: str | None = None
     #: Versions whose QEMU driver is another than ``qemu_driver`` (QEMU's luks opens LUKS1 only).
     qemu_version_drivers: Mapping[int, str] = EMPTY
+    #: The guest-to-host map of an image of this format, for the data path (``open_image``,
+    #: ``storprobe map``): built from the probed image, its record and its opened file.
+    block_map: Callable[[Image, ImageInfo, HostFile], BlockMap] | None = None
 
     @property
     def libvirt_format(self) -> str:

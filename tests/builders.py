@@ -20,7 +20,7 @@ from pathlib import Path
 
 from storprobe_plugins.vhdx import crc32c
 
-from oracle import qemu_img_create, run
+from oracle import qemu_img_create, qemu_io, run
 
 # ---- qcow2: header offsets (docs/interop/qcow2.txt) and edits of a real image's bytes ----------------------
 
@@ -96,6 +96,69 @@ def in_luks(delta: int, fmt: str, value: int) -> Edit:
 def past_end(b: bytes) -> int:
     """A cluster-aligned offset beyond the end of the file."""
     return (len(b) + 2 * 65536) // 65536 * 65536
+
+
+# ---- qcow2 guest data: images written through qemu-io, and where their L1/L2 entries lie -------------------
+
+L2_COMPRESSED, L2_ZERO, L2_COPIED = 1 << 62, 1 << 0, 1 << 63
+
+
+def guest_writes(cluster: int, *, compressed: bool = True) -> tuple[str, ...]:
+    """qemu-io commands touching each kind of cluster, scaled to ``cluster`` bytes:
+    data, a partial write, zeros (``-z``, ``-zu``), compressed clusters, a discard,
+    and data in a later L2 table when one maps little (small clusters)."""
+    c = cluster
+    script = [
+        f"write -P 0x11 0 {2 * c}",
+        f"write -P 0x22 {2 * c + c // 2} {max(512, c // 4)}",
+        f"write -z {4 * c} {c}",
+        f"write -zu {5 * c} {c}",
+        f"discard {c} {c}",
+        f"write -P 0x55 {12 * c} {3 * c}",
+    ]
+    if compressed:
+        script += [f"write -c -P 0x33 {6 * c} {c}", f"write -c -P 0x44 {7 * c} {c}"]
+    if l1_span(c) <= 8 * 1024 * 1024:
+        script.append(f"write -P 0x66 {l1_span(c) + c} {c}")
+    return tuple(script)
+
+
+def l1_span(cluster: int, extended: bool = False) -> int:
+    """Guest bytes one L1 entry maps (one L2 table of 8- or 16-byte entries)."""
+    return cluster // (16 if extended else 8) * cluster
+
+
+def guest_size(cluster: int) -> int:
+    """A virtual size the script of :func:`guest_writes` fits in (small enough to read whole)."""
+    span = l1_span(cluster)
+    return 16 * cluster if span > 8 * 1024 * 1024 else span + 8 * cluster
+
+
+def written_qcow2(path: Path, cluster: int, *options: str, size: int | None = None,
+                  script: tuple[str, ...] | None = None) -> Path:
+    """A qcow2 image of ``cluster``-byte clusters made with ``options`` and written by ``script``
+    (default: :func:`guest_writes`)."""
+    qemu_img_create(path, "qcow2", str(size or guest_size(cluster)), f"cluster_size={cluster}", *options)
+    qemu_io(path, *(script if script is not None else guest_writes(cluster)))
+    return path
+
+
+def l2_entry_at(data: bytes, guest_offset: int) -> int:
+    """Where in the file the L2 entry that maps ``guest_offset`` lies (its L2 table must exist)."""
+    bits = get(data, CLUSTER_BITS, "I")
+    extended = bool(get(data, INCOMPAT, "Q") & (1 << 4)) if get(data, 4, "I") >= 3 else False
+    entry = 16 if extended else 8
+    span = l1_span(1 << bits, extended)
+    l2 = get(data, get(data, L1_OFFSET, "Q") + 8 * (guest_offset // span), "Q") & 0x00FFFFFFFFFFFE00
+    assert l2, f"no L2 table maps guest offset {guest_offset}"
+    return l2 + entry * (guest_offset % span >> bits)
+
+
+def l1_entry_at(data: bytes, guest_offset: int) -> int:
+    """Where in the file the L1 entry that maps ``guest_offset`` lies."""
+    bits = get(data, CLUSTER_BITS, "I")
+    extended = bool(get(data, INCOMPAT, "Q") & (1 << 4)) if get(data, 4, "I") >= 3 else False
+    return get(data, L1_OFFSET, "Q") + 8 * (guest_offset // l1_span(1 << bits, extended))
 
 
 # ---- vmdk: KDMV header fields, descriptor text, COWD extents -----------------------------------------------

@@ -171,6 +171,34 @@ def rebase_unsafe(image: Path, backing: str, fmt: str | None = None) -> None:
     run(*args, image)
 
 
+def qemu_io(path: Path, *commands: str, fmt: str | None = None) -> None:
+    """Run ``qemu-io -c COMMAND ...`` on ``path``: guest writes (``write -P``,
+    ``write -z``, ``write -zu``, ``write -c`` compressed), ``discard``."""
+    args: list[str | Path] = ["qemu-io"]
+    if fmt:
+        args += ["-f", fmt]
+    for command in commands:
+        args += ["-c", command]
+    proc = run(*args, path)
+    said = (proc.stdout + proc.stderr).lower()
+    assert b"error" not in said and b"failed" not in said, said
+
+
+def qemu_map(path: Path, fmt: str | None = None, *, output: str = "json") -> subprocess.CompletedProcess:
+    """``qemu-img map --output=OUTPUT path``, however it ends (its status, stdout and stderr)."""
+    args = [require("qemu-img"), "map", f"--output={output}"] + (["-f", fmt] if fmt else [])
+    return subprocess.run([*args, str(path)], capture_output=True, check=False)
+
+
+def qemu_guest_bytes(path: Path, tmp: Path, fmt: str | None = None) -> bytes:
+    """The guest disk of ``path``, as ``qemu-img convert -O raw`` writes it."""
+    out = tmp / f"{path.name}.converted.raw"
+    run("qemu-img", "convert", "-O", "raw", *(["-f", fmt] if fmt else []), path, out)
+    data = out.read_bytes()
+    out.unlink()
+    return data
+
+
 class LibvirtPool:
     """A transient libvirt dir pool over a directory; skips when libvirt is absent.
     Its name is ``name`` and this process's id: libvirtd is one for the whole

@@ -1,0 +1,210 @@
+"""What a format row gives the data path: a block map of one image.
+
+A row's ``block_map`` callback turns a probed image into a :class:`BlockMap`,
+which answers, for a range of the guest disk, the :class:`Extent` s that
+cover it (data, zeros, or unallocated: ask the backing file) and reads the
+bytes of a data extent. It reads the image's file through a :class:`HostFile`:
+positional reads that return zeros past the end of the file (as QEMU's block
+layer does), tables through a cache bounded in bytes, and where the file
+system knows them, its holes (``SEEK_DATA``/``SEEK_HOLE``).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections import OrderedDict
+from collections.abc import Iterator
+from typing import NamedTuple, Protocol
+
+from .errors import ProbeError, SourceError
+
+#: Bytes of tables (L1 pieces, L2 tables) the data path keeps per opened chain
+#: by default: QEMU's default L2 cache size on Linux.
+DEFAULT_CACHE_BYTES = 32 * 1024 * 1024
+
+
+class DataPathError(ProbeError):
+    """The guest data cannot be read: a table entry QEMU refuses (``code``
+    names the rule, ``qcow2.l2-offset-unaligned`` ...), an image the data path
+    does not read (encrypted, an external data file), a short decompression."""
+
+    code = "datapath"
+
+
+class MissingExtra(DataPathError):
+    """Reading this image needs an optional dependency that is not installed."""
+
+    code = "datapath.missing-extra"
+
+
+class Extent(NamedTuple):
+    """A range of the guest disk with one status, as QEMU's block status says it.
+
+    ``data`` and ``zero`` are QEMU's flags: data only (bytes in the file),
+    zero only (reads as zeros), both (allocated data the file holds as a hole,
+    or past its end: zeros), neither (unallocated: the backing file's bytes).
+    ``host_offset`` is where ``start`` lies in the image's file, when the
+    format says; a compressed extent has none and is one cluster or less.
+    """
+
+    start: int
+    length: int
+    data: bool
+    zero: bool
+    host_offset: int | None = None
+    compressed: bool = False
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+    @property
+    def allocated(self) -> bool:
+        """Whether this image decides the range's bytes (not its backing file)."""
+        return self.data or self.zero
+
+    @property
+    def kind(self) -> str:
+        """``"data"``, ``"zero"`` (reads as zeros) or ``"unallocated"``."""
+        if self.zero:
+            return "zero"
+        return "data" if self.data else "unallocated"
+
+
+class BlockMap(Protocol):
+    """One image's guest-to-host map, made by its row's ``block_map`` callback."""
+
+    def extents(self, start: int, length: int, *, want_zero: bool = True) -> Iterator[Extent]:
+        """Extents covering ``[start, start + length)`` in order, each non-empty
+        and within the range. ``want_zero`` False (reading) may skip the work
+        of finding which allocated data reads as zeros (the file's holes)."""
+        ...
+
+    def read(self, extent: Extent, offset: int, length: int) -> bytes:
+        """The guest bytes ``[offset, offset + length)``, inside ``extent``,
+        one this map gave with ``data`` set."""
+        ...
+
+
+class TableCache:
+    """Tables read from image files, least recently used dropped first, at most
+    ``capacity`` bytes in all (a table larger than that is read, not kept)."""
+
+    def __init__(self, capacity: int = DEFAULT_CACHE_BYTES) -> None:
+        self.capacity = capacity
+        self.held = 0
+        self._tables: OrderedDict[tuple[int, int, int], bytes] = OrderedDict()
+
+    def get(self, host: HostFile, offset: int, length: int) -> bytes:
+        key = (id(host), offset, length)
+        table = self._tables.get(key)
+        if table is not None:
+            self._tables.move_to_end(key)
+            return table
+        table = host.read(offset, length)
+        if length <= self.capacity:
+            while self.held + length > self.capacity:
+                self.held -= len(self._tables.popitem(last=False)[1])
+            self._tables[key] = table
+            self.held += length
+        return table
+
+    def forget(self, host: HostFile) -> None:
+        """Drop what was read from ``host`` (closed)."""
+        for key in [k for k in self._tables if k[0] == id(host)]:
+            self.held -= len(self._tables.pop(key))
+
+
+_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0)
+
+
+class HostFile:
+    """An image's file, opened read-only, for the data path: a byte source
+    (so it can be probed) whose reads past the end return zeros."""
+
+    def __init__(self, path: str, cache: TableCache, *, nofollow: bool = False) -> None:
+        """Open ``path``, a regular file or block device (anything else is a
+        SourceError, found before opening); ``nofollow``: refuse a symlink."""
+        self.name, self.cache = path, cache
+        try:
+            if not nofollow:
+                _check_kind(os.stat(path).st_mode)
+            self._fd = os.open(path, _OPEN_FLAGS | (getattr(os, "O_NOFOLLOW", 0) if nofollow else 0))
+        except OSError as exc:
+            raise SourceError(f"{path}: {exc.strerror or exc}") from None
+        try:
+            self.stat: os.stat_result | None = os.fstat(self._fd)
+            self.file_type = _check_kind(self.stat.st_mode)
+            self._size = os.lseek(self._fd, 0, os.SEEK_END)
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def allocated_bytes(self) -> int:
+        """Bytes the file system holds for the file (QEMU's allocated file size)."""
+        return self.stat.st_blocks * 512 if self.stat is not None else self._size
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        """Up to ``length`` bytes at ``offset`` (short at the end of the file)."""
+        try:
+            return os.pread(self._fd, length, offset)
+        except OSError as exc:
+            raise SourceError(f"{self.name}: read failed: {exc.strerror or exc}") from None
+
+    def read(self, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset``; zeros where the file has ended."""
+        data = self.read_at(offset, length) if offset < self._size else b""
+        while len(data) < length and offset + len(data) < self._size:  # a short read inside the file
+            more = self.read_at(offset + len(data), length - len(data))
+            if not more:
+                break
+            data += more
+        return data + bytes(length - len(data))
+
+    def table(self, offset: int, length: int) -> bytes:
+        """A table's bytes, through the chain's bounded cache."""
+        return self.cache.get(self, offset, length)
+
+    def holes(self, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
+        """``(offset, length, is_data)`` runs covering ``[offset, offset + length)``,
+        as QEMU's file driver tells them: from ``SEEK_DATA``/``SEEK_HOLE``; all
+        data where the file system cannot say; a hole from the end of the file."""
+        end = offset + length
+        while offset < end:
+            try:
+                data = os.lseek(self._fd, offset, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # nothing but a hole from here to the end of the file
+                    yield offset, end - offset, False
+                else:
+                    yield offset, end - offset, True
+                return
+            if data > offset:
+                yield offset, min(data, end) - offset, False
+                offset = min(data, end)
+                continue
+            try:
+                hole = os.lseek(self._fd, offset, os.SEEK_HOLE)
+            except OSError:
+                hole = end
+            hole = max(hole, offset + 1)
+            yield offset, min(hole, end) - offset, True
+            offset = min(hole, end)
+
+    def close(self) -> None:
+        self.cache.forget(self)
+        os.close(self._fd)
+
+
+def _check_kind(mode: int) -> str:
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISBLK(mode):
+        return "block"
+    raise SourceError("is not a regular file or a block device: no guest data to read")
