@@ -22,6 +22,7 @@ from .registry import format_table
 
 if TYPE_CHECKING:
     from .chain import Chain
+    from .datapath import GuestDisk
     from .model import ImageInfo
     from .scan import ScanRecord
 
@@ -63,6 +64,11 @@ def _parser() -> _Parser:
         "--max-depth", type=_positive, metavar="N",
         help="with --backing-chain: the most backing images followed below the top one (default: 200, libvirt's)",
     )
+    info.add_argument(
+        "--inspect-guest", action="store_true",
+        help="also read the guest disk (through the recorded local backing chain) and report its partition table "
+             "and what each partition holds, under storprobe.guest (json) or guest: (human)",
+    )
     info.add_argument("path", metavar="PATH", help="the volume: an image file, a block device or a directory")
 
     scan = sub.add_parser(
@@ -80,30 +86,6 @@ def _parser() -> _Parser:
     scan.add_argument(
         "--jobs", type=_positive, default=None, metavar="N",
         help="processes probing in parallel (default: one per usable CPU, at most 8)",
-    )
-    scan.add_argument(
-        "--to", metavar="DEST",
-        help="write an inventory into the directory DEST instead of records on stdout: Parquet parts, one per "
-             "batch of entries, and a manifest; stdout gets a summary",
-    )
-    scan.add_argument(
-        "--to-format", choices=("parquet", "jsonl"), default="parquet",
-        help="with --to: the parts' format (default: %(default)s)",
-    )
-    scan.add_argument(
-        "--dask", nargs="?", const="", type=_scheduler, metavar="SCHEDULER",
-        help="with --to: probe the batches on a Dask cluster, the one whose scheduler listens at SCHEDULER "
-             "(tcp://HOST:PORT), or without it a LocalCluster on this machine (--jobs workers); needs the "
-             "fleet extra",
-    )
-    scan.add_argument(
-        "--since", metavar="INVENTORY",
-        help="with --to: carry over from this earlier inventory the rows of entries unchanged since "
-             "(same size, times, inode), without reading them",
-    )
-    scan.add_argument(
-        "--batch", type=_positive, default=None, metavar="N",
-        help="with --to: entries per part, each one task (default: 256)",
     )
     scan.add_argument("directory", metavar="DIR", help="the directory (a dir pool's target path)")
 
@@ -198,6 +180,70 @@ def _parser() -> _Parser:
     )
     map_.add_argument("path", metavar="PATH", help="the image")
 
+    inspect = sub.add_parser(
+        "inspect", help="what the guest disk holds: partition table, filesystems, LUKS, or nothing",
+        description="Read an image's guest disk (through its recorded local backing chain, as qemu-img does) and "
+                    "report its partition table (MBR or GPT) and what starts each partition, or the whole disk: "
+                    "a filesystem, swap, LVM or LUKS by type, label and UUID (as blkid names them), and whether "
+                    "the disk is empty (no data allocated anywhere).",
+    )
+    inspect.add_argument(
+        "-f", "--format", type=_format_name,
+        help="trust this format instead of probing (one of 'storprobe formats'); its signature must be there",
+    )
+    inspect.add_argument(
+        "--output", choices=("human", "json"), default="human",
+        help="human: one fact a line; json: an object (default: %(default)s)",
+    )
+    inspect.add_argument(
+        "--no-backing", action="store_true",
+        help="read the image alone: what its backing file would hold reads as zeros",
+    )
+    inspect.add_argument("path", metavar="PATH", help="the image")
+
+    compare = sub.add_parser(
+        "compare", help="do two images hold the same guest data? (qemu-img compare's messages and exit codes)",
+        description="Compare the guest disks of two images, through their recorded local backing chains, as "
+                    "qemu-img compare does: exit 0 identical, 1 different, 2 an image cannot be opened, 3 its "
+                    "allocation cannot be read, 4 its data cannot be read. Zeros beyond the smaller disk count "
+                    "as equal unless -s.",
+    )
+    compare.add_argument(
+        "-f", dest="format", type=_format_name, metavar="FMT", help="the first image's format, trusted"
+    )
+    compare.add_argument("-F", dest="second_format", type=_format_name, metavar="FMT",
+                         help="the second image's format, trusted")
+    compare.add_argument(
+        "-s", "--strict", action="store_true",
+        help="strict: images of different sizes, or whose allocation differs, are different",
+    )
+    compare.add_argument("-q", "--quiet", action="store_true", help="print nothing; the exit status says it")
+    compare.add_argument(
+        "--no-backing", action="store_true",
+        help="read each image alone: what its backing file would hold reads as zeros",
+    )
+    compare.add_argument("first", metavar="FILE1", help="the first image")
+    compare.add_argument("second", metavar="FILE2", help="the second image")
+
+    convert = sub.add_parser(
+        "convert", help="write an image's guest disk as a sparse raw file (qemu-img convert -O raw)",
+        description="Write the guest disk of SRC, through its recorded local backing chain, to the new raw file "
+                    "DST: the bytes qemu-img convert -O raw writes, with zero and unallocated ranges left as holes. "
+                    "DST must not exist, unless --overwrite (a regular file only, never a link).",
+    )
+    convert.add_argument(
+        "-f", dest="format", type=_format_name, metavar="FMT",
+        help="trust this format for SRC instead of probing (one of 'storprobe formats')",
+    )
+    convert.add_argument("-O", dest="target", choices=("raw",), default="raw", help="the output format (raw only)")
+    convert.add_argument("--overwrite", action="store_true", help="replace DST if it is a regular file")
+    convert.add_argument(
+        "--no-backing", action="store_true",
+        help="read SRC alone: what its backing file would hold is written as zeros",
+    )
+    convert.add_argument("source", metavar="SRC", help="the image")
+    convert.add_argument("destination", metavar="DST", help="the raw file to create")
+
     validate = sub.add_parser(
         "validate", help="validate volume XML against storprobe's schemas",
         description="Validate volume XML against storprobe's RelaxNG schema: 'FILE: valid' or 'FILE: invalid' "
@@ -266,17 +312,6 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
 
 
-def _scheduler(text: str) -> str:
-    """A Dask scheduler's address (``tcp://HOST:PORT``, ``HOST:PORT``), not the
-    directory that ``--dask DIR`` puts where an address may stand; empty:
-    ``--dask`` given alone, a LocalCluster."""
-    if text and ":" not in text:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is no scheduler address (tcp://HOST:PORT); for a LocalCluster, put --dask after DIR"
-        )
-    return text
-
-
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -308,6 +343,16 @@ def _info(args: argparse.Namespace) -> int:
     except ProbeError as exc:
         _complain(args.path, exc.reason)
         return EXIT_PROBE
+    guest = None
+    if args.inspect_guest:
+        from .guest import inspect_disk
+
+        try:
+            with _open_guest(args.path, args.format, False) as disk:
+                guest = inspect_disk(disk)
+        except ProbeError as exc:
+            _complain(args.path, exc.reason)
+            return EXIT_PROBE
     if args.output == "xml":
         from .volume_xml import to_volume_xml
 
@@ -321,6 +366,10 @@ def _info(args: argparse.Namespace) -> int:
         from .qemu_json import EXTRA_KEY, to_qemu_json
 
         shaped = [to_qemu_json(info) for info in images]
+        if guest is not None:
+            from .qemu_json import guest_json
+
+            shaped[0][EXTRA_KEY]["guest"] = guest_json(guest)
         if stop is not None:
             shaped[-1][EXTRA_KEY]["chain-stops"] = {"code": "backing.not-followed", "message": stop}
         print(json.dumps(shaped if args.backing_chain else shaped[0], indent=4))
@@ -328,6 +377,10 @@ def _info(args: argparse.Namespace) -> int:
         from .human import render, shown
 
         print("\n\n".join(render(info) for info in images))
+        if guest is not None:
+            from .human import render_guest
+
+            print(render_guest(guest))
         if stop is not None:
             print(f"\n{shown(stop)}")
     if error is not None:
@@ -359,8 +412,6 @@ def _chain_error(error: ProbeError, images: list[ImageInfo]) -> str:
 
 
 def _scan(args: argparse.Namespace) -> int:
-    if args.to is not None:
-        return _inventory(args)
     from .scan import scan_map
 
     try:
@@ -383,33 +434,6 @@ def _scan(args: argparse.Namespace) -> int:
         from .jsontext import write_array
 
         write_array(shown, out)
-    return EXIT_OK
-
-
-def _inventory(args: argparse.Namespace) -> int:
-    """``scan --to``: the inventory written, its summary on stdout."""
-    from contextlib import nullcontext
-
-    from .fleet import BATCH, InventoryError, dask_client, fleet_scan
-
-    try:
-        with dask_client(args.dask or None, workers=args.jobs) if args.dask is not None else nullcontext() as client:
-            inventory = fleet_scan(
-                args.directory, args.to, client=client, since=args.since, to_format=args.to_format,
-                batch_size=args.batch or BATCH, recursive=args.recursive,
-            )
-    except ProbeError as exc:
-        _complain(args.directory, exc.reason)
-        return EXIT_PROBE
-    except InventoryError as exc:
-        _complain("inventory", str(exc))
-        return EXIT_PROBE
-    summary = {
-        "inventory": inventory.to, "format": inventory.to_format, "parts": len(inventory.parts),
-        "records": inventory.records, "probed": inventory.probed, "carried": inventory.carried,
-        "errors": inventory.errors,
-    }
-    print(json.dumps(summary, indent=4))
     return EXIT_OK
 
 
@@ -509,6 +533,77 @@ def _map(args: argparse.Namespace) -> int:
     except ProbeError as exc:
         sys.stdout.flush()
         _complain(args.path, exc.reason)
+        return EXIT_PROBE
+    return EXIT_OK
+
+
+def _open_guest(path: str, format: str | None, no_backing: bool) -> GuestDisk:
+    """The guest disk of ``path``, through its recorded local backing chain
+    (as qemu-img reads it) or, with ``no_backing``, alone."""
+    from .datapath import IGNORE, LOCAL, open_image
+
+    return open_image(path, format, backing=IGNORE if no_backing else LOCAL)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .guest import inspect_disk
+
+    try:
+        with _open_guest(args.path, args.format, args.no_backing) as disk:
+            report = inspect_disk(disk)
+    except ProbeError as exc:
+        _complain(args.path, exc.reason)
+        return EXIT_PROBE
+    if args.output == "json":
+        from .qemu_json import guest_json
+
+        print(json.dumps({"filename": args.path, **guest_json(report)}, indent=4))
+    else:
+        from .human import render_guest, shown
+
+        print(f"image: {shown(args.path)}\n{render_guest(report)}")
+    return EXIT_OK
+
+
+def _compare(args: argparse.Namespace) -> int:
+    """qemu-img compare's lines on stdout (none with -q) and its exit status."""
+    from .compare import OPEN_FAILED, CompareError, compare
+
+    disks: list[GuestDisk] = []
+    try:
+        for path, format in ((args.first, args.format), (args.second, args.second_format)):
+            try:
+                disks.append(_open_guest(path, format, args.no_backing))
+            except ProbeError as exc:
+                _complain(path, exc.reason)
+                return OPEN_FAILED
+        try:
+            outcome = compare(disks[0], disks[1], strict=args.strict)
+        except CompareError as exc:
+            _complain(exc.filename, exc.reason)
+            return exc.status
+    finally:
+        for disk in disks:
+            disk.close()
+    if not args.quiet:
+        print("\n".join(outcome.lines))
+    return outcome.status
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .convert import DestinationError, WriteError, convert_to_raw
+
+    try:
+        with _open_guest(args.source, args.format, args.no_backing) as disk:
+            convert_to_raw(disk, args.destination, overwrite=args.overwrite)
+    except DestinationError as exc:
+        _complain(args.destination, exc.reason)
+        return EXIT_PROBE
+    except WriteError as exc:
+        _complain("write error", exc.error.strerror or str(exc.error))
+        return EXIT_PROBE
+    except ProbeError as exc:
+        _complain(args.source, exc.reason)
         return EXIT_PROBE
     return EXIT_OK
 
@@ -628,11 +723,14 @@ def _run(argv: Sequence[str] | None) -> int:
         "info": _info, "scan": _scan, "check": _check, "verify": _verify,
         "map": _map, "validate": _validate, "formats": _formats,
     }
+    commands |= {"compare": _compare, "convert": _convert, "inspect": _inspect}
     return commands[args.command](args)
 
 
 def _useless_options(args: argparse.Namespace) -> Iterator[str]:
     """Options given where they would do nothing: each is a usage error, not silence."""
+    if args.command == "info" and args.inspect_guest and args.output == "xml":
+        yield "--inspect-guest applies to --output human and json, not xml"
     if args.command == "info" and not args.backing_chain:
         for given, option in ((args.allow_probe, "--allow-probe"), (args.max_depth is not None, "--max-depth")):
             if given:
@@ -641,25 +739,6 @@ def _useless_options(args: argparse.Namespace) -> Iterator[str]:
         yield f"--compressed is a JSON key; it does not apply to --output {args.output}"
     if args.command == "scan" and args.jsonl and args.output != "json":
         yield f"--jsonl is a JSON shape; it does not apply to --output {args.output}"
-    if args.command == "scan":
-        yield from _useless_scan_options(args)
-
-
-def _useless_scan_options(args: argparse.Namespace) -> Iterator[str]:
-    """``scan``'s options that shape stdout, the cluster or the inventory, where they would do nothing."""
-    if args.to is None:
-        for given, option in (
-            (args.dask is not None, "--dask"), (args.since is not None, "--since"),
-            (args.batch is not None, "--batch"), (args.to_format != "parquet", "--to-format"),
-        ):
-            if given:
-                yield f"{option} applies only with --to (an inventory)"
-        return
-    for given, option in ((args.output != "json", "--output"), (args.jsonl, "--jsonl")):
-        if given:
-            yield f"{option} shapes records on stdout; with --to they go into the inventory"
-    if args.jobs is not None and args.dask != "":
-        yield "--jobs with --to is the number of workers of --dask's LocalCluster (given no SCHEDULER)"
 
 
 class OutputFailed(Exception):

@@ -12,11 +12,16 @@ never an exception. Only a failing read of the disk raises (:class:`GuestReadErr
 
 from __future__ import annotations
 
-from typing import BinaryIO, NamedTuple
+import io
+import os
+from typing import TYPE_CHECKING, BinaryIO, NamedTuple
 
 from .errors import ProbeError
 from .guestfs import Content, GuestReadLimit, Region, identify
 from .partitions import Partition, PartitionTable, Problem, read_partition_table
+
+if TYPE_CHECKING:
+    from .datapath import BackingPolicy, GuestDisk
 
 #: Bytes at the start of a disk with no table that must be zero (with nothing
 #: identified there) for it to be called empty when the allocation is not known.
@@ -53,7 +58,7 @@ class GuestReport(NamedTuple):
     problems: tuple[Problem, ...]
 
 
-def inspect_guest(disk: BinaryIO, size: int, *, allocated: bool | None = None) -> GuestReport:
+def inspect_guest(disk: BinaryIO | io.RawIOBase, size: int, *, allocated: bool | None = None) -> GuestReport:
     """Inspect the guest disk ``disk`` of ``size`` bytes. ``allocated``: whether
     any of it holds data (from the data path's block status), None when unknown."""
     read = _Read(disk, size)
@@ -80,6 +85,25 @@ def inspect_guest(disk: BinaryIO, size: int, *, allocated: bool | None = None) -
     return GuestReport(size, empty, table, whole, tuple(partitions), tuple(problems))
 
 
+def inspect_image(
+    path: str | os.PathLike[str], format: str | None = None, *, backing: BackingPolicy | None = None
+) -> GuestReport:
+    """Inspect the guest disk of the image at ``path`` through the data path
+    (:func:`storprobe.open_image`; ``backing``: its policy, by default the
+    recorded local chain as ``qemu-img`` follows it). The disk is empty when
+    its block status shows data nowhere."""
+    from .datapath import LOCAL, open_image
+
+    with open_image(path, format, backing=LOCAL if backing is None else backing) as disk:
+        return inspect_disk(disk)
+
+
+def inspect_disk(disk: GuestDisk) -> GuestReport:
+    """Inspect an opened guest disk, its allocation read from its block status."""
+    allocated = any(status.data for status in disk.block_status())
+    return inspect_guest(disk, disk.size, allocated=allocated)
+
+
 def _is_container(table: PartitionTable, part: Partition) -> bool:
     """An MBR extended partition: it starts with the chain's first EBR, no filesystem."""
     return table.scheme == "mbr" and part.type in ("5", "f", "85")
@@ -95,7 +119,7 @@ def _identify(read: _Read, start: int, size: int) -> tuple[Content | None, list[
 class _Read:
     """Reads of the guest disk: ``length`` bytes at ``offset``, fewer at its end."""
 
-    def __init__(self, disk: BinaryIO, size: int) -> None:
+    def __init__(self, disk: BinaryIO | io.RawIOBase, size: int) -> None:
         self.disk, self.size = disk, size
 
     def __call__(self, offset: int, length: int) -> bytes:

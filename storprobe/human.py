@@ -12,11 +12,15 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .model import ImageInfo
 from .qemu_json import extras, full_backing_filename
 from .sizes import size_text, size_to_str
+
+if TYPE_CHECKING:
+    from .guest import GuestReport
+    from .guestfs import Content
 
 #: C0 and C1 controls, lone surrogates (bytes that were not UTF-8), bidirectional controls.
 _UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
@@ -121,3 +125,47 @@ def _pruned(facts: Mapping[str, Any]) -> dict[str, Any]:
         if value or not isinstance(value, (Mapping, list)):
             kept[key] = value
     return kept
+
+
+def render_guest(report: GuestReport) -> str:
+    """What a guest disk holds, one fact a line under ``guest:`` (``storprobe
+    inspect``, ``info --inspect-guest``); names and labels from the disk escaped."""
+    lines = ["guest:", f"    virtual size: {size_text(report.size)}", f"    empty: {'yes' if report.empty else 'no'}"]
+    table = report.table
+    if table is None:
+        lines.append("    partition table: none")
+    else:
+        disk_id = f", id {shown(table.uuid)}" if table.uuid else ""
+        lines.append(f"    partition table: {table.scheme}{disk_id}, {table.sector_size}-byte sectors")
+        for entry in report.partitions:
+            part = entry.partition
+            kind = part.type + (f" ({part.type_name})" if part.type_name else "")
+            facts = [f"start {part.start}", f"size {size_text(part.size)}", f"type {kind}"]
+            if part.name is not None:
+                facts.append(f"name {_quoted(part.name)}")
+            if part.uuid is not None:
+                facts.append(f"uuid {part.uuid}")
+            if table.scheme == "mbr" and part.bootable:
+                facts.append("bootable")
+            lines.append(f"    partition {part.number}: {', '.join(facts)}")
+            lines.append(f"        content: {_content_text(entry.content)}")
+    if report.content is not None or table is None:
+        lines.append(f"    whole disk: {_content_text(report.content)}")
+    for problem in report.problems:
+        lines.append(f"    problem: {problem.code}: {shown(problem.message)}")
+    return "\n".join(lines)
+
+
+def _quoted(text: str) -> str:
+    return '"' + shown(text).replace('"', '\\"') + '"'
+
+
+def _content_text(content: Content | None) -> str:
+    if content is None:
+        return "nothing known"
+    text = content.type + (f" {shown(content.version)}" if content.version else "")
+    if content.label is not None:
+        text += f", label {_quoted(content.label)}"
+    if content.uuid is not None:
+        text += f", uuid {shown(content.uuid)}"
+    return text

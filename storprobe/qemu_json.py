@@ -12,6 +12,9 @@ from .model import ImageInfo, Snapshot
 
 if TYPE_CHECKING:
     from .backing import BackingStore, RefusedName
+    from .guest import GuestReport
+    from .guestfs import Content
+    from .partitions import Partition
     from .scan import ScanRecord
 
 EXTRA_KEY = "storprobe"
@@ -143,3 +146,44 @@ def scan_record(record: ScanRecord) -> dict[str, Any]:
         return to_qemu_json(record.info)
     assert record.error is not None
     return {"filename": record.path, "error": {"code": record.error.code, "message": record.error.reason}}
+
+
+def guest_json(report: GuestReport) -> dict[str, Any]:
+    """What a guest disk holds (:func:`storprobe.guest.inspect_guest`), as the
+    object ``storprobe inspect`` prints and ``info --inspect-guest`` puts under
+    ``"storprobe"`` as ``"guest"``: absent facts are left out."""
+    out: dict[str, Any] = {"virtual-size": report.size, "empty": report.empty}
+    if report.table is not None:
+        table = report.table
+        out["partition-table"] = {"type": table.scheme}
+        if table.uuid is not None:
+            out["partition-table"]["id"] = table.uuid
+        out["partition-table"]["sector-size"] = table.sector_size
+        out["partition-table"]["partitions"] = [
+            _partition(entry.partition, table.scheme) | _content(entry.content) for entry in report.partitions
+        ]
+    out |= _content(report.content)
+    out["problems"] = [{"code": p.code, "message": p.message} for p in report.problems]
+    return out
+
+
+def _partition(part: Partition, scheme: str) -> dict[str, Any]:
+    out: dict[str, Any] = {"number": part.number, "start": part.start, "size": part.size, "type": part.type}
+    if part.type_name is not None:
+        out["type-name"] = part.type_name
+    if part.name is not None:
+        out["name"] = part.name
+    if part.uuid is not None:
+        out["uuid"] = part.uuid
+    if scheme == "mbr":
+        out["bootable"] = part.bootable
+    elif part.attributes:
+        out["attributes"] = part.attributes
+    return out
+
+
+def _content(content: Content | None) -> dict[str, Any]:
+    """``{"content": {...}}`` for what starts a partition or the disk; empty for nothing known."""
+    if content is None:
+        return {}
+    return {"content": {key.replace("_", "-"): value for key, value in content._asdict().items() if value is not None}}

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from storprobe.guest import inspect_guest
+from storprobe.guest import inspect_guest, inspect_image
 from storprobe.guestfs import MAX_READS
 from storprobe.partitions import GPT_TYPE_NAMES, MAX_LOGICAL, MBR_TYPE_NAMES
 
@@ -514,3 +514,99 @@ def test_allocation_decides_when_known():
     data = bytes(mbr((0, 0x83, 2048, 100))) + bytes(MiB)
     assert inspect_guest(io.BytesIO(data), len(data), allocated=False).empty is True
 
+
+
+# ---- through the data path: images of other formats, the command line -------------------------
+
+
+def storprobe(*args: str | Path) -> subprocess.CompletedProcess:
+    return subprocess.run([require("storprobe"), *map(str, args)], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def partitioned(tmp_path_factory) -> tuple[Path, Path]:
+    """A GPT disk (an ext4 and a swap partition) as raw, and the same disk made
+    qcow2 by ``qemu-img convert``."""
+    d = tmp_path_factory.mktemp("partitioned")
+    disk = sized(d / "disk.raw", 96 * MiB)
+    run("sfdisk", "-q", disk, input=b"label: gpt\nsize=40MiB, name=\"data\"\nsize=16MiB, type=S\n")
+    parts = sfdisk_json(disk)["partitions"]
+    place(disk, parts[0]["start"] * 512, make_fs("ext4", d / "ext4.img", "data"))
+    place(disk, parts[1]["start"] * 512, make_fs("swap", d / "swap.img", "sw"))
+    qcow2 = d / "disk.qcow2"
+    run("qemu-img", "convert", "-O", "qcow2", disk, qcow2)
+    return disk, qcow2
+
+
+def test_a_qcow2_reads_as_the_raw_it_was_made_from(partitioned):
+    raw, qcow2 = partitioned
+    assert inspect_image(qcow2) == inspect_image(raw) == inspect(raw)
+    report = inspect_image(qcow2)
+    assert [e.content.type for e in report.partitions] == ["ext4", "swap"]
+    assert [e.content.label for e in report.partitions] == ["data", "sw"]
+
+
+@pytest.mark.parametrize("commands", [(), ("write -z 0 1M",), ("write -P 0 0 64k", "discard 0 64k")])
+def test_nothing_allocated_is_empty(tmp_path, commands):
+    """A new qcow2, one with zero clusters only, one whose data was discarded:
+    no data anywhere in the block status, as ``qemu-img map`` shows it."""
+    path = tmp_path / "new.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", path, "64M")
+    for command in commands:
+        run("qemu-io", "-f", "qcow2", "-c", command, path)
+    assert not any(e["data"] for e in json.loads(run("qemu-img", "map", "--output=json", path).stdout))
+    report = inspect_image(path)
+    assert report.empty and report.table is None and report.content is None
+
+
+def test_data_anywhere_is_not_empty(tmp_path):
+    """One byte far into a disk with no table: data is allocated, so not empty
+    (the first MiB alone would say otherwise)."""
+    path = tmp_path / "late.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", path, "64M")
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 1 40M 1", path)
+    assert not inspect_image(path).empty
+    raw = tmp_path / "late.raw"
+    run("qemu-img", "convert", "-O", "raw", path, raw)
+    assert inspect(raw).empty  # no allocation known: all-zero first MiB, no table
+
+
+def test_inspect_command(partitioned):
+    _, qcow2 = partitioned
+    proc = storprobe("inspect", "--output", "json", qcow2)
+    assert proc.returncode == 0, proc.stderr
+    shown = json.loads(proc.stdout)
+    assert shown["filename"] == str(qcow2) and shown["empty"] is False
+    table = shown["partition-table"]
+    assert table["type"] == "gpt" and table["id"] == sfdisk_json(partitioned[0])["id"]
+    assert [(p["number"], p["content"]["type"]) for p in table["partitions"]] == [(1, "ext4"), (2, "swap")]
+    assert table["partitions"][0]["name"] == "data" and table["partitions"][1]["type-name"] == "Linux swap"
+    human = storprobe("inspect", qcow2)
+    assert human.returncode == 0
+    assert '    partition 1: start 1048576, size 40 MiB (41943040 bytes), type 0FC63DAF' in human.stdout
+    assert '        content: ext4 1.0, label "data", uuid ' in human.stdout
+
+
+def test_info_inspect_guest(partitioned):
+    _, qcow2 = partitioned
+    proc = storprobe("info", "--inspect-guest", "--output", "json", qcow2)
+    assert proc.returncode == 0, proc.stderr
+    shown = json.loads(proc.stdout)
+    assert shown["format"] == "qcow2"
+    alone = json.loads(storprobe("inspect", "--output", "json", qcow2).stdout)
+    del alone["filename"]
+    assert shown["storprobe"]["guest"] == alone
+    human = storprobe("info", "--inspect-guest", qcow2)
+    assert human.returncode == 0 and "\nguest:\n    virtual size: 96 MiB" in human.stdout
+    xml = storprobe("info", "--inspect-guest", "--output", "xml", qcow2)
+    assert xml.returncode == 2 and "--inspect-guest applies to --output human and json" in xml.stderr
+
+
+def test_encrypted_image_is_refused_by_name(tmp_path):
+    """The data path reads no encrypted image: inspect says why, status 1, no traceback."""
+    path = tmp_path / "enc.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "--object", "secret,id=s0,data=pw", "-o",
+        "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10", path, "16M")
+    proc = storprobe("inspect", path)
+    assert proc.returncode == 1 and proc.stderr.startswith(f"storprobe: {path}: ")
+    assert "Traceback" not in proc.stderr
