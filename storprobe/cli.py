@@ -87,6 +87,30 @@ def _parser() -> _Parser:
         "--jobs", type=_positive, default=None, metavar="N",
         help="processes probing in parallel (default: one per usable CPU, at most 8)",
     )
+    scan.add_argument(
+        "--to", metavar="DEST",
+        help="write an inventory into the directory DEST instead of records on stdout: Parquet parts, one per "
+             "batch of entries, and a manifest; stdout gets a summary",
+    )
+    scan.add_argument(
+        "--to-format", choices=("parquet", "jsonl"), default="parquet",
+        help="with --to: the parts' format (default: %(default)s)",
+    )
+    scan.add_argument(
+        "--dask", nargs="?", const="", type=_scheduler, metavar="SCHEDULER",
+        help="with --to: probe the batches on a Dask cluster, the one whose scheduler listens at SCHEDULER "
+             "(tcp://HOST:PORT), or without it a LocalCluster on this machine (--jobs workers); needs the "
+             "fleet extra",
+    )
+    scan.add_argument(
+        "--since", metavar="INVENTORY",
+        help="with --to: carry over from this earlier inventory the rows of entries unchanged since "
+             "(same size, times, inode), without reading them",
+    )
+    scan.add_argument(
+        "--batch", type=_positive, default=None, metavar="N",
+        help="with --to: entries per part, each one task (default: 256)",
+    )
     scan.add_argument("directory", metavar="DIR", help="the directory (a dir pool's target path)")
 
     check = sub.add_parser(
@@ -312,6 +336,17 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
 
 
+def _scheduler(text: str) -> str:
+    """A Dask scheduler's address (``tcp://HOST:PORT``, ``HOST:PORT``), not the
+    directory that ``--dask DIR`` puts where an address may stand; empty:
+    ``--dask`` given alone, a LocalCluster."""
+    if text and ":" not in text:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is no scheduler address (tcp://HOST:PORT); for a LocalCluster, put --dask after DIR"
+        )
+    return text
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -412,6 +447,8 @@ def _chain_error(error: ProbeError, images: list[ImageInfo]) -> str:
 
 
 def _scan(args: argparse.Namespace) -> int:
+    if args.to is not None:
+        return _inventory(args)
     from .scan import scan_map
 
     try:
@@ -434,6 +471,33 @@ def _scan(args: argparse.Namespace) -> int:
         from .jsontext import write_array
 
         write_array(shown, out)
+    return EXIT_OK
+
+
+def _inventory(args: argparse.Namespace) -> int:
+    """``scan --to``: the inventory written, its summary on stdout."""
+    from contextlib import nullcontext
+
+    from .fleet import BATCH, InventoryError, dask_client, fleet_scan
+
+    try:
+        with dask_client(args.dask or None, workers=args.jobs) if args.dask is not None else nullcontext() as client:
+            inventory = fleet_scan(
+                args.directory, args.to, client=client, since=args.since, to_format=args.to_format,
+                batch_size=args.batch or BATCH, recursive=args.recursive,
+            )
+    except ProbeError as exc:
+        _complain(args.directory, exc.reason)
+        return EXIT_PROBE
+    except InventoryError as exc:
+        _complain("inventory", str(exc))
+        return EXIT_PROBE
+    summary = {
+        "inventory": inventory.to, "format": inventory.to_format, "parts": len(inventory.parts),
+        "records": inventory.records, "probed": inventory.probed, "carried": inventory.carried,
+        "errors": inventory.errors,
+    }
+    print(json.dumps(summary, indent=4))
     return EXIT_OK
 
 
@@ -739,6 +803,25 @@ def _useless_options(args: argparse.Namespace) -> Iterator[str]:
         yield f"--compressed is a JSON key; it does not apply to --output {args.output}"
     if args.command == "scan" and args.jsonl and args.output != "json":
         yield f"--jsonl is a JSON shape; it does not apply to --output {args.output}"
+    if args.command == "scan":
+        yield from _useless_scan_options(args)
+
+
+def _useless_scan_options(args: argparse.Namespace) -> Iterator[str]:
+    """``scan``'s options that shape stdout, the cluster or the inventory, where they would do nothing."""
+    if args.to is None:
+        for given, option in (
+            (args.dask is not None, "--dask"), (args.since is not None, "--since"),
+            (args.batch is not None, "--batch"), (args.to_format != "parquet", "--to-format"),
+        ):
+            if given:
+                yield f"{option} applies only with --to (an inventory)"
+        return
+    for given, option in ((args.output != "json", "--output"), (args.jsonl, "--jsonl")):
+        if given:
+            yield f"{option} shapes records on stdout; with --to they go into the inventory"
+    if args.jobs is not None and args.dask != "":
+        yield "--jobs with --to is the number of workers of --dask's LocalCluster (given no SCHEDULER)"
 
 
 class OutputFailed(Exception):
