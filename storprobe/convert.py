@@ -94,16 +94,20 @@ def _create(destination: str | os.PathLike[str], overwrite: bool) -> int:
 
 
 def _copy(disk: GuestDisk, fd: int, start: int, length: int) -> None:
-    """Write the non-zero 4 KiB blocks of ``[start, start + length)``."""
+    """Write the non-zero 4 KiB blocks of ``[start, start + length)``, read
+    into one reused buffer."""
+    buffer = memoryview(bytearray(min(CHUNK, length)))
     for at in range(start, start + length, CHUNK):
-        data = disk.pread(at, min(CHUNK, start + length - at))
-        if data == _ZERO_CHUNK[: len(data)]:
+        size = min(CHUNK, start + length - at)
+        view = buffer[:size]
+        disk.seek(at)
+        if disk.readinto(view) != size:
+            raise ProbeError(f"short read at offset {at} of the guest disk", code="convert.short-read")
+        if view == _ZERO_CHUNK[:size]:
             continue
-        view = memoryview(data)
         run_start = None  # where the run of non-zero blocks being gathered starts
-        first = at - at % SPARSE
-        for block in range(first, at + len(data), SPARSE):
-            lo, hi = max(block, at) - at, min(block + SPARSE, at + len(data)) - at
+        for block in range(at - at % SPARSE, at + size, SPARSE):
+            lo, hi = max(block, at) - at, min(block + SPARSE, at + size) - at
             if view[lo:hi] == _ZERO_CHUNK[: hi - lo]:
                 if run_start is not None:
                     _write(fd, view[run_start:lo], at + run_start)
