@@ -39,7 +39,7 @@ from storprobe.blockmap import DataPathError, Extent, HostFile, MissingExtra
 from storprobe.layout import cstring
 from storprobe.luks1 import LUKS1_HEADER_SIZE, luks_specific
 from storprobe.source import TableWalker
-from storprobe.verify import CheckFailed, CheckReader, CheckResult
+from storprobe.verify import CheckFailed, CheckReader, CheckResult, readable
 
 HEADER = Layout(
     ">",
@@ -473,9 +473,15 @@ def _check_bitmap_table(img: Image, hdr: Any, entry: Any) -> None:
         raise _invalid("bitmap-table-size", f"bitmap table of {entry.bitmap_table_size} clusters does not fit the disk")
     table = img.read(entry.bitmap_table_offset, entry.bitmap_table_size * 8, exact=False)
     for (value,) in struct.iter_unpack(">Q", table + bytes(-len(table) % 8)):
-        offset = value & BITMAP_TABLE_OFFSET
-        if value & BITMAP_TABLE_RESERVED or (offset and (value & BITMAP_TABLE_ALL_ONES or offset % cluster_size)):
+        if not _valid_bitmap_table_entry(value, cluster_size):
             raise _invalid("bitmap-table-entry", f"bitmap table entry {value:#x} is invalid")
+
+
+def _valid_bitmap_table_entry(value: int, cluster_size: int) -> bool:
+    """QEMU's check_table_entry: no reserved bits; a cluster offset, when there is
+    one, aligned and without the all-ones flag."""
+    offset = value & BITMAP_TABLE_OFFSET
+    return not (value & BITMAP_TABLE_RESERVED or (offset and (value & BITMAP_TABLE_ALL_ONES or offset % cluster_size)))
 
 
 def _check_bitmap(hdr: Any, entry: Any) -> None:
@@ -971,10 +977,7 @@ def storprobe_formats() -> list[FormatSpec]:
 # width rounded up to a byte; reads go through the check's bounded reader.
 # ===========================================================================
 
-L1E_OFFSET_MASK = L2E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
-REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
-OFLAG_COMPRESSED, OFLAG_ZERO = 1 << 62, 1 << 0
-COMPRESSED_SECTOR = 512
+# (the offset masks, OFLAG_COMPRESSED, OFLAG_ZERO and COMPRESSED_SECTOR are the data path's, above)
 L1E_RESERVED_MASK, L2E_STD_RESERVED_MASK, REFT_RESERVED_MASK = 0x7F000000000001FF, 0x3F000000000001FE, 0x1FF
 OFLAG_COPIED = 1 << 63
 SUBCLUSTER_ALLOC_BITS = (1 << SUBCLUSTERS) - 1  # an extended L2 bitmap's allocation half
@@ -1155,13 +1158,14 @@ class _RefcountWalk:
 
     def refcount_block(self, index: int) -> array | None:
         """The refcounts reftable entry ``index`` covers (zeros where it points
-        nowhere), or None when its block cannot be read (an unaligned offset)."""
+        nowhere), or None when its block cannot be read (an unaligned offset, or
+        one past what QEMU reads)."""
         if index >= len(self.reftable):
             return None if index < 0 else array(self.typecode, [0]) * (1 << self.refblock_bits)
         offset = self.reftable[index] & REFT_OFFSET_MASK
         if not offset:
             return array(self.typecode, [0]) * (1 << self.refblock_bits)
-        if offset % self.cluster_size:
+        if offset % self.cluster_size or not readable(offset, self.cluster_size):
             return None
         data = self.reader.read(offset, self.cluster_size)
         if self.order < 3:
@@ -1311,16 +1315,16 @@ def check(img: Image, reader: CheckReader) -> CheckResult:
 
 
 def _bitmap_references(img: Image, hdr: Any, ext: Any, walk: _RefcountWalk) -> None:
-    """qcow2_check_bitmaps_refcounts: the directory, each bitmap's table and the clusters it names."""
+    """qcow2_check_bitmaps_refcounts: the directory, each bitmap's table and the
+    clusters it names. A table with an invalid entry does not load, and then the
+    check fails (QEMU counts a corruption and stops: "Check failed: Invalid argument")."""
     walk.reference(ext.directory_offset, ext.directory_size)
-    for entry, _name in _bitmap_directory(img, hdr, ext):
+    for entry, name in _bitmap_directory(img, hdr, ext):
         table_bytes = entry.bitmap_table_size * 8
         walk.reference(entry.bitmap_table_offset, table_bytes)
-        for value in _words(walk.reader.read(entry.bitmap_table_offset, table_bytes)):
-            offset = value & BITMAP_TABLE_OFFSET
-            misaligned = offset % walk.cluster_size
-            if value & BITMAP_TABLE_RESERVED or (offset and (value & BITMAP_TABLE_ALL_ONES or misaligned)):
-                walk.corruptions += 1
-            elif offset:
-                walk.reference(offset, walk.cluster_size)
-
+        table = _words(walk.reader.read(entry.bitmap_table_offset, table_bytes))
+        if not all(_valid_bitmap_table_entry(value, walk.cluster_size) for value in table):
+            raise CheckFailed(f"Check failed: Invalid argument (bitmap {name!r} has an invalid table entry)")
+        for value in table:
+            if value & BITMAP_TABLE_OFFSET:
+                walk.reference(value & BITMAP_TABLE_OFFSET, walk.cluster_size)

@@ -20,6 +20,7 @@ from .errors import ProbeError, ReadLimitExceeded
 from .jsontext import indented
 from .registry import FormatTable, format_table
 from .source import Image
+from .spec import QEMU_MAX_LENGTH
 
 if TYPE_CHECKING:
     from .source import ByteSource
@@ -92,7 +93,8 @@ class Report(NamedTuple):
 
 class CheckReader:
     """Metadata reads for a check, as QEMU's block layer serves a format driver:
-    bytes past the end of the file read as zeros. Every read counts against a
+    bytes past the end of the file read as zeros, a range past the block
+    layer's limit (QEMU_MAX_LENGTH) fails the check. Every read counts against a
     budget (``budget``: bytes; default the larger of :data:`MIN_READ_BUDGET` and
     :data:`READ_FACTOR` times the file's size); a check that needs more raises
     ReadLimitExceeded instead of reading on."""
@@ -106,6 +108,8 @@ class CheckReader:
 
     def read(self, offset: int, length: int) -> bytes:
         """``length`` bytes at ``offset``, zeros where the file has none."""
+        if not readable(offset, length):
+            raise CheckFailed(f"Check failed: Input/output error (a read of {length} bytes at offset {offset})")
         self._left -= length
         if self._left < 0:
             raise ReadLimitExceeded(
@@ -116,6 +120,11 @@ class CheckReader:
             return bytes(max(length, 0))
         data = self._source.read_at(offset, min(length, self.size - offset))
         return data + bytes(length - len(data)) if len(data) < length else data
+
+
+def readable(offset: int, length: int) -> bool:
+    """Whether QEMU's block layer reads this range at all (bdrv_check_request)."""
+    return 0 <= offset and 0 <= length <= QEMU_MAX_LENGTH - offset
 
 
 #: A format row's check: the image (its header read) and a reader for its metadata.

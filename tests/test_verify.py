@@ -27,6 +27,7 @@ from storprobe.verify import (
     verify,
 )
 
+from builders import bitmap_dir, in_bitmap_dir, in_bitmap_table
 from oracle import qemu_img_create, require, run
 
 SECRET = ("--object", "secret,id=s0,data=pw")
@@ -284,14 +285,16 @@ def test_compressed_entry_with_copied_flag(written):
     assert assert_as_qemu(written.save("compressed-copied.qcow2"))["corruptions"] == 1
 
 
-@pytest.mark.parametrize("bits", [1 << 62 | 0x100, 1 << 0, 1 << 63])
+@pytest.mark.parametrize("bits", [1 << 62 | 0x100, 1 << 0, 1 << 63, 0x200, 1 << 50])
 def test_broken_l1_entry(written, bits):
     entry = written.l1_entry(0)
     written.put(entry, written.u64(entry) ^ bits)
     assert_as_qemu(written.save("l1.qcow2"))
 
 
-@pytest.mark.parametrize("change", [0x1, 0x200, 1 << 40], ids=["reserved", "misaligned", "outside"])
+@pytest.mark.parametrize(
+    "change", [0x1, 0x200, 1 << 40, 1 << 63], ids=["reserved", "misaligned", "outside", "past-qemu-limit"]
+)
 def test_broken_refcount_table_entry(written, change):
     """An unaligned refcount block cannot be read: every cluster it covers is a
     check error, and qemu-img prints its report and exits 1."""
@@ -299,14 +302,109 @@ def test_broken_refcount_table_entry(written, change):
     assert_as_qemu(written.save("reftable.qcow2"))
 
 
-def test_snapshot_l1_table_misaligned(tmp_path):
+@pytest.mark.parametrize(
+    "field, fmt, change",
+    [(0, "Q", 512), (8, "I", 1 << 22), (36, "I", -16)],
+    ids=["l1-misaligned", "l1-too-large", "extra-data-incomplete"],
+)
+def test_broken_snapshot_entry(tmp_path, field, fmt, change):
+    """A snapshot's L1 table unaligned or larger than QEMU's 32 MiB is one
+    corruption, not walked; a v3 entry with less than 16 bytes of extra data is one."""
     image = io(qcow2(tmp_path, "s.qcow2", "16M"), "write -P 1 0 64k")
     run("qemu-img", "snapshot", "-c", "one", image)
     q = Qcow2Bytes(image)
     (snapshots,) = struct.unpack_from(">Q", q.data, 64)
-    q.put(snapshots, q.u64(snapshots) + 512)
+    (value,) = struct.unpack_from(">" + fmt, q.data, snapshots + field)
+    struct.pack_into(">" + fmt, q.data, snapshots + field, value + change)
     mine = assert_as_qemu(q.save("snap.qcow2"))
     assert mine["corruptions"] >= 1
+
+
+def test_extended_l2_bitmap_rules(tmp_path):
+    """Extended L2 entries: subclusters allocated and zero at once, an unallocated
+    cluster with allocated subclusters, a compressed cluster with a bitmap."""
+    image = io(qcow2(tmp_path, "x.qcow2", "16M", "extended_l2=on"),
+               "write -P 1 0 64k", "write -P 2 128k 4k", "write -c -P 3 1M 64k")
+    q = Qcow2Bytes(image)
+    q.put(q.l2_entry(0) + 8, q.u64(q.l2_entry(0) + 8) | 1 << 32)
+    q.put(q.l2_entry(192 << 10) + 8, 1)
+    q.put(q.l2_entry(1 << 20) + 8, 1 << 40)
+    assert assert_as_qemu(q.save("bitmaps.qcow2"))["corruptions"] == 3
+
+
+def test_bitmap_table_entries(tmp_path):
+    """An in-use bitmap is not loaded when the image opens, so its table reaches
+    the check: a cluster it names is a reference, an entry with reserved bits
+    stops the check (exit 1, no report)."""
+    image = io(qcow2(tmp_path, "b.qcow2", "16M"), "write -P 1 0 64k")
+    run("qemu-img", "bitmap", "--add", image, "b0")
+    run("qemu-io", "-c", "write -P 2 64k 64k", "--image-opts", f"driver=qcow2,file.filename={image}")
+    data = bytearray(image.read_bytes())
+    in_bitmap_dir(12, "I", 3)(data)  # flags: in-use and auto
+    broken = image.with_name("in-use.qcow2")
+    broken.write_bytes(bytes(data))
+    assert_as_qemu(broken)
+    in_bitmap_table(1)(data)  # all ones, no cluster: valid, and nothing to count
+    broken.write_bytes(bytes(data))
+    assert assert_as_qemu(broken)["leaks"] == 1  # the cluster the entry named
+    in_bitmap_table(0x1FE)(data)  # reserved bits: the table does not load, the check fails
+    broken.write_bytes(bytes(data))
+    assert assert_as_qemu(broken) is None
+    assert bitmap_dir(bytes(data))[0] == 1
+
+
+def test_truncated_images(written):
+    """The last cluster cut short may be referenced (QEMU reads zeros there); L2
+    tables and refcount blocks cut away read as zeros too."""
+    whole = bytes(written.data)
+    for keep in (len(whole) - 100, len(whole) // 2, 3 * written.cluster_size):
+        written.data = bytearray(whole[:keep])
+        assert_as_qemu(written.save(f"cut{keep}.qcow2"))
+
+
+def test_external_data_file(tmp_path):
+    """With a data file its clusters are not counted in the image; a compressed
+    cluster is a corruption there (QEMU opens the data file, which storprobe never
+    reads for a check)."""
+    image = qcow2(tmp_path, "d.qcow2", "16M", f"data_file={tmp_path / 'd.raw'}")
+    io(image, "write -P 1 0 64k", "write -P 2 1M 8k")
+    assert assert_as_qemu(image)["allocated-clusters"] == 2
+    q = Qcow2Bytes(image)
+    q.put(q.l2_entry(0), q.u64(q.l2_entry(0)) | COMPRESSED)
+    assert assert_as_qemu(q.save("d2.qcow2"))["corruptions"] == 2  # compressed with a data file, and COPIED
+
+
+# --- known differences, each with its reason -----------------------------------------
+
+
+def test_snapshot_table_past_the_end_is_refused(tmp_path):
+    """qemu-img info refuses nothing here but storprobe refuses a snapshot table
+    that runs past the end of the file (qcow2.snapshot-table-beyond-file, as info
+    does); QEMU's check reads zeros there and reports. Both call it broken."""
+    image = io(qcow2(tmp_path, "s.qcow2", "16M"), "write -P 1 0 64k")
+    run("qemu-img", "snapshot", "-c", "one", image)
+    q = Qcow2Bytes(image)
+    (snapshots,) = struct.unpack_from(">Q", q.data, 64)
+    struct.pack_into(">H", q.data, snapshots + 14, 0xFFFF)  # name_size
+    broken = q.save("long-name.qcow2")
+    assert qemu_check(broken)[0] is not None
+    with pytest.raises(ProbeError) as caught:
+        verify(broken)
+    assert caught.value.code == "qcow2.snapshot-table-beyond-file"
+
+
+def test_no_refcount_table_is_refused(written):
+    """QEMU opens an image with no refcount table in check mode only, to count
+    every cluster a corruption (exit 2); storprobe opens images as qemu-img info
+    does, which refuses it (qcow2.no-refcount-table): could not check, exit 1."""
+    struct.pack_into(">I", written.data, 56, 0)
+    broken = written.save("no-reftable.qcow2")
+    theirs, status, _ = qemu_check(broken)
+    assert status == 2 and theirs["corruptions"] > 0
+    with pytest.raises(ProbeError) as caught:
+        verify(broken)
+    assert caught.value.code == "qcow2.no-refcount-table"
+    assert storprobe_verify(broken).returncode == EXIT_FAILED
 
 
 def test_random_table_mutations_agree_with_qemu(tmp_path):
