@@ -38,6 +38,7 @@ from storprobe import (
 from storprobe.blockmap import DataPathError, Extent, HostFile, MissingExtra
 from storprobe.layout import cstring
 from storprobe.luks1 import LUKS1_HEADER_SIZE, luks_specific
+from storprobe.measure import CreateOption, MeasureError, Measurement, MeasureRequest
 from storprobe.source import TableWalker
 from storprobe.verify import CheckFailed, CheckReader, CheckResult, readable
 
@@ -960,6 +961,7 @@ def storprobe_formats() -> list[FormatSpec]:
             backing=backing,
             features=features,
             hazards=hazards,
+            measure=measure,
             block_map=block_map,
             check=check,
         )
@@ -1328,3 +1330,157 @@ def _bitmap_references(img: Image, hdr: Any, ext: Any, walk: _RefcountWalk) -> N
         for value in table:
             if value & BITMAP_TABLE_OFFSET:
                 walk.reference(value & BITMAP_TABLE_OFFSET, walk.cluster_size)
+
+
+# ===========================================================================
+# measure: the size of a new qcow2 image, as QEMU 7.2's qcow2_measure counts it
+# (block/qcow2.c: qcow2_measure, qcow2_calc_prealloc_size,
+# qcow2_refcount_metadata_size; block/qcow2-bitmap.c:
+# qcow2_get_persistent_dirty_bitmap_size). Metadata is counted for a fully
+# allocated image; "required" keeps of the data only the clusters the source's
+# data touches (all of them with preallocation=full/falloc or a backing file).
+# ===========================================================================
+
+#: qcow2's creation options as qemu-img 7.2 accepts them (qcow2_create_opts).
+#: The string options of a LUKS header's creation (block/crypto.h), here after ``encrypt.``.
+LUKS_CREATE_STRINGS = ("key-secret", "cipher-alg", "cipher-mode", "ivgen-alg", "ivgen-hash-alg", "hash-alg")
+CREATE_OPTIONS = (
+    CreateOption("size", "size"),
+    CreateOption("compat", "string"),
+    CreateOption("backing_file", "string"),
+    CreateOption("backing_fmt", "string"),
+    CreateOption("data_file", "string"),
+    CreateOption("data_file_raw", "bool"),
+    CreateOption("lazy_refcounts", "bool"),
+    CreateOption("refcount_bits", "number"),
+    CreateOption("encryption", "bool"),
+    CreateOption("encrypt.format", "string"),
+    *(CreateOption(f"encrypt.{name}", "string") for name in LUKS_CREATE_STRINGS),
+    CreateOption("encrypt.iter-time", "number"),
+    CreateOption("cluster_size", "size"),
+    CreateOption("extended_l2", "bool"),
+    CreateOption("preallocation", "string"),
+    CreateOption("compression_type", "string"),
+)
+DEFAULT_CLUSTER_SIZE = 65536
+PREALLOCATION_MODES = ("off", "metadata", "falloc", "full")
+L1E_SIZE, L2E_SIZE, L2E_SIZE_EXTENDED, REFTABLE_ENTRY_SIZE = 8, 8, 16, 8
+BITMAP_DIR_ENTRY_SIZE = 24  # a bitmap directory entry before its name
+
+
+def measure(request: MeasureRequest) -> Measurement:
+    """``qemu-img measure -O qcow2``: metadata of a fully allocated image, plus
+    the data clusters required, plus the source's persistent bitmaps (v3)."""
+    options = request.options(CREATE_OPTIONS)
+    extended_l2 = options.flag("extended_l2")
+    cluster_size = _measured_cluster_size(options.number("cluster_size", DEFAULT_CLUSTER_SIZE), extended_l2)
+    compat = options.string("compat")
+    if compat not in (None, "0.10", "1.1"):
+        raise MeasureError(f"Invalid compatibility level: '{compat}'")
+    version = 2 if compat == "0.10" else 3
+    refcount_bits = options.number("refcount_bits", 16)
+    if refcount_bits > 64 or refcount_bits & (refcount_bits - 1) or not refcount_bits:
+        raise MeasureError("Refcount width must be a power of two and may not exceed 64 bits")
+    if version < 3 and refcount_bits != 16:
+        raise MeasureError("Different refcount widths than 16 bits require compatibility level 1.1 or above "
+                           "(use compat=1.1 or greater)")
+    preallocation = options.string("preallocation") or "off"
+    if preallocation not in PREALLOCATION_MODES:
+        raise MeasureError(f"invalid parameter value: {preallocation}")
+    if options.string("encrypt.format") == "luks":
+        raise MeasureError("storprobe does not measure LUKS-encrypted qcow2 (encrypt.format=luks) yet",
+                           code="measure.unsupported")
+    virtual_size = _round_up(options.number("size", 0), cluster_size)
+    l2e_size = L2E_SIZE_EXTENDED if extended_l2 else L2E_SIZE
+    l2_tables = -(-(virtual_size // cluster_size) // (cluster_size // l2e_size))
+    if l2_tables * L1E_SIZE > MAX_L1_BYTES:  # checked on -o size, before a source's size replaces it
+        raise MeasureError("The image size is too large (try using a larger cluster size)")
+    required = 0
+    source = request.source
+    if source is not None:
+        virtual_size = _round_up(source.virtual_size, cluster_size)
+        if options.given("backing_file"):  # the new backing may share nothing: every cluster counts
+            required = virtual_size
+        else:
+            required = _data_clusters(source.data_ranges(), cluster_size) * cluster_size
+    if preallocation in ("full", "falloc"):
+        required = virtual_size
+    fully_allocated = _prealloc_size(virtual_size, cluster_size, refcount_bits.bit_length() - 1, l2e_size)
+    bitmaps = None
+    if version >= 3 and source is not None and _keeps_persistent_bitmaps(source.info):
+        bitmaps = _bitmaps_size(source.info, source.virtual_size, cluster_size)
+    return Measurement(fully_allocated - virtual_size + required, fully_allocated, bitmaps)
+
+
+def _measured_cluster_size(cluster_size: int, extended_l2: bool) -> int:
+    """The cluster size, checked as QEMU's validate_cluster_size checks it."""
+    if not MIN_CLUSTER_BITS <= (cluster_size & -cluster_size).bit_length() - 1 <= MAX_CLUSTER_BITS or (
+        cluster_size & (cluster_size - 1)
+    ):
+        raise MeasureError(
+            f"Cluster size must be a power of two between {1 << MIN_CLUSTER_BITS} and {1 << (MAX_CLUSTER_BITS - 10)}k"
+        )
+    smallest = (1 << MIN_CLUSTER_BITS) * SUBCLUSTERS
+    if extended_l2 and cluster_size < smallest:
+        raise MeasureError(f"Extended L2 entries are only supported with cluster sizes of at least {smallest} bytes")
+    return cluster_size
+
+
+def _round_up(n: int, to: int) -> int:
+    return -(-n // to) * to
+
+
+def _data_clusters(ranges: Iterator[tuple[int, int]], cluster_size: int) -> int:
+    """How many clusters of ``cluster_size`` the data ranges touch (each counted once)."""
+    clusters, counted_to = 0, 0  # clusters before counted_to (a cluster boundary) are counted
+    for start, length in ranges:
+        first = max(start // cluster_size * cluster_size, counted_to)
+        end = _round_up(start + length, cluster_size)
+        if end > first:
+            clusters += (end - first) // cluster_size
+            counted_to = end
+    return clusters
+
+
+def _prealloc_size(virtual_size: int, cluster_size: int, refcount_order: int, l2e_size: int) -> int:
+    """A fully allocated image's bytes: header, L2 and L1 tables, refcount
+    metadata, data (qcow2_calc_prealloc_size)."""
+    aligned = _round_up(virtual_size, cluster_size)
+    l2_entries = _round_up(aligned // cluster_size, cluster_size // l2e_size)
+    l1_entries = _round_up(l2_entries * l2e_size // cluster_size, cluster_size // L1E_SIZE)
+    meta = cluster_size + l2_entries * l2e_size + l1_entries * L1E_SIZE
+    meta += _refcount_metadata_size((meta + aligned) // cluster_size, cluster_size, refcount_order)
+    return meta + aligned
+
+
+def _refcount_metadata_size(clusters: int, cluster_size: int, refcount_order: int) -> int:
+    """Bytes of refcount blocks and table that count ``clusters`` and themselves:
+    the fixed point qcow2_refcount_metadata_size finds (a few rounds)."""
+    per_table_cluster = cluster_size // REFTABLE_ENTRY_SIZE
+    per_block = cluster_size * 8 >> refcount_order
+    table = blocks = 0
+    total, last = 0, -1
+    while total != last:
+        last = total
+        blocks = -(-(clusters + table + blocks) // per_block)
+        table = -(-blocks // per_table_cluster)
+        total = clusters + blocks + table
+    return (blocks + table) * cluster_size
+
+
+def _keeps_persistent_bitmaps(info: ImageInfo) -> bool:
+    """Whether the source is a qcow2 v3 image opened by QEMU's qcow2 driver
+    (bdrv_supports_persistent_dirty_bitmap): only then is ``bitmaps`` counted."""
+    return info.format == "qcow2" and not info.read_through_other_driver and info.version == 3
+
+
+def _bitmaps_size(info: ImageInfo, virtual_size: int, cluster_size: int) -> int:
+    """Bytes the source's persistent bitmaps take in a new image: each bitmap
+    whole (one bit per granule of the disk) and its table, then the directory."""
+    total = directory = 0
+    for bitmap in (info.specific or {}).get("bitmaps", ()):
+        granules = -(-virtual_size // bitmap["granularity"])
+        clusters = -(-_round_up(granules, 8) // 8 // cluster_size)  # a bit per granule
+        total += clusters * cluster_size + _round_up(clusters * 8, cluster_size)
+        directory += _align8(BITMAP_DIR_ENTRY_SIZE + len(bitmap["name"].encode()))
+    return total + _round_up(directory, cluster_size)

@@ -34,8 +34,9 @@ from storprobe import (
     hookimpl,
 )
 from storprobe.blockmap import Extent, HostFile
+from storprobe.measure import CreateOption, Measurement, MeasureRequest
 from storprobe.partitions import BOOT_SIGNATURE, partition_details
-from storprobe.source import sector_rounded_size
+from storprobe.source import SECTOR, sector_rounded_size
 
 FAT_BOOT_SECTOR = Layout(
     "<",
@@ -144,6 +145,17 @@ def block_map(img: Image, info: ImageInfo, host: HostFile) -> RawMap:
     return RawMap(host)
 
 
+def measure(request: MeasureRequest) -> Measurement:
+    """``qemu-img measure -O raw`` (QEMU's raw_measure): every byte of the disk,
+    holes included, in whole sectors for a size; a source's virtual size."""
+    options = request.options((CreateOption("size", "size"),))
+    if request.source is not None:
+        size = request.source.virtual_size
+    else:
+        size = -(-options.number("size", 0) // SECTOR) * SECTOR
+    return Measurement(size, size)
+
+
 @hookimpl
 def storprobe_formats() -> list[FormatSpec]:
     return [
@@ -153,6 +165,7 @@ def storprobe_formats() -> list[FormatSpec]:
             size=sector_rounded_size,
             features=features,
             hazards=hazards,
+            measure=measure,
             block_map=block_map,
             libvirt=LibvirtFacts(capacity_is_file_size=True),
         )

@@ -22,7 +22,7 @@ from .registry import format_table
 
 if TYPE_CHECKING:
     from .chain import Chain
-    from .datapath import GuestDisk
+    from .datapath import BackingPolicy, GuestDisk
     from .model import ImageInfo
     from .scan import ScanRecord
 
@@ -203,6 +203,105 @@ def _parser() -> _Parser:
         help="the most backing images followed below the top one (default: 200, libvirt's)",
     )
     map_.add_argument("path", metavar="PATH", help="the image")
+
+    inspect = sub.add_parser(
+        "inspect", help="what the guest disk holds: partition table, filesystems, LUKS, or nothing",
+        description="Read an image's guest disk (through its recorded local backing chain, as qemu-img does) and "
+                    "report its partition table (MBR or GPT) and what starts each partition, or the whole disk: "
+                    "a filesystem, swap, LVM or LUKS by type, label and UUID (as blkid names them), and whether "
+                    "the disk is empty (no data allocated anywhere).",
+    )
+    inspect.add_argument(
+        "-f", "--format", type=_format_name,
+        help="trust this format instead of probing (one of 'storprobe formats'); its signature must be there",
+    )
+    inspect.add_argument(
+        "--output", choices=("human", "json"), default="human",
+        help="human: one fact a line; json: an object (default: %(default)s)",
+    )
+    inspect.add_argument(
+        "--no-backing", action="store_true",
+        help="read the image alone: what its backing file would hold reads as zeros",
+    )
+    inspect.add_argument("path", metavar="PATH", help="the image")
+
+    compare = sub.add_parser(
+        "compare", help="do two images hold the same guest data? (qemu-img compare's messages and exit codes)",
+        description="Compare the guest disks of two images, through their recorded local backing chains, as "
+                    "qemu-img compare does: exit 0 identical, 1 different, 2 an image cannot be opened, 3 its "
+                    "allocation cannot be read, 4 its data cannot be read. Zeros beyond the smaller disk count "
+                    "as equal unless -s.",
+    )
+    compare.add_argument(
+        "-f", dest="format", type=_format_name, metavar="FMT", help="the first image's format, trusted"
+    )
+    compare.add_argument("-F", dest="second_format", type=_format_name, metavar="FMT",
+                         help="the second image's format, trusted")
+    compare.add_argument(
+        "-s", "--strict", action="store_true",
+        help="strict: images of different sizes, or whose allocation differs, are different",
+    )
+    compare.add_argument("-q", "--quiet", action="store_true", help="print nothing; the exit status says it")
+    compare.add_argument(
+        "--no-backing", action="store_true",
+        help="read each image alone: what its backing file would hold reads as zeros",
+    )
+    compare.add_argument("first", metavar="FILE1", help="the first image")
+    compare.add_argument("second", metavar="FILE2", help="the second image")
+
+    convert = sub.add_parser(
+        "convert", help="write an image's guest disk as a sparse raw file (qemu-img convert -O raw)",
+        description="Write the guest disk of SRC, through its recorded local backing chain, to the new raw file "
+                    "DST: the bytes qemu-img convert -O raw writes, with zero and unallocated ranges left as holes. "
+                    "DST must not exist, unless --overwrite (a regular file only, never a link).",
+    )
+    convert.add_argument(
+        "-f", dest="format", type=_format_name, metavar="FMT",
+        help="trust this format for SRC instead of probing (one of 'storprobe formats')",
+    )
+    convert.add_argument("-O", dest="target", choices=("raw",), default="raw", help="the output format (raw only)")
+    convert.add_argument("--overwrite", action="store_true", help="replace DST if it is a regular file")
+    convert.add_argument(
+        "--no-backing", action="store_true",
+        help="read SRC alone: what its backing file would hold is written as zeros",
+    )
+    convert.add_argument("source", metavar="SRC", help="the image")
+    convert.add_argument("destination", metavar="DST", help="the raw file to create")
+
+    measure = sub.add_parser(
+        "measure", help="the size a new image would take (qemu-img measure)",
+        description="How many bytes a new image of format -O needs, for a virtual size (--size) or to hold a "
+                    "source's data (its allocated clusters, through its local backing chain), as qemu-img measure "
+                    "counts them: required now, fully allocated, and the source's persistent bitmaps.",
+    )
+    measure.add_argument(
+        "--output", default="human", metavar="human|json",
+        help="human: qemu-img measure's lines; json: its --output=json object (default: %(default)s)",
+    )
+    measure.add_argument(
+        "-O", dest="target", default="raw", metavar="OUTPUT_FORMAT",
+        help="the new image's format (default: %(default)s)",
+    )
+    measure.add_argument(
+        "-o", dest="options", action="append", default=[], metavar="OPTIONS",
+        help="its creation options, as qemu-img create -o takes them (repeatable): cluster_size, refcount_bits, "
+             "extended_l2, preallocation, compat, backing_file ...",
+    )
+    measure.add_argument(
+        "--size", metavar="SIZE", help="a virtual size (k, M, G, T, P, E suffixes) instead of a source",
+    )
+    measure.add_argument(
+        "-f", dest="format", type=_format_name,
+        help="the source's format, trusted instead of probed (one of 'storprobe formats'); its signature must be there",
+    )
+    measure.add_argument(
+        "--no-backing", action="store_true",
+        help="measure the source's top image alone (what its backing files hold is not counted)",
+    )
+    measure.add_argument(
+        "-U", "--force-share", action="store_true", help="accepted for qemu-img's sake: nothing is locked",
+    )
+    measure.add_argument("source", nargs="*", metavar="SRC", help="the image whose data the new one would hold")
 
     inspect = sub.add_parser(
         "inspect", help="what the guest disk holds: partition table, filesystems, LUKS, or nothing",
@@ -672,6 +771,40 @@ def _convert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _measure(args: argparse.Namespace) -> int:
+    """qemu-img measure's answer on stdout, or its refusal (status 1)."""
+    from .human import shown
+    from .measure import MeasureError, image_size, measure, to_human, to_json
+
+    source = args.source[0] if args.source else None
+    try:
+        if args.output not in ("human", "json"):
+            raise MeasureError("--output must be used with human or json as argument.", code="measure.usage")
+        size = None if args.size is None else image_size(args.size)
+        if len(args.source) > 1:
+            raise MeasureError("At most one filename argument is allowed.", code="measure.usage")
+        result = measure(
+            args.target, args.options, size=size, source=source, source_format=args.format,
+            backing=_top_only() if args.no_backing else None,
+        )
+    except MeasureError as refused:
+        for report in refused.reports:
+            first, *hints = report.split("\n")
+            print("\n".join([f"storprobe: {shown(first)}", *map(shown, hints)]), file=sys.stderr)
+        return EXIT_PROBE
+    except ProbeError as exc:
+        _complain(source or "", exc.reason)
+        return EXIT_PROBE
+    sys.stdout.write(to_json(result) if args.output == "json" else to_human(result))
+    return EXIT_OK
+
+
+def _top_only() -> BackingPolicy:
+    from .datapath import IGNORE
+
+    return IGNORE
+
+
 def _validate(args: argparse.Namespace) -> int:
     """``FILE: valid`` or ``FILE: invalid`` on stdout, then each reason on
     stderr as ``storprobe: FILE:LINE: element NAME: why`` (virt-xml-validate's
@@ -784,6 +917,7 @@ def _run(argv: Sequence[str] | None) -> int:
     for useless in _useless_options(args):
         command.error(useless)
     commands = {
+        "measure": _measure,
         "info": _info, "scan": _scan, "check": _check, "verify": _verify,
         "map": _map, "validate": _validate, "formats": _formats,
     }

@@ -19,6 +19,7 @@ from .source import HEAD_SIZE
 
 if TYPE_CHECKING:
     from .blockmap import BlockMap, HostFile
+    from .measure import Measurement, MeasureRequest
     from .model import Backing, DataFile, ImageInfo, Snapshot
     from .source import Image
     from .verify import CheckReader, CheckResult
@@ -109,6 +110,11 @@ class FormatSpec(NamedTuple):
     #: The guest-to-host map of an image of this format, for the data path (``open_image``,
     #: ``storprobe map``): built from the probed image, its record and its opened file.
     block_map: Callable[[Image, ImageInfo, HostFile], BlockMap] | None = None
+    #: ``storprobe measure -O <this format>``: the size a new image of this format
+    #: would take (``qemu-img measure``, the driver's ``bdrv_measure``), for a
+    #: virtual size or a source's data (see :mod:`storprobe.measure`). None: QEMU's
+    #: driver measures nothing (or it is not done here).
+    measure: Callable[[MeasureRequest], Measurement] | None = None
 
     @property
     def libvirt_format(self) -> str:
