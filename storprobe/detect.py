@@ -23,6 +23,7 @@ from .model import ImageInfo
 from .registry import FormatTable, format_table
 from .source import ByteSource, BytesSource, FileSource, Image, PathSource
 from .spec import QEMU_MAX_LENGTH, Features, FormatSpec
+from .urls import is_url, object_client
 
 if TYPE_CHECKING:
     from .backing import BackingStore, RefusedName
@@ -43,12 +44,20 @@ def open_source(target: Target) -> ByteSource:
     return FileSource(target)
 
 
-def probe(target: Target, *, format: str | None = None, table: FormatTable | None = None) -> ImageInfo:
+def probe(
+    target: Target, *, format: str | None = None, table: FormatTable | None = None, endpoint_url: str | None = None
+) -> ImageInfo:
     """Probe one volume. With ``format``, trust the caller and do not detect.
+    A ``str`` URL (``s3://``, ``gs://``, ``az://``, ``http(s)://``) is an object
+    read by ranges (the ``remote`` extra; ``endpoint_url``: an S3-compatible store's).
 
     Raises a :class:`~storprobe.errors.ProbeError` subclass when the volume
     cannot be probed; never another exception for any bytes in the volume.
     """
+    if is_url(target):
+        return object_client().probe_url(
+            target, format=format, table=table, endpoint_url=endpoint_url
+        )
     table = table or format_table()
     source = open_source(target)
     try:

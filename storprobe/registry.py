@@ -5,6 +5,13 @@ Built-in formats are the modules in :data:`BUILTIN_PLUGINS`, registered with
 the ``storprobe.formats`` entry-point group, loaded lazily on first use.
 ``STORPROBE_DISABLE_PLUGIN_AUTOLOAD=1`` switches third-party loading off;
 ``STORPROBE_PLUGINS=name,name`` limits it to the named entry points.
+
+When there is nothing but the built-ins to load, the table calls their
+``storprobe_formats`` hook implementations directly, in registration order,
+and no plugin manager is made (so a command does not import pluggy, which
+imports ``inspect``: a tenth of a scan's start-up); the first call for the plugin
+manager (to register a plugin, say) makes it, and the table is built through it
+from then on. tests/test_startup.py holds both ways to the same table.
 """
 
 from __future__ import annotations
@@ -15,14 +22,15 @@ import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from importlib.machinery import PathFinder
-from typing import NamedTuple, cast
-
-import pluggy
+from typing import TYPE_CHECKING, NamedTuple, cast
 
 from . import hookspecs
 from .errors import InvalidFormatSpec, PluginConflict, UnknownFormat
 from .source import HEAD_SIZE
 from .spec import FormatSpec, row_problems
+
+if TYPE_CHECKING:
+    import pluggy
 
 ENTRY_POINT_GROUP = "storprobe.formats"
 
@@ -58,8 +66,10 @@ class FormatTable:
     """The rows of every registered plugin, in detection order, by name, and
     indexed by magic so detection looks at each fixed window of the head once."""
 
-    def __init__(self, rows: list[Row]) -> None:
+    def __init__(self, rows: list[Row], *, builtin_only: bool = False) -> None:
         self.rows: tuple[Row, ...] = tuple(sorted(rows, key=lambda r: r.spec.sort_key()))
+        #: Whether the rows are the built-in plugins' alone (a scan's fast path runs only then).
+        self.builtin_only = builtin_only
         self.specs: tuple[FormatSpec, ...] = tuple(r.spec for r in self.rows)
         #: Rows with a signature: (row, its magic values, whether ``windows`` decides it).
         self.signed: tuple[tuple[FormatSpec, tuple[bytes, ...], bool], ...] = tuple(
@@ -150,21 +160,35 @@ class _Registry:
 
     def plugin_manager(self) -> pluggy.PluginManager:
         if self.pm is None:
+            import pluggy
+
             pm = pluggy.PluginManager(hookspecs.PROJECT)
             pm.add_hookspecs(hookspecs)
             for name, module in BUILTIN_PLUGINS:
                 pm.register(importlib.import_module(module), name=name)
             _load_third_party(pm)
             self.pm = pm
+            self._table = None  # built through the plugin manager from now on
         return self.pm
 
     def table(self) -> FormatTable:
         if self._table is None:
-            pm = self.plugin_manager()
+            if self.pm is None and not _third_party_to_load():
+                hooks = [(name, importlib.import_module(module).storprobe_formats) for name, module in BUILTIN_PLUGINS]
+                builtin_only = True
+            else:
+                pm = self.plugin_manager()
+                hooks = [
+                    (pm.get_name(impl.plugin) or repr(impl.plugin), impl.function)
+                    for impl in pm.hook.storprobe_formats.get_hookimpls()
+                ]
+                builtin = dict(BUILTIN_PLUGINS)
+                builtin_only = all(
+                    getattr(plugin, "__name__", None) == builtin.get(name) for name, plugin in pm.list_name_plugin()
+                )
             rows: dict[str, Row] = {}
-            for impl in pm.hook.storprobe_formats.get_hookimpls():
-                plugin = pm.get_name(impl.plugin) or repr(impl.plugin)
-                for returned in cast("Iterable[object]", impl.function() or ()):
+            for plugin, hook in hooks:
+                for returned in cast("Iterable[object]", hook() or ()):
                     spec = _checked_row(returned, plugin)
                     if spec.name in rows:
                         raise PluginConflict(
@@ -172,7 +196,7 @@ class _Registry:
                             f"{rows[spec.name].plugin!r} and {plugin!r}"
                         )
                     rows[spec.name] = Row(spec, plugin)
-            self._table = FormatTable(list(rows.values()))
+            self._table = FormatTable(list(rows.values()), builtin_only=builtin_only)
         return self._table
 
     def invalidate(self) -> None:
@@ -189,10 +213,27 @@ def _checked_row(spec: object, plugin: str) -> FormatSpec:
     return spec
 
 
+def _third_party_to_load() -> bool:
+    """Whether autoload would register a plugin beyond the built-ins (True
+    when the entry points cannot be read without importlib.metadata)."""
+    if os.environ.get("STORPROBE_DISABLE_PLUGIN_AUTOLOAD"):
+        return False
+    declared = _declared_names()
+    if declared is None:
+        return True
+    new = declared - {name for name, _ in BUILTIN_PLUGINS}
+    only = _only_names()
+    return bool(new & only if only else new)
+
+
+def _only_names() -> set[str]:
+    return {n.strip() for n in os.environ.get("STORPROBE_PLUGINS", "").split(",") if n.strip()}
+
+
 def _load_third_party(pm: pluggy.PluginManager) -> None:
     if os.environ.get("STORPROBE_DISABLE_PLUGIN_AUTOLOAD"):
         return
-    only = {n.strip() for n in os.environ.get("STORPROBE_PLUGINS", "").split(",") if n.strip()}
+    only = _only_names()
     declared = _declared_names()
     if declared is not None:
         new = {n for n in declared if pm.get_plugin(n) is None and not pm.is_blocked(n)}

@@ -36,13 +36,15 @@ from .backing import (
 )
 from .chain import DEFAULT_MAX_DEPTH
 from .detect import Target, describe_image, guarded, open_source
-from .errors import BackingNameError, ProbeError, SourceError, UnknownFormat
+from .engine import KnownBytes, Rounds, rounds
+from .errors import BackingNameError, ProbeError, ReadLimitExceeded, SourceError, UnknownFormat
 from .human import shown
 from .model import ImageInfo
 from .registry import FormatTable, format_table
 from .sizes import size_text
 from .source import Image, PathSource
 from .spec import FormatSpec, Hazard
+from .urls import is_url, object_client
 
 #: Largest virtual size accepted by default: 64 TiB, VHDX's and most
 #: hypervisors' limit; far beyond any real disk image, far below a hostile one.
@@ -100,7 +102,12 @@ class Verdict(NamedTuple):
 
 
 def check(
-    target: Target, *, policy: Policy = Policy(), format: str | None = None, table: FormatTable | None = None
+    target: Target,
+    *,
+    policy: Policy = Policy(),
+    format: str | None = None,
+    table: FormatTable | None = None,
+    endpoint_url: str | None = None,
 ) -> Verdict:
     """Probe ``target`` and judge it, and every image of its backing chain
     that may be opened, under ``policy``.
@@ -108,15 +115,39 @@ def check(
     Raises SourceError when the volume cannot be read at all (UnknownFormat
     for a ``format`` no plugin provides); a malformed header is a hazard, not
     an exception. Relative backing names of a volume given as bytes or an open
-    file have no directory to lie in: they are outside every allowed one.
+    file have no directory to lie in: they are outside every allowed one. A
+    URL (``s3://``, ``https://`` ...) is read by ranges (:func:`judging`;
+    ``endpoint_url``: an S3-compatible store's).
     """
     table = table or format_table()
+    if is_url(target):
+        return object_client().check_url(
+            target, policy=policy, format=format, table=table, endpoint_url=endpoint_url
+        )
     where = _located(target)
     verdict = _judge(target, policy, format, table, where)
     if verdict.info is None:
         return verdict
     roots = _roots(policy.backing_dirs, policy.allow_backing, where)
     below = _chain_hazards(verdict.info, where, roots, policy, table)
+    return verdict._replace(hazards=verdict.hazards + tuple(below))
+
+
+def judging(
+    known: KnownBytes, *, policy: Policy = Policy(), format: str | None = None, table: FormatTable | None = None
+) -> Rounds[Verdict]:
+    """:func:`check` of a volume whose bytes arrive in rounds (an object read by
+    ranges; see :mod:`storprobe.engine`). It has no directory: a relative
+    backing or data file name lies outside every allowed one, and no backing is
+    looked for beside it (in its store)."""
+    table = table or format_table()
+    try:
+        verdict = yield from rounds(lambda source: _judge(source, policy, format, table, None), known)
+    except ReadLimitExceeded as exc:  # too many rounds: malformed, as a budget exceeded is
+        return Verdict(known.name, None, (Hazard("malformed", f"{exc.reason} ({exc.code})"),))
+    if verdict.info is None:
+        return verdict
+    below = _chain_hazards(verdict.info, None, _roots(policy.backing_dirs, False, None), policy, table)
     return verdict._replace(hazards=verdict.hazards + tuple(below))
 
 

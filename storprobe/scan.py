@@ -17,13 +17,17 @@ from __future__ import annotations
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from typing import NamedTuple, TypeVar
+from functools import partial
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 from .detect import describe_image
 from .errors import ProbeError, SourceError
 from .model import ImageInfo
 from .registry import FormatTable, format_table
-from .source import Image, PathSource
+from .source import HEAD_SIZE, Image, PathSource
+
+if TYPE_CHECKING:
+    from .plain import PlainVolumes
 
 T = TypeVar("T")
 #: A path to probe, and whether the directory listing says it is a regular file.
@@ -94,6 +98,7 @@ def scan_map(
     recursive: bool = False,
     table: FormatTable | None = None,
     jobs: int | None = None,
+    quote: Callable[[str], str] | None = None,
 ) -> Iterator[T]:
     """``render(record)`` for every record :func:`scan` makes, in the same
     order, with ``jobs`` processes probing and rendering (default: one per
@@ -102,13 +107,18 @@ def scan_map(
     list is made up front. Called while other threads run, it uses this process
     only, whatever ``jobs`` says (forking a threaded process can deadlock).
 
+    ``quote``: how ``render``, a function to text that shows nothing of a
+    volume's status but its allocation, writes a record's name (JSON's string
+    encoder, say); given it, plain volumes are written from templates
+    ``render`` made (:mod:`storprobe.plain`), to the same text.
+
     Raises SourceError at once when ``directory`` itself cannot be listed.
     """
     from .forked import usable_cpus
 
     table = table or format_table()
     paths = list(_paths(_top_listing(directory), recursive))
-    return _rendered(paths, render, table, jobs or min(usable_cpus(), DEFAULT_JOBS_CAP))
+    return _rendered(paths, render, table, jobs or min(usable_cpus(), DEFAULT_JOBS_CAP), quote)
 
 
 def listing(directory: str | os.PathLike[str], *, recursive: bool = False) -> list[Entry]:
@@ -126,10 +136,24 @@ def scan_entries(entries: Iterable[Entry], *, table: FormatTable | None = None) 
     return _records(entries, table or format_table())
 
 
-def _rendered(paths: list[Entry], render: Callable[[ScanRecord], T], table: FormatTable, jobs: int) -> Iterator[T]:
+def _rendered(
+    paths: list[Entry],
+    render: Callable[[ScanRecord], T],
+    table: FormatTable,
+    jobs: int,
+    quote: Callable[[str], str] | None = None,
+) -> Iterator[T]:
     from .forked import ordered_map
 
+    plain = None
+    if quote is not None:
+        from .plain import PlainVolumes
+
+        plain = PlainVolumes(table, render, quote) if PlainVolumes.applies(table) else None
+
     def work(batch: list[Entry]) -> list[T]:
+        if plain is not None:
+            return list(_ahead(batch, partial(_written, plain, render, table)))
         return [render(record) for record in _records(batch, table)]
 
     batches = [paths[i : i + BATCH] for i in range(0, len(paths), BATCH)]
@@ -146,6 +170,12 @@ def _top_listing(directory: str | os.PathLike[str]) -> list[os.DirEntry]:
 
 def _records(paths: Iterable[Entry], table: FormatTable) -> Iterator[ScanRecord]:
     """Records a batch at a time, the volumes of the batches after it opened ahead."""
+    return _ahead(paths, partial(_record, table=table))
+
+
+def _ahead(paths: Iterable[Entry], probe: Callable[[str, PathSource | SourceError], T]) -> Iterator[T]:
+    """``probe(path, opened)`` of each entry (which closes what it is given), a
+    batch at a time, the volumes of the batches after it opened ahead."""
     paths = iter(paths)
     window: deque[tuple[str, PathSource | SourceError]] = deque()
     try:
@@ -154,7 +184,7 @@ def _records(paths: Iterable[Entry], table: FormatTable) -> Iterator[ScanRecord]
                 window.append((entry[0], _opened(*entry)))
             if not window:
                 return
-            yield from [_record(*window.popleft(), table) for _ in range(min(BATCH, len(window)))]
+            yield from [probe(*window.popleft()) for _ in range(min(BATCH, len(window)))]
     finally:  # a consumer that stops early leaves volumes opened ahead
         for _, source in window:
             if isinstance(source, PathSource):
@@ -171,12 +201,34 @@ def _opened(path: str, listed_as_file: bool) -> PathSource | SourceError:
     return source
 
 
-def _record(path: str, source: PathSource | SourceError, table: FormatTable) -> ScanRecord:
+def _record(
+    path: str, source: PathSource | SourceError, table: FormatTable, head: bytes | None = None
+) -> ScanRecord:
     if isinstance(source, SourceError):
         return ScanRecord(path, error=source)
     try:
-        return ScanRecord(path, info=describe_image(Image(source), table, None))
+        return ScanRecord(path, info=describe_image(Image(source, head), table, None))
     except ProbeError as exc:
         return ScanRecord(path, error=exc)
     finally:
         source.close()
+
+
+def _written(plain: PlainVolumes, render: Callable[[ScanRecord], T], table: FormatTable, path: str,
+             source: PathSource | SourceError) -> T:
+    """A volume's text: written from its template when it is plain, else
+    rendered from its record (which may make the template of its key)."""
+    head = None
+    if isinstance(source, PathSource) and source.file_type == "file":
+        try:
+            head = source.read_at(0, min(HEAD_SIZE, source.size()))
+            text = plain.text(source, head)
+        except ProbeError:  # a read that failed: the general path names the error
+            text = head = None
+        if text is not None:
+            source.close()
+            return text  # type: ignore[return-value]  # render makes text (see scan_map's quote)
+    record = _record(path, source, table, head)
+    rendered = render(record)
+    plain.learn(record, rendered)
+    return rendered

@@ -250,7 +250,9 @@ class Image:
         "source", "name", "file_type", "size", "head", "header", "header_offset", "_spent", "_tail", "_memo"
     )
 
-    def __init__(self, source: ByteSource) -> None:
+    def __init__(self, source: ByteSource, head: bytes | None = None) -> None:
+        """``head``: the source's first :data:`HEAD_SIZE` bytes (or all of a
+        shorter one), when the caller has read them already."""
         self.source = source
         self.name = source.name
         self.file_type = source.file_type
@@ -258,7 +260,11 @@ class Image:
         self._spent = 0
         self._tail: bytes | None = None
         self._memo: dict[Hashable, object] = {}
-        self.head = self._fetch(0, min(HEAD_SIZE, self.size)) if self.size else b""
+        if head is not None:
+            self._spent = len(head)
+            self.head = head
+        else:
+            self.head = self._fetch(0, min(HEAD_SIZE, self.size)) if self.size else b""
         self.header = self.head
         self.header_offset = 0
 
