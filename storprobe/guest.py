@@ -74,7 +74,7 @@ def inspect_guest(disk: BinaryIO | io.RawIOBase, size: int, *, allocated: bool |
         problems += table.problems
         for part in table.partitions:
             content = None
-            if part.start < size and not _is_container(table, part):
+            if part.start < size and not part.extended:  # an extended partition starts with the chain's first EBR
                 content, problem = _identify(read, part.start, min(part.size, size - part.start))
                 problems += problem
             partitions.append(PartitionContent(part, content))
@@ -102,11 +102,6 @@ def inspect_disk(disk: GuestDisk) -> GuestReport:
     """Inspect an opened guest disk, its allocation read from its block status."""
     allocated = any(status.data for status in disk.block_status())
     return inspect_guest(disk, disk.size, allocated=allocated)
-
-
-def _is_container(table: PartitionTable, part: Partition) -> bool:
-    """An MBR extended partition: it starts with the chain's first EBR, no filesystem."""
-    return table.scheme == "mbr" and part.type in ("5", "f", "85")
 
 
 def _identify(read: _Read, start: int, size: int) -> tuple[Content | None, list[Problem]]:

@@ -148,7 +148,8 @@ def render_guest(report: GuestReport) -> str:
             if table.scheme == "mbr" and part.bootable:
                 facts.append("bootable")
             lines.append(f"    partition {part.number}: {', '.join(facts)}")
-            lines.append(f"        content: {_content_text(entry.content)}")
+            held = "the logical partitions (extended)" if part.extended else _content_text(entry.content)
+            lines.append(f"        content: {held}")
     if report.content is not None or table is None:
         lines.append(f"    whole disk: {_content_text(report.content)}")
     for problem in report.problems:

@@ -61,8 +61,11 @@ MBR_EXTENDED = frozenset({0x05, 0x0F, 0x85})
 #: Most logical partitions followed down an extended chain (Linux numbers
 #: them 5 and up; libblkid stops after 100 links without one).
 MAX_LOGICAL = 128
-#: Most GPT entries read: 128 is what every partitioning tool writes, 16 KiB.
-MAX_GPT_ENTRIES = 128
+#: Most GPT entries read (and checked against the array's CRC): 8192, 1 MiB.
+#: Partitioning tools write 128, xorriso's hybrid ISOs 248; libblkid reads up to 4 GiB.
+MAX_GPT_ENTRIES = 8192
+#: Most used GPT entries listed (and looked into); more are a named problem.
+MAX_GPT_PARTITIONS = 128
 GPT_ENTRY = Layout(
     "<",
     "gpt partition entry",
@@ -125,6 +128,7 @@ class Partition(NamedTuple):
     name: str | None = None  # GPT: its name
     bootable: bool = False  # MBR: status 0x80
     attributes: int = 0  # GPT: the attribute bits
+    extended: bool = False  # MBR: an extended partition, which holds the chain of logical ones
 
 
 class Problem(NamedTuple):
@@ -227,11 +231,11 @@ def _read_mbr(read: Reader, size: int, first: bytes, entries: list[Any]) -> Part
     problems: list[Problem] = []
     parts = [
         Partition(i + 1, e.lba_first * sector, e.sectors * sector, f"{e.type:x}", MBR_TYPE_NAMES.get(e.type),
-                  bootable=e.status == 0x80)
+                  bootable=e.status == 0x80, extended=e.type in MBR_EXTENDED)
         for i, e in enumerate(entries)
         if e.sectors
     ]
-    extended = [p for p in parts if int(p.type, 16) in MBR_EXTENDED]
+    extended = [p for p in parts if p.extended]
     if len(extended) > 1:
         problems.append(Problem("guest.mbr-extended", f"{len(extended)} extended partitions; the first is followed"))
     if extended:
@@ -335,23 +339,30 @@ def _gpt_at(read: Reader, sector: int, lba: int, last_lba: int) -> tuple[Any, by
 
 
 def _gpt_table(hdr: Any, array: bytes, sector: int, problems: list[Problem], size: int) -> PartitionTable:
-    parts = []
+    parts: list[Partition] = []
+    outside: list[str] = []  # entries skipped for lying outside the usable LBAs
     for i in range(hdr.entry_count):
         e = GPT_ENTRY.unpack(array, i * GPT_ENTRY.size)
         if not any(e.type_guid):
             continue
         if e.first_lba < hdr.first_usable_lba or e.last_lba > hdr.last_usable_lba or e.last_lba < e.first_lba:
-            problems.append(Problem(
-                "guest.gpt-entry-outside",
-                f"entry {i + 1} (LBAs {e.first_lba}..{e.last_lba}) lies outside the usable LBAs "
-                f"{hdr.first_usable_lba}..{hdr.last_usable_lba}",
-            ))
+            outside.append(f"entry {i + 1} (LBAs {e.first_lba}..{e.last_lba})")
             continue
+        if len(parts) == MAX_GPT_PARTITIONS:
+            problems.append(Problem("guest.gpt-partitions", f"more than {MAX_GPT_PARTITIONS} used entries; "
+                                    f"the first {MAX_GPT_PARTITIONS} are listed"))
+            break
         kind = guid_text(e.type_guid)
         name = e.name.decode("utf-16-le", "replace").split("\0", 1)[0]
         parts.append(Partition(
             i + 1, e.first_lba * sector, (e.last_lba - e.first_lba + 1) * sector, kind, GPT_TYPE_NAMES.get(kind),
             uuid=guid_text(e.unique_guid), name=name or None, attributes=e.attributes,
+        ))
+    if outside:
+        listed = ", ".join(outside[:4]) + (f" and {len(outside) - 4} more" if len(outside) > 4 else "")
+        problems.append(Problem(
+            "guest.gpt-entry-outside",
+            f"{listed} lie outside the usable LBAs {hdr.first_usable_lba}..{hdr.last_usable_lba}; not listed",
         ))
     table = PartitionTable("gpt", guid_text(hdr.disk_guid), sector, tuple(parts))
     return table._replace(problems=tuple(problems + _placement_problems(table, size)))
@@ -370,10 +381,7 @@ def _placement_problems(table: PartitionTable, size: int) -> list[Problem]:
         if p.start + p.size > size:
             problems.append(Problem("guest.partition-past-end", f"partition {p.number} ends at byte "
                                     f"{p.start + p.size}, past the disk's {size}"))
-    spans = sorted(
-        (p for p in table.partitions if not (table.scheme == "mbr" and int(p.type, 16) in MBR_EXTENDED)),
-        key=lambda p: p.start,
-    )
+    spans = sorted((p for p in table.partitions if not p.extended), key=lambda p: p.start)
     reach: Partition | None = None  # of those before, the one that ends last
     for p in spans:
         if reach is not None and p.start < reach.start + reach.size:

@@ -177,6 +177,8 @@ def _partition(part: Partition, scheme: str) -> dict[str, Any]:
         out["uuid"] = part.uuid
     if scheme == "mbr":
         out["bootable"] = part.bootable
+        if part.extended:
+            out["extended"] = True
     elif part.attributes:
         out["attributes"] = part.attributes
     return out

@@ -224,7 +224,7 @@ def check_against_tools(path: Path, report) -> None:
     ``blkid -p --offset`` finds it."""
     table = sfdisk_json(path)
     assert report.table.scheme == {"dos": "mbr", "gpt": "gpt"}[table["label"]]
-    assert report.table.uuid == table["id"]
+    assert report.table.uuid == (None if table["id"] == "0x00000000" else table["id"])  # zero: none, as blkid
     sector = table["sectorsize"]
     listed = [
         {
@@ -247,7 +247,7 @@ def check_against_tools(path: Path, report) -> None:
     assert whole["PTTYPE"] == table["label"]
     for entry in report.partitions:
         part = entry.partition
-        if report.table.scheme == "mbr" and part.type in ("5", "f", "85"):
+        if part.extended:
             assert entry.content is None  # an extended partition holds the chain, not a filesystem
             continue
         assert ours(entry.content) == blkid_content(blkid(path, part.start, part.size)), part
@@ -337,6 +337,36 @@ def test_protective_mbr_without_gpt(tmp_path):
     assert "guest.gpt-missing" in [p.code for p in report.problems]
 
 
+def test_hybrid_iso_with_an_mbr(tmp_path):
+    """xorriso's --protective-msdos-label: an ISO 9660 volume over the whole
+    disk and an MBR in its system area; blkid reports both, so do we."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "file").write_text("hello")
+    path = tmp_path / "hybrid.iso"
+    run("xorriso", "-as", "mkisofs", "--protective-msdos-label", "-V", "HYBRID", "-o", path, tree)
+    report = inspect(path)
+    assert ours(report.content) == blkid_content(blkid(path))
+    check_against_tools(path, report)
+
+
+def test_hybrid_iso_with_a_gpt_of_248_entries(tmp_path):
+    """xorriso's appended GPT partition: a GPT array of 248 entries (more than the
+    usual 128) after the ISO, its partition holding a FAT; as blkid and sfdisk say."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "file").write_text("hello")
+    fat = make_fs("fat12", tmp_path / "esp.img", "ESP")
+    path = tmp_path / "hybrid.iso"
+    run("xorriso", "-as", "mkisofs", "-appended_part_as_gpt", "-append_partition", "2", "0xef", fat,
+        "-V", "HYBRIDGPT", "-o", path, tree)
+    report = inspect(path)
+    assert ours(report.content) == blkid_content(blkid(path))
+    check_against_tools(path, report)
+    assert [e.content.type for e in report.partitions if e.content] == ["vfat"]
+    assert report.problems == ()
+
+
 # ---- hostile tables: built by hand -------------------------------------------------
 
 
@@ -355,15 +385,17 @@ def codes(report) -> list[str]:
 
 
 class CountingDisk(io.BytesIO):
-    """A guest disk in memory that counts its reads."""
+    """A guest disk in memory that counts its reads and the bytes they return."""
 
     def __init__(self, data: bytes) -> None:
         super().__init__(data)
-        self.reads = 0
+        self.reads = self.bytes_read = 0
 
     def read(self, size: int | None = -1) -> bytes:
         self.reads += 1
-        return super().read(size)
+        data = super().read(size)
+        self.bytes_read += len(data)
+        return data
 
 
 def inspect_bytes(data: bytes):
@@ -435,16 +467,26 @@ def test_gpt_entries_outside_the_usable_area_are_skipped(tmp_path):
     path.write_bytes(data)
     report = inspect(path)
     assert [p.number for p in report.table.partitions] == [1]
-    assert codes(report) == ["guest.gpt-entry-outside"] * 3
+    assert codes(report) == ["guest.gpt-entry-outside"]
+    assert report.problems[0].message.startswith("entry 2 (LBAs 10..100), entry 3 (LBAs 5000..4000), entry 4 ")
     assert blkid(path)["PTTYPE"] == "gpt"
 
 
+def test_many_used_gpt_entries_are_capped():
+    """200 used entries: the first 128 listed (and looked into), then a named problem."""
+    entries = [(LINUX, 2048 + 8 * n, 2048 + 8 * n + 7) for n in range(200)]
+    report, reads = inspect_bytes(gpt_disk(entry_count=256, entries=entries))
+    assert [p.number for p in report.table.partitions] == list(range(1, 129))
+    assert codes(report) == ["guest.gpt-partitions"]
+
+
 def test_gpt_with_too_many_entries_is_not_read():
-    """A header asking for a million entries: refused before reading them."""
-    report, reads = inspect_bytes(gpt_disk(entry_count=1_000_000))
+    """A header asking for a million entries (128 MiB of a 16 MiB disk): refused before reading them."""
+    disk = CountingDisk(gpt_disk(entry_count=1_000_000, size=16 * MiB))
+    report = inspect_guest(disk, 16 * MiB)
     assert report.table.scheme == "pmbr"
     assert "guest.gpt-header" in codes(report)
-    assert reads < 50
+    assert disk.reads < 50 and disk.bytes_read < 2 * MiB
 
 
 def test_reads_are_bounded_for_a_hostile_fat32(tmp_path):
