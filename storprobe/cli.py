@@ -23,6 +23,7 @@ from .urls import is_url
 
 if TYPE_CHECKING:
     from .chain import Chain
+    from .datapath import BackingPolicy, GuestDisk
     from .model import ImageInfo
     from .scan import ScanRecord
 
@@ -69,6 +70,11 @@ def _parser() -> _Parser:
     info.add_argument(
         "--max-depth", type=_positive, metavar="N",
         help="with --backing-chain: the most backing images followed below the top one (default: 200, libvirt's)",
+    )
+    info.add_argument(
+        "--inspect-guest", action="store_true",
+        help="also read the guest disk (through the recorded local backing chain) and report its partition table "
+             "and what each partition holds, under storprobe.guest (json) or guest: (human)",
     )
     info.add_argument("--endpoint-url", metavar="URL", help=_ENDPOINT_HELP)
     info.add_argument(
@@ -220,6 +226,169 @@ def _parser() -> _Parser:
     )
     map_.add_argument("path", metavar="PATH", help="the image")
 
+    inspect = sub.add_parser(
+        "inspect", help="what the guest disk holds: partition table, filesystems, LUKS, or nothing",
+        description="Read an image's guest disk (through its recorded local backing chain, as qemu-img does) and "
+                    "report its partition table (MBR or GPT) and what starts each partition, or the whole disk: "
+                    "a filesystem, swap, LVM or LUKS by type, label and UUID (as blkid names them), and whether "
+                    "the disk is empty (no data allocated anywhere).",
+    )
+    inspect.add_argument(
+        "-f", "--format", type=_format_name,
+        help="trust this format instead of probing (one of 'storprobe formats'); its signature must be there",
+    )
+    inspect.add_argument(
+        "--output", choices=("human", "json"), default="human",
+        help="human: one fact a line; json: an object (default: %(default)s)",
+    )
+    inspect.add_argument(
+        "--no-backing", action="store_true",
+        help="read the image alone: what its backing file would hold reads as zeros",
+    )
+    inspect.add_argument("path", metavar="PATH", help="the image")
+
+    compare = sub.add_parser(
+        "compare", help="do two images hold the same guest data? (qemu-img compare's messages and exit codes)",
+        description="Compare the guest disks of two images, through their recorded local backing chains, as "
+                    "qemu-img compare does: exit 0 identical, 1 different, 2 an image cannot be opened, 3 its "
+                    "allocation cannot be read, 4 its data cannot be read. Zeros beyond the smaller disk count "
+                    "as equal unless -s.",
+    )
+    compare.add_argument(
+        "-f", dest="format", type=_format_name, metavar="FMT", help="the first image's format, trusted"
+    )
+    compare.add_argument("-F", dest="second_format", type=_format_name, metavar="FMT",
+                         help="the second image's format, trusted")
+    compare.add_argument(
+        "-s", "--strict", action="store_true",
+        help="strict: images of different sizes, or whose allocation differs, are different",
+    )
+    compare.add_argument("-q", "--quiet", action="store_true", help="print nothing; the exit status says it")
+    compare.add_argument(
+        "--no-backing", action="store_true",
+        help="read each image alone: what its backing file would hold reads as zeros",
+    )
+    compare.add_argument("first", metavar="FILE1", help="the first image")
+    compare.add_argument("second", metavar="FILE2", help="the second image")
+
+    convert = sub.add_parser(
+        "convert", help="write an image's guest disk as a sparse raw file (qemu-img convert -O raw)",
+        description="Write the guest disk of SRC, through its recorded local backing chain, to the new raw file "
+                    "DST: the bytes qemu-img convert -O raw writes, with zero and unallocated ranges left as holes. "
+                    "DST must not exist, unless --overwrite (a regular file only, never a link).",
+    )
+    convert.add_argument(
+        "-f", dest="format", type=_format_name, metavar="FMT",
+        help="trust this format for SRC instead of probing (one of 'storprobe formats')",
+    )
+    convert.add_argument("-O", dest="target", choices=("raw",), default="raw", help="the output format (raw only)")
+    convert.add_argument("--overwrite", action="store_true", help="replace DST if it is a regular file")
+    convert.add_argument(
+        "--no-backing", action="store_true",
+        help="read SRC alone: what its backing file would hold is written as zeros",
+    )
+    convert.add_argument("source", metavar="SRC", help="the image")
+    convert.add_argument("destination", metavar="DST", help="the raw file to create")
+
+    measure = sub.add_parser(
+        "measure", help="the size a new image would take (qemu-img measure)",
+        description="How many bytes a new image of format -O needs, for a virtual size (--size) or to hold a "
+                    "source's data (its allocated clusters, through its local backing chain), as qemu-img measure "
+                    "counts them: required now, fully allocated, and the source's persistent bitmaps.",
+    )
+    measure.add_argument(
+        "--output", default="human", metavar="human|json",
+        help="human: qemu-img measure's lines; json: its --output=json object (default: %(default)s)",
+    )
+    measure.add_argument(
+        "-O", dest="target", default="raw", metavar="OUTPUT_FORMAT",
+        help="the new image's format (default: %(default)s)",
+    )
+    measure.add_argument(
+        "-o", dest="options", action="append", default=[], metavar="OPTIONS",
+        help="its creation options, as qemu-img create -o takes them (repeatable): cluster_size, refcount_bits, "
+             "extended_l2, preallocation, compat, backing_file ...",
+    )
+    measure.add_argument(
+        "--size", metavar="SIZE", help="a virtual size (k, M, G, T, P, E suffixes) instead of a source",
+    )
+    measure.add_argument(
+        "-f", dest="format", type=_format_name,
+        help="the source's format, trusted instead of probed (one of 'storprobe formats'); its signature must be there",
+    )
+    measure.add_argument(
+        "--no-backing", action="store_true",
+        help="measure the source's top image alone (what its backing files hold is not counted)",
+    )
+    measure.add_argument(
+        "-U", "--force-share", action="store_true", help="accepted for qemu-img's sake: nothing is locked",
+    )
+    measure.add_argument("source", nargs="*", metavar="SRC", help="the image whose data the new one would hold")
+
+    inspect = sub.add_parser(
+        "inspect", help="what the guest disk holds: partition table, filesystems, LUKS, or nothing",
+        description="Read an image's guest disk (through its recorded local backing chain, as qemu-img does) and "
+                    "report its partition table (MBR or GPT) and what starts each partition, or the whole disk: "
+                    "a filesystem, swap, LVM or LUKS by type, label and UUID (as blkid names them), and whether "
+                    "the disk is empty (no data allocated anywhere).",
+    )
+    inspect.add_argument(
+        "-f", "--format", type=_format_name,
+        help="trust this format instead of probing (one of 'storprobe formats'); its signature must be there",
+    )
+    inspect.add_argument(
+        "--output", choices=("human", "json"), default="human",
+        help="human: one fact a line; json: an object (default: %(default)s)",
+    )
+    inspect.add_argument(
+        "--no-backing", action="store_true",
+        help="read the image alone: what its backing file would hold reads as zeros",
+    )
+    inspect.add_argument("path", metavar="PATH", help="the image")
+
+    compare = sub.add_parser(
+        "compare", help="do two images hold the same guest data? (qemu-img compare's messages and exit codes)",
+        description="Compare the guest disks of two images, through their recorded local backing chains, as "
+                    "qemu-img compare does: exit 0 identical, 1 different, 2 an image cannot be opened, 3 its "
+                    "allocation cannot be read, 4 its data cannot be read. Zeros beyond the smaller disk count "
+                    "as equal unless -s.",
+    )
+    compare.add_argument(
+        "-f", dest="format", type=_format_name, metavar="FMT", help="the first image's format, trusted"
+    )
+    compare.add_argument("-F", dest="second_format", type=_format_name, metavar="FMT",
+                         help="the second image's format, trusted")
+    compare.add_argument(
+        "-s", "--strict", action="store_true",
+        help="strict: images of different sizes, or whose allocation differs, are different",
+    )
+    compare.add_argument("-q", "--quiet", action="store_true", help="print nothing; the exit status says it")
+    compare.add_argument(
+        "--no-backing", action="store_true",
+        help="read each image alone: what its backing file would hold reads as zeros",
+    )
+    compare.add_argument("first", metavar="FILE1", help="the first image")
+    compare.add_argument("second", metavar="FILE2", help="the second image")
+
+    convert = sub.add_parser(
+        "convert", help="write an image's guest disk as a sparse raw file (qemu-img convert -O raw)",
+        description="Write the guest disk of SRC, through its recorded local backing chain, to the new raw file "
+                    "DST: the bytes qemu-img convert -O raw writes, with zero and unallocated ranges left as holes. "
+                    "DST must not exist, unless --overwrite (a regular file only, never a link).",
+    )
+    convert.add_argument(
+        "-f", dest="format", type=_format_name, metavar="FMT",
+        help="trust this format for SRC instead of probing (one of 'storprobe formats')",
+    )
+    convert.add_argument("-O", dest="target", choices=("raw",), default="raw", help="the output format (raw only)")
+    convert.add_argument("--overwrite", action="store_true", help="replace DST if it is a regular file")
+    convert.add_argument(
+        "--no-backing", action="store_true",
+        help="read SRC alone: what its backing file would hold is written as zeros",
+    )
+    convert.add_argument("source", metavar="SRC", help="the image")
+    convert.add_argument("destination", metavar="DST", help="the raw file to create")
+
     validate = sub.add_parser(
         "validate", help="validate volume XML against storprobe's schemas",
         description="Validate volume XML against storprobe's RelaxNG schema: 'FILE: valid' or 'FILE: invalid' "
@@ -332,6 +501,16 @@ def _info(args: argparse.Namespace) -> int:
     except ProbeError as exc:
         _complain(args.path, exc.reason)
         return EXIT_PROBE
+    guest = None
+    if args.inspect_guest:
+        from .guest import inspect_disk
+
+        try:
+            with _open_guest(args.path, args.format, False) as disk:
+                guest = inspect_disk(disk)
+        except ProbeError as exc:
+            _complain(args.path, exc.reason)
+            return EXIT_PROBE
     if args.output == "xml":
         from .volume_xml import to_volume_xml
 
@@ -345,6 +524,10 @@ def _info(args: argparse.Namespace) -> int:
         from .qemu_json import EXTRA_KEY, to_qemu_json
 
         shaped = [to_qemu_json(info) for info in images]
+        if guest is not None:
+            from .qemu_json import guest_json
+
+            shaped[0][EXTRA_KEY]["guest"] = guest_json(guest)
         if stop is not None:
             shaped[-1][EXTRA_KEY]["chain-stops"] = {"code": "backing.not-followed", "message": stop}
         print(json.dumps(shaped if args.backing_chain else shaped[0], indent=4))
@@ -352,6 +535,10 @@ def _info(args: argparse.Namespace) -> int:
         from .human import render, shown
 
         print("\n\n".join(render(info) for info in images))
+        if guest is not None:
+            from .human import render_guest
+
+            print(render_guest(guest))
         if stop is not None:
             print(f"\n{shown(stop)}")
     if error is not None:
@@ -390,10 +577,10 @@ def _chain_error(error: ProbeError, images: list[ImageInfo]) -> str:
 
 
 def _scan(args: argparse.Namespace) -> int:
-    if is_url(args.directory):
-        return _scan_objects(args)
     if args.to is not None:
         return _inventory(args)
+    if is_url(args.directory):
+        return _scan_objects(args)
     from .scan import scan_map
 
     try:
@@ -582,6 +769,111 @@ def _map(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _open_guest(path: str, format: str | None, no_backing: bool) -> GuestDisk:
+    """The guest disk of ``path``, through its recorded local backing chain
+    (as qemu-img reads it) or, with ``no_backing``, alone."""
+    from .datapath import IGNORE, LOCAL, open_image
+
+    return open_image(path, format, backing=IGNORE if no_backing else LOCAL)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .guest import inspect_disk
+
+    try:
+        with _open_guest(args.path, args.format, args.no_backing) as disk:
+            report = inspect_disk(disk)
+    except ProbeError as exc:
+        _complain(args.path, exc.reason)
+        return EXIT_PROBE
+    if args.output == "json":
+        from .qemu_json import guest_json
+
+        print(json.dumps({"filename": args.path, **guest_json(report)}, indent=4))
+    else:
+        from .human import render_guest, shown
+
+        print(f"image: {shown(args.path)}\n{render_guest(report)}")
+    return EXIT_OK
+
+
+def _compare(args: argparse.Namespace) -> int:
+    """qemu-img compare's lines on stdout (none with -q) and its exit status."""
+    from .compare import OPEN_FAILED, CompareError, compare
+
+    disks: list[GuestDisk] = []
+    try:
+        for path, format in ((args.first, args.format), (args.second, args.second_format)):
+            try:
+                disks.append(_open_guest(path, format, args.no_backing))
+            except ProbeError as exc:
+                _complain(path, exc.reason)
+                return OPEN_FAILED
+        try:
+            outcome = compare(disks[0], disks[1], strict=args.strict)
+        except CompareError as exc:
+            _complain(exc.filename, exc.reason)
+            return exc.status
+    finally:
+        for disk in disks:
+            disk.close()
+    if not args.quiet:
+        print("\n".join(outcome.lines))
+    return outcome.status
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .convert import DestinationError, WriteError, convert_to_raw
+
+    try:
+        with _open_guest(args.source, args.format, args.no_backing) as disk:
+            convert_to_raw(disk, args.destination, overwrite=args.overwrite)
+    except DestinationError as exc:
+        _complain(args.destination, exc.reason)
+        return EXIT_PROBE
+    except WriteError as exc:
+        _complain("write error", exc.error.strerror or str(exc.error))
+        return EXIT_PROBE
+    except ProbeError as exc:
+        _complain(args.source, exc.reason)
+        return EXIT_PROBE
+    return EXIT_OK
+
+
+def _measure(args: argparse.Namespace) -> int:
+    """qemu-img measure's answer on stdout, or its refusal (status 1)."""
+    from .human import shown
+    from .measure import MeasureError, image_size, measure, to_human, to_json
+
+    source = args.source[0] if args.source else None
+    try:
+        if args.output not in ("human", "json"):
+            raise MeasureError("--output must be used with human or json as argument.", code="measure.usage")
+        size = None if args.size is None else image_size(args.size)
+        if len(args.source) > 1:
+            raise MeasureError("At most one filename argument is allowed.", code="measure.usage")
+        result = measure(
+            args.target, args.options, size=size, source=source, source_format=args.format,
+            backing=_top_only() if args.no_backing else None,
+        )
+    except MeasureError as refused:
+        for report in refused.reports:
+            first, *hints = report.split("\n")
+            print("\n".join([f"storprobe: {shown(first)}", *map(shown, hints)]), file=sys.stderr)
+        return EXIT_PROBE
+    except ProbeError as exc:
+        _complain(source or "", exc.reason)
+        return EXIT_PROBE
+    sys.stdout.write(to_json(result) if args.output == "json" else to_human(result))
+    return EXIT_OK
+
+
+def _top_only() -> BackingPolicy:
+    from .datapath import IGNORE
+
+    return IGNORE
+
+
 def _validate(args: argparse.Namespace) -> int:
     """``FILE: valid`` or ``FILE: invalid`` on stdout, then each reason on
     stderr as ``storprobe: FILE:LINE: element NAME: why`` (virt-xml-validate's
@@ -694,14 +986,18 @@ def _run(argv: Sequence[str] | None) -> int:
     for useless in _useless_options(args):
         command.error(useless)
     commands = {
+        "measure": _measure,
         "info": _info, "scan": _scan, "check": _check, "verify": _verify,
         "map": _map, "validate": _validate, "formats": _formats,
     }
+    commands |= {"compare": _compare, "convert": _convert, "inspect": _inspect}
     return commands[args.command](args)
 
 
 def _useless_options(args: argparse.Namespace) -> Iterator[str]:
     """Options given where they would do nothing: each is a usage error, not silence."""
+    if args.command == "info" and args.inspect_guest and args.output == "xml":
+        yield "--inspect-guest applies to --output human and json, not xml"
     if args.command == "info" and not args.backing_chain:
         for given, option in ((args.allow_probe, "--allow-probe"), (args.max_depth is not None, "--max-depth")):
             if given:
