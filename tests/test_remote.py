@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 import storprobe
-from servers import S3_ENV, NoRangeServer, RangeServer, SilentServer, copy_tree, free_port, moto_s3
 from storprobe import objectstore
 from storprobe.cli import main
 from storprobe.errors import ProbeError
@@ -26,9 +25,7 @@ from storprobe.urls import REMOTE_SCHEMES, is_url
 
 from builders import real_images
 from oracle import qemu_img_create, run
-
-pytest.importorskip("obstore")
-pytest.importorskip("moto.server")
+from servers import S3_ENV, NoRangeServer, RangeServer, SilentServer, copy_tree, free_port, moto_s3
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 BUCKET = "images"
