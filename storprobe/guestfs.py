@@ -190,6 +190,45 @@ def _luks(region: Region) -> Content | None:
     return found
 
 
+#: BitLocker's boot sectors: Vista's, Windows 7's and later, BitLocker To Go's.
+_BITLOCKER = {b"\xeb\x52\x90-FVE-FS-": None, b"\xeb\x58\x90-FVE-FS-": 176, b"\xeb\x58\x90MSWIN4.1": 440}
+#: The FVE metadata a BitLocker volume's description is searched in, at most.
+MAX_FVE_METADATA = 64 << 10
+
+
+def _bitlocker(region: Region) -> Content | None:
+    """A BitLocker volume: its boot sector, and (but for Vista's) the FVE
+    metadata block it points at, with the version, the volume's GUID and the
+    description Windows shows as its label (as libblkid since 2.40 reads them)."""
+    bs = region.head[:512]
+    if bs[:11] not in _BITLOCKER or len(bs) < 512:
+        return None
+    pointer = _BITLOCKER[bs[:11]]
+    if pointer is None:
+        return Content("BitLocker", "crypto")
+    at = _le(bs, pointer, 8)
+    if not at or at % 64:
+        return None
+    fve = region.read(at, 64 + 48)  # the block header, then the metadata header
+    if fve[:8] != b"-FVE-FS-" or len(fve) < 112:
+        return None
+    found = Content("BitLocker", "crypto", version=str(_le(fve, 10, 2)))
+    ident = fve[80:96]
+    if any(ident):
+        found = found._replace(uuid=str(uuid.UUID(bytes_le=ident)))
+    size = _le(fve, 64, 4)
+    metadata = region.read(at + 64, min(size, MAX_FVE_METADATA))
+    entry = 48
+    while entry + 8 < min(size, len(metadata)):
+        length, kind, value = struct.unpack_from("<HHH", metadata, entry)
+        if entry % 2 or length < 8 or entry + length > size:
+            break
+        if kind == 0x0007 and value == 0x0002:  # the description, a string
+            return found._replace(label=_utf16_label(metadata[entry + 8 : entry + length]))
+        entry += length
+    return found
+
+
 def _vfat(region: Region) -> Content | None:
     """A FAT12, FAT16 or FAT32 boot sector whose geometry holds together; the
     label is the root directory's volume-label entry (as blkid's LABEL)."""
@@ -631,7 +670,7 @@ def _f2fs(region: Region) -> Content | None:
 
 #: The probers in libblkid's order (RAID and crypto signatures before filesystems).
 PROBERS: tuple[Callable[[Region], Content | None], ...] = (
-    _lvm2, _luks, _vfat, _swap, _xfs, _ext, _iso9660, _ntfs, _squashfs, _btrfs, _exfat, _f2fs,
+    _lvm2, _luks, _bitlocker, _vfat, _swap, _xfs, _ext, _iso9660, _ntfs, _squashfs, _btrfs, _exfat, _f2fs,
 )
 
 

@@ -216,6 +216,37 @@ def test_hand_built_lvm_label(tmp_path, sector, corrupt):
     assert (expected is None) == corrupt
 
 
+def bitlocker_volume(boot: bytes, description: str, ident: uuid.UUID) -> bytes:
+    """A BitLocker volume's start (libblkid's bitlocker.c layout, from libbde's
+    documentation): the boot sector pointing (at 176) to FVE metadata at 64 KiB
+    whose header holds the volume GUID and a description entry (type 7, a string)."""
+    disk = bytearray(4 * MiB)
+    disk[:11] = boot
+    struct.pack_into("<Q", disk, 176, 0x10000)
+    disk[510:512] = b"\x55\xaa"
+    text = description.encode("utf-16-le")
+    entries = struct.pack("<HHHH", 8 + len(text), 7, 2, 1) + text
+    header = struct.pack("<IIII16s16s", 48 + len(entries), 1, 48, 48 + len(entries), ident.bytes_le, bytes(16))
+    block = b"-FVE-FS-" + struct.pack("<HH", 0, 2) + bytes(52)
+    metadata = block + header + entries
+    disk[0x10000 : 0x10000 + len(metadata)] = metadata
+    return bytes(disk)
+
+
+@pytest.mark.parametrize("boot, version", [(b"\xeb\x58\x90-FVE-FS-", "2"), (b"\xeb\x52\x90-FVE-FS-", None)])
+def test_bitlocker(tmp_path, boot, version):
+    """Type and version as blkid says; the description and volume GUID (which
+    libblkid reads since 2.40, Debian 12's 2.38 not) as the header holds them."""
+    ident = uuid.uuid4()
+    path = tmp_path / "bitlocker.img"
+    path.write_bytes(bitlocker_volume(boot, "DESKTOP C: 2026-12-01", ident))
+    found = blkid(path)
+    content = inspect(path).content
+    assert (content.type, content.version) == (found["TYPE"], found.get("VERSION")) == ("BitLocker", version)
+    if version is not None:  # Windows 7 and later: the FVE metadata is read
+        assert (content.label, content.uuid) == ("DESKTOP C: 2026-12-01", str(ident))
+
+
 # ---- partitioned disks, against sfdisk and blkid at each partition ----------------------
 
 
