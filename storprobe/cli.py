@@ -413,16 +413,15 @@ def _info(args: argparse.Namespace) -> int:
     except ProbeError as exc:
         _complain(args.path, exc.reason)
         return EXIT_PROBE
-    guest = None
+    guest, guest_error = None, None
     if args.inspect_guest:
         from .guest import inspect_disk
 
         try:
             with _open_guest(args.path, args.format, False) as disk:
                 guest = inspect_disk(disk)
-        except ProbeError as exc:
-            _complain(args.path, exc.reason)
-            return EXIT_PROBE
+        except ProbeError as exc:  # shown with the image; the status says it failed
+            guest_error = exc
     if args.output == "xml":
         from .volume_xml import to_volume_xml
 
@@ -440,6 +439,8 @@ def _info(args: argparse.Namespace) -> int:
             from .qemu_json import guest_json
 
             shaped[0][EXTRA_KEY]["guest"] = guest_json(guest)
+        elif guest_error is not None:
+            shaped[0][EXTRA_KEY]["guest"] = {"error": {"code": guest_error.code, "message": guest_error.reason}}
         if stop is not None:
             shaped[-1][EXTRA_KEY]["chain-stops"] = {"code": "backing.not-followed", "message": stop}
         print(json.dumps(shaped if args.backing_chain else shaped[0], indent=4))
@@ -451,10 +452,15 @@ def _info(args: argparse.Namespace) -> int:
             from .human import render_guest
 
             print(render_guest(guest))
+        elif guest_error is not None:
+            print(f"guest:\n    error: {shown(guest_error.reason)}")
         if stop is not None:
             print(f"\n{shown(stop)}")
     if error is not None:
         _complain(args.path, _chain_error(error, images))
+        return EXIT_PROBE
+    if guest_error is not None:
+        _complain(args.path, f"guest disk: {guest_error.reason}")
         return EXIT_PROBE
     return EXIT_OK
 

@@ -683,3 +683,8 @@ def test_encrypted_image_is_refused_by_name(tmp_path):
     proc = storprobe("inspect", path)
     assert proc.returncode == 1 and proc.stderr.startswith(f"storprobe: {path}: ")
     assert "Traceback" not in proc.stderr
+    info = storprobe("info", "--inspect-guest", "--output", "json", path)  # the image is still described
+    assert info.returncode == 1 and info.stderr.startswith(f"storprobe: {path}: guest disk: ")
+    shown = json.loads(info.stdout)
+    assert shown["format"] == "qcow2" and shown["encrypted"] is True
+    assert shown["storprobe"]["guest"]["error"]["code"] == "datapath.encrypted"
