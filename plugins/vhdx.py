@@ -594,5 +594,6 @@ def storprobe_formats() -> list[FormatSpec]:
             backing=backing,
             features=features,
             hazards=hazards,
+            reads=((HEADER_OFFSETS[0], REGION_TABLE_COPY_OFFSET + REGION_TABLE_SIZE - HEADER_OFFSETS[0]),),
         )
     ]

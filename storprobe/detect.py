@@ -241,6 +241,8 @@ def _describe(
     img: Image, table: FormatTable, spec: FormatSpec, found: Signature, evidence: str, matches: tuple[str, ...]
 ) -> ImageInfo:
     img.at_header(found.offset)
+    if spec.reads and isinstance(img.source, KnownBytes):  # by rounds: fetch what the callbacks read, at once
+        img.source.ask_ahead(img.header_offset, spec.reads)
     header = img.header
     callback = "features"
     try:  # one guard for every callback: a bug in one becomes a named error, not a traceback

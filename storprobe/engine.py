@@ -53,10 +53,12 @@ class NeedBytes(BaseException):
     only the part still missing. Raised through plugin code by design; a plugin
     must not catch ``BaseException`` (it would stop a range-read or stream probe)."""
 
-    def __init__(self, offset: int, length: int) -> None:
+    def __init__(self, offset: int, length: int, *, also: tuple[Range, ...] = ()) -> None:
         super().__init__(offset, length)
         self.offset = offset
         self.length = length
+        #: more ranges to fetch in the same round (a row's declared reads), as they are
+        self.also = also
 
 
 class KnownBytes:
@@ -134,6 +136,18 @@ class KnownBytes:
         end = min(max(need.offset + need.length, need.offset + MIN_FETCH), limit)
         return need.offset, max(end, need.offset + need.length) - need.offset
 
+    def ask_ahead(self, base: int, ranges: Iterable[Range]) -> None:
+        """NeedBytes for all of ``ranges`` (offsets from ``base``, clipped to the
+        volume) that are not known yet, at once; nothing when all are."""
+        missing = []
+        for offset, length in ranges:
+            start = max(0, base + offset)
+            end = min(self._size, base + offset + length)
+            if start < end and not self.holds(start, end - start):
+                missing.append((start, end - start))
+        if missing:
+            raise NeedBytes(*missing[0], also=tuple(missing[1:]))
+
     def close(self) -> None:
         """Nothing to release."""
 
@@ -159,7 +173,7 @@ def rounds(step: Step[T], known: KnownBytes) -> Rounds[T]:
         try:
             return step(known)
         except NeedBytes as need:
-            wanted = [known.widened(need)]
+            wanted = [known.widened(need), *need.also]
     raise ReadLimitExceeded(
         f"the probe stopped for more bytes over {MAX_ROUNDS} times", code="read-rounds"
     )

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from .model import EMPTY, LibvirtFacts
-from .source import HEAD_SIZE
+from .source import HEAD_SIZE, READ_BUDGET
 
 if TYPE_CHECKING:
     from .blockmap import BlockMap, HostFile
@@ -115,6 +115,11 @@ class FormatSpec(NamedTuple):
     #: virtual size or a source's data (see :mod:`storprobe.measure`). None: QEMU's
     #: driver measures nothing (or it is not done here).
     measure: Callable[[MeasureRequest], Measurement] | None = None
+    #: Byte ranges ``(offset from the header's start, length)`` the row's callbacks read in
+    #: every probe, as data: a probe by rounds (an object read by ranges) fetches them all
+    #: in one round as soon as the row is chosen, instead of one round per structure the
+    #: callbacks find in turn. A local file ignores it. Clipped to the volume.
+    reads: tuple[tuple[int, int], ...] = ()
 
     @property
     def libvirt_format(self) -> str:
@@ -180,6 +185,8 @@ def row_problems(spec: FormatSpec) -> list[str]:
         problems.append("crypt_methods without a crypt_offset are never read")
     if spec.match_prefixes and spec.match is None:
         problems.append("match_prefixes gate a match callback, and there is none")
+    if any(length < 1 or length > READ_BUDGET for _, length in spec.reads):
+        problems.append(f"reads {list(spec.reads)} must each be 1 to {READ_BUDGET} bytes long")
     if spec.size_multiplier < 1:
         problems.append(f"size_multiplier {spec.size_multiplier} must be at least 1")
     for field, needs in (("version", "versions"), ("size", None), ("crypt", "crypt_methods")):

@@ -277,3 +277,27 @@ def test_a_scan_holds_a_bounded_window_of_objects(s3):
     assert next(records).info.format == "raw"
     assert taken <= 2 * WINDOW_FACTOR + 1
     records.close()
+
+
+def test_a_rows_declared_reads_come_in_one_round(images):
+    """vhdx's row declares the headers and both region tables (64 to 320 KiB):
+    a probe by rounds asks for them together in its second round, where it
+    asked for each structure in turn (8 rounds before); a local probe ignores them."""
+    from storprobe.engine import KnownBytes, drive, first_ranges
+    from storprobe.spec import FormatSpec, row_problems
+
+    vhdx = next(images / name for name in names(images) if (images / name).read_bytes()[:8] == b"vhdxfile")
+    data = vhdx.read_bytes()
+    asked: list[list[tuple[int, int]]] = []
+
+    def fetch(ranges):
+        asked.append(ranges)
+        return [(offset, data[offset : offset + length]) for offset, length in ranges]
+
+    from storprobe.detect import probing
+
+    info = drive(probing(KnownBytes(str(vhdx), len(data))), fetch)
+    assert info == storprobe.probe(vhdx)._replace(actual_size=None, stat=None)
+    assert asked[0] == first_ranges(len(data)) and asked[1] == [(64 << 10, 256 << 10)]
+    assert len(asked) <= 5
+    assert row_problems(FormatSpec("x", magic=b"X", reads=((0, 0),)))
