@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from .detect import probe
 from .errors import BackingFormatNotSpecified, PluginError, ProbeError
 from .registry import format_table
+from .urls import is_url
 
 if TYPE_CHECKING:
     from .chain import Chain
@@ -29,6 +30,12 @@ if TYPE_CHECKING:
 EXIT_OK, EXIT_PROBE, EXIT_USAGE, EXIT_UNSAFE = 0, 1, 2, 3
 #: JSON lines a scan writes between flushes of its output.
 SCAN_FLUSH = 32
+
+
+_ENDPOINT_HELP = (
+    "with a URL: the S3-compatible store's endpoint, e.g. http://127.0.0.1:9000 (default: AWS_ENDPOINT_URL, "
+    "else AWS's); credentials come from the AWS_* environment or the AWS config files"
+)
 
 
 def _parser() -> _Parser:
@@ -69,7 +76,12 @@ def _parser() -> _Parser:
         help="also read the guest disk (through the recorded local backing chain) and report its partition table "
              "and what each partition holds, under storprobe.guest (json) or guest: (human)",
     )
-    info.add_argument("path", metavar="PATH", help="the volume: an image file, a block device or a directory")
+    info.add_argument("--endpoint-url", metavar="URL", help=_ENDPOINT_HELP)
+    info.add_argument(
+        "path", metavar="PATH",
+        help="the volume: an image file, a block device, a directory, or an object's URL (s3://, gs://, az://, "
+             "http(s)://, read by ranges)",
+    )
 
     scan = sub.add_parser(
         "scan", help="probe every volume in a directory (a libvirt dir pool refresh)",
@@ -111,7 +123,16 @@ def _parser() -> _Parser:
         "--batch", type=_positive, default=None, metavar="N",
         help="with --to: entries per part, each one task (default: 256)",
     )
-    scan.add_argument("directory", metavar="DIR", help="the directory (a dir pool's target path)")
+    scan.add_argument(
+        "--concurrency", type=_positive, default=None, metavar="N",
+        help="with a URL: objects probed at once (default: 64)",
+    )
+    scan.add_argument("--endpoint-url", metavar="URL", help=_ENDPOINT_HELP)
+    scan.add_argument(
+        "directory", metavar="DIR",
+        help="the directory (a dir pool's target path), or a store's prefix (s3://bucket/prefix/): every object "
+             "under it, in key order",
+    )
 
     check = sub.add_parser(
         "check", help="is this image safe to hand to a hypervisor? (exit 0 safe, 3 unsafe)",
@@ -157,7 +178,8 @@ def _parser() -> _Parser:
         "--output", choices=("human", "json"), default="human",
         help="human: a verdict line, then one line per hazard; json: the verdict as an object (default: %(default)s)",
     )
-    check.add_argument("path", metavar="PATH", help="the volume to judge")
+    check.add_argument("--endpoint-url", metavar="URL", help=_ENDPOINT_HELP)
+    check.add_argument("path", metavar="PATH", help="the volume to judge (a path, or an object's URL)")
 
     verify = sub.add_parser(
         "verify", help="check an image's metadata as qemu-img check does (read-only; its exit codes)",
@@ -401,15 +423,17 @@ def _complain(subject: str, reason: str) -> None:
 
 def _info(args: argparse.Namespace) -> int:
     try:
-        if args.backing_chain:
+        if args.backing_chain and is_url(args.path):
+            chain, images, error = None, [probe(args.path, format=args.format, endpoint_url=args.endpoint_url)], None
+        elif args.backing_chain:
             from .chain import DEFAULT_MAX_DEPTH, probe_chain
 
             depth = DEFAULT_MAX_DEPTH if args.max_depth is None else args.max_depth
             chain = probe_chain(args.path, format=args.format, allow_probe=args.allow_probe, max_depth=depth)
             images, error = chain.images, chain.error
         else:
-            chain, images, error = None, [probe(args.path, format=args.format)], None
-        stop = _chain_stop(chain)
+            chain, images, error = None, [probe(args.path, format=args.format, endpoint_url=args.endpoint_url)], None
+        stop = _object_chain_stop(images[0]) if args.backing_chain and is_url(args.path) else _chain_stop(chain)
     except ProbeError as exc:
         _complain(args.path, exc.reason)
         return EXIT_PROBE
@@ -475,6 +499,13 @@ def _chain_stop(chain: Chain | None) -> str | None:
     return f"backing chain stops at {store.name} ({store.reach}): only local files are followed"
 
 
+def _object_chain_stop(info: ImageInfo) -> str | None:
+    """Why the chain of an object ends at it: a backing it names is never looked for in its store."""
+    if info.backing is None:
+        return None
+    return f"backing chain stops at {info.backing.name}: the backing of an object is never looked for in its store"
+
+
 def _chain_error(error: ProbeError, images: list[ImageInfo]) -> str:
     """The chain's error in the command line's words: the library's names its
     ``allow_probe`` keyword, where here it is ``--allow-probe``."""
@@ -490,6 +521,8 @@ def _chain_error(error: ProbeError, images: list[ImageInfo]) -> str:
 def _scan(args: argparse.Namespace) -> int:
     if args.to is not None:
         return _inventory(args)
+    if is_url(args.directory):
+        return _scan_objects(args)
     from .scan import scan_map
 
     try:
@@ -542,6 +575,42 @@ def _inventory(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _scan_objects(args: argparse.Namespace) -> int:
+    """``scan URL``: every object under the prefix, its record written (in key order) as its probe ends."""
+    from .objectscan import DEFAULT_CONCURRENCY, ObjectRecord, object_json, scan_objects
+
+    render: Callable[[ObjectRecord], str]
+    if args.output == "xml":
+        render = _scan_renderer(args)  # type: ignore[assignment]
+    elif args.jsonl:
+        render = lambda record: json.dumps(object_json(record)) + "\n"  # noqa: E731
+    else:
+        from .jsontext import indented
+
+        render = lambda record: indented(object_json(record), 1)  # noqa: E731
+    records = scan_objects(
+        args.directory, concurrency=args.concurrency or DEFAULT_CONCURRENCY, endpoint_url=args.endpoint_url
+    )
+    out = sys.stdout
+    try:
+        if args.output == "xml":
+            from .volume_xml import scan_document_parts
+
+            out.writelines(scan_document_parts(map(render, records)))
+        elif args.jsonl:
+            for record in records:
+                out.write(render(record))
+                out.flush()
+        else:
+            from .jsontext import write_array
+
+            write_array(map(render, records), out)
+    except ProbeError as exc:  # the prefix cannot be listed
+        _complain(args.directory, exc.reason)
+        return EXIT_PROBE
+    return EXIT_OK
+
+
 def _scan_renderer(args: argparse.Namespace) -> Callable[[ScanRecord], str]:
     """How ``scan`` turns a record into its text (run by the worker processes)."""
     if args.output == "xml":
@@ -583,7 +652,7 @@ def _check(args: argparse.Namespace) -> int:
         data_file_dirs=tuple(args.allow_data_file_in),
     )
     try:
-        verdict = check(args.path, policy=policy, format=args.format)
+        verdict = check(args.path, policy=policy, format=args.format, endpoint_url=args.endpoint_url)
     except ProbeError as exc:
         _complain(args.path, exc.reason)
         return EXIT_PROBE
@@ -879,6 +948,15 @@ def _useless_options(args: argparse.Namespace) -> Iterator[str]:
         yield f"--compressed is a JSON key; it does not apply to --output {args.output}"
     if args.command == "scan" and args.jsonl and args.output != "json":
         yield f"--jsonl is a JSON shape; it does not apply to --output {args.output}"
+    target = getattr(args, "directory" if args.command == "scan" else "path", None)
+    if getattr(args, "endpoint_url", None) is not None and not is_url(target):
+        yield "--endpoint-url applies only to a URL"
+    if args.command == "scan" and args.concurrency is not None and not is_url(target):
+        yield "--concurrency applies only to a URL (a directory's scan takes --jobs)"
+    if args.command == "scan" and is_url(target) and getattr(args, "to", None) is None:
+        for given, option in ((args.jobs is not None, "--jobs"), (args.recursive, "--recursive")):
+            if given:
+                yield f"{option} applies only to a directory (a prefix's scan takes --concurrency; it lists every key)"
     if args.command == "scan":
         yield from _useless_scan_options(args)
 
