@@ -39,9 +39,11 @@ _ENDPOINT_HELP = (
 
 
 def _parser() -> _Parser:
-    parser = _Parser(prog="storprobe", description="Tell what a disk image is from its bytes alone.")
+    parser = _Parser(
+        prog="storprobe", description="Tell what a disk image is from its bytes alone.", formatter_class=_Formatter
+    )
     parser.add_argument("--version", action=_Version, help="print storprobe's version and exit")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=argparse.ArgumentParser)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_CommandParser)
     parser.commands = sub.choices
 
     info = sub.add_parser(
@@ -344,7 +346,39 @@ class _Parser(argparse.ArgumentParser):
     """The top-level parser, which knows each command's parser: a usage
     error of a command shows that command's usage, not the top level's."""
 
-    commands: dict[str, argparse.ArgumentParser]
+    commands: dict[str, _CommandParser]
+
+
+class _Formatter(argparse.HelpFormatter):
+    """argparse's help, as wide as the terminal, found without importing
+    shutil (which argparse imports for it on every ``add_argument``: about a
+    tenth of a command's start-up, with the compression modules it imports)."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24, width: int | None = None):
+        super().__init__(prog, indent_increment, max_help_position, _columns() - 2 if width is None else width)
+
+
+class _CommandParser(argparse.ArgumentParser):
+    """A command's parser, with :class:`_Formatter`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
+
+def _columns() -> int:
+    """The terminal's width as ``shutil.get_terminal_size()`` tells it: ``COLUMNS``,
+    else standard output's terminal, else 80."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
 
 
 class _Version(argparse.Action):
@@ -526,7 +560,9 @@ def _scan(args: argparse.Namespace) -> int:
     from .scan import scan_map
 
     try:
-        entries = scan_map(args.directory, _scan_renderer(args), recursive=args.recursive, jobs=args.jobs)
+        entries = scan_map(
+            args.directory, _scan_renderer(args), recursive=args.recursive, jobs=args.jobs, quote=_scan_quote(args)
+        )
     except ProbeError as exc:
         _complain(args.directory, exc.reason)
         return EXIT_PROBE
@@ -623,6 +659,16 @@ def _scan_renderer(args: argparse.Namespace) -> Callable[[ScanRecord], str]:
     if args.jsonl:
         return lambda record: json.dumps(scan_record(record)) + "\n"
     return lambda record: indented(scan_record(record), 1)
+
+
+def _scan_quote(args: argparse.Namespace) -> Callable[[str], str] | None:
+    """How the scan's text writes a volume's name, for the fast path of plain
+    volumes (see storprobe.plain); None for XML, which shows more of a volume's status."""
+    if args.output == "xml":
+        return None
+    from json.encoder import encode_basestring_ascii  # what json.dumps and jsontext write strings with
+
+    return encode_basestring_ascii
 
 
 def _progress(entries: Iterator[str], args: argparse.Namespace) -> Iterable[str]:

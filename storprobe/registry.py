@@ -184,7 +184,8 @@ class _Registry:
                 ]
                 builtin = dict(BUILTIN_PLUGINS)
                 builtin_only = all(
-                    getattr(plugin, "__name__", None) == builtin.get(name) for name, plugin in pm.list_name_plugin()
+                    name in builtin and getattr(plugin, "__name__", None) == builtin[name]
+                    for name, plugin in pm.list_name_plugin()
                 )
             rows: dict[str, Row] = {}
             for plugin, hook in hooks:

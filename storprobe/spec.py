@@ -11,7 +11,7 @@ whose header is a trailer).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from .model import EMPTY, LibvirtFacts
@@ -96,6 +96,12 @@ class FormatSpec(NamedTuple):
     backing: Callable[[Image], Backing | None] | None = None
     features: Callable[[Image], Features] | None = None
     hazards: Callable[[Image, ImageInfo], Iterable[Hazard]] | None = None
+    #: A scan's fast path (:mod:`storprobe.plain`): given the head of a volume that carries
+    #: this row's signature and no other, ``(key, virtual size)`` when the volume is the
+    #: format's plainest (every check passes, nothing beyond the head to read) and its record
+    #: is fixed by ``key`` with its name, virtual size and status; None for any other volume.
+    #: tests/test_fast_path_gate.py holds it to the general path's output.
+    plain: Callable[[bytes], tuple[Hashable, int] | None] | None = None
     #: ``storprobe verify``: the metadata walk of ``qemu-img check`` (read-only), given the
     #: image and a bounded reader of its metadata (see :mod:`storprobe.verify`). None: the
     #: format has no check here (exit 63 unless QEMU's driver has one, then "not yet").

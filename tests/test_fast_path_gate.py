@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 import storprobe
-from storprobe import FormatSpec, hookimpl
+from storprobe import Features, FormatSpec, hookimpl
 from storprobe.jsontext import indented
 from storprobe.plain import _ALLOCATION, _VIRTUAL_SIZE, PlainVolumes
 from storprobe.qemu_json import scan_record
@@ -214,27 +214,29 @@ def test_fast_path_writes_what_the_general_path_writes(tmp_path, seeds):
     assert plain_volumes - len(plain_keys) >= plain_volumes // 2  # ... mostly from templates another volume made
 
 
-def test_fast_path_switches_off_for_a_third_party_format(tmp_path, seeds):
-    """A third-party row that recognises qcow2 images by a ``match`` callback,
-    which the signature index does not see: scanned with the fast path asked
-    for, every plain volume still lists it among its matches."""
+def test_fast_path_switches_off_for_a_third_party_format(tmp_path):
+    """A third-party row with a ``plain`` callback the gate never tested, and a
+    wrong one: its key leaves out the dirty byte its ``features`` reads. Were the
+    fast path on, the second volume would be written from the first one's template."""
 
-    class Claims:
+    def features(img):
+        return Features(dirty=bool(img.header[16]))
+
+    def plain(head):
+        return (), int.from_bytes(head[8:16], "little")
+
+    class Odd:
         @hookimpl
         def storprobe_formats(self):
-            return [FormatSpec("claims-qcow2", match=lambda img: img.head[:4] == b"QFI\xfb")]
+            return [FormatSpec("oddfmt", magic=b"ODDFMT\0\0", size_offset=8, features=features, plain=plain)]
 
-    for name, data in seeds.items():
-        (tmp_path / f"{name}.qcow2").write_bytes(data)
-    before = scan_both_ways(tmp_path, json_text)
-    assert before[0] == before[1]
-    with storprobe.registered(Claims()):
+    for name, dirty in (("a", 0), ("b", 1)):
+        (tmp_path / name).write_bytes(b"ODDFMT\0\0" + (1 << 20).to_bytes(8, "little") + bytes([dirty]) + bytes(4096))
+    with storprobe.registered(Odd()):
         assert not PlainVolumes.applies(format_table())
         general, fast = scan_both_ways(tmp_path, json_text)
     assert fast == general
-    matches = [json.loads(text)["storprobe"]["matches"] for text in fast if "storprobe" in json.loads(text)]
-    assert ["qcow2", "claims-qcow2"] in matches
-    assert PlainVolumes.applies(format_table())  # the plugin gone, the fast path is back
+    assert [json.loads(text)["dirty-flag"] for text in fast] == [False, True]
 
 
 def test_a_table_with_a_third_party_row_is_not_built_in_only():
