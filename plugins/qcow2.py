@@ -32,7 +32,6 @@ from storprobe import (
     InvalidHeader,
     Layout,
     LibvirtFacts,
-    ProbeError,
     Snapshot,
     hookimpl,
 )
@@ -127,8 +126,6 @@ BITMAP_ENTRY = Layout(
 INCOMPAT_DIRTY, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE = 1 << 0, 1 << 1, 1 << 2
 INCOMPAT_COMPRESSION, INCOMPAT_EXTENDED_L2 = 1 << 3, 1 << 4
 INCOMPAT_KNOWN = (1 << 5) - 1
-#: Incompatible bits a plain image may set: they change values in its record, not how it is read.
-INCOMPAT_PLAIN = INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_COMPRESSION | INCOMPAT_EXTENDED_L2
 COMPAT_LAZY_REFCOUNTS = 1 << 0
 AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW = 1 << 0, 1 << 1
 COMPRESSION_TYPES = {0: "zlib", 1: "zstd"}
@@ -210,11 +207,7 @@ def _header(img: Image) -> Any:
 
 
 def _parse_header(img: Image) -> Any:
-    return _header_of(img.header)
-
-
-def _header_of(head: bytes) -> Any:
-    """The header at the start of ``head``, checked."""
+    head = img.header
     if head[4:8] == V2_VERSION:
         head = head[:V2_HEADER_LENGTH] + V2_IMPLIED
     elif len(head) >= COMPRESSION_TYPE_OFFSET and int.from_bytes(head[100:104], "big") <= COMPRESSION_TYPE_OFFSET:
@@ -632,64 +625,6 @@ def hazards(img: Image, info: ImageInfo) -> Iterator[Hazard]:
         )
 
 
-def plain(head: bytes) -> tuple[tuple[int, ...], int] | None:
-    """A scan's fast path (the row's ``plain``): the key and virtual size of a
-    plain image, told from its head by the same rules the callbacks above apply:
-    no backing file, encryption, snapshots, data file or bitmaps to load, no
-    unknown incompatible feature, every check passing, every extension it reads
-    inside ``head``. Its record then follows from the header fields in the key;
-    None for any other image (the general path describes it, or names its error)."""
-    try:
-        hdr = _header_of(head)
-    except ProbeError:
-        return None
-    if (
-        hdr.backing_file_offset
-        or hdr.crypt_method
-        or hdr.nb_snapshots
-        or hdr.incompatible_features & ~INCOMPAT_PLAIN
-        or hdr.autoclear_features & AUTOCLEAR_DATA_FILE_RAW
-        or not _plain_extensions(head, hdr)
-    ):
-        return None
-    key = (
-        hdr.version,
-        hdr.cluster_bits,
-        hdr.refcount_order,
-        hdr.compression_type,
-        hdr.incompatible_features,
-        hdr.compatible_features,
-        hdr.autoclear_features,
-        hdr.header_length,
-    )
-    return key, hdr.size // SECTOR * SECTOR
-
-
-#: Header extensions a plain image may carry: the feature name table, and types QEMU ignores.
-_NOT_PLAIN_EXTENSIONS = frozenset({EXT_BACKING_FORMAT, EXT_CRYPTO, EXT_BITMAPS, EXT_DATA_FILE})
-_EXTENSION_HEAD = struct.Struct(">II")
-
-
-def _plain_extensions(head: bytes, hdr: Any) -> bool:
-    """Whether the extensions of a header with no backing file are walked, as
-    :func:`_extensions` walks them, inside ``head`` and hold none that a plain image lacks."""
-    end = 1 << hdr.cluster_bits
-    offset = hdr.header_length
-    while offset < end:
-        if offset + 8 > len(head):
-            return False
-        kind, length = _EXTENSION_HEAD.unpack_from(head, offset)
-        offset += 8
-        if offset > end or length > end - offset or kind in _NOT_PLAIN_EXTENSIONS:
-            return False  # extension-too-large, or one a plain image lacks
-        if kind == EXT_END:
-            return True
-        if kind == EXT_FEATURE_NAMES and offset + length > len(head):
-            return False  # read whole by the general path
-        offset += _align8(length)
-    return True
-
-
 # --------------------------------------------------------------------------------------
 # Data path: the guest-to-host map (L1 and L2 tables), read as QEMU 7.2 reads it
 # (block/qcow2-cluster.c qcow2_get_host_offset, qcow2.h qcow2_get_subcluster_type,
@@ -707,6 +642,8 @@ L1_PIECE = 64 * 1024
 COMPRESSED_SECTOR = 512
 #: zlib's window for qcow2's raw deflate streams (QEMU inflates with windowBits -12).
 ZLIB_WBITS = -12
+#: Bits a plain data cluster's standard L2 entry may have besides its offset: COPIED only.
+PLAIN_DATA_FLAGS = ~((1 << 63) | L2E_OFFSET_MASK) % 2**64
 #: Each byte value -> 1 when non-zero (for counting non-zero refcounts a table at a time).
 _NONZERO = bytes([0] + [1] * 255)
 #: For refcounts of 1, 2 and 4 bits: each byte value -> how many of its refcounts are non-zero.
@@ -747,6 +684,7 @@ class Qcow2Map:
         self.refcount = (hdr.refcount_order, hdr.refcount_table_offset, hdr.refcount_table_clusters)
         self._preallocated: bool | None = None
         self._inflated: tuple[int, bytes] = (-1, b"")
+        self._runs: tuple[int, int] | None = None  # the repunit and steps of a table of consecutive clusters
 
     # -- tables ------------------------------------------------------------------------
 
@@ -796,16 +734,77 @@ class Qcow2Map:
         index = (start - first) // cs
         last = (stop - 1 - first) // cs
         first_byte, end_byte = index * self.entry_size, (last + 1) * self.entry_size
-        if table.count(0, first_byte, end_byte) == end_byte - first_byte:
+        if table[first_byte:end_byte] == bytes(end_byte - first_byte):
             yield Extent(start, stop - start, False, False)  # an L2 range with nothing allocated
             return
+        if not self.extended:
+            yield from self._standard_runs(table, l1_index, start, stop)
+            return
         for i in range(index, last + 1):
-            entry, bitmap = self._entry(table, i)
-            c_start = first + i * cs
-            lo, hi = max(start, c_start) - c_start, min(stop, c_start + cs) - c_start
-            runs = self._cluster(entry, bitmap, l1_index, i, lo, hi)
-            for s, e, data, zero, host, compressed in runs:
-                yield Extent(c_start + s, e - s, data, zero, None if host is None else host + s, compressed)
+            yield from self._one_cluster(table, l1_index, i, start, stop)
+
+    def _consecutive(self, table: bytes, at: int, most: int, entry: int) -> int:
+        """How many entries from byte ``at`` (at most ``most``) continue ``entry``
+        cluster by cluster. ``m`` entries do when, read as one big-endian
+        integer, they are ``entry`` times the m-word repunit plus the steps 0,
+        cs, 2cs ...: the longest such prefix is found by doubling, then bisection."""
+        if self._runs is None:
+            n = self.l2_entries
+            words = array("Q", range(0, n * self.cluster_size, self.cluster_size))
+            if sys.byteorder == "little":
+                words.byteswap()
+            self._runs = (int.from_bytes((1).to_bytes(8, "big") * n, "big"), int.from_bytes(words.tobytes(), "big"))
+        repunit, steps = self._runs
+
+        def continues(m: int) -> bool:
+            shift = 64 * (self.l2_entries - m)
+            return int.from_bytes(table[at : at + 8 * m], "big") == entry * (repunit >> shift) + (steps >> shift)
+
+        if continues(most):  # the common case: preallocated or sequentially written tables
+            return most
+        low, high = 1, 2  # else by doubling, so that a short run costs little
+        while high < most and continues(high):
+            low, high = high, 2 * high
+        high = min(high, most)
+        while high - low > 1:  # continues(low), not continues(high)
+            middle = (low + high) // 2
+            low, high = (middle, high) if continues(middle) else (low, middle)
+        return low
+
+    def _one_cluster(self, table: bytes, l1_index: int, i: int, start: int, stop: int) -> Iterator[Extent]:
+        """The extents of cluster ``i`` of an L2 table, within ``[start, stop)``."""
+        entry, bitmap = self._entry(table, i)
+        c_start = l1_index * self.l1_span + i * self.cluster_size
+        lo, hi = max(start, c_start) - c_start, min(stop, c_start + self.cluster_size) - c_start
+        for s, e, data, zero, host, compressed in self._cluster(entry, bitmap, l1_index, i, lo, hi):
+            yield Extent(c_start + s, e - s, data, zero, None if host is None else host + s, compressed)
+
+    def _standard_runs(self, table: bytes, l1_index: int, start: int, stop: int) -> Iterator[Extent]:
+        """:meth:`_clusters` for standard (8-byte) entries, a run at a time: a run
+        of empty entries is found by one search, a run of plain data clusters at
+        consecutive host offsets by comparing entries; any other entry (zero,
+        compressed, flagged, unaligned) goes through :meth:`_one_cluster`."""
+        cs, first = self.cluster_size, l1_index * self.l1_span
+        index, end = (start - first) // cs, (stop - 1 - first) // cs + 1
+        words = array("Q", table[index * 8 : end * 8])
+        if sys.byteorder == "little":
+            words.byteswap()
+        i, count = 0, len(words)
+        while i < count:
+            entry = words[i]
+            at = first + (index + i) * cs
+            if entry == 0:
+                rest = table[(index + i) * 8 : end * 8]
+                j = i + (len(rest) - len(rest.lstrip(b"\0"))) // 8
+                yield _clipped(Extent(at, (j - i) * cs, False, False), start, stop)
+            elif entry & PLAIN_DATA_FLAGS == 0 and entry % cs == 0:
+                j = i + self._consecutive(table, (index + i) * 8, count - i, entry)
+                host = entry & L2E_OFFSET_MASK
+                yield _clipped(Extent(at, (j - i) * cs, True, False, host), start, stop)
+            else:
+                j = i + 1
+                yield from self._one_cluster(table, l1_index, index + i, start, stop)
+            i = j
 
     def _cluster(
         self, entry: int, bitmap: int, l1_index: int, index: int, lo: int, hi: int
@@ -955,6 +954,15 @@ class Qcow2Map:
         return out
 
 
+def _clipped(extent: Extent, start: int, stop: int) -> Extent:
+    """``extent`` (whole clusters) cut to ``[start, stop)``."""
+    lo, hi = max(extent.start, start), min(extent.end, stop)
+    if (lo, hi) == (extent.start, extent.end):
+        return extent
+    host = None if extent.host_offset is None else extent.host_offset + lo - extent.start
+    return extent._replace(start=lo, length=hi - lo, host_offset=host)
+
+
 def _zlib(data: bytes, cluster_size: int) -> bytes:
     """A raw deflate stream inflated as QEMU does: at most one cluster out."""
     try:
@@ -1026,7 +1034,6 @@ def storprobe_formats() -> list[FormatSpec]:
             backing=backing,
             features=features,
             hazards=hazards,
-            plain=plain,
             measure=measure,
             block_map=block_map,
             check=check,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 from pathlib import Path
 
@@ -19,8 +20,8 @@ import pytest
 from storprobe.cli import main
 from storprobe.datapath import IGNORE, LOCAL, open_image
 
-from builders import guest_writes, written_qcow2
-from oracle import qemu_img_create, qemu_io, qemu_map, rebase_unsafe, require
+from builders import guest_writes, l2_entry_at, written_qcow2
+from oracle import qemu_guest_bytes, qemu_img_create, qemu_io, qemu_map, rebase_unsafe, require
 
 CLUSTERS = (512, 4096, 65536, 2 * 1024 * 1024)
 
@@ -208,3 +209,18 @@ def test_storprobe_command_prints_the_same(tmp_path):
     proc = subprocess.run([require("storprobe"), "map", "--output=json", str(image)], capture_output=True,
                           env={**os.environ, "STORPROBE_DISABLE_PLUGIN_AUTOLOAD": "1"}, check=False)
     assert proc.returncode == 0 and proc.stdout == qemu_map(image).stdout
+
+
+def test_entries_qemu_reads_despite_their_flags(tmp_path, capsys):
+    """A data cluster without COPIED (a snapshot shares it) and one with a reserved
+    bit set: QEMU's reader masks both, and so does ours (verify reports them)."""
+    image = written_qcow2(tmp_path / "a.qcow2", 4096, script=("write -P 1 0 64k",))
+    data = bytearray(image.read_bytes())
+    for cluster, clear, add in ((3, 1 << 63, 0), (7, 0, 1 << 5), (8, 0, 1 << 58)):
+        at = l2_entry_at(bytes(data), cluster * 4096)
+        value = struct.unpack_from(">Q", data, at)[0]
+        struct.pack_into(">Q", data, at, (value & ~clear) | add)
+    image.write_bytes(bytes(data))
+    assert_same_map(capsys, image)
+    with open_image(image) as disk:
+        assert disk.read() == qemu_guest_bytes(image, tmp_path)
