@@ -32,6 +32,7 @@ from storprobe import (
     InvalidHeader,
     Layout,
     LibvirtFacts,
+    ProbeError,
     Snapshot,
     hookimpl,
 )
@@ -126,6 +127,8 @@ BITMAP_ENTRY = Layout(
 INCOMPAT_DIRTY, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE = 1 << 0, 1 << 1, 1 << 2
 INCOMPAT_COMPRESSION, INCOMPAT_EXTENDED_L2 = 1 << 3, 1 << 4
 INCOMPAT_KNOWN = (1 << 5) - 1
+#: Incompatible bits a plain image may set: they change values in its record, not how it is read.
+INCOMPAT_PLAIN = INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_COMPRESSION | INCOMPAT_EXTENDED_L2
 COMPAT_LAZY_REFCOUNTS = 1 << 0
 AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW = 1 << 0, 1 << 1
 COMPRESSION_TYPES = {0: "zlib", 1: "zstd"}
@@ -207,7 +210,11 @@ def _header(img: Image) -> Any:
 
 
 def _parse_header(img: Image) -> Any:
-    head = img.header
+    return _header_of(img.header)
+
+
+def _header_of(head: bytes) -> Any:
+    """The header at the start of ``head``, checked."""
     if head[4:8] == V2_VERSION:
         head = head[:V2_HEADER_LENGTH] + V2_IMPLIED
     elif len(head) >= COMPRESSION_TYPE_OFFSET and int.from_bytes(head[100:104], "big") <= COMPRESSION_TYPE_OFFSET:
@@ -625,6 +632,64 @@ def hazards(img: Image, info: ImageInfo) -> Iterator[Hazard]:
         )
 
 
+def plain(head: bytes) -> tuple[tuple[int, ...], int] | None:
+    """A scan's fast path (the row's ``plain``): the key and virtual size of a
+    plain image, told from its head by the same rules the callbacks above apply:
+    no backing file, encryption, snapshots, data file or bitmaps to load, no
+    unknown incompatible feature, every check passing, every extension it reads
+    inside ``head``. Its record then follows from the header fields in the key;
+    None for any other image (the general path describes it, or names its error)."""
+    try:
+        hdr = _header_of(head)
+    except ProbeError:
+        return None
+    if (
+        hdr.backing_file_offset
+        or hdr.crypt_method
+        or hdr.nb_snapshots
+        or hdr.incompatible_features & ~INCOMPAT_PLAIN
+        or hdr.autoclear_features & AUTOCLEAR_DATA_FILE_RAW
+        or not _plain_extensions(head, hdr)
+    ):
+        return None
+    key = (
+        hdr.version,
+        hdr.cluster_bits,
+        hdr.refcount_order,
+        hdr.compression_type,
+        hdr.incompatible_features,
+        hdr.compatible_features,
+        hdr.autoclear_features,
+        hdr.header_length,
+    )
+    return key, hdr.size // SECTOR * SECTOR
+
+
+#: Header extensions a plain image may carry: the feature name table, and types QEMU ignores.
+_NOT_PLAIN_EXTENSIONS = frozenset({EXT_BACKING_FORMAT, EXT_CRYPTO, EXT_BITMAPS, EXT_DATA_FILE})
+_EXTENSION_HEAD = struct.Struct(">II")
+
+
+def _plain_extensions(head: bytes, hdr: Any) -> bool:
+    """Whether the extensions of a header with no backing file are walked, as
+    :func:`_extensions` walks them, inside ``head`` and hold none that a plain image lacks."""
+    end = 1 << hdr.cluster_bits
+    offset = hdr.header_length
+    while offset < end:
+        if offset + 8 > len(head):
+            return False
+        kind, length = _EXTENSION_HEAD.unpack_from(head, offset)
+        offset += 8
+        if offset > end or length > end - offset or kind in _NOT_PLAIN_EXTENSIONS:
+            return False  # extension-too-large, or one a plain image lacks
+        if kind == EXT_END:
+            return True
+        if kind == EXT_FEATURE_NAMES and offset + length > len(head):
+            return False  # read whole by the general path
+        offset += _align8(length)
+    return True
+
+
 # --------------------------------------------------------------------------------------
 # Data path: the guest-to-host map (L1 and L2 tables), read as QEMU 7.2 reads it
 # (block/qcow2-cluster.c qcow2_get_host_offset, qcow2.h qcow2_get_subcluster_type,
@@ -1034,6 +1099,7 @@ def storprobe_formats() -> list[FormatSpec]:
             backing=backing,
             features=features,
             hazards=hazards,
+            plain=plain,
             measure=measure,
             block_map=block_map,
             check=check,
