@@ -9,7 +9,20 @@ whole 512-byte sectors, as QEMU keeps it.
 
 from __future__ import annotations
 
-from storprobe import QEMU_MAX_LENGTH, Backing, Features, FormatSpec, Image, InvalidHeader, Layout, hookimpl
+from collections.abc import Iterator
+
+from storprobe import (
+    QEMU_MAX_LENGTH,
+    Backing,
+    Features,
+    FormatSpec,
+    Image,
+    ImageInfo,
+    InvalidHeader,
+    Layout,
+    hookimpl,
+)
+from storprobe.blockmap import DataPathError, Extent, HostFile, inflate_cluster
 from storprobe.layout import Header, cstring
 
 HEADER = Layout(
@@ -98,6 +111,97 @@ def backing(img: Image) -> Backing | None:
     return Backing(name) if name else None
 
 
+# ---- data path: the L1/L2 map of QEMU 7.2's block/qcow.c (get_cluster_offset, qcow_co_block_status,
+# qcow_co_preadv, decompress_cluster) -------------------------------------------------------------------
+
+OFLAG_COMPRESSED = 1 << 63
+#: Bytes of the L1 table read (and cached) at once.
+L1_PIECE = 64 * 1024
+
+
+class QcowMap:
+    """The block map of a qcow image. QEMU checks nothing in its tables: an L2
+    table or a cluster may lie anywhere (zeros past the end of the file); only a
+    data cluster off a 512-byte boundary fails, when it is read. Its map offset
+    is QEMU's (the cluster's offset OR the offset into it), one cluster at a
+    time; a compressed cluster (less than a cluster of raw deflate) has none."""
+
+    def __init__(self, img: Image, info: ImageInfo, host: HostFile) -> None:
+        hdr = _header(img)
+        self.host = host
+        self.cluster_bits, self.cluster_size = hdr.cluster_bits, 1 << hdr.cluster_bits
+        self.l2_entries = 1 << hdr.l2_bits
+        self.l1_span = self.l2_entries << hdr.cluster_bits
+        self.l1_offset, self.l1_size = hdr.l1_table_offset, -(-hdr.size // self.l1_span)
+        self._inflated: tuple[int, bytes] = (-1, b"")
+
+    def _l2_table(self, l1_index: int) -> bytes | None:
+        at = l1_index * 8
+        if l1_index >= self.l1_size:
+            return None
+        piece = at - at % L1_PIECE
+        table = self.host.table(self.l1_offset + piece, min(L1_PIECE, self.l1_size * 8 - piece))
+        l2_offset = int.from_bytes(table[at - piece : at - piece + 8], "big")
+        return self.host.table(l2_offset, 8 * self.l2_entries) if l2_offset else None
+
+    def _entry(self, guest: int) -> int:
+        table = self._l2_table(guest // self.l1_span)
+        if table is None:
+            return 0
+        at = 8 * (guest % self.l1_span >> self.cluster_bits)
+        return int.from_bytes(table[at : at + 8], "big")
+
+    def extents(self, start: int, length: int, *, want_zero: bool = True) -> Iterator[Extent]:
+        end = start + length
+        cs = self.cluster_size
+        while start < end:
+            l1_index = start // self.l1_span
+            stop = min(end, (l1_index + 1) * self.l1_span)
+            table = self._l2_table(l1_index)
+            if table is None:
+                yield Extent(start, stop - start, False, False)
+                start = stop
+                continue
+            while start < stop:
+                index = start % self.l1_span >> self.cluster_bits
+                entry = int.from_bytes(table[8 * index : 8 * index + 8], "big")
+                cluster_end = min(stop, start - start % cs + cs)
+                if entry == 0:  # a run of unallocated clusters, found at once
+                    last = (stop - 1) % self.l1_span >> self.cluster_bits
+                    rest = table[8 * index : 8 * last + 8]
+                    zeros = (len(rest) - len(rest.lstrip(b"\0"))) // 8
+                    cluster_end = min(stop, start - start % cs + zeros * cs)
+                    yield Extent(start, cluster_end - start, False, False)
+                elif entry & OFLAG_COMPRESSED:
+                    yield Extent(start, cluster_end - start, True, False, None, True)
+                else:
+                    yield Extent(start, cluster_end - start, True, False, entry | start % cs)
+                start = cluster_end
+
+    def read(self, extent: Extent, offset: int, length: int) -> bytes:
+        within = offset % self.cluster_size
+        cluster = offset - within
+        entry = self._entry(cluster)
+        if entry & OFLAG_COMPRESSED:
+            return self._inflate(entry)[within : within + length]
+        if entry % 512:
+            raise DataPathError(f"qcow data cluster at guest offset {cluster:#x} lies at host offset {entry:#x}, "
+                                "off a 512-byte boundary (QEMU's read fails)", code="qcow.cluster-offset-unaligned")
+        return self.host.read(entry + within, length)
+
+    def _inflate(self, entry: int) -> bytes:
+        """The compressed cluster ``entry`` names: fewer than a cluster's bytes of raw deflate."""
+        shift = 63 - self.cluster_bits
+        offset, size = entry & ((1 << shift) - 1), (entry >> shift) & (self.cluster_size - 1)
+        if self._inflated[0] != offset:
+            self._inflated = (offset, inflate_cluster(self.host.read(offset, size), self.cluster_size, "qcow"))
+        return self._inflated[1]
+
+
+def block_map(img: Image, info: ImageInfo, host: HostFile) -> QcowMap:
+    return QcowMap(img, info, host)
+
+
 @hookimpl
 def storprobe_formats() -> list[FormatSpec]:
     return [
@@ -113,5 +217,6 @@ def storprobe_formats() -> list[FormatSpec]:
             size=size,
             backing=backing,
             features=features,
+            block_map=block_map,
         )
     ]

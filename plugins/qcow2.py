@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import struct
 import sys
-import zlib
 from array import array
 from collections.abc import Iterator
 from typing import Any, NamedTuple
@@ -36,7 +35,7 @@ from storprobe import (
     Snapshot,
     hookimpl,
 )
-from storprobe.blockmap import DataPathError, Extent, HostFile, MissingExtra
+from storprobe.blockmap import DataPathError, Extent, HostFile, MissingExtra, inflate_cluster
 from storprobe.layout import cstring
 from storprobe.luks1 import LUKS1_HEADER_SIZE, luks_specific
 from storprobe.measure import CreateOption, MeasureError, Measurement, MeasureRequest
@@ -1008,7 +1007,10 @@ class Qcow2Map:
         sectors = ((entry >> self.csize_shift) & self.csize_mask) + 1
         size = sectors * COMPRESSED_SECTOR - offset % COMPRESSED_SECTOR  # at most two clusters
         data = self.host.read(offset, size)
-        out = _zstd(data, self.cluster_size) if self.compression else _zlib(data, self.cluster_size)
+        if self.compression:
+            out = _zstd(data, self.cluster_size)
+        else:
+            out = inflate_cluster(data, self.cluster_size, "qcow2", window_bits=ZLIB_WBITS)
         if len(out) != self.cluster_size:
             raise _map_error(
                 "compressed-short",
@@ -1026,14 +1028,6 @@ def _clipped(extent: Extent, start: int, stop: int) -> Extent:
         return extent
     host = None if extent.host_offset is None else extent.host_offset + lo - extent.start
     return extent._replace(start=lo, length=hi - lo, host_offset=host)
-
-
-def _zlib(data: bytes, cluster_size: int) -> bytes:
-    """A raw deflate stream inflated as QEMU does: at most one cluster out."""
-    try:
-        return zlib.decompressobj(ZLIB_WBITS).decompress(data, cluster_size)
-    except zlib.error as exc:
-        raise _map_error("compressed-corrupt", f"compressed cluster does not inflate: {exc}") from None
 
 
 def _zstd(data: bytes, cluster_size: int) -> bytes:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import zlib
 from collections import OrderedDict
 from collections.abc import Iterator
 from typing import NamedTuple, Protocol
@@ -37,6 +38,22 @@ class MissingExtra(DataPathError):
     """Reading this image needs an optional dependency that is not installed."""
 
     code = "datapath.missing-extra"
+
+
+def inflate_cluster(data: bytes, size: int, format: str, *, window_bits: int = -12) -> bytes:
+    """A compressed cluster's raw deflate stream inflated as QEMU's qcow and qcow2
+    drivers inflate it: into exactly ``size`` bytes (more is never produced);
+    a stream that is corrupt or ends short of ``size`` is a named error
+    (``FORMAT.compressed-corrupt``, ``FORMAT.compressed-short``), never a shift."""
+    try:
+        out = zlib.decompressobj(window_bits).decompress(data, size)
+    except zlib.error as exc:
+        raise DataPathError(f"compressed cluster does not inflate: {exc}",
+                            code=f"{format}.compressed-corrupt") from None
+    if len(out) != size:
+        raise DataPathError(f"compressed cluster inflates to {len(out)} bytes, not a cluster of {size}",
+                            code=f"{format}.compressed-short")
+    return out
 
 
 class Extent(NamedTuple):

@@ -224,3 +224,32 @@ def test_entries_qemu_reads_despite_their_flags(tmp_path, capsys):
     assert_same_map(capsys, image)
     with open_image(image) as disk:
         assert disk.read() == qemu_guest_bytes(image, tmp_path)
+
+
+QCOW_WRITES = ("write -P 1 0 64k", "write -P 2 200k 5k", "write -c -P 3 1M 4k", "write -c -P 4 1028k 4k",
+               "write -P 5 3M 512", "write -P 6 3076k 8k")
+
+
+def test_qcow_version_1(tmp_path, capsys):
+    image = qemu_img_create(tmp_path / "v1.qcow", "qcow", "4M")
+    qemu_io(image, *QCOW_WRITES)
+    assert_same_map(capsys, image)
+    top = qemu_img_create(tmp_path / "top.qcow", "qcow", "5M", f"backing_file={image}", "backing_fmt=qcow")
+    qemu_io(top, "write -P 7 60k 8k", "write -P 8 2M 4k")  # qcow takes no compressed write over a backing
+    text = assert_same_map(capsys, top)
+    assert '"depth": 1' in text
+
+
+def test_qcow_cluster_off_its_boundary_is_mapped_as_qemu_maps_it(tmp_path, capsys):
+    """QEMU's qcow map offset is the cluster's OR the offset into it, even for a
+    cluster that does not start on one (its read fails; see test_open_image)."""
+    image = qemu_img_create(tmp_path / "v1.qcow", "qcow", "4M")
+    qemu_io(image, *QCOW_WRITES)
+    data = bytearray(image.read_bytes())
+    l1 = struct.unpack_from(">Q", data, 40)[0]
+    l2 = struct.unpack_from(">Q", data, l1)[0]
+    entry = struct.unpack_from(">Q", data, l2 + 8)[0]  # the second cluster, guest offset 4 KiB
+    struct.pack_into(">Q", data, l2 + 8, entry + 0xA00)
+    image.write_bytes(bytes(data))
+    status, out, _ = ours(capsys, "--output", "json", image)
+    assert status == 0 and out == qemu_map(image).stdout.decode()

@@ -290,10 +290,13 @@ def entry(image: Path, at: int) -> int:
     return get(image.read_bytes(), at, "Q")
 
 
-def assert_named_and_qemu_fails(image: Path, expected: str) -> None:
+def assert_named_and_qemu_fails(image: Path, expected: str, *, status_too: bool = True) -> None:
+    """Reading ``image`` is the named error ``expected`` here and an error in QEMU;
+    with ``status_too`` its block status is that error as well (else only its read is)."""
     assert code(lambda: read_all(image)) == expected
-    with open_image(image) as disk:
-        assert code(lambda: list(disk.block_status())) == expected
+    if status_too:
+        with open_image(image) as disk:
+            assert code(lambda: list(disk.block_status())) == expected
     qemu_fails_to_read(image)
 
 
@@ -427,3 +430,46 @@ def test_broken_tables_raise_named_errors_only(small_image, tmp_path_factory, ed
             assert len(disk.read()) == disk.size
     except ProbeError:
         pass
+
+
+# ---- qcow (version 1) ------------------------------------------------------------------------------------------
+
+QCOW_WRITES = ("write -P 1 0 64k", "write -P 2 200k 5k", "write -c -P 3 1M 4k", "write -c -P 4 1028k 4k",
+               "write -P 5 3M 512")
+
+
+def qcow_v1(path: Path, *options: str) -> Path:
+    qemu_img_create(path, "qcow", "4M", *options)
+    qemu_io(path, *QCOW_WRITES)
+    return path
+
+
+def qcow_l2_entry(image: Path, guest: int) -> int:
+    """Where the L2 entry of ``guest`` lies in a qcow image of 4 KiB clusters and 512-entry L2 tables."""
+    data = image.read_bytes()
+    l1 = get(data, 40, "Q") + 8 * (guest >> 21)
+    return get(data, l1, "Q") + 8 * (guest >> 12 & 511)
+
+
+def test_qcow_reads_and_chains(tmp_path):
+    base = qcow_v1(tmp_path / "base.qcow")
+    assert_reads_as_qemu(base, tmp_path)
+    top = qemu_img_create(tmp_path / "top.qcow", "qcow", "5M", f"backing_file={base}", "backing_fmt=qcow")
+    qemu_io(top, "write -P 7 60k 8k", "write -P 8 2M 4k")  # qcow takes no compressed write over a backing
+    assert_reads_as_qemu(top, tmp_path, backing=LOCAL)
+    assert code(lambda: open_image(top)) == "backing.refused"
+
+
+def test_qcow_data_cluster_off_a_sector_boundary(tmp_path):
+    image = qcow_v1(tmp_path / "v1.qcow")
+    at = qcow_l2_entry(image, 4096)
+    patched(image, at, entry(image, at) + 0x100)
+    assert_named_and_qemu_fails(image, "qcow.cluster-offset-unaligned", status_too=False)
+
+
+def test_qcow_corrupt_compressed_cluster(tmp_path):
+    image = qcow_v1(tmp_path / "v1.qcow")
+    value = entry(image, qcow_l2_entry(image, 1 << 20))
+    assert value & 1 << 63
+    patched(image, value & ((1 << 51) - 1), 0xFFFFFFFFFFFFFFFF)
+    assert_named_and_qemu_fails(image, "qcow.compressed-corrupt", status_too=False)
