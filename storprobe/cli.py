@@ -588,19 +588,20 @@ def _inventory(args: argparse.Namespace) -> int:
     """``scan --to``: the inventory written, its summary on stdout."""
     from contextlib import nullcontext
 
-    from .fleet import BATCH, InventoryError, dask_client, fleet_scan
+    from .fleet import BATCH, CONCURRENCY, InventoryError, dask_client, fleet_scan
 
     try:
         with dask_client(args.dask or None, workers=args.jobs) if args.dask is not None else nullcontext() as client:
             inventory = fleet_scan(
                 args.directory, args.to, client=client, since=args.since, to_format=args.to_format,
-                batch_size=args.batch or BATCH, recursive=args.recursive,
+                batch_size=args.batch or BATCH, recursive=args.recursive, endpoint_url=args.endpoint_url,
+                concurrency=args.concurrency or CONCURRENCY,
             )
     except ProbeError as exc:
         _complain(args.directory, exc.reason)
         return EXIT_PROBE
     except InventoryError as exc:
-        _complain("inventory", str(exc))
+        _complain(exc.subject, exc.reason)
         return EXIT_PROBE
     summary = {
         "inventory": inventory.to, "format": inventory.to_format, "parts": len(inventory.parts),
@@ -995,7 +996,8 @@ def _useless_options(args: argparse.Namespace) -> Iterator[str]:
     if args.command == "scan" and args.jsonl and args.output != "json":
         yield f"--jsonl is a JSON shape; it does not apply to --output {args.output}"
     target = getattr(args, "directory" if args.command == "scan" else "path", None)
-    if getattr(args, "endpoint_url", None) is not None and not is_url(target):
+    named = (target, getattr(args, "to", None), getattr(args, "since", None))  # a scan's inventories may be URLs
+    if getattr(args, "endpoint_url", None) is not None and not any(is_url(name) for name in named):
         yield "--endpoint-url applies only to a URL"
     if args.command == "scan" and args.concurrency is not None and not is_url(target):
         yield "--concurrency applies only to a URL (a directory's scan takes --jobs)"

@@ -1,15 +1,18 @@
 """Fleet scans: a listing probed on a Dask cluster into an inventory of Parquet parts.
 
-The listing (every entry of a directory, with what ``stat`` says of it) is
-sorted by name and cut into batches of :data:`BATCH` entries. Each batch is
-one task (:func:`run_batch`): it probes its entries and writes one part, a
+The listing (every entry of a directory with what ``stat`` says of it, or
+every object under a store's prefix with its size, ETag and modification
+time) is sorted by name and cut into batches of :data:`BATCH` entries. Each
+batch is one task (:func:`run_batch`): it probes its entries (a store's
+objects by range reads, :data:`CONCURRENCY` at once) and writes one part, a
 Parquet file of :mod:`storprobe.inventory` rows in name order (or JSON lines),
 named after the batch's number and its first name, and put in place in one
 step: a task that runs again (a retry, a worker lost) overwrites its part, so
 an inventory never holds a row twice. When every part is written, the driver
 writes the manifest (:data:`MANIFEST`: the parts, each with its first and last
 name and its counts) and removes parts a previous run left that this one did
-not write.
+not write. The inventory is a local directory or a store's prefix (``--to
+s3://bucket/inventory/``), written through the same client that reads objects.
 
 Refreshing: given a previous inventory, a task reads that inventory's parts
 whose names overlap its batch and carries over the row of every entry the
@@ -29,14 +32,19 @@ import json
 import os
 import stat
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, NamedTuple
+from datetime import UTC, datetime
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
-from .inventory import SCHEMA_VERSION, ObjectFacts, arrow_schema, row, unchanged
+from .inventory import SCHEMA_VERSION, ObjectFacts, arrow_schema, row, unchanged, utf8
+from .urls import is_url, object_client
 
 if TYPE_CHECKING:
     from distributed import Client
+
+T = TypeVar("T")
 
 #: Entries a task probes and writes as one part: large enough that a task's
 #: start and its part's file cost little next to its probes, small enough that
@@ -53,10 +61,19 @@ FORMATS = {"parquet": ".parquet", "jsonl": ".jsonl"}
 DEFAULT_WORKERS_CAP = 8
 #: Times the scheduler runs a task again after its worker failed.
 RETRIES = 2
+#: Objects a task probes at once by range reads: a batch's worth of round
+#: trips in flight, a few tasks per worker already keep a store busy.
+CONCURRENCY = 32
 
 
 class InventoryError(Exception):
-    """An inventory cannot be written or read (not a volume's fault: the scan stops)."""
+    """An inventory cannot be written or read, or the cluster cannot be
+    reached (no volume's fault: the scan stops); ``subject`` is what failed."""
+
+    def __init__(self, subject: str, reason: str) -> None:
+        super().__init__(f"{subject}: {reason}")
+        self.subject = subject
+        self.reason = reason
 
 
 class Entry(NamedTuple):
@@ -78,13 +95,16 @@ class PreviousPart(NamedTuple):
 
 class Batch(NamedTuple):
     """One task's work: probe ``entries`` and write part ``number`` into ``to``,
-    carrying rows over from ``previous`` parts where the entries are unchanged."""
+    carrying rows over from ``previous`` parts where the entries are unchanged;
+    objects and inventories in a store are reached at ``endpoint_url`` (None: the standard way)."""
 
     number: int
     entries: tuple[Entry, ...]
     to: str
     to_format: str
     previous: tuple[PreviousPart, ...] = ()
+    endpoint_url: str | None = None
+    concurrency: int = CONCURRENCY
 
 
 class Part(NamedTuple):
@@ -132,25 +152,32 @@ def fleet_scan(
     to_format: str = "parquet",
     batch_size: int = BATCH,
     recursive: bool = False,
+    endpoint_url: str | None = None,
+    concurrency: int = CONCURRENCY,
 ) -> Inventory:
-    """Probe every entry of the directory ``source`` into an inventory in the
-    directory ``to``: one part per batch of ``batch_size`` entries, each a task
-    on ``client`` (a Dask client), or run here one after another without one.
-    With ``since``, an earlier inventory, unchanged entries keep their rows
-    from it and are not read (``since`` must not be ``to``: its parts are read
-    while this scan writes).
+    """Probe every entry of the directory ``source``, or every object under
+    the store's prefix ``source`` (a URL), into an inventory in ``to`` (a
+    directory, or a prefix URL): one part per batch of ``batch_size`` entries,
+    each a task on ``client`` (a Dask client), or run here one after another
+    without one. With ``since``, an earlier inventory, unchanged entries keep
+    their rows from it and are not read (``since`` must not be ``to``: its
+    parts are read while this scan writes).
 
     Raises SourceError when ``source`` cannot be listed, InventoryError when
     ``since`` is no inventory or ``to`` cannot be written.
     """
     if to_format not in FORMATS:
         raise ValueError(f"unknown inventory format {to_format!r} (known: {', '.join(FORMATS)})")
-    destination = os.fspath(to)
-    place = LocalPlace(destination)
-    previous = _previous_parts(since, place) if since is not None else []
-    entries = _local_listing(os.fspath(source), recursive)
+    if to_format == "parquet":
+        _needs("pyarrow", "Parquet parts")
+    place = place_at(to, endpoint_url)
+    previous = _previous_parts(place_at(since, endpoint_url), place) if since is not None else []
+    entries = listing(source, recursive=recursive, endpoint_url=endpoint_url)
     batches = [
-        Batch(number, chunk, destination, to_format, _overlapping(previous, chunk[0].name, chunk[-1].name))
+        Batch(
+            number, chunk, place.where, to_format, _overlapping(previous, chunk[0].name, chunk[-1].name),
+            endpoint_url, concurrency,
+        )
         for number, chunk in enumerate(_chunks(entries, batch_size))
     ]
     place.prepare()
@@ -158,7 +185,7 @@ def fleet_scan(
         parts = [run_batch(batch) for batch in batches]
     else:
         parts = client.gather(client.map(run_batch, batches, retries=RETRIES, pure=False))
-    inventory = Inventory(destination, to_format, tuple(parts))
+    inventory = Inventory(place.where, to_format, tuple(parts))
     _write_manifest(place, inventory, os.fspath(source))
     written = {p.name for p in parts}
     for name in place.names():
@@ -170,17 +197,22 @@ def fleet_scan(
 def run_batch(batch: Batch) -> Part:
     """Probe one batch (carrying over what is unchanged) and write its part: a Dask task."""
     version = _version()
-    names = {entry.name for entry in batch.entries}
-    earlier = {r["filename"]: r for part in batch.previous for r in _read_part(part.location, names)}
+    named = [(utf8(entry.name), entry) for entry in batch.entries]  # the names as rows hold them
+    wanted = {name for name, _ in named}
+    earlier = {
+        r["filename"]: r for part in batch.previous for r in _read_part(part.location, wanted, batch.endpoint_url)
+    }
     fresh = [
-        entry for entry in batch.entries
-        if entry.name not in earlier or not unchanged(earlier[entry.name], entry.facts, version)
+        entry for name, entry in named if name not in earlier or not unchanged(earlier[name], entry.facts, version)
     ]
-    probed = dict(_probe_local(fresh, version))
-    rows = [probed.get(entry.name) or earlier[entry.name] for entry in batch.entries]
+    if is_url(batch.entries[0].name):
+        probed = dict(_probe_objects(fresh, version, batch))
+    else:
+        probed = dict(_probe_local(fresh, version))
+    rows = [probed.get(entry.name) or earlier[name] for name, entry in named]
     first = batch.entries[0].name
     name = part_name(batch.number, first, batch.to_format)
-    LocalPlace(batch.to).put(name, _encode(rows, batch.to_format))
+    place_at(batch.to, batch.endpoint_url).put(name, _encode(rows, batch.to_format))
     return Part(
         name, first, batch.entries[-1].name, len(rows), len(fresh), len(rows) - len(fresh),
         sum(r["error_code"] is not None for r in rows),
@@ -202,10 +234,15 @@ def dask_client(address: str | None = None, *, workers: int | None = None) -> It
     closed on leaving."""
     import logging
 
+    _needs("distributed", "a Dask cluster")
     from distributed import Client, LocalCluster
 
     if address:
-        with Client(address) as client:
+        try:
+            connected = Client(address)
+        except OSError as exc:  # refused, unreachable, timed out (distributed.comm.timeouts.connect)
+            raise InventoryError(f"scheduler {address}", str(exc) or type(exc).__name__) from None
+        with connected as client:
             yield client
         return
     from .forked import usable_cpus
@@ -214,11 +251,19 @@ def dask_client(address: str | None = None, *, workers: int | None = None) -> It
     with (
         LocalCluster(
             n_workers=count, threads_per_worker=1, processes=True, host="127.0.0.1",
-            dashboard_address=None, silence_logs=logging.ERROR,
+            dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR,  # its HTTP server: on a free port
         ) as cluster,
         Client(cluster) as client,
     ):
         yield client
+
+
+def _needs(module: str, what: str) -> None:
+    """InventoryError, naming the extra, when ``module`` is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise InventoryError(what, f"needs the fleet extra: pip install 'storprobe[fleet]' ({module} is missing)")
 
 
 @functools.cache
@@ -239,6 +284,36 @@ def _local_listing(directory: str, recursive: bool) -> list[Entry]:
 
     listed = listing(directory, recursive=recursive)
     return sorted(Entry(path, _file_facts(path, as_file), as_file) for path, as_file in listed)
+
+
+def listing(
+    source: str | os.PathLike[str], *, recursive: bool = False, endpoint_url: str | None = None
+) -> list[Entry]:
+    """What :func:`fleet_scan` deals out in batches: every entry of the
+    directory ``source`` (``recursive``: and below) or every object under the
+    prefix URL ``source``, with what the listing says of it, sorted by name."""
+    if is_url(source):
+        return _object_listing(source, endpoint_url)
+    return _local_listing(os.fspath(source), recursive)
+
+
+def _object_listing(prefix_url: str, endpoint_url: str | None) -> list[Entry]:
+    """Every object under ``prefix_url``, with what the listing says of it, sorted by URL."""
+    object_client()  # RemoteExtraMissing, named, when the client is not installed
+    from .objectscan import list_objects
+
+    return sorted(
+        Entry(o.url, ObjectFacts(size=o.size, etag=o.etag, mtime_ns=_nanoseconds(o.mtime)))
+        for o in list_objects(prefix_url, endpoint_url=endpoint_url)
+    )
+
+
+def _nanoseconds(moment: datetime | None) -> int | None:
+    """``moment`` as nanoseconds since the epoch (a moment without a zone is UTC)."""
+    if moment is None:
+        return None
+    delta = (moment if moment.tzinfo else moment.replace(tzinfo=UTC)) - datetime(1970, 1, 1, tzinfo=UTC)
+    return (delta.days * 86_400 + delta.seconds) * 10**9 + delta.microseconds * 1000
 
 
 def _file_facts(path: str, listed_as_file: bool) -> ObjectFacts:
@@ -264,6 +339,18 @@ def _probe_local(entries: Sequence[Entry], version: str) -> Iterator[tuple[str, 
         yield entry.name, row(entry.name, record.info, record.error, entry.facts, version)
 
 
+def _probe_objects(entries: Sequence[Entry], version: str, batch: Batch) -> Iterator[tuple[str, dict[str, Any]]]:
+    if not entries:
+        return
+    object_client()
+    from .objectscan import Listed, probe_objects
+
+    listed = [Listed(entry.name, entry.facts.size, entry.facts.etag) for entry in entries]
+    records = probe_objects(listed, concurrency=batch.concurrency, endpoint_url=batch.endpoint_url)
+    for entry, record in zip(entries, records, strict=True):
+        yield entry.name, row(entry.name, record.info, record.error, entry.facts, version)
+
+
 def _encode(rows: list[dict[str, Any]], to_format: str) -> bytes:
     if to_format == "jsonl":
         return "".join(json.dumps(r) + "\n" for r in rows).encode()
@@ -275,11 +362,11 @@ def _encode(rows: list[dict[str, Any]], to_format: str) -> bytes:
     return out.getvalue()
 
 
-def _read_part(location: str, names: set[str]) -> list[dict[str, Any]]:
+def _read_part(location: str, names: set[str], endpoint_url: str | None) -> list[dict[str, Any]]:
     """The rows of the part at ``location`` whose filename is in ``names``
     (timestamps as nanoseconds, as :func:`storprobe.inventory.row` makes them)."""
-    directory, name = os.path.split(location)
-    data = LocalPlace(directory).get(name)
+    where, _, name = location.rpartition("/")
+    data = place_at(where, endpoint_url).get(name)
     if name.endswith(FORMATS["jsonl"]):
         lines = (json.loads(line) for line in data.splitlines())
         return [r for r in lines if r["filename"] in names]
@@ -294,16 +381,17 @@ def _read_part(location: str, names: set[str]) -> list[dict[str, Any]]:
     return rows
 
 
-def _previous_parts(since: str | os.PathLike[str], to: LocalPlace) -> list[PreviousPart]:
-    """The parts of the inventory at ``since``, in name order; none when it was
+def _previous_parts(earlier: Place, to: Place) -> list[PreviousPart]:
+    """The parts of the inventory at ``earlier``, in name order; none when it was
     made with another schema (every entry is probed again)."""
-    earlier = LocalPlace(os.fspath(since))
-    if earlier.same_as(to):
-        raise InventoryError("the previous inventory cannot be the destination: write the new one beside it")
+    if earlier.key == to.key:
+        raise InventoryError(earlier.where, "the previous inventory cannot be the destination: write beside it")
     try:
         manifest = json.loads(earlier.get(MANIFEST))
-    except (InventoryError, ValueError) as exc:
-        raise InventoryError(f"{earlier.where}: no inventory ({MANIFEST}: {exc})") from None
+    except InventoryError as exc:
+        raise InventoryError(earlier.where, f"no inventory ({MANIFEST}: {exc.reason})") from None
+    except ValueError as exc:
+        raise InventoryError(earlier.where, f"no inventory ({MANIFEST}: {exc})") from None
     if manifest.get("schema") != SCHEMA_VERSION:
         return []
     return [PreviousPart(earlier.location(p["name"]), p["first"], p["last"]) for p in manifest["parts"]]
@@ -313,7 +401,7 @@ def _overlapping(parts: Sequence[PreviousPart], first: str, last: str) -> tuple[
     return tuple(p for p in parts if p.first <= last and first <= p.last)
 
 
-def _write_manifest(place: LocalPlace, inventory: Inventory, source: str) -> None:
+def _write_manifest(place: Place, inventory: Inventory, source: str) -> None:
     manifest = {
         "schema": SCHEMA_VERSION, "storprobe": _version(), "source": source, "format": inventory.to_format,
         "records": inventory.records, "probed": inventory.probed, "carried": inventory.carried,
@@ -322,23 +410,44 @@ def _write_manifest(place: LocalPlace, inventory: Inventory, source: str) -> Non
     place.put(MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
 
 
+class Place(Protocol):
+    """Where an inventory is: files named by a part's name, written whole."""
+
+    #: as given (a directory or a prefix URL)
+    where: str
+    #: the same for two names of one place
+    key: str
+
+    def location(self, name: str) -> str: ...
+    def prepare(self) -> None: ...
+    def put(self, name: str, data: bytes) -> None: ...
+    def get(self, name: str) -> bytes: ...
+    def names(self) -> list[str]: ...
+    def delete(self, name: str) -> None: ...
+
+
+def place_at(where: str | os.PathLike[str], endpoint_url: str | None = None) -> Place:
+    """The inventory place ``where`` names: a prefix in a store for a URL, else a directory."""
+    if is_url(where):
+        return StorePlace(where, endpoint_url)
+    return LocalPlace(os.fspath(where))
+
+
 class LocalPlace:
     """An inventory's directory on this machine (or one every worker mounts)."""
 
     def __init__(self, directory: str) -> None:
         self.where = directory
+        self.key = os.path.realpath(directory)
 
     def location(self, name: str) -> str:
         return os.path.join(self.where, name)
-
-    def same_as(self, other: LocalPlace) -> bool:
-        return os.path.realpath(self.where) == os.path.realpath(other.where)
 
     def prepare(self) -> None:
         try:
             os.makedirs(self.where, exist_ok=True)
         except OSError as exc:
-            raise InventoryError(f"{self.where}: {exc.strerror or exc}") from None
+            raise InventoryError(self.where, exc.strerror or str(exc)) from None
 
     def put(self, name: str, data: bytes) -> None:
         """Write ``name`` whole, or leave it as it was: a temporary file renamed over it."""
@@ -350,14 +459,14 @@ class LocalPlace:
             os.replace(temporary, final)
         except OSError as exc:
             _remove_quietly(temporary)
-            raise InventoryError(f"{final}: {exc.strerror or exc}") from None
+            raise InventoryError(final, exc.strerror or str(exc)) from None
 
     def get(self, name: str) -> bytes:
         try:
             with open(self.location(name), "rb") as f:
                 return f.read()
         except OSError as exc:
-            raise InventoryError(f"{self.location(name)}: {exc.strerror or exc}") from None
+            raise InventoryError(self.location(name), exc.strerror or str(exc)) from None
 
     def names(self) -> list[str]:
         return sorted(os.listdir(self.where))
@@ -371,3 +480,51 @@ def _remove_quietly(path: str) -> None:
         os.remove(path)
     except FileNotFoundError:
         pass
+
+
+class StorePlace:
+    """An inventory under a prefix of an object store, written and read through
+    the client that reads objects (:mod:`storprobe.objectstore`): a part is one
+    object, and a store's put replaces an object whole."""
+
+    def __init__(self, url: str, endpoint_url: str | None) -> None:
+        client = object_client()
+        self.where = url.rstrip("/")
+        self.key = self.where + "/"
+        self._name = client.ObjectName.parse(self.key)
+        self._store = client.Stores(endpoint_url)(self._name)
+
+    def location(self, name: str) -> str:
+        return f"{self.where}/{name}"
+
+    def prepare(self) -> None:
+        """Nothing to make: a prefix exists when an object is put under it."""
+
+    def put(self, name: str, data: bytes) -> None:
+        self._call(self.location(name), lambda obstore: obstore.put(self._store, self._name.key + name, data))
+
+    def get(self, name: str) -> bytes:
+        return self._call(
+            self.location(name), lambda obstore: bytes(obstore.get(self._store, self._name.key + name).bytes())
+        )
+
+    def names(self) -> list[str]:
+        """The objects directly under the prefix."""
+        prefix = self._name.key
+        pages = self._call(self.where, lambda obstore: list(obstore.list(self._store, prefix or None)))
+        return sorted(
+            meta["path"][len(prefix) :] for page in pages for meta in page if "/" not in meta["path"][len(prefix) :]
+        )
+
+    def delete(self, name: str) -> None:
+        self._call(self.location(name), lambda obstore: obstore.delete(self._store, self._name.key + name))
+
+    def _call(self, what: str, request: Callable[[ModuleType], T]) -> T:
+        """``request(obstore)``; InventoryError, naming ``what``, when the store refuses it."""
+        import obstore
+
+        try:
+            return request(obstore)
+        except (obstore.exceptions.BaseError, OSError) as exc:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise InventoryError(what, reason) from None

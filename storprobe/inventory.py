@@ -5,7 +5,8 @@ The schema is data: :data:`COLUMNS` declares each column once (name, type,
 meaning), in order; :func:`arrow_schema` builds the Parquet schema from it,
 with each meaning as the field's ``doc`` metadata. A row's image columns are
 ``qemu-img info --output=json``'s keys as :func:`~storprobe.qemu_json.to_qemu_json`
-renders them (renamed with underscores; nested values as JSON text), so an
+renders them (renamed with underscores; nested values as JSON text; a name's
+bytes that are not UTF-8 as ``\\xNN``), so an
 inventory says what ``storprobe scan --jsonl`` says; the object columns are
 what the listing said of the object, which decide whether a later scan may
 carry the row over (:func:`unchanged`) instead of reading the object again.
@@ -160,7 +161,17 @@ def row(
     out["object_size"], out["object_etag"], out["object_mtime"] = facts.size, facts.etag, facts.mtime_ns
     out["file_ctime"], out["file_device"], out["file_inode"] = facts.ctime_ns, facts.device, facts.inode
     out["storprobe_version"] = version
-    return out
+    return {name: utf8(value) if isinstance(value, str) else value for name, value in out.items()}
+
+
+def utf8(text: str) -> str:
+    """``text`` as a Parquet string holds it: bytes of a name that are not
+    UTF-8 (held by Python as lone surrogates) written as ``\\xNN``."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return text
 
 
 def _json(value: Any) -> str | None:

@@ -79,12 +79,24 @@ def _value(obj: Any, level: int) -> str:
     return json.dumps(obj, indent=4).replace("\n", _NEWLINES[level])
 
 
+#: Entries :func:`write_array` joins into one write: the process that writes a
+#: scan's output makes a write call per batch, not per volume.
+WRITE_BATCH = 64
+
+
 def write_array(entries: Iterable[str], out: TextIO) -> None:
     """Write a JSON array of entries already rendered by ``indented(item, 1)``,
-    as ``json.dumps(items, indent=4)`` and a newline would, entry by entry as
-    they come (memory stays flat however many there are)."""
-    separator = "[" + _NEWLINES[1]
+    as ``json.dumps(items, indent=4)`` and a newline would, :data:`WRITE_BATCH`
+    entries at a time as they come (memory stays flat however many there are)."""
+    comma, before = "," + _NEWLINES[1], "[" + _NEWLINES[1]
+    batch: list[str] = []
     for entry in entries:
-        out.write(separator + entry)
-        separator = "," + _NEWLINES[1]
-    out.write("[]\n" if separator[0] == "[" else "\n]\n")
+        batch.append(entry)
+        if len(batch) == WRITE_BATCH:
+            out.write(before + comma.join(batch))
+            before = comma
+            batch.clear()
+    if batch:
+        out.write(before + comma.join(batch))
+        before = comma
+    out.write("[]\n" if before[0] == "[" else "\n]\n")

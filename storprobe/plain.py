@@ -47,6 +47,15 @@ class PlainVolumes:
         )
         self._tail_windows = tuple((w.start, w.key, w.candidates) for w in table.windows if w.start < 0)
         self._tail = max((-start for start, _, _ in self._tail_windows), default=0)
+        #: (row position, version) of the rows with a ``plain`` callback, for the versions QEMU opens
+        #: with the row's own driver (another driver shows the volume's size, which no key holds)
+        self._written = {
+            (position, version)
+            for position, (spec, _, _) in enumerate(table.signed)
+            if spec.plain is not None
+            for version in (spec.versions if spec.version_offset is not None else (None,))
+            if spec.driver(version) == spec.name
+        }
         #: (row position, version, key) -> the template, or None where no template can be made
         self._templates: dict[Hashable, Template | None] = {}
         self._waiting: tuple[Hashable, int, int] | None = None
@@ -134,7 +143,7 @@ class PlainVolumes:
                 if found is not None:
                     return None
                 found = (position, spec, version)
-        if found is None or found[1].plain is None or found[1].driver(found[2]) != found[1].name:
+        if found is None or (found[0], found[2]) not in self._written:
             return None
         if self._tail_windows and size > 0:
             tail_start = max(0, size - self._tail)

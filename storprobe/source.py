@@ -128,7 +128,8 @@ class PathSource:
         try:
             self.stat = os.fstat(self._fd)
             self.file_type = _check_volume(self.stat.st_mode)  # the path may have changed since
-            self.security_label = _security_label(self._fd)
+            self._label: str | None = None
+            self._label_read = False
             self._size = (
                 os.lseek(self._fd, 0, os.SEEK_END) if self.file_type == "block" else self.stat.st_size
             )
@@ -138,6 +139,14 @@ class PathSource:
         except BaseException:
             os.close(self._fd)
             raise
+
+    @property
+    def security_label(self) -> str | None:
+        """The volume's SELinux label, read from the open descriptor when first
+        asked (a probe asks; a scan's fast path, which writes no label, does not)."""
+        if not self._label_read:
+            self._label, self._label_read = _security_label(self._fd) if self._fd >= 0 else None, True
+        return self._label
 
     def size(self) -> int:
         return self._size
@@ -163,6 +172,7 @@ class PathSource:
 
     def close(self) -> None:
         os.close(self._fd)
+        self._fd = -1
 
 
 class FileSource:
