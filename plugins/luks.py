@@ -21,7 +21,16 @@ from typing import Any, NamedTuple
 
 from storprobe import Features, FormatSpec, Image, InvalidHeader, Layout, LibvirtFacts, hookimpl
 from storprobe.layout import cstring, read_uint
-from storprobe.luks1 import LUKS1_HEADER, MAGIC, SECTOR, luks_specific
+from storprobe.luks1 import (
+    CREATE_STRINGS,
+    LUKS1_HEADER,
+    MAGIC,
+    SECTOR,
+    CreateRefused,
+    created_payload_offset,
+    luks_specific,
+)
+from storprobe.measure import CreateOption, MeasureError, Measurement, MeasureRequest
 from storprobe.source import sector_rounded_size
 
 # ---- LUKS2 ----------------------------------------------------------------
@@ -245,6 +254,27 @@ def size(img: Image) -> int:
     return end - start
 
 
+#: The luks driver's creation options (block/crypto.c block_crypto_create_opts_luks).
+CREATE_OPTIONS = (
+    CreateOption("size", "size"),
+    *(CreateOption(name, "string") for name in CREATE_STRINGS),
+    CreateOption("iter-time", "number"),
+)
+
+
+def measure(request: MeasureRequest) -> Measurement:
+    """``qemu-img measure -O luks`` (block_crypto_measure): the LUKS1 header QEMU
+    would write, then every byte of the disk (encrypted, so none is a hole)."""
+    options = request.options(CREATE_OPTIONS)
+    size = options.number("size", 0) if request.source is None else request.source.virtual_size
+    given = {name: value for name in CREATE_STRINGS if (value := options.string(name)) is not None}
+    try:
+        payload = created_payload_offset(given, request.secrets)
+    except CreateRefused as refused:
+        raise MeasureError(str(refused)) from None
+    return Measurement(payload + size, payload + size)
+
+
 @hookimpl
 def storprobe_formats() -> list[FormatSpec]:
     return [
@@ -260,5 +290,6 @@ def storprobe_formats() -> list[FormatSpec]:
             qemu_version_drivers={2: "raw"},  # QEMU 7.2's luks driver opens LUKS1 only
             size=size,
             features=features,
+            measure=measure,
         )
     ]

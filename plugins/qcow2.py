@@ -37,7 +37,8 @@ from storprobe import (
 )
 from storprobe.blockmap import DataPathError, Extent, HostFile, MissingExtra, inflate_cluster
 from storprobe.layout import cstring
-from storprobe.luks1 import LUKS1_HEADER_SIZE, luks_specific
+from storprobe.luks1 import CREATE_STRINGS as LUKS_CREATE_STRINGS
+from storprobe.luks1 import LUKS1_HEADER_SIZE, CreateRefused, created_payload_offset, luks_specific
 from storprobe.measure import CreateOption, MeasureError, Measurement, MeasureRequest
 from storprobe.source import TableWalker
 from storprobe.verify import CheckFailed, CheckReader, CheckResult, readable
@@ -1475,8 +1476,6 @@ def _bitmap_references(img: Image, hdr: Any, ext: Any, walk: _RefcountWalk) -> N
 # ===========================================================================
 
 #: qcow2's creation options as qemu-img 7.2 accepts them (qcow2_create_opts).
-#: The string options of a LUKS header's creation (block/crypto.h), here after ``encrypt.``.
-LUKS_CREATE_STRINGS = ("key-secret", "cipher-alg", "cipher-mode", "ivgen-alg", "ivgen-hash-alg", "hash-alg")
 CREATE_OPTIONS = (
     CreateOption("size", "size"),
     CreateOption("compat", "string"),
@@ -1520,9 +1519,14 @@ def measure(request: MeasureRequest) -> Measurement:
     preallocation = options.string("preallocation") or "off"
     if preallocation not in PREALLOCATION_MODES:
         raise MeasureError(f"invalid parameter value: {preallocation}")
-    if options.string("encrypt.format") == "luks":
-        raise MeasureError("storprobe does not measure LUKS-encrypted qcow2 (encrypt.format=luks) yet",
-                           code="measure.unsupported")
+    luks_payload = 0
+    if options.string("encrypt.format") == "luks":  # any other value QEMU ignores here
+        given = {name: options.string(f"encrypt.{name}") for name in LUKS_CREATE_STRINGS}
+        try:
+            header = created_payload_offset(_present(given), request.secrets, "encrypt.")
+            luks_payload = _round_up(header, cluster_size)
+        except CreateRefused as refused:
+            raise MeasureError(str(refused)) from None
     virtual_size = _round_up(options.number("size", 0), cluster_size)
     l2e_size = L2E_SIZE_EXTENDED if extended_l2 else L2E_SIZE
     l2_tables = -(-(virtual_size // cluster_size) // (cluster_size // l2e_size))
@@ -1538,7 +1542,8 @@ def measure(request: MeasureRequest) -> Measurement:
             required = _data_clusters(source.data_ranges(), cluster_size) * cluster_size
     if preallocation in ("full", "falloc"):
         required = virtual_size
-    fully_allocated = _prealloc_size(virtual_size, cluster_size, refcount_bits.bit_length() - 1, l2e_size)
+    refcount_order = refcount_bits.bit_length() - 1
+    fully_allocated = luks_payload + _prealloc_size(virtual_size, cluster_size, refcount_order, l2e_size)
     bitmaps = None
     if version >= 3 and source is not None and _keeps_persistent_bitmaps(source.info):
         bitmaps = _bitmaps_size(source.info, source.virtual_size, cluster_size)
@@ -1557,6 +1562,10 @@ def _measured_cluster_size(cluster_size: int, extended_l2: bool) -> int:
     if extended_l2 and cluster_size < smallest:
         raise MeasureError(f"Extended L2 entries are only supported with cluster sizes of at least {smallest} bytes")
     return cluster_size
+
+
+def _present(values: dict[str, str | None]) -> dict[str, str]:
+    return {name: value for name, value in values.items() if value is not None}
 
 
 def _round_up(n: int, to: int) -> int:

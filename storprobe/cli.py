@@ -325,6 +325,10 @@ def _parser() -> _Parser:
     measure.add_argument(
         "-U", "--force-share", action="store_true", help="accepted for qemu-img's sake: nothing is locked",
     )
+    measure.add_argument(
+        "--object", dest="objects", action="append", default=[], metavar="secret,id=ID,...",
+        help="a secret an encrypted target's key-secret names (repeatable); its value is never read",
+    )
     measure.add_argument("source", nargs="*", metavar="SRC", help="the image whose data the new one would hold")
 
     validate = sub.add_parser(
@@ -832,18 +836,19 @@ def _convert(args: argparse.Namespace) -> int:
 def _measure(args: argparse.Namespace) -> int:
     """qemu-img measure's answer on stdout, or its refusal (status 1)."""
     from .human import shown
-    from .measure import MeasureError, image_size, measure, to_human, to_json
+    from .measure import MeasureError, image_size, measure, secret_id, to_human, to_json
 
     source = args.source[0] if args.source else None
     try:
         if args.output not in ("human", "json"):
             raise MeasureError("--output must be used with human or json as argument.", code="measure.usage")
         size = None if args.size is None else image_size(args.size)
+        secrets = [secret_id(text) for text in args.objects]
         if len(args.source) > 1:
             raise MeasureError("At most one filename argument is allowed.", code="measure.usage")
         result = measure(
             args.target, args.options, size=size, source=source, source_format=args.format,
-            backing=_top_only() if args.no_backing else None,
+            backing=_top_only() if args.no_backing else None, secrets=secrets,
         )
     except MeasureError as refused:
         for report in refused.reports:

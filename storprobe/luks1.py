@@ -9,6 +9,7 @@ InvalidHeader with code ``luks.<rule>``.
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from .errors import InvalidHeader
@@ -186,3 +187,69 @@ def _slot_info(slot: Any) -> dict[str, Any]:
     if slot.active == SLOT_ACTIVE:
         return {"active": True, "iters": slot.iterations, "key-offset": key_offset, "stripes": slot.stripes}
     return {"active": False, "key-offset": key_offset}
+
+
+# ---- a new LUKS1 header, as QEMU 7.2 creates one (crypto/block-luks.c qcrypto_block_luks_create) ----------
+# What ``qemu-img measure`` needs of it: the bytes before the payload, after the
+# creation options are checked as QEMU checks them (QAPI's enums, then the
+# driver's own refusals, with the messages of the nettle backend Debian builds).
+
+#: QEMU's cipher algorithms -> (the LUKS cipher name, or None where LUKS has none; key bytes).
+CREATE_CIPHERS: dict[str, tuple[str | None, int]] = {
+    "aes-128": ("aes", 16), "aes-192": ("aes", 24), "aes-256": ("aes", 32), "des": (None, 8), "3des": (None, 24),
+    "cast5-128": ("cast5", 16), "serpent-128": ("serpent", 16), "serpent-192": ("serpent", 24),
+    "serpent-256": ("serpent", 32), "twofish-128": ("twofish", 16), "twofish-192": ("twofish", 24),
+    "twofish-256": ("twofish", 32),
+}
+#: Ciphers whose ESSIV key may be another key size of the family, by the name QEMU's message gives it.
+ESSIV_FAMILIES = {"aes": "AES", "serpent": "Serpent", "twofish": "Twofish"}
+#: QEMU's LUKS creation options after the format's prefix, as QAPI visits them, with their enums.
+CREATE_ENUMS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("cipher-alg", tuple(CREATE_CIPHERS)),
+    ("cipher-mode", ("ecb", "cbc", "xts", "ctr")),
+    ("ivgen-alg", ("plain", "plain64", "essiv")),
+    ("ivgen-hash-alg", tuple(HASH_DIGEST_BYTES)),
+    ("hash-alg", tuple(HASH_DIGEST_BYTES)),
+)
+#: The string-valued creation options (``key-secret`` names a secret object).
+CREATE_STRINGS = ("key-secret", *(name for name, _ in CREATE_ENUMS))
+
+
+class CreateRefused(Exception):
+    """QEMU refuses these creation options: its message."""
+
+
+def created_payload_offset(
+    given: Mapping[str, str], secrets: Collection[str], prefix: str = ""
+) -> int:
+    """Bytes before the payload of the LUKS1 header QEMU would create with the
+    creation options ``given`` (names without ``prefix``), whose key secret
+    must be one of ``secrets`` (the ids of the secret objects given): a 4 KiB
+    header, then eight key-material areas of 4000 stripes of the master key,
+    each padded to 4 KiB. CreateRefused with QEMU's message otherwise."""
+    for name, values in CREATE_ENUMS:
+        if name in given and given[name] not in values:
+            raise CreateRefused(f"Parameter '{name}' does not accept value '{given[name]}'")
+    secret = given.get("key-secret")
+    if secret is None:
+        raise CreateRefused(f"Parameter '{prefix}key-secret' is required for cipher")
+    if secret not in secrets:
+        raise CreateRefused(f"No secret with id '{secret}'")
+    algorithm = given.get("cipher-alg", "aes-256")
+    luks_name, key_bytes = CREATE_CIPHERS[algorithm]
+    if luks_name is None:
+        raise CreateRefused(f"Algorithm '{algorithm}' not supported")
+    if given.get("ivgen-alg", "plain64") == "essiv":
+        digest = HASH_DIGEST_BYTES[given.get("ivgen-hash-alg", "sha256")]
+        if digest != key_bytes and luks_name not in ESSIV_FAMILIES:
+            raise CreateRefused(f"Cipher {algorithm} not supported with essiv")
+        if digest != key_bytes and digest not in CIPHER_KEY_BYTES[luks_name]:
+            raise CreateRefused(f"No {ESSIV_FAMILIES[luks_name]} cipher with key size {digest} available")
+    mode = given.get("cipher-mode", "xts")
+    if mode == "xts":
+        if luks_name == "cast5":  # a 64-bit block: no XTS
+            raise CreateRefused("Unsupported cipher mode xts")
+        key_bytes *= 2
+    area = -(-(key_bytes * STRIPES) // SECTOR)  # sectors of one slot's key material
+    area = -(-area // KEY_AREA_ALIGN) * KEY_AREA_ALIGN
+    return (KEY_AREA_ALIGN + KEY_SLOTS * area) * SECTOR

@@ -122,13 +122,16 @@ class SourceDisk:
 class MeasureRequest(NamedTuple):
     """What a row's ``measure`` callback answers: the target ``format``'s name,
     the ``-o`` options as given (name, value) and the ``--size`` given, if any,
-    and the ``source`` to convert, if any. The callback reads its options first,
-    with :meth:`options`, as qemu-img refuses bad ones before measuring."""
+    the ``source`` to convert, if any, and the ids of the secret objects given
+    (``--object secret,id=...``: an encryption key's name, never its value).
+    The callback reads its options first, with :meth:`options`, as qemu-img
+    refuses bad ones before measuring."""
 
     format: str
     given: tuple[tuple[str, str], ...] = ()
     size: int | None = None
     source: SourceDisk | None = None
+    secrets: frozenset[str] = frozenset()
 
     def options(self, declared: Iterable[CreateOption]) -> Options:
         """The options given, checked against ``declared`` (and the file
@@ -247,6 +250,26 @@ def _value(params: str, at: int) -> tuple[str, int]:
         return "".join(parts), comma + 1
 
 
+#: The ``--object`` types measure accepts: secrets, whose ids an encrypted target's key-secret names.
+SECRET_TYPES = ("secret", "secret_keyring")
+
+
+def secret_id(text: str) -> str:
+    """The id of the secret object ``--object TYPE,id=ID,...`` creates (its
+    value is never read: a size does not depend on a key). A MeasureError for
+    an object without an id or of another type."""
+    kind, _, rest = text.partition(",")
+    if kind.startswith("qom-type="):
+        kind = kind[len("qom-type=") :]
+    ids = [value for name, value in option_list([rest]) if name == "id"] if rest else []
+    if kind not in SECRET_TYPES:
+        raise MeasureError(f"--object {kind}: measure takes only secret objects ({', '.join(SECRET_TYPES)})",
+                           code="measure.object")
+    if not ids:
+        raise MeasureError("Parameter 'id' is missing", code="measure.object")
+    return ids[-1]
+
+
 def image_size(text: str) -> int:
     """``--size``'s bytes, as qemu-img reads them (a MeasureError in its words)."""
     try:
@@ -271,12 +294,14 @@ def measure(
     source: str | os.PathLike[str] | None = None,
     source_format: str | None = None,
     backing: BackingPolicy | None = None,
+    secrets: Iterable[str] = (),
     table: FormatTable | None = None,
 ) -> Measurement:
     """What ``qemu-img measure -O format [-o options] (--size size | [-f source_format] source)``
     answers. ``backing``: which backing files of ``source`` are read (default: any
     local one its chain records, as qemu-img does; :data:`~storprobe.datapath.IGNORE`
-    reads the top image alone)."""
+    reads the top image alone). ``secrets``: the ids of the secret objects an
+    encrypted target's ``key-secret`` may name."""
     if source is None and source_format is not None:
         raise MeasureError("--image-opts, -f, and -l require a filename argument.", code="measure.usage")
     if source is not None and size is not None:
@@ -298,7 +323,7 @@ def measure(
         spec = table[format]
         if spec.measure is None:
             raise MeasureError(f"Block driver '{format}' does not support size measurement", code="measure.format")
-        return spec.measure(MeasureRequest(format, given, size, disk))
+        return spec.measure(MeasureRequest(format, given, size, disk, frozenset(secrets)))
     finally:
         if disk is not None:
             disk.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -375,3 +376,78 @@ def test_installed_command(tmp_path):
         ours = subprocess.run([require("storprobe"), "measure", "--output", output, *args], capture_output=True,
                               text=True, check=False)
         assert (ours.returncode, ours.stdout, ours.stderr) == (0, qemu_measure(*args, output=output).stdout, "")
+
+
+# ---- encrypted targets: the LUKS1 header QEMU would write -------------------------------------------
+
+
+SECRET = ["--object", "secret,id=s0,data=never-read"]
+
+
+def test_luks_targets(tmp_path):
+    """The header's size follows the master key (cipher, XTS doubles it); qcow2
+    rounds it up to a cluster. qemu-img creates the header to measure it (seconds
+    of key-derivation benchmark each), so two oracles, run side by side, cover the
+    arithmetic; the other key sizes are checked below against luks' own sums."""
+    source = tmp_path / "src.raw"
+    with open(source, "wb") as f:
+        f.truncate(3 << 20)
+        f.seek(1 << 20)
+        f.write(b"x" * 5000)
+    cases = [  # a 48-byte XTS key (serpent-192) over a source; a 16-byte CBC key in 2 MiB clusters
+        ["-O", "luks", "-o", "key-secret=s0,cipher-alg=serpent-192,ivgen-alg=essiv,ivgen-hash-alg=sha256", source],
+        ["-O", "qcow2", "-o", "encrypt.format=luks,encrypt.key-secret=s0,encrypt.cipher-alg=twofish-128,"
+         "encrypt.cipher-mode=cbc,cluster_size=2M,preallocation=metadata", "--size", str(10**9)],
+    ]
+    with ThreadPoolExecutor(len(cases)) as pool:
+        answers = list(pool.map(lambda args: qemu_answer(*SECRET, *args), cases))
+    for args, qemu in zip(cases, answers, strict=True):
+        fmt, options = str(args[1]), [str(args[3])]
+        where = {"size": int(args[5])} if "--size" in args else {"source": args[4]}
+        assert our_answer(fmt, options, secrets=["s0"], **where) == qemu, args
+
+
+@pytest.mark.parametrize("target", ["luks", "qcow2"])
+@pytest.mark.parametrize("options", [
+    [], ["key-secret=s1"], ["key-secret=s0,cipher-alg=foo"], ["key-secret=s0,hash-alg=x,cipher-mode=y"],
+    ["key-secret=s0,cipher-alg=des"], ["key-secret=s0,cipher-alg=3des,cipher-mode=cbc"],
+    ["key-secret=s0,cipher-alg=cast5-128"], ["key-secret=s0,cipher-alg=cast5-128,cipher-mode=cbc,ivgen-alg=essiv"],
+    ["key-secret=s0,ivgen-alg=essiv,ivgen-hash-alg=sha1"],
+    ["key-secret=s0,cipher-alg=twofish-192,ivgen-alg=essiv,ivgen-hash-alg=sha512"],
+    ["key-secret=s0,ivgen-hash-alg=md6"], ["key-secret=s0,iter-time=abc"],
+])
+def test_luks_refusals(target, options):
+    """QEMU's refusals of LUKS creation options, in its words (the qcow2 target's
+    options carry ``encrypt.``, its messages only where QEMU's do)."""
+    if target == "qcow2":
+        options = ["encrypt.format=luks" + "".join(f",encrypt.{o}" for o in ",".join(options).split(",") if o)]
+    ours = our_answer(target, options, size=1 << 20, secrets=["s0"])
+    assert ours == qemu_answer(*SECRET, "-O", target, "--size", "1M", *option_args(options))
+
+
+@pytest.mark.parametrize("objects", [
+    ["secret,data=x"], ["iothread,id=x"], ["secret,id=s0,file=/nonexistent/never-read", "secret,id=s1,data=x"],
+])
+def test_objects(objects, capsys):
+    """--object: only secrets, each with an id; their values are never read."""
+    args = [arg for text in objects for arg in ("--object", text)]
+    ours = storprobe_measure(capsys, *args, "-O", "luks", "-o", "key-secret=s1", "--size", "1")
+    if objects[0].startswith("secret,id"):
+        assert (ours.returncode, ours.stderr) == (0, "")
+        assert ours.stdout == "required size: 2068481\nfully allocated size: 2068481\n"
+    else:
+        assert (ours.returncode, ours.stdout) == (1, "")
+        assert ours.stderr.startswith("storprobe: ")
+
+
+@pytest.mark.parametrize("cipher, mode, key_bytes", [
+    ("aes-128", "cbc", 16), ("aes-256", "xts", 64), ("cast5-128", "ctr", 16), ("serpent-256", "ecb", 32),
+    ("twofish-192", "xts", 48),
+])
+def test_luks_header_sizes(cipher, mode, key_bytes):
+    """The header QEMU writes: 4 KiB, then eight slots of 4000 stripes of the
+    master key, each padded to 4 KiB (QEMU's layout, which test_luks_targets
+    holds to qemu-img)."""
+    slot = -(-key_bytes * 4000 // 4096) * 4096
+    ours = measure("luks", [f"key-secret=s0,cipher-alg={cipher},cipher-mode={mode}"], size=7, secrets=["s0"])
+    assert ours == Measurement(4096 + 8 * slot + 7, 4096 + 8 * slot + 7)
