@@ -114,11 +114,13 @@ def scan_map(
 
     Raises SourceError at once when ``directory`` itself cannot be listed.
     """
-    from .forked import usable_cpus
-
     table = table or format_table()
     paths = list(_paths(_top_listing(directory), recursive))
-    return _rendered(paths, render, table, jobs or min(usable_cpus(), DEFAULT_JOBS_CAP), quote)
+    if jobs is None and len(paths) > BATCH:  # one batch is one process's work: no workers to count
+        from .forked import usable_cpus
+
+        jobs = min(usable_cpus(), DEFAULT_JOBS_CAP)
+    return _rendered(paths, render, table, jobs or 1, quote)
 
 
 def listing(directory: str | os.PathLike[str], *, recursive: bool = False) -> list[Entry]:
@@ -143,10 +145,8 @@ def _rendered(
     jobs: int,
     quote: Callable[[str], str] | None = None,
 ) -> Iterator[T]:
-    from .forked import ordered_map
-
     plain = None
-    if quote is not None:
+    if quote is not None and paths:
         from .plain import PlainVolumes
 
         plain = PlainVolumes(table, render, quote) if PlainVolumes.applies(table) else None
@@ -157,8 +157,14 @@ def _rendered(
         return [render(record) for record in _records(batch, table)]
 
     batches = [paths[i : i + BATCH] for i in range(0, len(paths), BATCH)]
-    for rendered in ordered_map(work, batches, jobs):
-        yield from rendered
+    if jobs > 1 and len(batches) > 1:
+        from .forked import ordered_map  # its fork and pipe machinery, only where workers can share the work
+
+        for rendered in ordered_map(work, batches, jobs):
+            yield from rendered
+    else:
+        for batch in batches:
+            yield from work(batch)
 
 
 def _top_listing(directory: str | os.PathLike[str]) -> list[os.DirEntry]:
