@@ -259,11 +259,14 @@ def dask_client(address: str | None = None, *, workers: int | None = None) -> It
 
 
 def _needs(module: str, what: str) -> None:
-    """InventoryError, naming the extra, when ``module`` is not installed."""
-    import importlib.util
+    """Import ``module``; InventoryError, naming the extra, when it is not installed."""
+    import importlib
 
-    if importlib.util.find_spec(module) is None:
-        raise InventoryError(what, f"needs the fleet extra: pip install 'storprobe[fleet]' ({module} is missing)")
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        reason = f"needs the fleet extra: pip install 'storprobe[fleet]' ({module} is missing)"
+        raise InventoryError(what, reason) from None
 
 
 @functools.cache

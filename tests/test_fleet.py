@@ -515,3 +515,14 @@ def test_cli_inventories_a_directory_into_a_bucket(s3, tmp_path, templates):
         for line in s3.client.get_object(Bucket=BUCKET, Key=key)["Body"].read().splitlines()]
     assert lines == read_store_rows(s3, "cli-2/")
     assert storprobe("scan", objects, "--endpoint-url", s3.endpoint).returncode == 2  # no URL: a usage error
+
+
+@pytest.mark.parametrize(("missing", "args", "what"), [
+    ("pyarrow", [], "Parquet parts"), ("distributed", ["--to-format", "jsonl", "--dask"], "a Dask cluster"),
+])
+def test_without_the_fleet_extra_the_command_says_what_to_install(tmp_path, missing, args, what):
+    code = f"import sys; sys.modules[{missing!r}] = None; from storprobe.cli import main; sys.exit(main(sys.argv[1:]))"
+    done = subprocess.run([sys.executable, "-c", code, "scan", str(tmp_path), "--to", str(tmp_path / "inv"), *args],
+                          capture_output=True, text=True)
+    assert (done.returncode, done.stderr) == (
+        1, f"storprobe: {what}: needs the fleet extra: pip install 'storprobe[fleet]' ({missing} is missing)\n")
