@@ -862,7 +862,7 @@ class Qcow2Map:
                 rest = table[(index + i) * 8 : end * 8]
                 j = i + (len(rest) - len(rest.lstrip(b"\0"))) // 8
                 yield _clipped(Extent(at, (j - i) * cs, False, False), start, stop)
-            elif entry & PLAIN_DATA_FLAGS == 0 and entry % cs == 0:
+            elif entry & PLAIN_DATA_FLAGS == 0 and entry % cs == 0 and entry & L2E_OFFSET_MASK:
                 j = i + self._consecutive(table, (index + i) * 8, count - i, entry)
                 host = entry & L2E_OFFSET_MASK
                 yield _clipped(Extent(at, (j - i) * cs, True, False, host), start, stop)

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 import storprobe
 from storprobe import ProbeError
-from storprobe.blockmap import TableCache
+from storprobe.blockmap import Extent, TableCache
 from storprobe.datapath import IGNORE, LOCAL, REFUSE, GuestDisk, backing_inside, open_image, open_layers
 
 from builders import (
@@ -473,3 +473,48 @@ def test_qcow_corrupt_compressed_cluster(tmp_path):
     assert value & 1 << 63
     patched(image, value & ((1 << 51) - 1), 0xFFFFFFFFFFFFFFFF)
     assert_named_and_qemu_fails(image, "qcow.compressed-corrupt", status_too=False)
+
+
+def test_the_largest_compressed_input_is_two_clusters(tmp_path):
+    """A compressed descriptor's sector count at its maximum makes QEMU read two
+    clusters of input; the stream ends inside, so both read the same cluster."""
+    image = written_qcow2(tmp_path / "a.qcow2", 65536, script=("write -c -P 0x33 0 64k",))
+    at, _, _ = compressed_entry(image, 65536, 0)
+    shift = 62 - (16 - 8)
+    patched(image, at, entry(image, at) | ((1 << (16 - 8)) - 1) << shift)
+    assert compressed_entry(image, 65536, 0)[2] * 512 == 2 * 65536
+    assert assert_reads_as_qemu(image, tmp_path)[:65536] == b"\x33" * 65536
+
+
+def test_a_zstd_frame_shorter_than_a_cluster(tmp_path):
+    zstandard = pytest.importorskip("zstandard")
+    image = written_qcow2(tmp_path / "z.qcow2", 65536, "compression_type=zstd", script=("write -c -P 0x33 0 64k",))
+    _, host, _ = compressed_entry(image, 65536, 0)
+    frame = zstandard.ZstdCompressor().compress(b"\x33" * 60000)
+    data = bytearray(image.read_bytes())
+    data[host : host + len(frame)] = frame
+    image.write_bytes(bytes(data))
+    assert code(lambda: read_all(image)) == "qcow2.compressed-short"
+    qemu_fails_to_read(image)
+
+
+class Stuck:
+    """A block map that breaks the contract: an extent that does not move on."""
+
+    def extents(self, start, length, *, want_zero=True):
+        while True:
+            yield Extent(start, 0, True, False, 0)
+
+    def read(self, extent, offset, length):
+        return bytes(length)
+
+
+def test_a_map_that_does_not_progress_is_a_named_error(tmp_path):
+    """The core checks every extent a row's map gives: each non-empty and where
+    the last one ended, so no map can loop forever or skip bytes."""
+    image = written_qcow2(tmp_path / "a.qcow2", 65536)
+    layers = open_layers(image)
+    disk = GuestDisk([layers[0]._replace(map=Stuck())])
+    assert code(lambda: disk.read(10)) == "plugin-error"
+    assert code(lambda: list(disk.block_status())) == "plugin-error"
+    disk.close()
