@@ -318,9 +318,9 @@ def measure(
 
         disk = SourceDisk(open_layers(source, source_format, backing=backing or LOCAL, table=table))
     try:
-        if format not in table.names():
+        spec = table[format] if format in table.names() else None
+        if spec is None or spec.driver(None) != format:  # QEMU has no driver of that name (an iso is raw)
             raise MeasureError(f"Unknown file format '{format}'", code="measure.format")
-        spec = table[format]
         if spec.measure is None:
             raise MeasureError(f"Block driver '{format}' does not support size measurement", code="measure.format")
         return spec.measure(MeasureRequest(format, given, size, disk, frozenset(secrets)))
