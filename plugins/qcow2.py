@@ -750,6 +750,7 @@ class Qcow2Map:
         self._preallocated: bool | None = None
         self._inflated: tuple[int, bytes] = (-1, b"")
         self._runs: tuple[int, int] | None = None  # the repunit and steps of a table of consecutive clusters
+        self._zeros = bytes(self.cluster_size)
 
     # -- tables ------------------------------------------------------------------------
 
@@ -825,7 +826,8 @@ class Qcow2Map:
             shift = 64 * (self.l2_entries - m)
             return int.from_bytes(table[at : at + 8 * m], "big") == entry * (repunit >> shift) + (steps >> shift)
 
-        if continues(most):  # the common case: preallocated or sequentially written tables
+        last = int.from_bytes(table[at + 8 * most - 8 : at + 8 * most], "big")
+        if last == entry + (most - 1) * self.cluster_size and continues(most):  # preallocated, sequential writes
             return most
         low, high = 1, 2  # else by doubling, so that a short run costs little
         while high < most and continues(high):
@@ -835,6 +837,17 @@ class Qcow2Map:
             middle = (low + high) // 2
             low, high = (middle, high) if continues(middle) else (low, middle)
         return low
+
+    def _empty_entries(self, entries: bytes) -> int:
+        """How many 8-byte entries at the start of ``entries`` are zero (at least one is):
+        whole prefixes compared with zeros (memcmp), the first non-zero byte bisected."""
+        if entries == self._zeros[: len(entries)]:
+            return len(entries) // 8
+        low, high = 8, len(entries)  # the first ``low`` bytes are zero, the first ``high`` are not
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if entries[:middle] == self._zeros[:middle] else (low, middle)
+        return low // 8
 
     def _one_cluster(self, table: bytes, l1_index: int, i: int, start: int, stop: int) -> Iterator[Extent]:
         """The extents of cluster ``i`` of an L2 table, within ``[start, stop)``."""
@@ -859,8 +872,7 @@ class Qcow2Map:
             entry = words[i]
             at = first + (index + i) * cs
             if entry == 0:
-                rest = table[(index + i) * 8 : end * 8]
-                j = i + (len(rest) - len(rest.lstrip(b"\0"))) // 8
+                j = i + self._empty_entries(table[(index + i) * 8 : end * 8])
                 yield _clipped(Extent(at, (j - i) * cs, False, False), start, stop)
             elif entry & PLAIN_DATA_FLAGS == 0 and entry % cs == 0 and entry & L2E_OFFSET_MASK:
                 j = i + self._consecutive(table, (index + i) * 8, count - i, entry)
