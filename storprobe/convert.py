@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from .errors import ProbeError
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 CHUNK = 2 << 20
 #: The smallest run of zeros left as a hole (qemu-img convert's default ``-S``).
 SPARSE = 4096
-_ZERO_CHUNK = bytes(CHUNK)
+_ZERO_BLOCK = bytes(SPARSE)
 
 
 class DestinationError(ProbeError):
@@ -94,28 +95,39 @@ def _create(destination: str | os.PathLike[str], overwrite: bool) -> int:
 
 
 def _copy(disk: GuestDisk, fd: int, start: int, length: int) -> None:
-    """Write the non-zero 4 KiB blocks of ``[start, start + length)``, read
-    into one reused buffer."""
-    buffer = memoryview(bytearray(min(CHUNK, length)))
+    """Write ``[start, start + length)`` but its aligned 4 KiB blocks of zeros,
+    read into one reused buffer."""
+    buffer = bytearray(min(CHUNK, length))
+    view = memoryview(buffer)
     for at in range(start, start + length, CHUNK):
         size = min(CHUNK, start + length - at)
-        view = buffer[:size]
         disk.seek(at)
-        if disk.readinto(view) != size:
+        if disk.readinto(view[:size]) != size:
             raise ProbeError(f"short read at offset {at} of the guest disk", code="convert.short-read")
-        if view == _ZERO_CHUNK[:size]:
+        for lo, hi in _data_runs(buffer, at, size):
+            _write(fd, view[lo:hi], at + lo)
+
+
+def _data_runs(buffer: bytearray, at: int, size: int) -> Iterator[tuple[int, int]]:
+    """The ranges ``[lo, hi)`` of ``buffer[:size]`` (guest bytes from offset
+    ``at``) left once its 4 KiB blocks of zeros, aligned on the disk, are taken
+    out. Zeros are looked for with ``bytearray.find`` (C), the blocks of a run
+    of zeros checked one by one."""
+    view = memoryview(buffer)
+    run = search = 0  # where the range being gathered starts; where to look for zeros next
+    while (found := buffer.find(_ZERO_BLOCK, search, size)) >= 0:
+        lo = found + (-(at + found)) % SPARSE  # the first block boundary in those zeros' reach
+        if lo + SPARSE > size or view[lo : lo + SPARSE] != _ZERO_BLOCK:
+            search = lo + SPARSE  # no aligned zero block starts before the next boundary
             continue
-        run_start = None  # where the run of non-zero blocks being gathered starts
-        for block in range(at - at % SPARSE, at + size, SPARSE):
-            lo, hi = max(block, at) - at, min(block + SPARSE, at + size) - at
-            if view[lo:hi] == _ZERO_CHUNK[: hi - lo]:
-                if run_start is not None:
-                    _write(fd, view[run_start:lo], at + run_start)
-                    run_start = None
-            elif run_start is None:
-                run_start = lo
-        if run_start is not None:
-            _write(fd, view[run_start:], at + run_start)
+        hi = lo + SPARSE
+        while hi + SPARSE <= size and view[hi : hi + SPARSE] == _ZERO_BLOCK:
+            hi += SPARSE
+        if lo > run:
+            yield run, lo
+        run = search = hi
+    if run < size:
+        yield run, size
 
 
 def _write(fd: int, data: memoryview, offset: int) -> None:
