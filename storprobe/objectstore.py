@@ -147,6 +147,8 @@ def named_error(exc: Exception, url: str) -> RemoteError:
         return RemoteError(f"{url}: no such object", code="source.not-found")
     if isinstance(exc, (PermissionDeniedError, UnauthenticatedError, PermissionError)) or " 403 " in text:
         return RemoteError(f"{url}: access denied", code="source.denied")
+    if any(f" {status} " in text for status in (500, 502, 503, 504)):
+        return RemoteError(f"{url}: the server failed ({_first_line(exc)})", code="source.server-error")
     if "TimedOut" in text or "timed out" in text or "operation timed out" in text.lower():
         return RemoteError(f"{url}: the server did not answer in time", code="source.timeout")
     if "Connect" in text or "error sending request" in text:

@@ -5,7 +5,8 @@ counting, at the server, the requests and the body bytes it sent per object:
   as ``moto_server`` serves it), wrapped in a counting middleware;
 - :class:`RangeServer`: an HTTP server of ours that honours ``Range`` (one
   range, ``bytes=A-B``, ``A-`` and ``-N``; 206 with ``Content-Range``, 416 when
-  unsatisfiable), serving a directory; names under ``forbidden/`` answer 403;
+  unsatisfiable), serving a directory; names under ``forbidden/`` answer 403,
+  under ``broken/`` 503; ``delay`` seconds before each answer emulate a store's latency;
 - :class:`NoRangeServer`: Python's own ``http.server``, which ignores
   ``Range`` and sends the whole file with 200;
 - :class:`SilentServer`: accepts connections and never answers (timeouts).
@@ -20,6 +21,7 @@ import re
 import shutil
 import socket
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -80,12 +82,15 @@ class MotoS3:
 def moto_s3() -> Iterator[MotoS3]:
     """moto's S3 server on 127.0.0.1, a free port, threaded, for the block's duration."""
     from moto.server import DomainDispatcherApplication, create_backend_app
-    from werkzeug.serving import make_server
+    from werkzeug.serving import WSGIRequestHandler, make_server
+
+    class _QuietWSGI(WSGIRequestHandler):
+        def log_request(self, *args, **kwargs) -> None:
+            pass
 
     counts = Counts()
     app = _Counting(DomainDispatcherApplication(create_backend_app), counts)
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    server.log_request = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=_QuietWSGI)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -99,6 +104,7 @@ def moto_s3() -> Iterator[MotoS3]:
 class _Quiet(http.server.SimpleHTTPRequestHandler):
     counts: Counts
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out as written, not 40 ms apart
 
     def log_message(self, *args) -> None:
         pass
@@ -140,10 +146,16 @@ class _HonoursRange(_Quiet):
     def do_GET(self) -> None:
         self._serve(body=True)
 
+    delay = 0.0  # seconds before each answer: a store's time to first byte
+
     def _serve(self, body: bool) -> None:
         path = self._count_request()
+        if self.delay:
+            time.sleep(self.delay)
         if path.startswith("/forbidden/"):
             return self._empty(403)
+        if path.startswith("/broken/"):
+            return self._empty(503)
         file = Path(self.translate_path(path))
         if not file.is_file():
             return self._empty(404)
@@ -188,9 +200,9 @@ class _HonoursRange(_Quiet):
 class _HTTPServer:
     handler: type[_Quiet]
 
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
+    def __init__(self, directory: str | os.PathLike[str], delay: float = 0.0) -> None:
         self.counts = Counts()
-        handler = type("Handler", (self.handler,), {"counts": self.counts})
+        handler = type("Handler", (self.handler,), {"counts": self.counts, "delay": delay})
         self.server = http.server.ThreadingHTTPServer(
             ("127.0.0.1", 0), functools.partial(handler, directory=os.fspath(directory))
         )

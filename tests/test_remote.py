@@ -301,3 +301,54 @@ def test_a_rows_declared_reads_come_in_one_round(images):
     assert asked[0] == first_ranges(len(data)) and asked[1] == [(64 << 10, 256 << 10)]
     assert len(asked) <= 5
     assert row_problems(FormatSpec("x", magic=b"X", reads=((0, 0),)))
+
+
+def test_retries_are_bounded(web):
+    """A server that keeps failing (503) is asked again at most MAX_RETRIES
+    times per request, then named: no endless loop."""
+    web.counts.clear()
+    with pytest.raises(storprobe.SourceError) as failed:
+        storprobe.probe(f"{web.url}/broken/disk.qcow2")
+    assert failed.value.code == "source.server-error"
+    first_round = 2  # the head and the tail
+    assert 1 < web.counts.requests["/broken/disk.qcow2"] <= first_round * (1 + objectstore.MAX_RETRIES)
+
+
+def test_the_endpoint_comes_from_the_environment_too(s3, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
+    assert storprobe.probe(f"s3://{BUCKET}/pool/plain/disk.vdi").format == "vdi"
+
+
+@pytest.fixture
+def greedy_format():
+    """A third-party row whose size callback walks 1 MiB reads through the file."""
+    from storprobe import FormatSpec, hookimpl
+
+    def size(img):
+        return sum(len(img.read(i << 20, 1 << 20)) for i in range(1, 64))
+
+    class Plugin:
+        @hookimpl
+        def storprobe_formats(self):
+            return [FormatSpec("greedy", magic=b"GREEDY!!", size=size)]
+
+    plugin = Plugin()
+    storprobe.register(plugin)
+    yield
+    storprobe.unregister(plugin)
+
+
+def test_the_read_budget_holds_per_object(greedy_format, tmp_path):
+    """The probe's byte budget bounds what is fetched of an object, whatever its header asks."""
+    from storprobe.source import READ_BUDGET
+
+    image = tmp_path / "greedy.img"
+    with image.open("wb") as f:
+        f.write(b"GREEDY!!")
+        f.truncate(64 << 20)
+    with RangeServer(tmp_path) as server:
+        with pytest.raises(storprobe.ReadLimitExceeded):
+            storprobe.probe(f"{server.url}/greedy.img")
+        assert server.counts.sent["/greedy.img"] <= READ_BUDGET + objectstore.REMOTE_MIN_FETCH + (64 << 10)
+    with pytest.raises(storprobe.ReadLimitExceeded):
+        storprobe.probe(image)  # as locally
