@@ -1029,6 +1029,8 @@ def _useless_scan_options(args: argparse.Namespace) -> Iterator[str]:
             yield f"{option} shapes records on stdout; with --to they go into the inventory"
     if args.jobs is not None and args.dask != "":
         yield "--jobs with --to is the number of workers of --dask's LocalCluster (given no SCHEDULER)"
+    if args.recursive and is_url(args.directory):
+        yield "--recursive applies only to a directory (a prefix's listing holds every key under it)"
 
 
 class OutputFailed(Exception):

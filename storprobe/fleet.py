@@ -38,7 +38,7 @@ from datetime import UTC, datetime
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
-from .inventory import SCHEMA_VERSION, ObjectFacts, arrow_schema, row, unchanged, utf8
+from .inventory import NAMES, SCHEMA_VERSION, ObjectFacts, arrow_schema, row, unchanged, utf8
 from .urls import is_url, object_client
 
 if TYPE_CHECKING:
@@ -71,9 +71,12 @@ class InventoryError(Exception):
     reached (no volume's fault: the scan stops); ``subject`` is what failed."""
 
     def __init__(self, subject: str, reason: str) -> None:
-        super().__init__(f"{subject}: {reason}")
+        super().__init__(subject, reason)  # as it pickles: raised on a worker, it is raised again here
         self.subject = subject
         self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.subject}: {self.reason}"
 
 
 class Entry(NamedTuple):
@@ -367,12 +370,23 @@ def _encode(rows: list[dict[str, Any]], to_format: str) -> bytes:
 
 def _read_part(location: str, names: set[str], endpoint_url: str | None) -> list[dict[str, Any]]:
     """The rows of the part at ``location`` whose filename is in ``names``
-    (timestamps as nanoseconds, as :func:`storprobe.inventory.row` makes them)."""
+    (timestamps as nanoseconds, as :func:`storprobe.inventory.row` makes them).
+    InventoryError when it cannot be read, or holds no inventory's rows."""
     where, _, name = location.rpartition("/")
     data = place_at(where, endpoint_url).get(name)
-    if name.endswith(FORMATS["jsonl"]):
-        lines = (json.loads(line) for line in data.splitlines())
-        return [r for r in lines if r["filename"] in names]
+    try:
+        return _rows(data, name.endswith(FORMATS["jsonl"]), names)
+    except (ValueError, TypeError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise InventoryError(location, f"not a part of an inventory ({reason})") from None
+
+
+def _rows(data: bytes, json_lines: bool, names: set[str]) -> list[dict[str, Any]]:
+    if json_lines:
+        rows = [json.loads(line) for line in data.splitlines()]
+        if not all(isinstance(r, dict) and r.keys() == set(NAMES) for r in rows):
+            raise ValueError("a line that is not a row of the schema")
+        return [r for r in rows if r["filename"] in names]
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -380,8 +394,8 @@ def _read_part(location: str, names: set[str], endpoint_url: str | None) -> list
     table = pq.read_table(io.BytesIO(data), schema=arrow_schema())
     table = table.filter(pc.is_in(table["filename"], value_set=pa.array(sorted(names), pa.string())))
     as_numbers = pa.schema([f.with_type(pa.int64()) if pa.types.is_timestamp(f.type) else f for f in table.schema])
-    rows: list[dict[str, Any]] = table.cast(as_numbers).to_pylist()
-    return rows
+    found: list[dict[str, Any]] = table.cast(as_numbers).to_pylist()
+    return found
 
 
 def _previous_parts(earlier: Place, to: Place) -> list[PreviousPart]:

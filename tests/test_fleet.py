@@ -9,6 +9,7 @@ import ctypes
 import io
 import json
 import os
+import pickle
 import shutil
 import struct
 import subprocess
@@ -319,6 +320,32 @@ def test_a_refresh_from_json_lines(tmp_path, templates):
     assert read_rows(tmp_path / "second") == lines
 
 
+@pytest.mark.parametrize("to_format", ["parquet", "jsonl"])
+def test_a_damaged_previous_inventory_stops_the_refresh_naming_its_part(tmp_path, templates, to_format):
+    objects = tmp_path / "objects"
+    fill(objects, templates, 10)
+    fleet_scan(objects, tmp_path / "first", to_format=to_format)
+    part = next((tmp_path / "first").glob("part-*"))
+    part.write_bytes(part.read_bytes()[: len(part.read_bytes()) // 2])
+    done = storprobe("scan", objects, "--to", tmp_path / "second", "--since", tmp_path / "first")
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"storprobe: {part}: not a part of an inventory (") and done.stderr.count("\n") == 1
+    assert not (tmp_path / "second" / MANIFEST).exists()
+
+
+def test_a_damaged_part_found_on_a_worker_is_the_same_error_here(tmp_path, templates, client):
+    objects = tmp_path / "objects"
+    fill(objects, templates, 10)
+    fleet_scan(objects, tmp_path / "first")
+    part = next((tmp_path / "first").glob("part-*"))
+    part.write_bytes(b"PAR1")
+    with pytest.raises(InventoryError) as raised:
+        fleet_scan(objects, tmp_path / "second", since=tmp_path / "first", client=client)
+    assert raised.value.subject == str(part) and raised.value.reason.startswith("not a part of an inventory")
+    again = pickle.loads(pickle.dumps(raised.value))  # as a worker process sends it back
+    assert (again.subject, again.reason) == (raised.value.subject, raised.value.reason)
+
+
 def test_the_previous_inventory_is_never_the_destination(tmp_path, templates):
     objects = tmp_path / "objects"
     fill(objects, templates, 10)
@@ -391,9 +418,10 @@ def test_dask_is_imported_only_for_a_cluster(tmp_path, templates):
     (["--to", "x", "--jsonl"], "--jsonl shapes records on stdout"),
     (["--to", "x", "--jobs", "2"], "--jobs with --to"),
     (["--to", "x", "--dask", "nowhere"], "is no scheduler address"),
+    (["--to", "x", "--recursive", "s3://bucket/prefix/"], "--recursive applies only to a directory"),
 ])
 def test_options_that_would_do_nothing_are_usage_errors(tmp_path, args, complaint):
-    done = storprobe("scan", tmp_path, *args)
+    done = storprobe("scan", *args) if args[-1].startswith("s3:") else storprobe("scan", tmp_path, *args)
     assert done.returncode == 2 and complaint in done.stderr
 
 
