@@ -565,15 +565,20 @@ def _ntfs_volume_name(record: bytes, record_size: int) -> str | None:
 
 
 def _squashfs(region: Region) -> Content | None:
+    """squashfs 4 (little-endian ``hsqs``), or an older one (``squashfs3``:
+    ``hsqs``, or big-endian ``sqsh``, of version 3 or less)."""
     head = region.head
-    if head[:4] == b"hsqs" and len(head) >= 96:
+    if len(head) < 96:
+        return None
+    if head[:4] == b"hsqs":
         major, minor = _le(head, 28, 2), _le(head, 30, 2)
-    elif head[:4] == b"sqsh" and len(head) >= 96:
+    elif head[:4] == b"sqsh":
         major, minor = _be(head, 28, 2), _be(head, 30, 2)
+        if major > 3:
+            return None
     else:
         return None
-    return Content("squashfs" if major >= 4 and head[:4] == b"hsqs" else "squashfs3", "filesystem",
-                   version=f"{major}.{minor}")
+    return Content("squashfs" if major >= 4 else "squashfs3", "filesystem", version=f"{major}.{minor}")
 
 
 def _btrfs(region: Region) -> Content | None:

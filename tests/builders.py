@@ -595,3 +595,31 @@ def load(path: Path) -> bytes:
 
 INTERESTING = [0, 1, 7, 8, 0x7F, 0x80, 0xFF, 0x100, 0x200, 0xFFFF, 0x10000, 2**31 - 1, 2**31, 2**32 - 1, 2**32,
                2**62, 2**63 - 1, 2**63, 2**64 - 1]
+
+
+# ---- qcow2 whose guest data cannot be read (the data path's read and block-status errors) ----------------
+
+
+def broken_compressed_qcow2(d: Path, how: str) -> tuple[Path, Path]:
+    """A one-cluster qcow2 (64 KiB of 0x5a) and its compressed copy broken:
+    the compressed data garbled (``inflate``: a read fails), its L2 table's
+    offset misaligned in the L1 table (``l1``) or its cluster's offset
+    misaligned in the L2 table (``l2``: the block status fails). Returns
+    (the intact plain image, the broken one)."""
+    plain = qemu_img_create(d / "plain.qcow2", "qcow2", "1M")
+    qemu_io(plain, "write -P 0x5a 0 64k")
+    packed = d / "packed.qcow2"
+    run("qemu-img", "convert", "-c", "-O", "qcow2", plain, packed)
+    data = bytearray(packed.read_bytes())
+    l1 = struct.unpack_from(">Q", data, L1_OFFSET)[0]
+    l2 = struct.unpack_from(">Q", data, l1)[0] & 0x00FFFFFFFFFFFE00
+    if how == "inflate":
+        host = struct.unpack_from(">Q", data, l2)[0] & ((1 << 54) - 1)  # 64 KiB clusters: 62 - (16 - 8) bits
+        data[host + 5 : host + 40] = b"\xff" * 35
+    elif how == "l1":
+        struct.pack_into(">Q", data, l1, struct.unpack_from(">Q", data, l1)[0] + 0x200)
+    else:
+        struct.pack_into(">Q", data, l2, 1 << 63 | 0x50200)
+    broken = d / f"broken-{how}.qcow2"
+    broken.write_bytes(bytes(data))
+    return plain, broken

@@ -13,7 +13,6 @@ import json
 import os
 import resource
 import signal
-import struct
 import subprocess
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from storprobe.compare import compare
 from storprobe.convert import convert_to_raw
 from storprobe.datapath import IGNORE, LOCAL, open_image
 
+from builders import broken_compressed_qcow2
 from oracle import qemu_img_create, require, run
 
 MiB = 1 << 20
@@ -136,33 +136,10 @@ def test_an_image_that_cannot_be_opened_is_status_2(images, tmp_path):
         assert proc.stdout == "" and proc.stderr.startswith(f"storprobe: {missing}: ")
 
 
-def broken_copy(source: Path, target: Path, how: str) -> Path:
-    """``source``, a one-cluster compressed qcow2, with its compressed data
-    garbled (``inflate``), its L2 table's offset misaligned in the L1 table
-    (``l1``) or its cluster's offset misaligned in the L2 table (``l2``)."""
-    data = bytearray(source.read_bytes())
-    l1 = struct.unpack_from(">Q", data, 40)[0]  # l1_table_offset
-    l2 = struct.unpack_from(">Q", data, l1)[0] & 0x00FFFFFFFFFFFE00
-    if how == "inflate":
-        entry = struct.unpack_from(">Q", data, l2)[0]
-        host = entry & ((1 << 54) - 1)  # 64 KiB clusters: 62 - (16 - 8) offset bits
-        data[host + 5 : host + 40] = b"\xff" * 35
-    elif how == "l1":
-        struct.pack_into(">Q", data, l1, struct.unpack_from(">Q", data, l1)[0] + 0x200)
-    else:
-        struct.pack_into(">Q", data, l2, 1 << 63 | struct.unpack_from(">Q", data, l2)[0] & 0xFFFF0000 | 0x50200)
-    target.write_bytes(bytes(data))
-    return target
-
-
 @pytest.mark.parametrize("how, status", [("inflate", 4), ("l1", 3), ("l2", 3)])
 def test_unreadable_data_and_allocation(tmp_path, how, status):
     """A read that fails is status 4, a block status that fails is 3, as qemu-img."""
-    plain = qemu_img_create(tmp_path / "plain.qcow2", "qcow2", "1M")
-    qemu_io(plain, "write -P 0x5a 0 64k")
-    packed = tmp_path / "packed.qcow2"
-    run("qemu-img", "convert", "-c", "-O", "qcow2", plain, packed)
-    broken = broken_copy(packed, tmp_path / "broken.qcow2", how)
+    plain, broken = broken_compressed_qcow2(tmp_path, how)
     assert qemu_compare(plain, broken)[0] == status
     proc = storprobe("compare", plain, broken)
     assert proc.returncode == status and proc.stdout == ""
@@ -261,11 +238,7 @@ def test_a_failed_write_is_a_write_error(images, tmp_path):
 
 
 def test_unreadable_source_leaves_no_output(tmp_path):
-    plain = qemu_img_create(tmp_path / "plain.qcow2", "qcow2", "1M")
-    qemu_io(plain, "write -P 0x5a 0 64k")
-    packed = tmp_path / "packed.qcow2"
-    run("qemu-img", "convert", "-c", "-O", "qcow2", plain, packed)
-    broken = broken_copy(packed, tmp_path / "broken.qcow2", "inflate")
+    _, broken = broken_compressed_qcow2(tmp_path, "inflate")
     out = tmp_path / "out.raw"
     proc = storprobe("convert", broken, out)
     assert proc.returncode == 1 and proc.stderr.startswith(f"storprobe: {broken}: ")

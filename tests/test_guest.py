@@ -22,6 +22,7 @@ from storprobe.guest import inspect_guest, inspect_image
 from storprobe.guestfs import MAX_READS
 from storprobe.partitions import GPT_TYPE_NAMES, MAX_LOGICAL, MBR_TYPE_NAMES
 
+from builders import broken_compressed_qcow2
 from oracle import require, run
 
 MiB = 1 << 20
@@ -688,3 +689,13 @@ def test_encrypted_image_is_refused_by_name(tmp_path):
     shown = json.loads(info.stdout)
     assert shown["format"] == "qcow2" and shown["encrypted"] is True
     assert shown["storprobe"]["guest"]["error"]["code"] == "datapath.encrypted"
+
+
+@pytest.mark.parametrize("how", ["inflate", "l2"])
+def test_unreadable_guest_data_is_a_named_error(tmp_path, how):
+    """A compressed cluster that does not inflate, a cluster at a misaligned
+    offset: the data path's named error, one line and status 1."""
+    _, broken = broken_compressed_qcow2(tmp_path, how)
+    proc = storprobe("inspect", broken)
+    assert (proc.returncode, proc.stdout) == (1, "")
+    assert proc.stderr.startswith(f"storprobe: {broken}: ") and proc.stderr.count("\n") == 1
