@@ -150,7 +150,7 @@ class HostFile:
                 _check_kind(os.stat(path).st_mode)
             self._fd = os.open(path, _OPEN_FLAGS | (getattr(os, "O_NOFOLLOW", 0) if nofollow else 0))
         except OSError as exc:
-            raise SourceError(f"{path}: {exc.strerror or exc}") from None
+            raise SourceError(exc.strerror or str(exc)) from None
         try:
             self.stat: os.stat_result | None = os.fstat(self._fd)
             self.file_type = _check_kind(self.stat.st_mode)

@@ -202,7 +202,7 @@ def _open_backing(info: ImageInfo, policy: BackingPolicy, cache: TableCache) -> 
         try:
             return HostFile(store.path, cache)
         except SourceError as exc:
-            raise BackingMissing(f"backing file of {info.filename}: {exc}") from None
+            raise BackingMissing(f"backing file {store.path} of {info.filename}: {exc}") from None
     from .safety import BACKING, Placed, Root, _place
 
     roots = (Root(policy.inside, os.path.realpath(policy.inside)),)
@@ -214,7 +214,7 @@ def _open_backing(info: ImageInfo, policy: BackingPolicy, cache: TableCache) -> 
     try:
         host = HostFile(placed.path, cache, nofollow=True)
     except SourceError as exc:
-        raise BackingMissing(f"backing file of {info.filename}: {exc}") from None
+        raise BackingMissing(f"backing file {placed.path} of {info.filename}: {exc}") from None
     assert host.stat is not None
     if (host.stat.st_dev, host.stat.st_ino) != (placed.stat.st_dev, placed.stat.st_ino):
         host.close()

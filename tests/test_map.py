@@ -306,3 +306,16 @@ def test_mutated_tables_agree_with_qemu(tmp_path, capsys, kind):
             assert status == 1 and err.startswith("storprobe: "), f"case {case}: QEMU refuses, we map"
             agreed["both refuse to map"] += 1
     assert all(agreed.values()), agreed  # the campaign reached both outcomes
+
+
+def test_unreadable_paths_are_one_line_naming_them_once(tmp_path, capsys):
+    missing = tmp_path / "missing.qcow2"
+    status, out, err = ours(capsys, missing)
+    assert (status, out, err) == (1, "", f"storprobe: {missing}: No such file or directory\n")
+    status, _, err = ours(capsys, tmp_path)
+    assert status == 1
+    assert err == f"storprobe: {tmp_path}: is not a regular file or a block device: no guest data to read\n"
+    top = qemu_img_create(tmp_path / "top.qcow2", "qcow2", "1M")
+    rebase_unsafe(top, "gone.qcow2", "qcow2")
+    status, _, err = ours(capsys, top)
+    assert status == 1 and f"backing file {tmp_path / 'gone.qcow2'} of {top}: No such file or directory" in err
