@@ -52,6 +52,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 FLOOR = """
@@ -208,7 +209,7 @@ class Installed:
         import lxml
         import pluggy
 
-        found = sorted({str(Path(m.__file__).resolve().parent.parent) for m in (pluggy, lxml, google_crc32c)})
+        found = sorted({str(Path(str(m.__file__)).resolve().parent.parent) for m in (pluggy, lxml, google_crc32c)})
         Path(site, "storprobe-bench-dependencies.pth").write_text("".join(f"{d}\n" for d in found))
         source, wheels = work / "source", work / "wheels"
         for made in (source, wheels):
@@ -235,11 +236,39 @@ def compile_floor() -> str | None:
     return str(directory / "floor")
 
 
-def run_time(cmd: Sequence[str]) -> float:
-    """Wall time of one whole process, its output thrown away."""
+class Timing(NamedTuple):
+    """Wall time, and CPU time (user and system, of the process, the workers it
+    waited for, and the server it asked, if any), in seconds."""
+
+    wall: float
+    cpu: float
+
+
+def run_time(cmd: Sequence[str], server: int | None = None) -> Timing:
+    """One whole process, its output thrown away; ``server``: the pid of a
+    daemon doing the work (libvirtd), whose threads' CPU time counts too."""
+    before = server_cpu(server)
     start = time.perf_counter()
-    subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True, env=ENV)
-    return time.perf_counter() - start
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise subprocess.CalledProcessError(os.waitstatus_to_exitcode(status), cmd)
+    return Timing(wall, usage.ru_utime + usage.ru_stime + server_cpu(server) - before)
+
+
+def server_cpu(pid: int | None) -> float:
+    """CPU seconds all threads of ``pid`` have run (0 for None)."""
+    if pid is None:
+        return 0.0
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except OSError:
+            continue  # a thread that ended meanwhile
+    return total / 1e9
 
 
 def peak_rss_mib(cmd: Sequence[str]) -> float:
@@ -272,6 +301,11 @@ def linked_pool(source: Path, directory: Path, n: int) -> Path:
     for name in sorted(os.listdir(source))[:n]:
         os.link(source / name, directory / name)
     return directory
+
+
+def libvirtd_pid() -> int | None:
+    out = subprocess.run(["pidof", "libvirtd"], capture_output=True, text=True, check=False).stdout.split()
+    return int(out[0]) if len(out) == 1 else None
 
 
 def libvirt_answers() -> bool:
@@ -308,10 +342,10 @@ class Pool:
 
 
 def interleaved(
-    runs: dict[str, Callable[[], float]], repeat: int, before: Callable[[], None] = lambda: None
-) -> dict[str, list[float]]:
+    runs: dict[str, Callable[[], Timing]], repeat: int, before: Callable[[], None] = lambda: None
+) -> dict[str, list[Timing]]:
     """Times of ``repeat`` rounds, each round running every entry once, in turn."""
-    times: dict[str, list[float]] = {name: [] for name in runs}
+    times: dict[str, list[Timing]] = {name: [] for name in runs}
     for _ in range(repeat):
         for name, run in runs.items():
             before()
@@ -319,8 +353,11 @@ def interleaved(
     return times
 
 
-def medians(times: dict[str, list[float]]) -> dict[str, float]:
-    return {name: statistics.median(values) for name, values in times.items()}
+def medians(times: dict[str, list[Timing]]) -> dict[str, Timing]:
+    return {
+        name: Timing(statistics.median(t.wall for t in values), statistics.median(t.cpu for t in values))
+        for name, values in times.items()
+    }
 
 
 def drop_caches() -> None:
@@ -337,16 +374,21 @@ def versions() -> str:
     return f"Python {sys.version.split()[0]}, {qemu.splitlines()[0]}, libvirt {virsh}, {os.cpu_count()} CPUs"
 
 
-def table(rows: dict[str, float], n: int, columns: dict[str, str]) -> None:
-    """Times, per image, and the ratio to each entry named in ``columns`` (heading -> entry)."""
-    print(f"{'':48}{'time':>9}{'per image':>12}" + "".join(f"{heading:>10}" for heading in columns))
-    for name, seconds in rows.items():
-        per = "" if name == START else f"{seconds / n * 1e6:9.1f} us"
-        ratios = "".join(
-            f"{seconds / rows[entry]:9.2f}x" if entry in rows and name != START else f"{'':10}"
-            for entry in columns.values()
-        )
-        print(f"{name:48}{seconds:8.3f}s{per:>12}{ratios}")
+def table(rows: dict[str, Timing], n: int, columns: dict[str, str]) -> None:
+    """Wall times, per image, and the ratio to each entry named in ``columns``
+    (heading -> entry); then CPU times and their ratios."""
+    headings = "".join(f"{heading:>10}" for heading in columns)
+    print(f"{'':48}{'time':>9}{'per image':>12}{headings}{'CPU':>9}{headings}")
+    for name, timing in rows.items():
+        per = "" if name == START else f"{timing.wall / n * 1e6:9.1f} us"
+        cells = ""
+        for kind in ("wall", "cpu"):
+            if kind == "cpu":
+                cells += f"{timing.cpu:8.3f}s"
+            for entry in columns.values():
+                ratio = getattr(timing, kind) / getattr(rows[entry], kind) if entry in rows else 0
+                cells += f"{ratio:9.2f}x" if ratio and name != START else f"{'':10}"
+        print(f"{name:48}{timing.wall:8.3f}s{per:>12}{cells}")
 
 
 OURS = "storprobe scan --output json"
@@ -359,14 +401,12 @@ def warm(installed: Installed, floor_c: str | None, pool_dir: Path, n: int, repe
          sample: int) -> None:
     files = sorted(pool_dir.iterdir())[:sample]
 
-    def qemu_img() -> float:
-        start = time.perf_counter()
-        for f in files:
-            subprocess.run(["qemu-img", "info", "--output=json", str(f)], stdout=subprocess.DEVNULL, check=True)
-        return (time.perf_counter() - start) * n / len(files)
+    def qemu_img() -> Timing:
+        timings = [run_time(["qemu-img", "info", "--output=json", str(f)]) for f in files]
+        return Timing(sum(t.wall for t in timings) * n / len(files), sum(t.cpu for t in timings) * n / len(files))
 
     scan = [installed.storprobe, "scan", str(pool_dir)]
-    entries: dict[str, Callable[[], float]] = {
+    entries: dict[str, Callable[[], Timing]] = {
         START: lambda: run_time([installed.python, "-c", "pass"]),
         BARE: lambda: run_time([installed.python, "-c", FLOOR, str(pool_dir)]),
         "minimal Python prober (no detection, no checks)": lambda: run_time(
@@ -384,15 +424,17 @@ def warm(installed: Installed, floor_c: str | None, pool_dir: Path, n: int, repe
     ratios: list[dict[str, float]] = []
     try:
         if libvirt is not None:
-            entries[VIRSH_REFRESH] = lambda: run_time(libvirt.refresh_cmd())
+            entries[VIRSH_REFRESH] = lambda: run_time(libvirt.refresh_cmd(), libvirtd_pid())
         run_time([*scan, "--output", "json"])  # warm the cache
         for number in range(runs):
             rows = medians(interleaved(entries, repeat))
             print(f"\nWarm page cache, whole processes, {repeat} interleaved rounds, medians"
                   + (f" (run {number + 1} of {runs})" if runs > 1 else "") + ":")
             table(rows, n, {"vs virsh": VIRSH_REFRESH, "vs bare": BARE, "vs C": C_FLOOR})
-            ratios.append({f"vs {name}": rows[OURS] / rows[entry] for name, entry in
-                           (("virsh", VIRSH_REFRESH), ("bare loop", BARE), ("C loop", C_FLOOR)) if entry in rows})
+            ratios.append({f"{kind} vs {name}": getattr(rows[OURS], kind) / getattr(rows[entry], kind)
+                           for kind in ("wall", "cpu")
+                           for name, entry in (("virsh", VIRSH_REFRESH), ("bare loop", BARE), ("C loop", C_FLOOR))
+                           if entry in rows})
     finally:
         if libvirt is not None:
             libvirt.destroy()
@@ -402,7 +444,7 @@ def warm(installed: Installed, floor_c: str | None, pool_dir: Path, n: int, repe
         print(f"\n`{OURS}`, ratios over {runs} runs (min-max):")
         for name in ratios[0]:
             values = [r[name] for r in ratios]
-            print(f"  {name:14}{min(values):6.2f}x - {max(values):.2f}x   ({', '.join(f'{v:.2f}' for v in values)})")
+            print(f"  {name:20}{min(values):6.2f}x - {max(values):.2f}x   ({', '.join(f'{v:.2f}' for v in values)})")
 
 
 def startup(installed: Installed, pool_dir: Path, work: Path, repeat: int) -> None:
@@ -415,14 +457,18 @@ def startup(installed: Installed, pool_dir: Path, work: Path, repeat: int) -> No
         "storprobe scan DIR_OF_ONE_IMAGE": lambda: run_time([installed.storprobe, "scan", str(one)]),
     }
     times = interleaved(entries, repeat)
-    print(f"\nStart-up, the installed console script, {repeat} interleaved runs (ms):")
-    print(f"{'':36}{'min':>8}{'median':>8}{'over python -c pass (min, median)':>36}")
-    base = times[START]
+    print(f"\nStart-up, the installed console script, {repeat} interleaved runs (ms; over: minus python -c pass's):")
+    overs = f"{'over':>8}{'over':>8}"
+    print(f"{'':36}{'wall min':>10}{'median':>8}{overs}{'CPU min':>10}{'median':>8}{overs}")
     for name, values in times.items():
-        over = "" if name == START else (
-            f"{(min(values) - min(base)) * 1e3:8.1f}{(statistics.median(values) - statistics.median(base)) * 1e3:8.1f}"
-        )
-        print(f"{name:36}{min(values) * 1e3:8.1f}{statistics.median(values) * 1e3:8.1f}{over:>28}")
+        cells = ""
+        for kind in ("wall", "cpu"):
+            mine = [getattr(t, kind) * 1e3 for t in values]
+            base = [getattr(t, kind) * 1e3 for t in times[START]]
+            low, mid = min(mine), statistics.median(mine)
+            over = f"{low - min(base):8.1f}{mid - statistics.median(base):8.1f}" if name != START else f"{'':16}"
+            cells += f"{low:10.1f}{mid:8.1f}{over}"
+        print(f"{name:36}{cells}")
 
 
 def head_reads(installed: Installed, pool_dir: Path, repeat: int) -> None:
@@ -535,7 +581,7 @@ def cold(installed: Installed, pool_dir: Path, n: int, repeat: int) -> None:
         return
     scan = ["scan", str(pool_dir), "--output", "json"]
     ours = "storprobe scan (default)"
-    entries: dict[str, Callable[[], float]] = {
+    entries: dict[str, Callable[[], Timing]] = {
         BARE: lambda: run_time([installed.python, "-c", FLOOR, str(pool_dir)]),
         "storprobe scan --jobs 1, read-ahead off": lambda: run_time(
             [installed.python, "-c", NO_READAHEAD, *scan, "--jobs", "1"]
