@@ -111,7 +111,8 @@ class Batch(NamedTuple):
 
 
 class Part(NamedTuple):
-    """A part as written, and as the manifest lists it."""
+    """A part as written, and as the manifest lists it: ``first`` and ``last``
+    are the least and the greatest filename its rows hold."""
 
     name: str
     first: str
@@ -178,8 +179,7 @@ def fleet_scan(
     entries = listing(source, recursive=recursive, endpoint_url=endpoint_url)
     batches = [
         Batch(
-            number, chunk, place.where, to_format, _overlapping(previous, chunk[0].name, chunk[-1].name),
-            endpoint_url, concurrency,
+            number, chunk, place.where, to_format, _overlapping(previous, _names(chunk)), endpoint_url, concurrency,
         )
         for number, chunk in enumerate(_chunks(entries, batch_size))
     ]
@@ -213,11 +213,10 @@ def run_batch(batch: Batch) -> Part:
     else:
         probed = dict(_probe_local(fresh, version))
     rows = [probed.get(entry.name) or earlier[name] for name, entry in named]
-    first = batch.entries[0].name
-    name = part_name(batch.number, first, batch.to_format)
+    name = part_name(batch.number, batch.entries[0].name, batch.to_format)
     place_at(batch.to, batch.endpoint_url).put(name, _encode(rows, batch.to_format))
     return Part(
-        name, first, batch.entries[-1].name, len(rows), len(fresh), len(rows) - len(fresh),
+        name, min(wanted), max(wanted), len(rows), len(fresh), len(rows) - len(fresh),
         sum(r["error_code"] is not None for r in rows),
     )
 
@@ -414,7 +413,16 @@ def _previous_parts(earlier: Place, to: Place) -> list[PreviousPart]:
     return [PreviousPart(earlier.location(p["name"]), p["first"], p["last"]) for p in manifest["parts"]]
 
 
-def _overlapping(parts: Sequence[PreviousPart], first: str, last: str) -> tuple[PreviousPart, ...]:
+def _names(entries: Sequence[Entry]) -> tuple[str, str]:
+    """The least and the greatest filename rows hold for ``entries`` (a name
+    that is not UTF-8 is held escaped, which may sort elsewhere)."""
+    held = [utf8(entry.name) for entry in entries]
+    return min(held), max(held)
+
+
+def _overlapping(parts: Sequence[PreviousPart], names: tuple[str, str]) -> tuple[PreviousPart, ...]:
+    """The parts that may hold a row of a batch whose filenames lie between ``names``."""
+    first, last = names
     return tuple(p for p in parts if p.first <= last and first <= p.last)
 
 

@@ -276,6 +276,8 @@ def test_a_refresh_reads_only_what_changed(tmp_path, templates):
         fleet_scan(objects, tmp_path / "first", batch_size=64)
         assert set(watch.opened()) == {p.name for p in made[:-2]}, "a full scan opens every file (a FIFO: never)"
         first = {r["filename"]: r for r in read_rows(tmp_path / "first")}
+        manifest = (tmp_path / "first" / MANIFEST).read_text()
+        assert "latin-\\\\xe9t" in manifest and "\\udc" not in manifest, "names in the manifest as rows hold them"
 
         vhd = next(p for p in made if p.name.endswith("a.vhd"))
         rewritten = next(p for p in made if p.name.endswith("c4k.qcow2"))
