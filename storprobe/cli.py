@@ -103,8 +103,8 @@ def _parser() -> _Parser:
     )
     scan.add_argument(
         "--to", metavar="DEST",
-        help="write an inventory into the directory DEST instead of records on stdout: Parquet parts, one per "
-             "batch of entries, and a manifest; stdout gets a summary",
+        help="write an inventory into DEST, a directory or a store's prefix (s3://bucket/inventory/), instead of "
+             "records on stdout: Parquet parts, one per batch of entries, and a manifest; stdout gets a summary",
     )
     scan.add_argument(
         "--to-format", choices=("parquet", "jsonl"), default="parquet",
@@ -118,8 +118,8 @@ def _parser() -> _Parser:
     )
     scan.add_argument(
         "--since", metavar="INVENTORY",
-        help="with --to: carry over from this earlier inventory the rows of entries unchanged since "
-             "(same size, times, inode), without reading them",
+        help="with --to: carry over from this earlier inventory (not DEST) the rows of entries unchanged since, "
+             "without reading them: an object's size and ETag, a file's size, times, device and inode",
     )
     scan.add_argument(
         "--batch", type=_positive, default=None, metavar="N",
