@@ -1168,6 +1168,9 @@ class _RefcountWalk:
         self.counts = array(self.typecode, [0]) * (self.nb_clusters + 1)
         self.size = self.nb_clusters  # entries in use, QEMU's refcount_table_size of the IMRT
         self.l2_entries = self.cluster_size // (16 if self.extended else 8)
+        # what sends an L2 entry to the rule-by-rule path: compressed, reserved bits, unaligned, a data file
+        unaligned = (self.cluster_size - 1) & L2E_OFFSET_MASK
+        self.unusual_bits = OFLAG_COMPRESSED | L2E_STD_RESERVED_MASK | unaligned | (UINT64 - 1 if self.data_file else 0)
         self.zero_cluster = bytes(self.cluster_size)
         self.zero_run = array(self.typecode, [0]) * self.l2_entries
         self.one_run = array(self.typecode, [1]) * self.l2_entries
@@ -1223,40 +1226,67 @@ class _RefcountWalk:
             self.l2_table(l2_offset, active)
 
     def l2_table(self, offset: int, active: bool) -> None:
-        """check_refcounts_l2; ``active``: the active table's clusters also count as allocated."""
+        """check_refcounts_l2; ``active``: the active table's clusters also count as
+        allocated. A plain data cluster (aligned, no flag but COPIED and ZERO, no
+        bitmap, no data file) is counted inline; any other entry by :meth:`entry`."""
         data = self.reader.read(offset, self.cluster_size)
         if data == self.zero_cluster or self._contiguous_run(data, active):
             return
         words = _words(data)
         entries, bitmaps = (words[0::2], words[1::2]) if self.extended else (words, None)
-        next_contiguous = 0
+        counts, refcount_max, unusual = self.counts, self.refcount_max, self.unusual_bits
+        nb_clusters, cluster_bits = self.nb_clusters, self.cluster_bits
+        next_contiguous = allocated = fragmented = overflows = 0
         for index, entry in enumerate(entries):
+            if not entry and bitmaps is None:
+                continue
             bitmap = bitmaps[index] if bitmaps is not None else 0
-            if not entry and not bitmap:
-                continue
-            if entry & OFLAG_COMPRESSED:
-                self.compressed_cluster(entry, bitmap, active)
-                continue
-            if entry & L2E_STD_RESERVED_MASK:
-                self.corruptions += 1
             data_offset = entry & L2E_OFFSET_MASK
-            if entry & OFLAG_ZERO and not self.extended and not data_offset:
-                continue  # a zero cluster with no allocation
-            if not data_offset and not (self.data_file and entry & OFLAG_COPIED):
-                if bitmap & SUBCLUSTER_ALLOC_BITS:
-                    self.corruptions += 1  # unallocated, yet subclusters are allocated
+            if entry & unusual or bitmap or not data_offset:
+                if entry or bitmap:
+                    next_contiguous = self.entry(entry, bitmap, active, next_contiguous)
                 continue
-            if (bitmap >> 32) & bitmap:
-                self.corruptions += 1  # subclusters both allocated and zero
-            if data_offset % self.cluster_size:
-                self.corruptions += 1
             if active:
-                self.allocated += 1
+                allocated += 1
                 if next_contiguous and data_offset != next_contiguous:
-                    self.fragmented += 1
+                    fragmented += 1
                 next_contiguous = data_offset + self.cluster_size
-            if not self.data_file:
-                self.reference(data_offset, self.cluster_size)
+            cluster = data_offset >> cluster_bits
+            if cluster >= nb_clusters or counts[cluster] == refcount_max:
+                overflows += 1  # past the end of the file, or the refcount would overflow
+            else:
+                counts[cluster] += 1
+        self.allocated += allocated
+        self.fragmented += fragmented
+        self.corruptions += overflows
+
+    def entry(self, entry: int, bitmap: int, active: bool, next_contiguous: int) -> int:
+        """One L2 entry, every rule of check_refcounts_l2; the next contiguous host
+        offset for the fragmentation count."""
+        if entry & OFLAG_COMPRESSED:
+            self.compressed_cluster(entry, bitmap, active)
+            return next_contiguous
+        if entry & L2E_STD_RESERVED_MASK:
+            self.corruptions += 1
+        data_offset = entry & L2E_OFFSET_MASK
+        if entry & OFLAG_ZERO and not self.extended and not data_offset:
+            return next_contiguous  # a zero cluster with no allocation
+        if not data_offset and not (self.data_file and entry & OFLAG_COPIED):
+            if bitmap & SUBCLUSTER_ALLOC_BITS:
+                self.corruptions += 1  # unallocated, yet subclusters are allocated
+            return next_contiguous
+        if (bitmap >> 32) & bitmap:
+            self.corruptions += 1  # subclusters both allocated and zero
+        if data_offset % self.cluster_size:
+            self.corruptions += 1
+        if active:
+            self.allocated += 1
+            if next_contiguous and data_offset != next_contiguous:
+                self.fragmented += 1
+            next_contiguous = data_offset + self.cluster_size
+        if not self.data_file:
+            self.reference(data_offset, self.cluster_size)
+        return next_contiguous
 
     def compressed_cluster(self, entry: int, bitmap: int, active: bool) -> None:
         if entry & OFLAG_COPIED:
@@ -1394,17 +1424,25 @@ class _RefcountWalk:
                 continue
             words = _words(data)
             entries = words[0::2] if self.extended else words
+            counts, size, cluster_bits = self.counts, self.size, self.cluster_bits
+            direct = not self.data_file and not self.bad_refblocks  # the recorded refcount is counts[cluster]
+            mismatches = 0
             for l2_entry in entries:
                 if not l2_entry or l2_entry & OFLAG_COMPRESSED:
                     continue
                 data_offset = l2_entry & L2E_OFFSET_MASK
+                if direct and data_offset and data_offset >> cluster_bits < size:
+                    if (counts[data_offset >> cluster_bits] == 1) != (l2_entry >= OFLAG_COPIED):  # the top bit
+                        mismatches += 1
+                    continue
                 if not data_offset and not (self.data_file and l2_entry & OFLAG_COPIED):
                     continue  # unallocated, or a zero cluster without an allocation
                 if l2_entry & OFLAG_ZERO and not self.extended and not data_offset:
                     continue
                 recorded = 1 if self.data_file else self.recorded_refcount(data_offset >> self.cluster_bits)
                 if recorded is not None and (recorded == 1) != bool(l2_entry & OFLAG_COPIED):
-                    self.corruptions += 1
+                    mismatches += 1
+            self.corruptions += mismatches
 
     def _copied_run(self, data: bytes) -> bool:
         """A table of consecutive data clusters, each with COPIED and a recorded refcount of 1."""

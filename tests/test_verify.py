@@ -207,6 +207,18 @@ def test_converted_compressed_image(tmp_path):
     assert assert_as_qemu(image)["compressed-clusters"] > 0
 
 
+def test_compressed_clusters_packed_across_host_clusters(tmp_path):
+    """Compressed clusters start anywhere in a sector; each spans the sectors from
+    its start's sector, less the bytes before it (4 KiB clusters: eight sectors
+    each, so many compressed clusters end on a host cluster's boundary)."""
+    rng = random.Random(7)
+    raw = tmp_path / "half-random.raw"
+    raw.write_bytes(b"".join(rng.randbytes(rng.randrange(1000, 3000)).ljust(4096, b"\0") for _ in range(512)))
+    image = tmp_path / "packed.qcow2"
+    run("qemu-img", "convert", "-c", "-O", "qcow2", "-o", "cluster_size=4096", raw, image)
+    assert assert_as_qemu(image)["compressed-clusters"] == 512
+
+
 def test_luks_encrypted_qcow2(tmp_path):
     """qemu-img check needs the secret to open the image; storprobe reads no
     encrypted byte and checks without it (a reasoned difference: the LUKS header
