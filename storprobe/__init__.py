@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from . import safety as safety
     from . import scan as scan
     from . import validate as validate
+    from . import verify as verify
     from . import volume_xml as volume_xml
     from .datapath import open_image as open_image
 
@@ -41,7 +42,9 @@ if TYPE_CHECKING:
 #: Modules of the API that ``import storprobe`` does not load (they cost
 #: start-up time a probe does not need); naming one loads it, so
 #: ``storprobe.qemu_json.to_qemu_json(info)`` works after a bare import.
-_LAZY_MODULES = frozenset({"chain", "datapath", "human", "qemu_json", "safety", "scan", "validate", "volume_xml"})
+_LAZY_MODULES = frozenset(
+    {"chain", "datapath", "human", "qemu_json", "safety", "scan", "validate", "verify", "volume_xml"}
+)
 
 
 def __getattr__(name: str) -> object:
