@@ -121,7 +121,14 @@ def open_layers(
         seen: set[tuple[int, int]] = set()
         recorded, probed_format = format, False
         while True:
-            layer = _open_layer(host, recorded, table)
+            try:
+                layer = _open_layer(host, recorded, table)
+            except BackingError:
+                raise
+            except ProbeError as exc:
+                if not layers:
+                    raise
+                raise BackingError(f"backing file {host.name}: {exc}", code=f"backing.{exc.code}") from None
             layers.append(layer)
             assert host.stat is not None
             identity = (host.stat.st_dev, host.stat.st_ino)

@@ -518,3 +518,17 @@ def test_a_map_that_does_not_progress_is_a_named_error(tmp_path):
     assert code(lambda: disk.read(10)) == "plugin-error"
     assert code(lambda: list(disk.block_status())) == "plugin-error"
     disk.close()
+
+
+def test_a_backing_file_that_cannot_be_read_is_a_backing_error(tmp_path):
+    """As in chains: the backing's own error, prefixed (``backing.CODE``), whatever the rule."""
+    base = qemu_img_create(tmp_path / "base.qcow2", "qcow2", "1M")
+    top = qemu_img_create(tmp_path / "top.qcow2", "qcow2", "1M", f"backing_file={base}", "backing_fmt=qcow2")
+    patched(base, 20, 30, ">I")  # cluster_bits
+    assert code(lambda: open_image(top, backing=LOCAL)) == "backing.qcow2.cluster-bits"
+    enc = tmp_path / "enc.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "--object", "secret,id=s0,data=secret", "-o",
+        "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10", enc, "1M")
+    rebase_unsafe(top, str(enc), "qcow2")
+    assert code(lambda: open_image(top, backing=LOCAL)) == "backing.datapath.encrypted"
+    assert code(lambda: open_image(enc, backing=LOCAL)) == "datapath.encrypted"  # the top's own, unprefixed
