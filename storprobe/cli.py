@@ -1010,6 +1010,8 @@ def _useless_options(args: argparse.Namespace) -> Iterator[str]:
         for given, option in ((args.jobs is not None, "--jobs"), (args.recursive, "--recursive")):
             if given:
                 yield f"{option} applies only to a directory (a prefix's scan takes --concurrency; it lists every key)"
+    if getattr(args, "output", None) == "xml" and is_url(target):
+        yield "--output xml is libvirt's volume XML, which describes local volumes, not objects at a URL"
     if args.command == "scan":
         yield from _useless_scan_options(args)
 

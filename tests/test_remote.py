@@ -352,3 +352,11 @@ def test_the_read_budget_holds_per_object(greedy_format, tmp_path):
         assert server.counts.sent["/greedy.img"] <= READ_BUDGET + objectstore.REMOTE_MIN_FETCH + (64 << 10)
     with pytest.raises(storprobe.ReadLimitExceeded):
         storprobe.probe(image)  # as locally
+
+
+def test_volume_xml_is_refused_for_a_url(s3, capsys):
+    """libvirt's volume XML names a local path (its key and target path): for
+    an object it would name a made-up file, so the option is a usage error."""
+    for command in (["info", "--output", "xml"], ["scan", "--output", "xml"]):
+        assert main([*command, "--endpoint-url", s3.endpoint, f"s3://{BUCKET}/pool/"]) == 2
+        assert "describes local volumes" in capsys.readouterr().err
