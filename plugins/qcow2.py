@@ -1464,6 +1464,8 @@ def _last_nonzero(values: array) -> int:
 def check(img: Image, reader: CheckReader) -> CheckResult:
     """qemu-img check of a qcow2 image, read-only (QEMU 7.2: qcow2_co_check_locked)."""
     hdr = _header(img)
+    if hdr.incompatible_features & ~INCOMPAT_KNOWN:
+        raise CheckFailed("Could not open: Unsupported qcow2 feature(s) (unknown incompatible features)")
     ext = _read_extensions(img, hdr)
     walk = _RefcountWalk(hdr, ext, reader)
     walk.reference(0, walk.cluster_size)  # the header

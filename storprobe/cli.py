@@ -740,6 +740,8 @@ def _verify(args: argparse.Namespace) -> int:
         _complain(args.path, exc.reason)
         return EXIT_FAILED
     sys.stdout.write(to_json(report) if args.output == "json" else to_human(report))
+    if report.exit_status == EXIT_FAILED:  # errors while checking: the report stands, the check failed
+        _complain(args.path, "Check failed")
     return report.exit_status
 
 

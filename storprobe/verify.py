@@ -144,6 +144,8 @@ def verify(
     source = open_source(target)
     try:
         info = probe(source, format=format, table=table)  # what QEMU's open refuses
+        if info.file_type == "directory":  # QEMU's file driver opens regular files and devices only
+            raise CheckFailed("Could not open: a directory is not an image")
         spec = table[info.format]
         driver = spec.driver(info.version)
         if spec.check is None or driver != spec.name:

@@ -466,12 +466,52 @@ def test_formats_qemu_checks_are_not_yet_here(tmp_path, fmt):
     assert storprobe_verify(image).returncode == EXIT_FAILED
 
 
+def test_format_given(tmp_path, written):
+    """-f as qemu-img check takes it: raw has no check (63); a raw file is not a qcow2 (1)."""
+    image = written.save("given.qcow2")
+    raw = tmp_path / "plain.raw"
+    raw.write_bytes(bytes(1 << 20))
+    for path, fmt in ((image, "raw"), (raw, "qcow2")):
+        _, status, _ = qemu_check(path, "-f", fmt)
+        proc = subprocess.run([require("storprobe"), "verify", "-f", fmt, str(path)], capture_output=True, text=True)
+        assert proc.returncode == status
+
+
+def test_what_qemu_cannot_open_is_not_checked(tmp_path, written):
+    """A directory, and a qcow2 with an incompatible feature QEMU does not know: exit 1."""
+    struct.pack_into(">Q", written.data, 72, 1 << 20)
+    for path in (tmp_path, written.save("unknown-feature.qcow2")):
+        assert qemu_check(path)[1] == EXIT_FAILED
+        assert storprobe_verify(path).returncode == EXIT_FAILED
+
+
+def test_backing_file_is_not_opened(tmp_path):
+    """qemu-img opens the backing chain before checking the top image, and fails
+    when a backing file is missing; storprobe checks the top image's metadata
+    alone and never opens its backing file (a reasoned difference)."""
+    base = io(qcow2(tmp_path, "base.qcow2", "16M"), "write -P 1 0 1M")
+    top = tmp_path / "top.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", top)
+    io(top, "write -P 2 64k 64k")
+    assert_as_qemu(top)
+    base.unlink()
+    assert qemu_check(top)[1] == EXIT_FAILED
+    mine, status = ours(top)
+    assert status == 0 and mine["allocated-clusters"] == 1
+
+
 def test_human_output_is_qemu_img_checks(written):
     written.set_refcount(written.data_offset(64 << 10), 2)
     image = written.save("human.qcow2")
     theirs = subprocess.run([require("qemu-img"), "check", str(image)], capture_output=True, text=True)
     proc = storprobe_verify(image, "human")
     assert (proc.stdout, proc.returncode) == (theirs.stdout, theirs.returncode)
+    written.put(written.reftable_offset, written.u64(written.reftable_offset) | 0x200)  # check errors: exit 1
+    image = written.save("human-errors.qcow2")
+    theirs = subprocess.run([require("qemu-img"), "check", str(image)], capture_output=True, text=True)
+    proc = storprobe_verify(image, "human")
+    assert (proc.stdout, proc.returncode) == (theirs.stdout, theirs.returncode) and theirs.returncode == 1
+    assert proc.stderr.endswith("Check failed\n")
 
 
 def test_human_rendering_of_every_line():
