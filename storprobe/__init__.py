@@ -24,6 +24,7 @@ from .model import Backing, DataFile, ImageInfo, LibvirtFacts, Snapshot
 from .registry import format_table, register, registered, unregister
 from .source import BytesSource, FileSource, Image, PathSource
 from .spec import INT64_MAX, QEMU_MAX_LENGTH, Features, FormatSpec, Hazard
+from .urls import NoRangeSupport, RemoteError, RemoteExtraMissing
 
 if TYPE_CHECKING:
     from . import chain as chain
@@ -77,11 +78,14 @@ __all__ = [
     "InvalidHeader",
     "Layout",
     "LibvirtFacts",
+    "NoRangeSupport",
     "PathSource",
     "PluginConflict",
     "PluginError",
     "ProbeError",
     "ReadLimitExceeded",
+    "RemoteError",
+    "RemoteExtraMissing",
     "Snapshot",
     "SourceError",
     "TruncatedHeader",

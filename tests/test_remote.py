@@ -171,7 +171,7 @@ def test_a_server_that_ignores_range_is_refused_before_the_object_is_sent(tmp_pa
     with NoRangeServer(tmp_path) as server:
         with pytest.raises(storprobe.SourceError) as refused:
             storprobe.probe(f"{server.url}/huge.qcow2")
-        assert refused.value.code == "source.no-range"
+        assert refused.value.code == "source.no-range" and isinstance(refused.value, storprobe.NoRangeSupport)
         assert server.counts.requests["/huge.qcow2"] >= 1
         assert server.counts.sent["/huge.qcow2"] < 64 << 20  # socket buffers at most, not 4 GiB
         out = subprocess.run([sys.executable, "-m", "storprobe", "info", f"{server.url}/huge.qcow2"],
