@@ -105,9 +105,10 @@ class SourceDisk:
         self.virtual_size = self.info.driver_virtual_size
 
     def data_ranges(self) -> Iterator[tuple[int, int]]:
-        """``(start, length)`` of each range that reads as data, not zeros, in
-        order: held by an image of the chain as data (a zero cluster, a hole in
-        the file, or a range no image holds reads as zeros)."""
+        """``(start, length)`` of each range some image of the chain holds as
+        data, in order (QEMU's block status: data, not zero). Zero clusters,
+        holes in an image's file and ranges no image holds read as zeros and
+        are left out."""
         from .datapath import statuses
 
         for status in statuses(self._layers, 0, self.virtual_size):

@@ -473,3 +473,29 @@ def test_luks_header_sizes(cipher, mode, key_bytes):
     slot = -(-key_bytes * 4000 // 4096) * 4096
     ours = measure("luks", [f"key-secret=s0,cipher-alg={cipher},cipher-mode={mode}"], size=7, secrets=["s0"])
     assert ours == Measurement(4096 + 8 * slot + 7, 4096 + 8 * slot + 7)
+
+
+L1_OFFSET_FIELD, TABLE_OFFSET_MASK, COPIED = 40, 0x00FFFFFFFFFFFE00, 1 << 63
+
+
+@pytest.mark.parametrize("broken", ["data-cluster-unaligned", "l2-table-unaligned"])
+def test_broken_tables(tmp_path, broken, capsys):
+    """A table QEMU finds corrupt fails its block status: both refuse to count
+    the data (status 1, ours a named error), and both measure -O raw, which
+    needs no block status, alike."""
+    path = qemu_img_create(tmp_path / "src.qcow2", "qcow2", "10M")
+    qemu_io(path, "write -P 1 0 64k")
+    data = bytearray(path.read_bytes())
+    l1 = int.from_bytes(data[L1_OFFSET_FIELD : L1_OFFSET_FIELD + 8], "big")
+    l2 = int.from_bytes(data[l1 : l1 + 8], "big") & TABLE_OFFSET_MASK
+    if broken == "data-cluster-unaligned":
+        data[l2 : l2 + 8] = (COPIED | 0x1200).to_bytes(8, "big")
+    else:
+        data[l1 : l1 + 8] = (COPIED | 0x1234200).to_bytes(8, "big")
+    path.write_bytes(data)
+    assert qemu_measure("-O", "qcow2", path).returncode == 1
+    ours = storprobe_measure(capsys, "-O", "qcow2", path)
+    assert (ours.returncode, ours.stdout) == (1, "")
+    assert ours.stderr.startswith(f"storprobe: {path}: ") and "unaligned" in ours.stderr
+    raw = storprobe_measure(capsys, "--output", "json", "-O", "raw", path)
+    assert (raw.returncode, raw.stdout) == (0, qemu_measure("-O", "raw", path).stdout)
