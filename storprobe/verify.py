@@ -12,7 +12,6 @@ check). Nothing is ever repaired: the file is opened read-only.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
 
 from .detect import Target, open_source, probe
@@ -125,10 +124,6 @@ class CheckReader:
 def readable(offset: int, length: int) -> bool:
     """Whether QEMU's block layer reads this range at all (bdrv_check_request)."""
     return 0 <= offset and 0 <= length <= QEMU_MAX_LENGTH - offset
-
-
-#: A format row's check: the image (its header read) and a reader for its metadata.
-Check = Callable[[Image, CheckReader], CheckResult]
 
 
 def verify(
