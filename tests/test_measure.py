@@ -499,3 +499,11 @@ def test_broken_tables(tmp_path, broken, capsys):
     assert ours.stderr.startswith(f"storprobe: {path}: ") and "unaligned" in ours.stderr
     raw = storprobe_measure(capsys, "--output", "json", "-O", "raw", path)
     assert (raw.returncode, raw.stdout) == (0, qemu_measure("-O", "raw", path).stdout)
+
+
+def test_qcow_v1_source(tmp_path):
+    """Any format the data path reads is a source: QEMU's qcow (version 1), data
+    and a compressed cluster."""
+    path = qemu_img_create(tmp_path / "src.qcow", "qcow", "20M")
+    qemu_io(path, "write -P 1 0 1M", "write -P 2 5M 3000", "write -c -P 3 10M 4k")
+    assert_source_agrees(path)
