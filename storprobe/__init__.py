@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from . import chain as chain
     from . import datapath as datapath
     from . import human as human
+    from . import measure as measure
     from . import qemu_json as qemu_json
     from . import safety as safety
     from . import scan as scan
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
 #: start-up time a probe does not need); naming one loads it, so
 #: ``storprobe.qemu_json.to_qemu_json(info)`` works after a bare import.
 _LAZY_MODULES = frozenset(
-    {"chain", "datapath", "human", "qemu_json", "safety", "scan", "validate", "verify", "volume_xml"}
+    {"chain", "datapath", "human", "measure", "qemu_json", "safety", "scan", "validate", "verify", "volume_xml"}
 )
 
 
