@@ -41,10 +41,13 @@ class PlainVolumes:
     def __init__(self, table: FormatTable, render: Callable[[ScanRecord], object], quote: Callable[[str], str]) -> None:
         self._table, self._render, self._quote = table, render, quote
         self._head_windows = tuple(
-            (w.start, w.start + w.key, {key: tuple(map(self._entry, entries)) for key, entries in w.candidates.items()})
+            (w.start, w.start + w.key, {key: _Decider.of(w.start, tuple(map(self._entry, entries)))
+                                        for key, entries in w.candidates.items()})
             for w in table.windows
             if w.start >= 0
         )
+        #: (window start, the bytes its decision reads) -> the decision (see :meth:`_decide`)
+        self._decisions: dict[tuple[int, bytes], tuple[int, FormatSpec, int | None] | bool | None] = {}
         self._tail_windows = tuple((w.start, w.key, w.candidates) for w in table.windows if w.start < 0)
         self._tail = max((-start for start, _, _ in self._tail_windows), default=0)
         #: (row position, version) of the rows with a ``plain`` callback, for the versions QEMU opens
@@ -125,24 +128,22 @@ class PlainVolumes:
         header offset 0) and version the volume carries, when no other signature
         is there and that row has a ``plain`` callback; else None."""
         found: tuple[int, FormatSpec, int | None] | None = None
-        for start, end, candidates in self._head_windows:
-            entries = candidates.get(head[start:end])
-            if entries is None:
+        decisions = self._decisions
+        for start, end, deciders in self._head_windows:
+            decider = deciders.get(head[start:end])
+            if decider is None:
                 continue
-            for signature, position, spec, for_files, at_start, field in entries:
-                if not for_files or not head.startswith(signature, start):
-                    continue  # the general path passes over a row not for files
-                if not at_start:
-                    return None
-                version = None
-                if field is not None:
-                    offset, field_end, order, versions = field
-                    version = int.from_bytes(head[offset:field_end], order)
-                    if field_end > len(head) or version not in versions:
-                        continue  # the general path passes over a refused version when another row matches
-                if found is not None:
-                    return None
-                found = (position, spec, version)
+            seen = (start, head[decider.low : decider.high])
+            decision = decisions.get(seen, False)
+            if decision is False:
+                decision = _decide(head, start, decider.entries)
+                if len(decisions) < MAX_DECISIONS:
+                    decisions[seen] = decision
+            if decision is None:
+                continue
+            if decision is True or found is not None:
+                return None
+            found = decision  # type: ignore[assignment]
         if found is None or (found[0], found[2]) not in self._written:
             return None
         if self._tail_windows and size > 0:
@@ -153,6 +154,48 @@ class PlainVolumes:
                 if at >= 0 and any(tail.startswith(c.signature, at) for c in trailers.get(tail[at : at + key], ())):
                     return None
         return found
+
+
+#: Decisions a scan remembers (distinct signature bytes, so few unless the bytes are made to differ).
+MAX_DECISIONS = 4096
+
+
+def _decide(head: bytes, start: int, entries: tuple[_Entry, ...]) -> tuple[int, FormatSpec, int | None] | bool | None:
+    """What one window of the signature index says of ``head``: the one row
+    whose signature and version it carries (position, row, version), None for
+    none, True for more than one or a signature the fast path leaves alone."""
+    found = None
+    for signature, position, spec, for_files, at_start, field in entries:
+        if not for_files or not head.startswith(signature, start):
+            continue  # the general path passes over a row not for files
+        if not at_start:
+            return True
+        version = None
+        if field is not None:
+            offset, field_end, order, versions = field
+            version = int.from_bytes(head[offset:field_end], order)
+            if field_end > len(head) or version not in versions:
+                continue  # the general path passes over a refused version when another row matches
+        if found is not None:
+            return True
+        found = (position, spec, version)
+    return found
+
+
+class _Decider(NamedTuple):
+    """The candidates a window's key bytes select, and the span of the head
+    their decision reads (signatures and version fields): equal bytes there,
+    equal decision."""
+
+    low: int
+    high: int
+    entries: tuple[_Entry, ...]
+
+    @classmethod
+    def of(cls, start: int, entries: tuple[_Entry, ...]) -> _Decider:
+        spans = [(start, start + len(e.signature)) for e in entries]
+        spans += [(e.version_field[0], e.version_field[1]) for e in entries if e.version_field is not None]
+        return cls(min(low for low, _ in spans), max(high for _, high in spans), entries)
 
 
 class _Entry(NamedTuple):
