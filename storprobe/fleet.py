@@ -28,11 +28,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import itertools
 import json
 import os
 import stat
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from types import ModuleType
@@ -61,6 +62,9 @@ FORMATS = {"parquet": ".parquet", "jsonl": ".jsonl"}
 DEFAULT_WORKERS_CAP = 8
 #: Times the scheduler runs a task again after its worker failed.
 RETRIES = 2
+#: Tasks submitted and not done, per worker thread: enough that no worker waits
+#: for the next batch, few enough that the scheduler never holds the whole fleet.
+TASKS_PER_THREAD = 2
 #: Objects a task probes at once by range reads: a batch's worth of round
 #: trips in flight, a few tasks per worker already keep a store busy.
 CONCURRENCY = 32
@@ -176,18 +180,17 @@ def fleet_scan(
         _needs("pyarrow", "Parquet parts")
     place = place_at(to, endpoint_url)
     previous = _previous_parts(place_at(since, endpoint_url), place) if since is not None else []
-    entries = listing(source, recursive=recursive, endpoint_url=endpoint_url)
-    batches = [
+    entries = _entries(source, recursive, endpoint_url)
+    first = next(entries, None)  # a source that cannot be listed fails here, before DEST is made
+    listed = itertools.chain([] if first is None else [first], entries)
+    batches = (
         Batch(
             number, chunk, place.where, to_format, _overlapping(previous, _names(chunk)), endpoint_url, concurrency,
         )
-        for number, chunk in enumerate(_chunks(entries, batch_size))
-    ]
+        for number, chunk in enumerate(_chunks(listed, batch_size))
+    )
     place.prepare()
-    if client is None:
-        parts = [run_batch(batch) for batch in batches]
-    else:
-        parts = client.gather(client.map(run_batch, batches, retries=RETRIES, pure=False))
+    parts = [run_batch(batch) for batch in batches] if client is None else _run_on(client, batches)
     inventory = Inventory(place.where, to_format, tuple(parts))
     _write_manifest(place, inventory, os.fspath(source))
     written = {p.name for p in parts}
@@ -195,6 +198,34 @@ def fleet_scan(
         if name.startswith(PART_PREFIX) and name.endswith(tuple(FORMATS.values())) and name not in written:
             place.delete(name)
     return inventory
+
+
+def _run_on(client: Client, batches: Iterable[Batch]) -> list[Part]:
+    """Every batch run as a task on ``client``'s cluster, at most
+    :data:`TASKS_PER_THREAD` per worker thread submitted and not done at a
+    time (the listing is read as tasks finish: the scheduler holds a window of
+    batches, not the fleet), the parts in batch order."""
+    from distributed import as_completed
+
+    threads = sum(w["nthreads"] for w in client.scheduler_info()["workers"].values())
+    waiting = iter(batches)
+    running = as_completed()
+    numbers: dict[str, int] = {}  # a task's key: its batch's number
+
+    def submit(batch: Batch) -> None:
+        task = client.submit(run_batch, batch, retries=RETRIES, pure=False)
+        numbers[task.key] = batch.number
+        running.add(task)
+
+    for batch in itertools.islice(waiting, TASKS_PER_THREAD * max(1, threads)):
+        submit(batch)
+    parts: dict[int, Part] = {}
+    for done in running:
+        parts[numbers.pop(done.key)] = done.result()
+        done.release()
+        if (batch := next(waiting, None)) is not None:
+            submit(batch)
+    return [parts[number] for number in sorted(parts)]
 
 
 def run_batch(batch: Batch) -> Part:
@@ -278,9 +309,10 @@ def _version() -> str:
     return __version__
 
 
-def _chunks(entries: Sequence[Entry], size: int) -> Iterator[tuple[Entry, ...]]:
-    for start in range(0, len(entries), size):
-        yield tuple(entries[start : start + size])
+def _chunks(entries: Iterable[Entry], size: int) -> Iterator[tuple[Entry, ...]]:
+    entries = iter(entries)
+    while chunk := tuple(itertools.islice(entries, size)):
+        yield chunk
 
 
 def _local_listing(directory: str, recursive: bool) -> list[Entry]:
@@ -296,21 +328,26 @@ def listing(
 ) -> list[Entry]:
     """What :func:`fleet_scan` deals out in batches: every entry of the
     directory ``source`` (``recursive``: and below) or every object under the
-    prefix URL ``source``, with what the listing says of it, sorted by name."""
+    prefix URL ``source``, with what the listing says of it, in name order."""
+    return list(_entries(source, recursive, endpoint_url))
+
+
+def _entries(source: str | os.PathLike[str], recursive: bool, endpoint_url: str | None) -> Iterator[Entry]:
+    """:func:`listing`, read as it is taken: a store lists a prefix in key
+    order a page at a time (its keys are never all held); a directory is
+    listed whole and sorted."""
     if is_url(source):
         return _object_listing(source, endpoint_url)
-    return _local_listing(os.fspath(source), recursive)
+    return iter(_local_listing(os.fspath(source), recursive))
 
 
-def _object_listing(prefix_url: str, endpoint_url: str | None) -> list[Entry]:
-    """Every object under ``prefix_url``, with what the listing says of it, sorted by URL."""
+def _object_listing(prefix_url: str, endpoint_url: str | None) -> Iterator[Entry]:
+    """Every object under ``prefix_url``, with what the listing says of it, in key order."""
     object_client()  # RemoteExtraMissing, named, when the client is not installed
     from .objectscan import list_objects
 
-    return sorted(
-        Entry(o.url, ObjectFacts(size=o.size, etag=o.etag, mtime_ns=_nanoseconds(o.mtime)))
-        for o in list_objects(prefix_url, endpoint_url=endpoint_url)
-    )
+    for o in list_objects(prefix_url, endpoint_url=endpoint_url):
+        yield Entry(o.url, ObjectFacts(size=o.size, etag=o.etag, mtime_ns=_nanoseconds(o.mtime)))
 
 
 def _nanoseconds(moment: datetime | None) -> int | None:

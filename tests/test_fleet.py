@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from storprobe.fleet import MANIFEST, Batch, InventoryError, fleet_scan, listing, run_batch
+from storprobe.fleet import MANIFEST, Batch, InventoryError, _run_on, fleet_scan, listing, run_batch
 from storprobe.inventory import COLUMNS, SCHEMA_VERSION, arrow_schema
 from storprobe.qemu_json import scan_record
 from storprobe.scan import scan
@@ -234,6 +234,25 @@ def test_a_cluster_scan_says_what_a_local_scan_says(fleet, tmp_path, client):
     manifest = json.loads((out / MANIFEST).read_text())
     assert [p["name"] for p in manifest["parts"]] == sorted(p.name for p in out.glob("part-*.parquet"))
     assert len(manifest["parts"]) == -(-FLEET // 128) and manifest["records"] == FLEET
+
+
+def test_the_cluster_holds_a_window_of_batches_not_the_fleet(tmp_path, templates, client):
+    """Batches are taken from the listing as tasks finish: at most two per
+    worker thread (two threads here) are submitted and not done."""
+    objects = tmp_path / "objects"
+    fill(objects, templates, 40)
+    out = tmp_path / "inventory"
+    out.mkdir()
+    ahead = []
+
+    def batches():
+        for number, entry in enumerate(listing(objects)):
+            ahead.append(number - len(list(out.glob("part-*"))))  # taken, less those done (or being written)
+            yield Batch(number, (entry,), str(out), "parquet")
+
+    parts = _run_on(client, batches())
+    assert [p.first for p in parts] == [utf8(e.name) for e in listing(objects)]
+    assert max(ahead) <= 2 * 2 and len(ahead) == 40
 
 
 def test_a_batch_run_again_overwrites_its_part(tmp_path, templates):
