@@ -507,3 +507,11 @@ def test_qcow_v1_source(tmp_path):
     path = qemu_img_create(tmp_path / "src.qcow", "qcow", "20M")
     qemu_io(path, "write -P 1 0 1M", "write -P 2 5M 3000", "write -c -P 3 10M 4k")
     assert_source_agrees(path)
+
+
+@pytest.mark.parametrize("length", [0, 1, 511, 513])
+def test_tiny_raw_source(tmp_path, length):
+    """A file shorter than a sector is a disk of whole sectors (none when empty)."""
+    path = tmp_path / "tiny.raw"
+    path.write_bytes(b"x" * length)
+    assert_source_agrees(path)
