@@ -1,5 +1,5 @@
-"""Real servers on loopback for the object-store tests and the benchmark, each
-counting, at the server, the requests and the body bytes it sent per object:
+"""Real servers on loopback for the object-store tests and the benchmark (all
+but Azurite count, at the server, the requests and body bytes sent per object):
 
 - :func:`moto_s3`: moto's S3 server (its WSGI application, served by werkzeug
   as ``moto_server`` serves it), wrapped in a counting middleware;
@@ -9,7 +9,8 @@ counting, at the server, the requests and the body bytes it sent per object:
   under ``broken/`` 503; ``delay`` seconds before each answer emulate a store's latency;
 - :class:`NoRangeServer`: Python's own ``http.server``, which ignores
   ``Range`` and sends the whole file with 200;
-- :class:`SilentServer`: accepts connections and never answers (timeouts).
+- :class:`SilentServer`: accepts connections and never answers (timeouts);
+- :class:`Azurite`: Microsoft's Azure Blob emulator, when ``azurite-blob`` is installed.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import os
 import re
 import shutil
 import socket
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -272,3 +274,65 @@ def copy_tree(files: dict[str, bytes], root: Path) -> None:
     for name, data in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(data)
+
+
+class Azurite:
+    """Microsoft's Azure Blob emulator (``azurite-blob``, from npm) in memory on a
+    free port, with its well-known development account; ``endpoint`` is the
+    account's URL, as ``--endpoint-url`` takes it."""
+
+    ACCOUNT = "devstoreaccount1"
+    KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+    #: The environment a client reads the account from (object_store's names).
+    ENV = {"AZURE_STORAGE_ACCOUNT_NAME": ACCOUNT, "AZURE_STORAGE_ACCOUNT_KEY": KEY}
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}/{self.ACCOUNT}"
+
+    def __enter__(self) -> Azurite:
+        self.process = subprocess.Popen(
+            ["azurite-blob", "--blobHost", "127.0.0.1", "--blobPort", str(self.port), "--inMemoryPersistence",
+             "--silent", "--disableTelemetry", "--skipApiVersionCheck", "--loose"],
+            stdout=subprocess.DEVNULL,
+        )
+        for _ in range(300):
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return self
+            except OSError:
+                time.sleep(0.1)
+        self.process.kill()
+        raise RuntimeError("azurite-blob did not start")
+
+    def __exit__(self, *exc) -> None:
+        self.process.terminate()
+        self.process.wait()
+
+    def create_container(self, name: str) -> None:
+        """``Create Container``, signed with the account key (Shared Key authorization)."""
+        import base64
+        import hashlib
+        import hmac
+        import urllib.request
+        from email.utils import formatdate
+
+        headers = {"x-ms-date": formatdate(usegmt=True), "x-ms-version": "2021-08-06"}
+        signed = "PUT\n" + "\n" * 11 + "".join(f"{k}:{v}\n" for k, v in sorted(headers.items()))
+        signed += f"/{self.ACCOUNT}/{self.ACCOUNT}/{name}\nrestype:container"
+        mac = hmac.new(base64.b64decode(self.KEY), signed.encode(), hashlib.sha256).digest()
+        headers["Authorization"] = f"SharedKey {self.ACCOUNT}:{base64.b64encode(mac).decode()}"
+        request = urllib.request.Request(
+            f"{self.endpoint}/{name}?restype=container", method="PUT", headers={**headers, "Content-Length": "0"}
+        )
+        urllib.request.urlopen(request).close()
+
+    def put(self, container: str, key: str, data: bytes) -> None:
+        import obstore
+        from obstore.store import AzureStore
+
+        store = AzureStore(
+            container, account_name=self.ACCOUNT, access_key=self.KEY, endpoint=self.endpoint,
+            client_options={"allow_http": True},
+        )
+        obstore.put(store, key, data)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,7 @@ from storprobe.urls import REMOTE_SCHEMES, is_url
 
 from builders import real_images
 from oracle import qemu_img_create, run
-from servers import S3_ENV, NoRangeServer, RangeServer, SilentServer, copy_tree, free_port, moto_s3
+from servers import S3_ENV, Azurite, NoRangeServer, RangeServer, SilentServer, copy_tree, free_port, moto_s3
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 BUCKET = "images"
@@ -360,3 +361,24 @@ def test_volume_xml_is_refused_for_a_url(s3, capsys):
     for command in (["info", "--output", "xml"], ["scan", "--output", "xml"]):
         assert main([*command, "--endpoint-url", s3.endpoint, f"s3://{BUCKET}/pool/"]) == 2
         assert "describes local volumes" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(shutil.which("azurite-blob") is None, reason="azurite-blob (npm's azurite) is not installed")
+def test_azure_takes_no_suffix_range_so_the_tail_comes_second(images, monkeypatch):
+    """object_store refuses to send Azure a suffix range: the head goes first,
+    the size comes from its Content-Range, the tail follows; the record is
+    the local one, in at most two requests and 40 KiB."""
+    for key, value in Azurite.ENV.items():
+        monkeypatch.setenv(key, value)
+    with Azurite() as azure:
+        azure.create_container("images")
+        for name in names(images / "plain"):
+            azure.put("images", f"plain/{name}", (images / "plain" / name).read_bytes())
+        urls = [f"az://images/plain/{name}" for name in names(images / "plain")]
+        records = list(probe_objects(urls, endpoint_url=azure.endpoint))
+        for record, name in zip(records, names(images / "plain"), strict=True):
+            assert record.error is None, record.error
+            assert outcome(record.path, "az://images", endpoint_url=azure.endpoint) == outcome(
+                images / "plain" / name, str(images)
+            )
+            assert record.requests <= MAX_REQUESTS and record.fetched <= MAX_BYTES
