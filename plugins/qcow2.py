@@ -16,6 +16,7 @@ import struct
 import sys
 from array import array
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 from storprobe import (
@@ -705,6 +706,10 @@ OFLAG_ZERO = 1 << 0  # standard L2 entries only; extended ones keep zero bits in
 L1_PIECE = 64 * 1024
 #: Compressed data is located in 512-byte sectors (QEMU's QCOW2_COMPRESSED_SECTOR_SIZE).
 COMPRESSED_SECTOR = 512
+#: Most bytes of compressed clusters inflated together (and kept until the next batch), and
+#: the threads that inflate them (QEMU's qemu-img convert inflates on its thread pool too).
+INFLATE_BATCH_BYTES = 4 * 1024 * 1024
+INFLATE_THREADS = 4
 #: zlib's window for qcow2's raw deflate streams (QEMU inflates with windowBits -12).
 ZLIB_WBITS = -12
 #: Bits a plain data cluster's standard L2 entry may have besides its offset: COPIED only.
@@ -748,7 +753,7 @@ class Qcow2Map:
         self.csize_mask = (1 << (hdr.cluster_bits - 8)) - 1
         self.refcount = (hdr.refcount_order, hdr.refcount_table_offset, hdr.refcount_table_clusters)
         self._preallocated: bool | None = None
-        self._inflated: tuple[int, bytes] = (-1, b"")
+        self._inflated: dict[int, bytes | DataPathError] = {}  # guest cluster -> its bytes: the last batch
         self._runs: tuple[int, int] | None = None  # the repunit and steps of a table of consecutive clusters
         self._zeros = bytes(self.cluster_size)
 
@@ -1009,28 +1014,60 @@ class Qcow2Map:
         return self._inflate(cluster)[within : within + length]
 
     def _inflate(self, cluster: int) -> bytes:
-        """The bytes of the compressed guest cluster at ``cluster`` (the last one is kept)."""
-        if self._inflated[0] == cluster:
-            return self._inflated[1]
+        """The bytes of the compressed guest cluster at ``cluster``. It is inflated
+        with the compressed clusters that follow it in its L2 table (up to
+        :data:`INFLATE_BATCH_BYTES` of output, kept until the next batch), their
+        input read at once where it lies together, the streams inflated on a few
+        threads (zlib and zstd let go of the interpreter while they work)."""
+        if cluster not in self._inflated:
+            self._inflated = self._inflate_batch(cluster)
+        out = self._inflated[cluster]
+        if isinstance(out, DataPathError):  # raised for the cluster it concerns only, as QEMU fails that read
+            raise type(out)(str(out), code=out.code)
+        return out
+
+    def _inflate_batch(self, cluster: int) -> dict[int, bytes | DataPathError]:
+        """The compressed clusters from ``cluster`` on, each inflated or the error inflating it gave."""
         l1_index = cluster // self.l1_span
         table = self._l2_table(l1_index)
         assert table is not None
-        entry, _ = self._entry(table, (cluster - l1_index * self.l1_span) // self.cluster_size)
-        offset = entry & ((1 << self.csize_shift) - 1)
-        sectors = ((entry >> self.csize_shift) & self.csize_mask) + 1
-        size = sectors * COMPRESSED_SECTOR - offset % COMPRESSED_SECTOR  # at most two clusters
-        data = self.host.read(offset, size)
-        if self.compression:
-            out = _zstd(data, self.cluster_size)
+        first = (cluster - l1_index * self.l1_span) // self.cluster_size
+        most = min(self.l2_entries - first, max(1, INFLATE_BATCH_BYTES // self.cluster_size))
+        batch: list[tuple[int, int, int]] = []  # (guest cluster, host offset, input bytes)
+        for i in range(first, first + most):
+            entry, _ = self._entry(table, i)
+            if not entry & OFLAG_COMPRESSED:
+                break
+            offset = entry & ((1 << self.csize_shift) - 1)
+            sectors = ((entry >> self.csize_shift) & self.csize_mask) + 1
+            size = sectors * COMPRESSED_SECTOR - offset % COMPRESSED_SECTOR  # at most two clusters
+            batch.append((cluster + (i - first) * self.cluster_size, offset, size))
+        low = min(offset for _, offset, _ in batch)
+        high = max(offset + size for _, offset, size in batch)
+        if high - low <= 2 * sum(size for _, _, size in batch):  # packed together, as QEMU writes them
+            whole = self.host.read(low, high - low)
+            inputs = [whole[offset - low : offset - low + size] for _, offset, size in batch]
         else:
-            out = inflate_cluster(data, self.cluster_size, "qcow2", window_bits=ZLIB_WBITS)
+            inputs = [self.host.read(offset, size) for _, offset, size in batch]
+        if len(inputs) == 1:
+            outputs = [self._inflate_one(inputs[0])]
+        else:
+            with ThreadPoolExecutor(INFLATE_THREADS) as pool:
+                outputs = list(pool.map(self._inflate_one, inputs))
+        return {guest: out for (guest, _, _), out in zip(batch, outputs, strict=True)}
+
+    def _inflate_one(self, data: bytes) -> bytes | DataPathError:
+        """One compressed cluster's bytes, or why they cannot be had."""
+        try:
+            if self.compression:
+                out = _zstd(data, self.cluster_size)
+            else:
+                out = inflate_cluster(data, self.cluster_size, "qcow2", window_bits=ZLIB_WBITS)
+        except DataPathError as exc:
+            return exc
         if len(out) != self.cluster_size:
-            raise _map_error(
-                "compressed-short",
-                f"compressed cluster at guest offset {cluster:#x} inflates to {len(out)} bytes, "
-                f"not a cluster of {self.cluster_size}",
-            )
-        self._inflated = (cluster, out)
+            return _map_error("compressed-short", f"a compressed cluster inflates to {len(out)} bytes, "
+                                                  f"not a cluster of {self.cluster_size}")
         return out
 
 

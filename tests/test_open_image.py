@@ -532,3 +532,17 @@ def test_a_backing_file_that_cannot_be_read_is_a_backing_error(tmp_path):
     rebase_unsafe(top, str(enc), "qcow2")
     assert code(lambda: open_image(top, backing=LOCAL)) == "backing.datapath.encrypted"
     assert code(lambda: open_image(enc, backing=LOCAL)) == "datapath.encrypted"  # the top's own, unprefixed
+
+
+def test_a_corrupt_compressed_cluster_fails_only_its_own_read(tmp_path):
+    """Compressed clusters are inflated in batches; an error belongs to its cluster:
+    the one before it still reads, as QEMU reads it."""
+    image = written_qcow2(tmp_path / "a.qcow2", 65536, script=("write -c -P 0x33 0 64k", "write -c -P 0x34 64k 64k"))
+    _, host, _ = compressed_entry(image, 65536, 65536)
+    patched(image, host, 0xFFFFFFFFFFFFFFFF)
+    with open_image(image) as disk:
+        assert disk.pread(0, 65536) == b"\x33" * 65536
+        assert code(lambda: disk.pread(65536, 10)) == "qcow2.compressed-corrupt"
+        assert code(lambda: disk.pread(65530, 10)) == "qcow2.compressed-corrupt"
+    qemu_io(image, "read -P 0x33 0 64k")
+    qemu_fails_to_read(image)
