@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from .detect import Target, open_source, probe
 from .errors import ProbeError, ReadLimitExceeded
-from .jsontext import indented
 from .registry import FormatTable, format_table
 from .source import Image
 from .spec import QEMU_MAX_LENGTH
@@ -157,21 +156,84 @@ def verify(
 
 def to_json(report: Report) -> str:
     """``qemu-img check --output=json``'s text (newline included): counts that
-    are zero are left out, except check-errors, as qemu-img does."""
+    are zero are left out, except check-errors, as qemu-img does; strings are
+    escaped as QEMU's JSON writer escapes them."""
     result = report.result
     values = {
-        "filename": report.filename,
-        "format": report.format,
+        "filename": qemu_json_string(report.filename),
+        "format": qemu_json_string(report.format),
         "check-errors": result.check_errors,
-        "image-end-offset": result.image_end_offset or None,
-        "corruptions": result.corruptions or None,
-        "leaks": result.leaks or None,
-        "total-clusters": result.total_clusters or None,
-        "allocated-clusters": result.allocated_clusters or None,
-        "fragmented-clusters": result.fragmented_clusters or None,
-        "compressed-clusters": result.compressed_clusters or None,
+        "image-end-offset": result.image_end_offset,
+        "corruptions": result.corruptions,
+        "leaks": result.leaks,
+        "total-clusters": result.total_clusters,
+        "allocated-clusters": result.allocated_clusters,
+        "fragmented-clusters": result.fragmented_clusters,
+        "compressed-clusters": result.compressed_clusters,
     }
-    return indented({key: values[key] for key in JSON_KEYS if values.get(key) is not None}) + "\n"
+    members = [f'    "{key}": {values[key]}' for key in JSON_KEYS if values.get(key) or key == "check-errors"]
+    return "{\n" + ",\n".join(members) + "\n}\n"
+
+
+#: What QEMU's JSON writer writes for these characters instead of a \u escape.
+_SHORT_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+#: The least code point a UTF-8 sequence of 2, 3, 4, 5, 6 bytes may encode (shorter ones are overlong).
+_SHORTEST = (0x80, 0x800, 0x10000, 0x200000, 0x4000000)
+
+
+def qemu_json_string(text: str) -> str:
+    """``text`` (a file name: bytes that are not UTF-8 arrive as surrogate
+    escapes) as QEMU's JSON writer quotes it: printable ASCII as it is, the
+    usual short escapes, every other code point as ``\\uXXXX`` in upper case
+    (beyond the BMP a surrogate pair), and each byte sequence QEMU's modified
+    UTF-8 reader refuses as one U+FFFD."""
+    data = os.fsencode(text)
+    out = ['"']
+    position = 0
+    while position < len(data):
+        point, position = _codepoint(data, position)
+        char = chr(point)
+        if char in _SHORT_ESCAPES:
+            out.append(_SHORT_ESCAPES[char])
+        elif point > 0xFFFF:
+            point -= 0x10000
+            out.append(f"\\u{0xD800 + (point >> 10):04X}\\u{0xDC00 + (point & 0x3FF):04X}")
+        elif point < 0x20 or point >= 0x7F:
+            out.append(f"\\u{point:04X}")
+        else:
+            out.append(char)
+    return "".join(out) + '"'
+
+
+def _codepoint(data: bytes, position: int) -> tuple[int, int]:
+    """QEMU's mod_utf8_codepoint: the code point at ``position`` (U+FFFD for a
+    sequence it refuses) and where the next one starts."""
+    first = data[position]
+    position += 1
+    if first < 0x80:
+        return first, position
+    if first >= 0xFE or not first & 0x40:  # impossible byte, or a continuation byte first
+        return 0xFFFD, position
+    length = _sequence_length(first)
+    point = first & ((0x80 >> length) - 1)
+    for _ in range(1, length):
+        if position >= len(data) or data[position] & 0xC0 != 0x80:
+            return 0xFFFD, position  # a continuation byte missing
+        point = point << 6 | data[position] & 0x3F
+        position += 1
+    valid = (
+        point <= 0x10FFFF
+        and not 0xFDD0 <= point <= 0xFDEF
+        and point & 0xFFFE != 0xFFFE
+        and not 0xD800 <= point <= 0xDFFF
+        and (point >= _SHORTEST[length - 2] or (point == 0 and length == 2))
+    )
+    return (point if valid else 0xFFFD), position
+
+
+def _sequence_length(first: int) -> int:
+    """How many bytes a sequence starting with ``first`` says it has (its leading one bits)."""
+    return 8 - (first ^ 0xFF).bit_length()
 
 
 def to_human(report: Report) -> str:

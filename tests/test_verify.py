@@ -5,6 +5,7 @@ through the command) and exit status must be qemu-img check's."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import struct
 import subprocess
@@ -512,6 +513,23 @@ def test_human_output_is_qemu_img_checks(written):
     proc = storprobe_verify(image, "human")
     assert (proc.stdout, proc.returncode) == (theirs.stdout, theirs.returncode) and theirs.returncode == 1
     assert proc.stderr.endswith("Check failed\n")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [b"caf\xc3\xa9 \\ \"q\".qcow2", b"tab\tnl\ndel\x7f.qcow2", b"\xf0\x9f\x92\xbe.qcow2",
+     b"bad\xff\xc3-\xc0\xaf\xed\xa0\x80\xef\xb7\x90\xe2\x82.qcow2"],
+    ids=["latin-quote-backslash", "controls", "beyond-bmp", "not-utf8"],
+)
+def test_file_names_are_escaped_as_qemu_writes_them(tmp_path, written, name):
+    """QEMU's JSON writer: \\uXXXX in upper case for anything outside printable
+    ASCII (DEL too), surrogate pairs beyond the BMP, one U+FFFD per byte sequence
+    its modified UTF-8 reader refuses."""
+    image = Path(os.fsdecode(bytes(tmp_path) + b"/" + name))
+    image.write_bytes(bytes(written.data))
+    _, status, text = qemu_check(image)
+    proc = storprobe_verify(image)
+    assert (proc.stdout, proc.returncode) == (text, status)
 
 
 def test_human_rendering_of_every_line():
