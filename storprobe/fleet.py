@@ -1,8 +1,10 @@
 """Fleet scans: a listing probed on a Dask cluster into an inventory of Parquet parts.
 
-The listing (every entry of a directory with what ``stat`` says of it, or
-every object under a store's prefix with its size, ETag and modification
-time) is sorted by name and cut into batches of :data:`BATCH` entries. Each
+The listing (every entry of a directory with what ``stat`` says of it, sorted
+by name, or every object under a store's prefix with its size, ETag and
+modification time, in key order as the store lists it, a page at a time) is
+cut into batches of :data:`BATCH` entries, taken as the cluster finishes
+earlier ones (:data:`TASKS_PER_THREAD` submitted per worker thread). Each
 batch is one task (:func:`run_batch`): it probes its entries (a store's
 objects by range reads, :data:`CONCURRENCY` at once) and writes one part, a
 Parquet file of :mod:`storprobe.inventory` rows in name order (or JSON lines),
