@@ -54,7 +54,10 @@ COLUMNS: tuple[Column, ...] = (
     Column("filename", "string", "the object: its path, or its URL (qemu-img: filename); every row has one"),
     Column("format", "string", "the driver QEMU opens the volume with (qemu-img: format)"),
     Column("virtual_size", "int64", "the guest-visible size in bytes (qemu-img: virtual-size)"),
-    Column("actual_size", "int64", "bytes the volume occupies on its file system (qemu-img: actual-size)"),
+    Column(
+        "actual_size", "int64",
+        "bytes the volume occupies on its file system (qemu-img: actual-size); null for an object in a store",
+    ),
     Column("cluster_size", "int64", "the format's allocation unit in bytes (qemu-img: cluster-size)"),
     Column("encrypted", "bool", "whether the volume is encrypted (qemu-img: encrypted, absent there when false)"),
     Column("dirty_flag", "bool", "whether the format marks the volume as not cleanly closed (qemu-img: dirty-flag)"),
