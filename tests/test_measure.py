@@ -515,3 +515,21 @@ def test_tiny_raw_source(tmp_path, length):
     path = tmp_path / "tiny.raw"
     path.write_bytes(b"x" * length)
     assert_source_agrees(path)
+
+
+@settings(max_examples=25)
+@given(
+    length=st.integers(1, 4 << 20),
+    writes=st.lists(st.tuples(st.integers(0, 4 << 20), st.integers(1, 70000)), max_size=6),
+    cluster_bits=st.integers(9, 21),
+)
+def test_sparse_raw_property(tmp_path_factory, length, writes, cluster_bits):
+    """Data anywhere in a sparse file, any target cluster size: the clusters touched."""
+    path = tmp_path_factory.mktemp("sparse") / "src.raw"
+    with open(path, "wb") as f:
+        f.truncate(length)
+        for offset, size in writes:
+            f.seek(offset)
+            f.write(b"\xa5" * size)
+    options = [f"cluster_size={1 << cluster_bits}"]
+    assert our_answer("qcow2", options, source=path) == qemu_answer("-O", "qcow2", *option_args(options), path)
