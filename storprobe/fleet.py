@@ -33,6 +33,7 @@ import io
 import itertools
 import json
 import os
+import re
 import stat
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -45,7 +46,7 @@ from .inventory import NAMES, SCHEMA_VERSION, ObjectFacts, arrow_schema, row, un
 from .urls import is_url, object_client
 
 if TYPE_CHECKING:
-    from distributed import Client
+    from distributed import Client, Future
 
 T = TypeVar("T")
 
@@ -59,6 +60,8 @@ MANIFEST = "_inventory.json"
 PART_PREFIX = "part-"
 #: The part formats and their names' endings.
 FORMATS = {"parquet": ".parquet", "jsonl": ".jsonl"}
+#: A part's whole name (:func:`part_name`).
+_PART_NAME = re.compile(rf"{PART_PREFIX}[0-9]{{6,}}-[0-9a-f]{{12}}({'|'.join(map(re.escape, FORMATS.values()))})")
 #: Most workers a LocalCluster starts unless told (one process each, one thread:
 #: probing is Python, which one interpreter runs on one CPU at a time).
 DEFAULT_WORKERS_CAP = 8
@@ -212,21 +215,21 @@ def _run_on(client: Client, batches: Iterable[Batch]) -> list[Part]:
     threads = sum(w["nthreads"] for w in client.scheduler_info()["workers"].values())
     waiting = iter(batches)
     running = as_completed()
-    numbers: dict[str, int] = {}  # a task's key: its batch's number
+    numbers: dict[Future[Part], int] = {}  # each task's batch's number
 
     def submit(batch: Batch) -> None:
         task = client.submit(run_batch, batch, retries=RETRIES, pure=False)
-        numbers[task.key] = batch.number
+        numbers[task] = batch.number
         running.add(task)
 
-    for batch in itertools.islice(waiting, TASKS_PER_THREAD * max(1, threads)):
-        submit(batch)
+    for first in itertools.islice(waiting, TASKS_PER_THREAD * max(1, threads)):
+        submit(first)
     parts: dict[int, Part] = {}
     for done in running:
-        parts[numbers.pop(done.key)] = done.result()
+        parts[numbers.pop(done)] = done.result()
         done.release()
-        if (batch := next(waiting, None)) is not None:
-            submit(batch)
+        if (following := next(waiting, None)) is not None:
+            submit(following)
     return [parts[number] for number in sorted(parts)]
 
 
@@ -438,18 +441,24 @@ def _rows(data: bytes, json_lines: bool, names: set[str]) -> list[dict[str, Any]
 
 def _previous_parts(earlier: Place, to: Place) -> list[PreviousPart]:
     """The parts of the inventory at ``earlier``, in name order; none when it was
-    made with another schema (every entry is probed again)."""
+    made with another schema (every entry is probed again). A manifest naming
+    a part as no scan names one (another directory, say) is no inventory."""
     if earlier.key == to.key:
         raise InventoryError(earlier.where, "the previous inventory cannot be the destination: write beside it")
     try:
         manifest = json.loads(earlier.get(MANIFEST))
+        if manifest["schema"] != SCHEMA_VERSION:
+            return []
+        parts = [(p["name"], p["first"], p["last"]) for p in manifest["parts"]]
+        if not all(isinstance(n, str) and _PART_NAME.fullmatch(n) for n, _, _ in parts):
+            raise ValueError("a part not named as a scan names its parts")
     except InventoryError as exc:
         raise InventoryError(earlier.where, f"no inventory ({MANIFEST}: {exc.reason})") from None
-    except ValueError as exc:
-        raise InventoryError(earlier.where, f"no inventory ({MANIFEST}: {exc})") from None
-    if manifest.get("schema") != SCHEMA_VERSION:
-        return []
-    return [PreviousPart(earlier.location(p["name"]), p["first"], p["last"]) for p in manifest["parts"]]
+    except (ValueError, TypeError, KeyError) as exc:
+        raise InventoryError(earlier.where, f"no inventory ({MANIFEST}: {exc!r})") from None
+    if any(name.endswith(FORMATS["parquet"]) for name, _, _ in parts):
+        _needs("pyarrow", "Parquet parts")
+    return [PreviousPart(earlier.location(name), first, last) for name, first, last in parts]
 
 
 def _names(entries: Sequence[Entry]) -> tuple[str, str]:

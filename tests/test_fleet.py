@@ -375,6 +375,16 @@ def test_the_previous_inventory_is_never_the_destination(tmp_path, templates):
         fleet_scan(objects, tmp_path / "inv", since=tmp_path / "inv")
     with pytest.raises(InventoryError, match="no inventory"):
         fleet_scan(objects, tmp_path / "new", since=objects)
+    manifest = json.loads((tmp_path / "inv" / MANIFEST).read_text())
+    (tmp_path / "secret").write_text("not for a scan to open")
+    for name in ("../secret", "part-000000-0123456789ab.parquet/../../secret", 7):
+        manifest["parts"][0]["name"] = name
+        (tmp_path / "inv" / MANIFEST).write_text(json.dumps(manifest))
+        with pytest.raises(InventoryError, match="no inventory"):
+            fleet_scan(objects, tmp_path / "new", since=tmp_path / "inv")
+    (tmp_path / "inv" / MANIFEST).write_text("[]")
+    with pytest.raises(InventoryError, match="no inventory"):
+        fleet_scan(objects, tmp_path / "new", since=tmp_path / "inv")
 
 
 def storprobe(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
