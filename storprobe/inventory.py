@@ -184,13 +184,24 @@ def _json(value: Any) -> str | None:
 def unchanged(previous: Mapping[str, Any], facts: ObjectFacts, version: str) -> bool:
     """Whether ``previous``, a row of an earlier inventory for the same object,
     still describes it: the listing's facts identify the object and are the
-    row's, the row was made by this storprobe ``version``, and its error, if
-    any, was not that the object could not be read (a ``source`` error may pass)."""
+    row's (an object's size and ETag: a store gives a rewritten object a new
+    ETag, and a copy of its metadata in place a new time only; a file's size,
+    times, device and inode), the row was made by this storprobe ``version``,
+    and its error, if any, was not that the object could not be read (a
+    ``source`` error may pass)."""
     code = previous["error_code"]
+    compared = _OBJECT_FACTS if facts.etag is not None else _FILE_FACTS
     return (
         facts.identifies
         and previous["storprobe_version"] == version
         and not (code is not None and (code == "source" or code.startswith("source.")))
-        and (previous["object_size"], previous["object_etag"], previous["object_mtime"]) == facts[:3]
-        and (previous["file_ctime"], previous["file_device"], previous["file_inode"]) == facts[3:]
+        and all(previous[column] == getattr(facts, fact) for column, fact in compared)
     )
+
+
+#: The columns that hold each fact a listing gives, for an object and for a file.
+_OBJECT_FACTS = (("object_size", "size"), ("object_etag", "etag"))
+_FILE_FACTS = (
+    *_OBJECT_FACTS, ("object_mtime", "mtime_ns"), ("file_ctime", "ctime_ns"), ("file_device", "device"),
+    ("file_inode", "inode"),
+)

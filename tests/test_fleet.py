@@ -14,6 +14,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -525,7 +526,14 @@ def test_a_refresh_of_a_bucket_asks_only_for_what_changed(s3, templates):
         s3.client.put_object(Bucket=BUCKET, Key=key, Body=data)
     prefix = f"s3://{BUCKET}/refresh/"
     first = fleet_scan(prefix, f"s3://{BUCKET}/inv1", endpoint_url=s3.endpoint, batch_size=32)
-    rewritten, gone, new = sorted(objects)[5], sorted(objects)[6], "refresh/new.vhd"
+    rewritten, gone, new, retagged = sorted(objects)[5], sorted(objects)[6], "refresh/new.vhd", sorted(objects)[7]
+    listed = {o["Key"]: o for o in s3.client.list_objects_v2(Bucket=BUCKET, Prefix="refresh/")["Contents"]}
+    time.sleep(0.01)
+    s3.client.copy_object(Bucket=BUCKET, Key=retagged, CopySource={"Bucket": BUCKET, "Key": retagged},
+                          Metadata={"note": "metadata only"}, MetadataDirective="REPLACE")
+    again = {o["Key"]: o for o in s3.client.list_objects_v2(Bucket=BUCKET, Prefix="refresh/")["Contents"]}
+    assert again[retagged]["ETag"] == listed[retagged]["ETag"], "a copy in place keeps the ETag"
+    assert again[retagged]["LastModified"] > listed[retagged]["LastModified"], "and gives a new time"
     s3.client.put_object(Bucket=BUCKET, Key=rewritten, Body=templates["a.vhd"])
     s3.client.delete_object(Bucket=BUCKET, Key=gone)
     s3.client.put_object(Bucket=BUCKET, Key=new, Body=templates["a.vhd"])
@@ -539,6 +547,7 @@ def test_a_refresh_of_a_bucket_asks_only_for_what_changed(s3, templates):
     before = {r["filename"]: r for r in read_store_rows(s3, "inv1/")}
     assert rows[f"s3://{BUCKET}/{rewritten}"]["format"] == rows[f"s3://{BUCKET}/{new}"]["format"] == "vpc"
     assert set(rows) == set(before) - {f"s3://{BUCKET}/{gone}"} | {f"s3://{BUCKET}/{new}"}
+    assert rows[f"s3://{BUCKET}/{retagged}"]["object_mtime"] == before[f"s3://{BUCKET}/{retagged}"]["object_mtime"]
     assert all(rows[name] == before[name] for name in rows if name not in (f"s3://{BUCKET}/{rewritten}",
                                                                          f"s3://{BUCKET}/{new}"))
 
