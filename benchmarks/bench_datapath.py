@@ -16,7 +16,9 @@ unless ``--dir``), then prints medians of interleaved repetitions, warm page cac
   convert -O raw`` of the same image to a file (default, and ``-m 1``);
   throughput in MiB/s.
 
-Each line gives the ratio storprobe / qemu-img. Tests never assert timings;
+Each line gives the ratio storprobe / qemu-img; for whole processes, the CPU time
+(user + system, from the children's rusage) too, which others' load on a shared
+machine disturbs less than wall time. Tests never assert timings;
 compare numbers from one run only.
 """
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -55,9 +58,21 @@ def storprobe_command() -> list[str]:
     return [str(beside)] if beside.exists() else [sys.executable, "-m", "storprobe"]
 
 
-def timed(command: list[str]) -> float:
-    start = time.perf_counter()
+#: CPU seconds (user + system) of each command's last run, by command name: on a shared
+#: machine wall time waits on others' work, CPU time less so.
+CPU: dict[str, list[float]] = {}
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(command: list[str], name: str | None = None) -> float:
+    start, cpu = time.perf_counter(), children_cpu()
     subprocess.run(command, stdout=subprocess.DEVNULL, check=True)
+    if name:
+        CPU.setdefault(name, []).append(children_cpu() - cpu)
     return time.perf_counter() - start
 
 
@@ -82,7 +97,8 @@ def in_process_read(path: Path) -> float:
 
 
 def qemu_convert(path: Path, out: Path, *options: str) -> float:
-    seconds = timed(["qemu-img", "convert", *options, "-O", "raw", str(path), str(out)])
+    seconds = timed(["qemu-img", "convert", *options, "-O", "raw", str(path), str(out)],
+                    f"qemu {path.name} {' '.join(options)}")
     out.unlink()
     return seconds
 
@@ -142,22 +158,32 @@ def main() -> None:
         print(f"map, whole processes, JSON to /dev/null ({args.map_size} virtual, 64 KiB clusters):")
         for name, image in (("1 MiB written per GiB", sparse), ("preallocated metadata", prealloc)):
             t = median_of(args.repeat, {
-                "ours": lambda image=image: timed([*ours, "map", "--output", "json", str(image)]),
-                "qemu": lambda image=image: timed(["qemu-img", "map", "--output=json", str(image)]),
+                "ours": lambda image=image, name=name: timed([*ours, "map", "--output", "json", str(image)],
+                                                             f"ours {name}"),
+                "qemu": lambda image=image, name=name: timed(["qemu-img", "map", "--output=json", str(image)],
+                                                             f"qemu {name}"),
             })
             report(name, t["ours"], t["qemu"])
+            cpu = {who: statistics.median(CPU[f"{who} {name}"]) for who in ("ours", "qemu")}
+            report(f"{name} (CPU time)", cpu["ours"], cpu["qemu"])
         print(f"read the whole guest disk ({args.read_size}) vs qemu-img convert -O raw to a file:")
         out = work / "out.raw"
         for name, image in (("random data", full), ("zlib compressed (qemu-img convert -c)", compressed)):
             t = median_of(args.repeat, {
                 "ours": lambda image=image: in_process_read(image),
-                "process": lambda image=image: timed([sys.executable, "-c", READER, str(image)]),
+                "process": lambda image=image, name=name: timed([sys.executable, "-c", READER, str(image)],
+                                                                f"ours {name}"),
                 "qemu": lambda image=image: qemu_convert(image, out),
                 "qemu-m1": lambda image=image: qemu_convert(image, out, "-m", "1"),
             })
             report(f"{name}: open_image, in process", t["ours"], t["qemu"], size=read_size)
             report(f"{name}: open_image, whole process", t["process"], t["qemu"], size=read_size)
             report(f"{name}: open_image vs qemu-img convert -m 1", t["ours"], t["qemu-m1"], size=read_size)
+            cpu = {key: statistics.median(CPU[key]) for key in (f"ours {name}", f"qemu {image.name} ",
+                                                                f"qemu {image.name} -m 1")}
+            report(f"{name}: whole process vs convert (CPU time)", cpu[f"ours {name}"], cpu[f"qemu {image.name} "])
+            report(f"{name}: whole process vs convert -m 1 (CPU time)", cpu[f"ours {name}"],
+                   cpu[f"qemu {image.name} -m 1"])
     finally:
         if not args.dir:
             shutil.rmtree(work)
