@@ -6,12 +6,22 @@ on open (sector size, block size, block count, parent links ...) and also an
 image type outside VirtualBox's four and block map or data areas that lie past
 the end of the file. The virtual size is ``disk_size`` rounded up to a whole
 sector, as QEMU reads the odd sizes ``VBoxManage convertfromraw`` can write.
+
+The data path and ``verify`` read the block map as QEMU 7.2's block/vdi.c does
+(vdi_co_block_status, vdi_co_preadv, vdi_co_check): an entry below
+0xfffffffe names the data block holding a 1 MiB guest block, anything else
+reads as zeros.
 """
 
 from __future__ import annotations
 
-from storprobe import Features, FormatSpec, Image, InvalidHeader, Layout, hookimpl
+import struct
+from collections.abc import Iterator
+
+from storprobe import Features, FormatSpec, Image, ImageInfo, InvalidHeader, Layout, hookimpl
+from storprobe.blockmap import Extent, HostFile
 from storprobe.layout import Header
+from storprobe.verify import CheckReader, CheckResult
 
 HEADER = Layout(
     "<",
@@ -98,6 +108,104 @@ def features(img: Image) -> Features:
     return Features(cluster_size=hdr.block_size, details={"image-type": IMAGE_TYPES[hdr.image_type]})
 
 
+# ---- data path and check: the block map (QEMU 7.2 block/vdi.c) ------------------------------------------
+
+#: Block map entries at or above this are no block: 0xfffffffe discarded, 0xffffffff unallocated (zeros).
+FIRST_UNALLOCATED = 0xFFFFFFFE
+TYPE_STATIC = 2
+#: Bytes of the block map read (and cached) at once.
+BMAP_PIECE = 64 * 1024
+
+
+class VdiMap:
+    """The block map of a VDI image. An unallocated or discarded block is
+    zeros (allocated, to QEMU: there is no backing file); an allocated one
+    lies at ``offset_data`` plus its entry times the block size, wherever that
+    is (QEMU checks nothing; past the end of the file it reads zeros). A
+    static image's blocks are split where the file has holes, as QEMU's block
+    status recurses into the file for them."""
+
+    def __init__(self, img: Image, info: ImageInfo, host: HostFile) -> None:
+        hdr = header(img)
+        self.host = host
+        self.bmap_offset, self.data_offset = hdr.offset_bmap, hdr.offset_data
+        self.blocks = hdr.blocks_in_image
+        self.static = hdr.image_type == TYPE_STATIC
+
+    def _entries(self, first: int, count: int) -> list[int]:
+        """Block map entries ``first`` .. ``first + count - 1`` (one piece of the map at most)."""
+        at = first * 4
+        piece = at - at % BMAP_PIECE
+        table = self.host.table(self.bmap_offset + piece, min(BMAP_PIECE, self.blocks * 4 - piece))
+        raw = table[at - piece : at - piece + 4 * count]
+        return [int.from_bytes(raw[i : i + 4], "little") for i in range(0, len(raw), 4)]
+
+    def extents(self, start: int, length: int, *, want_zero: bool = True) -> Iterator[Extent]:
+        end = start + length
+        while start < end:
+            block = start // BLOCK_SIZE
+            in_piece = BMAP_PIECE // 4 - block % (BMAP_PIECE // 4)
+            count = min(in_piece, -(-end // BLOCK_SIZE) - block)
+            for entry in self._entries(block, count):
+                stop = min(end, (block + 1) * BLOCK_SIZE)
+                if entry >= FIRST_UNALLOCATED:
+                    yield Extent(start, stop - start, False, True)
+                else:
+                    host = self.data_offset + entry * BLOCK_SIZE + start % BLOCK_SIZE
+                    extent = Extent(start, stop - start, True, False, host)
+                    if want_zero and self.static:
+                        yield from _split_by_holes(self.host, extent)
+                    else:
+                        yield extent
+                start, block = stop, block + 1
+
+    def read(self, extent: Extent, offset: int, length: int) -> bytes:
+        assert extent.host_offset is not None
+        return self.host.read(extent.host_offset + offset - extent.start, length)
+
+
+def _split_by_holes(host: HostFile, extent: Extent) -> Iterator[Extent]:
+    """A data extent marked as reading zeros where the file has holes or has ended."""
+    assert extent.host_offset is not None
+    delta = extent.start - extent.host_offset
+    for offset, length, is_data in host.holes(extent.host_offset, extent.length):
+        yield Extent(offset + delta, length, True, not is_data, offset)
+
+
+def block_map(img: Image, info: ImageInfo, host: HostFile) -> VdiMap:
+    return VdiMap(img, info, host)
+
+
+def check(img: Image, reader: CheckReader) -> CheckResult:
+    """qemu-img check of a VDI image (vdi_co_check): every allocated entry
+    must name a data block below ``blocks_in_image`` that no other entry names
+    (a corruption each), and their count must be ``blocks_allocated`` (one
+    more corruption). QEMU reports no cluster counts for VDI."""
+    hdr = header(img)
+    used = bytearray(-(-hdr.blocks_in_image // 8))  # one bit per data block: sized by the map, inside the file
+    corruptions = allocated = 0
+    for first in range(0, hdr.blocks_in_image, BMAP_PIECE // 4):
+        count = min(BMAP_PIECE // 4, hdr.blocks_in_image - first)
+        raw = reader.read(hdr.offset_bmap + 4 * first, 4 * count)
+        for (entry,) in _UINT32.iter_unpack(raw):
+            if entry >= FIRST_UNALLOCATED:
+                continue
+            if entry >= hdr.blocks_in_image:
+                corruptions += 1  # "block index too large"
+                continue
+            allocated += 1
+            byte, bit = entry >> 3, 1 << (entry & 7)
+            if used[byte] & bit:
+                corruptions += 1  # "block index also used"
+            used[byte] |= bit
+    if allocated != hdr.blocks_allocated:
+        corruptions += 1  # "allocated blocks mismatch"
+    return CheckResult(corruptions=corruptions)
+
+
+_UINT32 = struct.Struct("<I")
+
+
 @hookimpl
 def storprobe_formats() -> list[FormatSpec]:
     return [
@@ -110,5 +218,7 @@ def storprobe_formats() -> list[FormatSpec]:
             versions=(0x00010001,),
             size=size,
             features=features,
+            block_map=block_map,
+            check=check,
         )
     ]

@@ -30,6 +30,7 @@ from builders import (
     INCOMPAT,
     L2_COMPRESSED,
     L2_ZERO,
+    build_dmg,
     get,
     guest_writes,
     l1_entry_at,
@@ -263,8 +264,9 @@ def test_encrypted_images_and_external_data_files_are_refused(tmp_path):
     assert code(lambda: open_image(enc)) == "datapath.encrypted"
     ext = qemu_img_create(tmp_path / "ext.qcow2", "qcow2", "1M", f"data_file={tmp_path / 'ext.data'}")
     assert code(lambda: open_image(ext)) == "datapath.data-file"
-    vdi = qemu_img_create(tmp_path / "d.vdi", "vdi", "1M")
-    assert code(lambda: open_image(vdi)) == "datapath.unsupported-format"
+    dmg = tmp_path / "d.dmg"
+    dmg.write_bytes(build_dmg(bytes(range(256)) * 64))
+    assert code(lambda: open_image(dmg)) == "datapath.unsupported-format"
 
 
 def test_zstd_without_its_extra_is_a_named_error(tmp_path, monkeypatch):

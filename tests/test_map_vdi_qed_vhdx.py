@@ -1,0 +1,168 @@
+"""The data path and verify of VDI (and the formats after it) against QEMU 7.2.
+
+Images are made by qemu-img and written by qemu-io; ``storprobe map --output
+json`` must print qemu-img map's text, open_image must read what ``qemu-img
+convert -O raw`` writes, and ``storprobe verify`` must report (JSON and exit
+status) what ``qemu-img check --output=json`` does, on clean images and on
+images whose tables are broken by struct patches.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from storprobe import ProbeError
+from storprobe.cli import main
+from storprobe.datapath import open_image
+from storprobe.verify import to_json, verify
+
+from oracle import qemu_guest_bytes, qemu_img_create, qemu_io, qemu_map, require
+
+MiB = 1024 * 1024
+
+
+def assert_same_map(capsys: pytest.CaptureFixture[str], image: Path) -> str:
+    """Our JSON map and human table of ``image`` are qemu-img's text."""
+    theirs = qemu_map(image)
+    assert theirs.returncode == 0, theirs.stderr
+    status = main(["map", "--output", "json", str(image)])
+    out, err = capsys.readouterr()
+    assert (status, err, out) == (0, "", theirs.stdout.decode())
+    human = qemu_map(image, output="human")
+    status = main(["map", str(image)])
+    assert (status, capsys.readouterr().out) == (human.returncode, human.stdout.decode())
+    return theirs.stdout.decode()
+
+
+def assert_reads_as_qemu(image: Path, tmp: Path) -> bytes:
+    expected = qemu_guest_bytes(image, tmp)
+    with open_image(image) as disk:
+        assert disk.read() == expected
+    return expected
+
+
+def qemu_check(image: Path) -> tuple[dict | None, int, str]:
+    proc = subprocess.run([require("qemu-img"), "check", "--output=json", str(image)], capture_output=True,
+                          text=True, check=False)
+    return (json.loads(proc.stdout) if proc.stdout.strip() else None), proc.returncode, proc.stdout
+
+
+def assert_check_as_qemu(image: Path) -> dict | None:
+    """Our verify report (parsed, and the command's text) and status are qemu-img check's."""
+    theirs, status, text = qemu_check(image)
+    report = verify(image)
+    assert (json.loads(to_json(report)), report.exit_status) == (theirs, status)
+    proc = subprocess.run([require("storprobe"), "verify", "--output", "json", str(image)], capture_output=True,
+                          text=True, check=False)
+    assert (proc.stdout, proc.returncode) == (text, status)
+    return theirs
+
+
+def patched(image: Path, name: str, *edits: tuple[int, str, int]) -> Path:
+    """A copy of ``image`` with little-endian fields ``(offset, struct code, value)`` rewritten."""
+    data = bytearray(image.read_bytes())
+    for offset, code, value in edits:
+        struct.pack_into("<" + code, data, offset, value)
+    out = image.with_name(name)
+    out.write_bytes(bytes(data))
+    return out
+
+
+# ---- vdi ----------------------------------------------------------------------------------------------------
+
+VDI_BMAP, VDI_BLOCKS_ALLOCATED = 0x154, 0x184
+VDI_WRITES = ("write -P 0x11 0 64k", "write -P 0x22 3M 4k", "write -z 2M 64k", "write -P 0x33 1500k 8k",
+              "discard 3M 1M")
+
+
+def vdi(tmp: Path, name: str = "d.vdi", size: str = "5M", *options: str, script: tuple[str, ...] = VDI_WRITES) -> Path:
+    image = qemu_img_create(tmp / name, "vdi", size, *options)
+    if script:
+        qemu_io(image, *script)
+    return image
+
+
+def vdi_field(image: Path, offset: int) -> int:
+    return struct.unpack_from("<I", image.read_bytes(), offset)[0]
+
+
+@pytest.mark.parametrize("options", [(), ("static=on",)])
+def test_vdi_map_read_and_check_as_qemu(tmp_path, capsys, options):
+    """Dynamic: unallocated blocks are zeros this image decides (no backing);
+    static: every block allocated, the file's holes marked as zeros."""
+    image = vdi(tmp_path, "d.vdi", "5M", *options)
+    text = assert_same_map(capsys, image)
+    assert '"zero": true' in text and '"data": true' in text
+    data = assert_reads_as_qemu(image, tmp_path)
+    assert data[:65536] == b"\x11" * 65536 and data[3 * MiB : 3 * MiB + 4096] == b"\x22" * 4096
+    assert assert_check_as_qemu(image) == {"check-errors": 0, "filename": str(image), "format": "vdi"}
+
+
+def test_vdi_odd_sizes_and_a_block_map_longer_than_a_piece(tmp_path, capsys):
+    """A disk of a size that is no whole block, and one whose block map spans
+    several of the pieces it is read in (16384 entries each)."""
+    odd = vdi(tmp_path, "odd.vdi", str(3 * MiB + 4608), script=("write -P 5 3M 4608", "write -P 6 1M 1k"))
+    assert_same_map(capsys, odd)
+    assert_reads_as_qemu(odd, tmp_path)
+    big = vdi(tmp_path, "big.vdi", "40G", script=("write -P 7 17G 64k", "write -P 8 16383M 1M", "write -P 9 39G 4k"))
+    assert_same_map(capsys, big)
+    with open_image(big) as disk:
+        for at in (17 << 30, (16383 << 20) - 512, 39 << 30):
+            disk.seek(at)
+            piece = disk.read(1 << 20)
+            assert piece == qemu_read(big, at, 1 << 20, tmp_path)
+    assert_check_as_qemu(big)
+
+
+def qemu_read(image: Path, offset: int, length: int, tmp: Path) -> bytes:
+    """``length`` guest bytes at ``offset``, as qemu-io reads them (dumped to a file)."""
+    out = tmp / "piece.raw"
+    spec = json.dumps({"driver": "raw", "offset": offset, "size": length,
+                       "file": {"driver": "vdi", "file": {"driver": "file", "filename": str(image)}}})
+    subprocess.run([require("qemu-img"), "convert", "-O", "raw", f"json:{spec}", str(out)], check=True)
+    return out.read_bytes()
+
+
+def vdi_entry(image: Path, block: int) -> int:
+    return vdi_field(image, VDI_BMAP) + 4 * block
+
+
+@pytest.mark.parametrize("case", ["duplicate", "too-large", "count-low", "discarded", "far-past-eof", "all"])
+def test_vdi_broken_block_maps_as_qemu(tmp_path, capsys, case):
+    """Block map entries QEMU's check counts as corruptions (exit 2), and what
+    its reader makes of them: a block named twice reads twice, one past
+    blocks_in_image or past the end of the file reads zeros, a discarded
+    entry (0xfffffffe) reads zeros like an unallocated one."""
+    image = vdi(tmp_path)
+    allocated = vdi_field(image, VDI_BLOCKS_ALLOCATED)
+    edits = {
+        "duplicate": [(vdi_entry(image, 4), "I", 0)],
+        "too-large": [(vdi_entry(image, 4), "I", 5)],
+        "count-low": [(VDI_BLOCKS_ALLOCATED, "I", allocated - 1)],
+        "discarded": [(vdi_entry(image, 0), "I", 0xFFFFFFFE), (VDI_BLOCKS_ALLOCATED, "I", allocated - 1)],
+        "far-past-eof": [(vdi_entry(image, 1), "I", 0xFFFFFFFD)],
+        "all": [(vdi_entry(image, 1), "I", 0), (vdi_entry(image, 4), "I", 0), (vdi_entry(image, 2), "I", 9),
+                (VDI_BLOCKS_ALLOCATED, "I", 1)],
+    }[case]
+    broken = patched(image, f"{case}.vdi", *edits)
+    assert_same_map(capsys, broken)
+    assert_reads_as_qemu(broken, tmp_path)
+    report = assert_check_as_qemu(broken)
+    assert report is not None
+    assert report.get("corruptions", 0) == {"too-large": 1, "count-low": 1, "discarded": 0, "all": 4}.get(case, 2)
+
+
+def test_vdi_refused_where_qemu_reports_a_mismatch(tmp_path):
+    """The probe refuses more blocks allocated than the image has (a count
+    past the map; QEMU opens it and its check reports the mismatch, exit 2):
+    the image is not read here, so verify fails (exit 1) with the probe's named error."""
+    image = patched(vdi(tmp_path), "over.vdi", (VDI_BLOCKS_ALLOCATED, "I", 6))
+    assert qemu_check(image)[1] == 2
+    with pytest.raises(ProbeError) as caught:
+        verify(image)
+    assert caught.value.code == "vdi.blocks-allocated"
