@@ -74,6 +74,11 @@ def _parser() -> _Parser:
         help="with --backing-chain: the most backing images followed below the top one (default: 200, libvirt's)",
     )
     info.add_argument(
+        "--backing-in-store", action="store_true",
+        help="with --backing-chain and a URL: follow backing names relative to the object to the objects they "
+             "name in the same bucket or host (never an absolute path, a protocol or another store)",
+    )
+    info.add_argument(
         "--inspect-guest", action="store_true",
         help="also read the guest disk (through the recorded local backing chain) and report its partition table "
              "and what each partition holds, under storprobe.guest (json) or guest: (human)",
@@ -461,17 +466,19 @@ def _complain(subject: str, reason: str) -> None:
 
 def _info(args: argparse.Namespace) -> int:
     try:
+        stop = None
         if args.backing_chain and is_url(args.path):
-            chain, images, error = None, [probe(args.path, format=args.format, endpoint_url=args.endpoint_url)], None
+            chain, stop = _object_chain(args)
+            images, error = chain.images, chain.error
         elif args.backing_chain:
             from .chain import DEFAULT_MAX_DEPTH, probe_chain
 
             depth = DEFAULT_MAX_DEPTH if args.max_depth is None else args.max_depth
             chain = probe_chain(args.path, format=args.format, allow_probe=args.allow_probe, max_depth=depth)
             images, error = chain.images, chain.error
+            stop = _chain_stop(chain)
         else:
             chain, images, error = None, [probe(args.path, format=args.format, endpoint_url=args.endpoint_url)], None
-        stop = _object_chain_stop(images[0]) if args.backing_chain and is_url(args.path) else _chain_stop(chain)
     except ProbeError as exc:
         _complain(args.path, exc.reason)
         return EXIT_PROBE
@@ -537,11 +544,26 @@ def _chain_stop(chain: Chain | None) -> str | None:
     return f"backing chain stops at {store.name} ({store.reach}): only local files are followed"
 
 
-def _object_chain_stop(info: ImageInfo) -> str | None:
-    """Why the chain of an object ends at it: a backing it names is never looked for in its store."""
-    if info.backing is None:
-        return None
-    return f"backing chain stops at {info.backing.name}: the backing of an object is never looked for in its store"
+def _object_chain(args: argparse.Namespace) -> tuple[Chain, str | None]:
+    """``info --backing-chain URL``: the object, its backing reported and not looked for unless
+    ``--backing-in-store``; and why the chain ends at an image that names a backing."""
+    from .chain import DEFAULT_MAX_DEPTH, Chain
+
+    if not args.backing_in_store:
+        top = probe(args.path, format=args.format, endpoint_url=args.endpoint_url)
+        if top.backing is None:
+            return Chain([top], []), None
+        return Chain([top], []), (
+            f"backing chain stops at {top.backing.name}: the backing of an object is not looked for in its store "
+            "(--backing-in-store follows a name relative to it)"
+        )
+    from .objectchain import probe_object_chain
+
+    depth = DEFAULT_MAX_DEPTH if args.max_depth is None else args.max_depth
+    walked = probe_object_chain(
+        args.path, format=args.format, allow_probe=args.allow_probe, max_depth=depth, endpoint_url=args.endpoint_url
+    )
+    return walked.chain, walked.stop
 
 
 def _chain_error(error: ProbeError, images: list[ImageInfo]) -> str:
@@ -1012,6 +1034,8 @@ def _useless_options(args: argparse.Namespace) -> Iterator[str]:
         for given, option in ((args.jobs is not None, "--jobs"), (args.recursive, "--recursive")):
             if given:
                 yield f"{option} applies only to a directory (a prefix's scan takes --concurrency; it lists every key)"
+    if args.command == "info" and args.backing_in_store and not (args.backing_chain and is_url(target)):
+        yield "--backing-in-store applies only with --backing-chain and a URL"
     if getattr(args, "output", None) == "xml" and is_url(target):
         yield "--output xml is libvirt's volume XML, which describes local volumes, not objects at a URL"
     if args.command == "scan":

@@ -18,6 +18,7 @@ import storprobe
 from storprobe import objectstore
 from storprobe.cli import main
 from storprobe.errors import ProbeError
+from storprobe.objectchain import probe_object_chain
 from storprobe.objectscan import WINDOW_FACTOR, Listed, list_objects, probe_objects, scan_objects
 from storprobe.qemu_json import scan_record, to_qemu_json
 from storprobe.safety import Policy, check
@@ -33,6 +34,11 @@ BUCKET = "images"
 #: Issue 11's target for plain images of these formats: requests and bytes per object.
 PLAIN = {"qcow2", "vmdk", "vpc", "vdi", "raw"}
 MAX_REQUESTS, MAX_BYTES = 2, 40 * 1024
+#: Images whose backing name a walk in the store does not follow to an image.
+BROKEN_CHAINS = {
+    "loop.qcow2": "loop.qcow2", "out.qcow2": "../../../base.qcow2", "abs.qcow2": "/var/lib/images/base.qcow2",
+    "gone.qcow2": "gone-base.qcow2", "nbd.qcow2": "nbd://127.0.0.1:10809/base",
+}
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +54,9 @@ def images(tmp_path_factory) -> Path:
     (d / "plain").mkdir()
     qemu_img_create(d / "chain" / "base.qcow2", "qcow2", "16M")
     run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", d / "chain" / "top.qcow2")
+    for name, backing in BROKEN_CHAINS.items():  # backing names that end a walk in the store
+        qemu_img_create(d / "chain" / name, "qcow2", "16M")
+        run("qemu-img", "rebase", "-u", "-b", backing, "-F", "qcow2", d / "chain" / name)
     for plain in ("qcow2", "vmdk", "vpc", "vdi"):
         qemu_img_create(d / "plain" / f"disk.{plain}", plain, "1G")
     qemu_img_create(d / "plain" / "disk.raw", "raw", "8M")  # uploaded whole: kept small
@@ -230,7 +239,7 @@ def test_cli_info_and_check_over_s3(s3, images, capsys):
     assert json.dumps(remote).replace(f"s3://{BUCKET}/pool", "ROOT") == json.dumps(local).replace(str(images), "ROOT")
     assert main(["info", "--backing-chain", "--output", "json", "--endpoint-url", s3.endpoint, url]) == 0
     stops = json.loads(capsys.readouterr().out)[-1]["storprobe"]["chain-stops"]
-    assert "never looked for in its store" in stops["message"]
+    assert "not looked for in its store" in stops["message"]
     assert main(["check", "--endpoint-url", s3.endpoint, url]) == 3
     assert "backing-file" in capsys.readouterr().out
     assert main(["check", "--endpoint-url", s3.endpoint, f"s3://{BUCKET}/pool/plain/disk.vdi"]) == 0
@@ -382,3 +391,29 @@ def test_azure_takes_no_suffix_range_so_the_tail_comes_second(images, monkeypatc
                 images / "plain" / name, str(images)
             )
             assert record.requests <= MAX_REQUESTS and record.fetched <= MAX_BYTES
+
+
+def test_a_chain_is_followed_in_the_store_only_when_asked(s3, images, capsys):
+    """--backing-in-store follows names relative to the object, in its bucket,
+    as the local walk follows files: the same images; nothing else is opened."""
+    url = f"s3://{BUCKET}/pool/chain/top.qcow2"
+    args = ["info", "--backing-chain", "--output", "json", "--endpoint-url", s3.endpoint]
+    assert main([*args, "--backing-in-store", url]) == 0
+    remote = capsys.readouterr().out.replace(f"s3://{BUCKET}/pool", "ROOT")
+    assert main([*args[:4], str(images / "chain" / "top.qcow2")]) == 0
+    local = json.loads(capsys.readouterr().out.replace(str(images), "ROOT"))
+    for image in local:
+        image.pop("actual-size")
+    assert json.loads(remote) == local and len(local) == 2
+    s3.counts.clear()
+    walks = {name: probe_object_chain(f"s3://{BUCKET}/pool/chain/{name}", endpoint_url=s3.endpoint)
+             for name in BROKEN_CHAINS}
+    assert walks["loop.qcow2"].chain.error.code == "backing.loop"
+    assert walks["gone.qcow2"].chain.error.code == "backing.missing"
+    assert "leads out of the object's bucket" in walks["out.qcow2"].stop
+    assert "only a name relative to the object" in walks["abs.qcow2"].stop
+    assert "only a name relative to the object" in walks["nbd.qcow2"].stop
+    assert all(len(walk.chain.images) == 1 for walk in walks.values())
+    asked = {key.rsplit("/", 1)[1] for key in s3.counts.requests}
+    assert asked == {*BROKEN_CHAINS, "gone-base.qcow2"}  # the names tried in the store, nothing more
+    assert main(["info", "--backing-in-store", "--endpoint-url", s3.endpoint, url]) == 2
