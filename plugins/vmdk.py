@@ -23,8 +23,11 @@ this plugin reads it the same way, so that what it reports is what QEMU opens.
 
 from __future__ import annotations
 
+import bisect
 import re
-from collections.abc import Iterator, Sequence
+import struct
+import zlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 from storprobe import (
@@ -42,7 +45,10 @@ from storprobe import (
     UnsupportedVersion,
     hookimpl,
 )
+from storprobe.blockmap import DataPathError, HostFile
+from storprobe.blockmap import Extent as BlockExtent
 from storprobe.layout import qemu_utf8
+from storprobe.verify import CheckFailed, CheckNotImplemented, CheckReader, CheckResult
 
 SECTOR = 512
 SPARSE_MAGIC = b"KDMV"
@@ -656,6 +662,273 @@ def _listed(extents: Sequence[Extent]) -> str:
     return ", ".join(names) + more
 
 
+# ---- data path: QEMU 7.2's block/vmdk.c (vmdk_add_extent, get_cluster_offset, vmdk_co_block_status,
+# vmdk_read_extent, vmdk_co_check) ----------------------------------------------------------------------
+
+FLAG_ZERO_GRAIN = 1 << 2  # grain table entries of 1 mean "reads as zeros"
+FLAG_MARKER = 1 << 17  # compressed grains start with a marker: lba (u64), size (u32)
+GTE_ZEROED = 1
+GRAIN_MARKER = struct.Struct("<QI")
+#: Extent files one descriptor may have open at once (a 2 TiB twoGbMaxExtent disk has 1024).
+MAX_OPEN_EXTENTS = 1024
+#: Bytes of a grain directory read (and cached) at once.
+GD_PIECE = 64 * 1024
+
+
+class SparseTables:
+    """A hosted sparse extent's grain directory and grain tables, as QEMU's
+    get_cluster_offset reads them: ``table(offset, length)`` reads the file
+    (through the data path's bounded cache, or a check's budgeted reader)."""
+
+    def __init__(self, hdr: Any, table: Callable[[int, int], bytes]) -> None:
+        self.table = table
+        self.sectors = hdr.capacity
+        self.grain = hdr.grain_size * SECTOR
+        self.l2_size = hdr.num_gtes_per_gt
+        self.l1_span = self.l2_size * self.grain  # guest bytes one grain directory entry maps
+        self.l1_size = -(-hdr.capacity // (hdr.num_gtes_per_gt * hdr.grain_size))
+        self.gd_offset = hdr.gd_offset * SECTOR
+        self.compressed = hdr.compress_algorithm == DEFLATE
+        self.has_marker = bool(hdr.flags & FLAG_MARKER)
+        self.zero_grain = bool(hdr.flags & FLAG_ZERO_GRAIN)
+        self._directory: tuple[int, bytes] = (-1, b"")  # the piece of the directory read last
+
+    def grain_table(self, l1_index: int) -> bytes | None:
+        """The grain table of grain directory entry ``l1_index``; None when unallocated."""
+        if l1_index >= self.l1_size:  # QEMU: VMDK_ERROR (a guest offset past the extent's capacity)
+            raise DataPathError(f"vmdk grain directory entry {l1_index} is past its {self.l1_size} entries",
+                                code="vmdk.gd-index")
+        at = l1_index * 4
+        piece = at - at % GD_PIECE
+        if self._directory[0] != piece:
+            self._directory = (piece, self.table(self.gd_offset + piece, min(GD_PIECE, self.l1_size * 4 - piece)))
+        directory = self._directory[1]
+        l2_sector = int.from_bytes(directory[at - piece : at - piece + 4], "little")
+        return self.table(l2_sector * SECTOR, self.l2_size * 4) if l2_sector else None
+
+    def entry(self, offset: int) -> int:
+        """The grain table entry of the grain holding byte ``offset`` of the extent (0: unallocated)."""
+        table = self.grain_table(offset // self.l1_span)
+        if table is None:
+            return 0
+        at = 4 * (offset % self.l1_span // self.grain)
+        return int.from_bytes(table[at : at + 4], "little")
+
+    def zeroed(self, entry: int) -> bool:
+        return self.zero_grain and entry == GTE_ZEROED
+
+
+class _Extent(NamedTuple):
+    """One extent of the disk as QEMU opens it: where it starts in the guest,
+    its file, and either a flat offset into that file or its sparse tables."""
+
+    start: int  # guest bytes
+    length: int
+    host: HostFile
+    file: str | None  # the name the data path shows for the extent's file (None: the image's own)
+    flat_offset: int = 0
+    tables: SparseTables | None = None
+
+
+class VmdkMap:
+    """The block map of a VMDK: its own sparse extent, or the extents its
+    descriptor names (opened through the data path's policy). A sparse
+    extent's grain is unallocated, zeros (a zeroed grain), data at a host
+    offset, or compressed (a stream-optimized grain: data without one); a flat
+    extent is data throughout, where its file has holes reading as zeros (QEMU
+    asks the file, BDRV_BLOCK_RECURSE)."""
+
+    def __init__(self, img: Image, info: ImageInfo, host: HostFile) -> None:
+        disk = _disk(img)
+        self.extents_: list[_Extent] = []
+        if disk.kind == "COWD":
+            raise DataPathError("the data path does not read ESX sparse (COWD) VMDK extents",
+                                code="vmdk.cowd-unsupported")
+        if disk.grain is not None:
+            self.extents_.append(_Extent(0, disk.sectors * SECTOR, host, None, 0,
+                                         SparseTables(_used_header(img), host.table)))
+        else:
+            self._open_extents(info, disk, host)
+        self.starts = [extent.start for extent in self.extents_]
+        self._inflated: tuple[int, int, bytes] = (-1, -1, b"")
+
+    def _open_extents(self, info: ImageInfo, disk: Disk, host: HostFile) -> None:
+        if len(disk.extents) > MAX_OPEN_EXTENTS:
+            raise DataPathError(f"descriptor names {len(disk.extents)} extents (the data path opens at most "
+                                f"{MAX_OPEN_EXTENTS})", code="vmdk.extent-count")
+        start = 0
+        for line in disk.extents:
+            shown = _extent_path(info.filename, line.filename)
+            if line.type in ("FLAT", "VMFS"):
+                extent = _Extent(start, line.sectors * SECTOR, host.open_named(line.filename), shown,
+                                 (line.offset or 0) * SECTOR)
+            elif line.type == "SPARSE":
+                extent = _Extent(start, line.sectors * SECTOR, *self._sparse_extent(host, line, shown))
+            else:
+                raise DataPathError(f"the data path does not read {line.type} extents ({line.filename!r})",
+                                    code="vmdk.extent-type-unsupported")
+            self.extents_.append(extent)
+            start += extent.length
+
+    @staticmethod
+    def _sparse_extent(host: HostFile, line: Extent, shown: str) -> tuple[HostFile, str, int, SparseTables]:
+        """A SPARSE extent's file: a hosted sparse extent of the capacity its line records."""
+        named = host.open_named(line.filename)
+        img = Image(named)
+        if img.head[:4] != SPARSE_MAGIC:
+            raise DataPathError(f"extent file {shown} is not a hosted sparse extent (KDMV)",
+                                code="vmdk.extent-not-sparse")
+        disk = _disk(img)
+        if disk.grain is None:
+            raise DataPathError(f"extent file {shown} is another descriptor, not a sparse extent",
+                                code="vmdk.extent-not-sparse")
+        if disk.sectors != line.sectors:
+            raise DataPathError(f"extent file {shown} holds {disk.sectors} sectors, its descriptor line "
+                                f"{line.sectors}", code="vmdk.extent-capacity")
+        return named, shown, 0, SparseTables(_used_header(img), named.table)
+
+    def _at(self, offset: int) -> _Extent:
+        return self.extents_[bisect.bisect_right(self.starts, offset) - 1]
+
+    def extents(self, start: int, length: int, *, want_zero: bool = True) -> Iterator[BlockExtent]:
+        end = start + length
+        while start < end:
+            extent = self._at(start)
+            stop = min(end, extent.start + extent.length)
+            if extent.tables is None:
+                yield from self._flat(extent, start, stop, want_zero)
+            else:
+                yield from self._sparse(extent, extent.tables, start, stop)
+            start = stop
+
+    @staticmethod
+    def _flat(extent: _Extent, start: int, stop: int, want_zero: bool) -> Iterator[BlockExtent]:
+        host_offset = extent.flat_offset + start - extent.start
+        if not want_zero:
+            yield BlockExtent(start, stop - start, True, False, host_offset, False, extent.file)
+            return
+        delta = start - host_offset
+        for offset, run, is_data in extent.host.holes(host_offset, stop - start):
+            yield BlockExtent(offset + delta, run, True, not is_data, offset, False, extent.file)
+
+    @staticmethod
+    def _sparse(extent: _Extent, tables: SparseTables, start: int, stop: int) -> Iterator[BlockExtent]:
+        base, grain = extent.start, tables.grain
+        while start < stop:
+            rel = start - base
+            l1_index = rel // tables.l1_span
+            span_end = min(stop, base + (l1_index + 1) * tables.l1_span)
+            table = tables.grain_table(l1_index)
+            if table is None:
+                yield BlockExtent(start, span_end - start, False, False)
+                start = span_end
+                continue
+            while start < span_end:
+                rel = start - base
+                index = rel % tables.l1_span // grain
+                entry = int.from_bytes(table[4 * index : 4 * index + 4], "little")
+                grain_end = min(span_end, start - rel % grain + grain)
+                if entry == 0:  # a run of unallocated grains, found at once
+                    last = (span_end - base - 1) % tables.l1_span // grain
+                    rest = table[4 * index : 4 * last + 4]
+                    zeros = (len(rest) - len(rest.lstrip(b"\0"))) // 4
+                    grain_end = min(span_end, start - rel % grain + zeros * grain)
+                    yield BlockExtent(start, grain_end - start, False, False)
+                elif tables.zeroed(entry):
+                    yield BlockExtent(start, grain_end - start, False, True)
+                elif tables.compressed:
+                    yield BlockExtent(start, grain_end - start, True, False, None, True)
+                else:
+                    yield BlockExtent(start, grain_end - start, True, False, entry * SECTOR + rel % grain, False,
+                                      extent.file)
+                start = grain_end
+
+    def read(self, extent: BlockExtent, offset: int, length: int) -> bytes:
+        found = self._at(offset)
+        rel = offset - found.start
+        tables = found.tables
+        if tables is None:
+            return found.host.read(found.flat_offset + rel, length)
+        entry = tables.entry(rel)
+        within = rel % tables.grain
+        if tables.compressed:
+            return self._inflate(found, tables, entry)[within : within + length]
+        return found.host.read(entry * SECTOR + within, length)
+
+    def _inflate(self, extent: _Extent, tables: SparseTables, entry: int) -> bytes:
+        key = (id(extent.host), entry)
+        if self._inflated[:2] != key:
+            self._inflated = (*key, inflate_grain(extent.host.read(entry * SECTOR, 2 * tables.grain), tables))
+        return self._inflated[2]
+
+
+def inflate_grain(data: bytes, tables: SparseTables) -> bytes:
+    """A compressed grain as QEMU's vmdk_read_extent inflates it: two grains of
+    input at most (marker included), a zlib stream that ends within them and
+    inflates to exactly one grain; anything else is a named error."""
+    grain = tables.grain
+    if tables.has_marker:
+        _lba, size = GRAIN_MARKER.unpack_from(data)
+        stream = data[GRAIN_MARKER.size :]
+    else:
+        size, stream = grain, data
+    if not size or size > len(stream):  # QEMU refuses 0 and more than its two-grain buffer
+        raise DataPathError(f"compressed grain marker says {size} bytes of {len(stream)} (two grains) at most",
+                            code="vmdk.compressed-size")
+    inflater = zlib.decompressobj()
+    try:
+        out = inflater.decompress(stream[:size], grain)
+    except zlib.error as exc:
+        raise DataPathError(f"compressed grain does not inflate: {exc}", code="vmdk.compressed-corrupt") from None
+    if not inflater.eof:
+        raise DataPathError("compressed grain's stream does not end within its input and one grain",
+                            code="vmdk.compressed-corrupt")
+    if len(out) != grain:
+        raise DataPathError(f"compressed grain inflates to {len(out)} bytes, not a grain of {grain}",
+                            code="vmdk.compressed-short")
+    return out
+
+
+def _used_header(img: Image) -> Any:
+    """The sparse header QEMU reads the extent by: the footer's when the one at the start says so."""
+    hdr = SPARSE_HEADER.unpack(img.head)
+    if hdr.gd_offset == GD_AT_END:
+        footer = _disk(img).footer
+        assert footer is not None
+        hdr = footer.header
+    return hdr
+
+
+def block_map(img: Image, info: ImageInfo, host: HostFile) -> VmdkMap:
+    return VmdkMap(img, info, host)
+
+
+def check(img: Image, reader: CheckReader) -> CheckResult:
+    """qemu-img check of a VMDK (QEMU 7.2's vmdk_co_check): every grain's entry
+    looked up; the first that QEMU cannot look up or that points at or past the
+    end of the file fails the check (no report, exit 1). A clean image reports
+    nothing but its name. Only a file that is its own sparse extent is checked:
+    the data path's checks never open other files."""
+    disk = _disk(img)
+    if disk.grain is None or disk.kind != "KDMV":
+        raise CheckNotImplemented("storprobe verify checks a VMDK that is its own sparse extent only "
+                                  "(it opens no extent files)")
+    tables = SparseTables(_used_header(img), reader.read)
+    grains = -(-tables.sectors * SECTOR // tables.grain)
+    for l1_index in range(tables.l1_size):
+        table = tables.grain_table(l1_index)
+        if table is None:
+            continue
+        first = l1_index * tables.l2_size
+        count = min(tables.l2_size, grains - first)
+        for index, entry in enumerate(struct.unpack_from(f"<{count}I", table)):
+            if entry and not tables.zeroed(entry) and entry * SECTOR >= reader.size:
+                sector = (first + index) * tables.grain // SECTOR
+                raise CheckFailed(f"Check failed: Invalid argument (cluster offset for sector {sector} "
+                                  "points after EOF)")
+    return CheckResult()
+
+
 @hookimpl
 def storprobe_formats() -> list[FormatSpec]:
     return [
@@ -671,5 +944,7 @@ def storprobe_formats() -> list[FormatSpec]:
             backing=backing,
             features=features,
             hazards=hazards,
+            block_map=block_map,
+            check=check,
         )
     ]

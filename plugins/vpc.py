@@ -18,8 +18,10 @@ a disk as a plain dynamic one and shows no backing).
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 
-from storprobe import Backing, Features, FormatSpec, Image, InvalidHeader, Layout, hookimpl
+from storprobe import Backing, Features, FormatSpec, Image, ImageInfo, InvalidHeader, Layout, hookimpl
+from storprobe.blockmap import Extent, HostFile
 from storprobe.layout import Header
 
 FOOTER = Layout(
@@ -44,6 +46,7 @@ FOOTER = Layout(
     ("saved_state", "B"),
 )
 FOOTER_SIZE = 512
+MAGIC = b"conectix"
 CHECKSUM_OFFSET = 64
 
 DYNAMIC_HEADER = Layout(
@@ -208,13 +211,90 @@ def backing(img: Image) -> Backing | None:
     return Backing(name, "vpc")  # the spec makes a differencing disk's parent a VHD
 
 
+# ---- data path: QEMU 7.2's block/vpc.c (get_image_offset, vpc_co_block_status, vpc_co_preadv) -----------
+
+#: Bytes of the block allocation table read (and cached) at once.
+BAT_PIECE = 64 * 1024
+
+
+class FixedMap:
+    """A fixed VHD: the guest disk is the file before its footer. QEMU passes
+    block status to the file (BDRV_BLOCK_RAW), which says data throughout,
+    reading as zeros where it has a hole or has ended."""
+
+    def __init__(self, host: HostFile) -> None:
+        self.host = host
+
+    def extents(self, start: int, length: int, *, want_zero: bool = True) -> Iterator[Extent]:
+        if not want_zero:
+            yield Extent(start, length, True, False, start)
+            return
+        for offset, run, is_data in self.host.holes(start, length):
+            yield Extent(offset, run, True, not is_data, offset)
+
+    def read(self, extent: Extent, offset: int, length: int) -> bytes:
+        return self.host.read(offset, length)
+
+
+class DynamicMap:
+    """A dynamic (or differencing, which QEMU reads as dynamic) VHD: a block
+    the allocation table names is data throughout, after its sector bitmap
+    (QEMU never reads the bitmap); one it does not name reads as zeros (QEMU
+    says zero, never unallocated, so no backing file is asked)."""
+
+    def __init__(self, img: Image, foot: Header, host: HostFile) -> None:
+        dyn, _ = dynamic_header(img, foot)
+        check_table(img, dyn, size(img))
+        self.host = host
+        self.block = dyn.block_size
+        self.entries = dyn.max_table_entries
+        self.table_offset = dyn.table_offset
+        self.bitmap = -(-(self.block // (8 * 512)) // 512) * 512
+
+    def _entry(self, index: int) -> int:
+        """The table's entry for block ``index`` (UNUSED_BAT_ENTRY when past the table)."""
+        if index >= self.entries:
+            return UNUSED_BAT_ENTRY
+        at = index * 4
+        piece = at - at % BAT_PIECE
+        table = self.host.table(self.table_offset + piece, min(BAT_PIECE, self.entries * 4 - piece))
+        return int.from_bytes(table[at - piece : at - piece + 4], "big")
+
+    def _host_offset(self, offset: int) -> int | None:
+        entry = self._entry(offset // self.block)
+        return None if entry == UNUSED_BAT_ENTRY else 512 * entry + self.bitmap + offset % self.block
+
+    def extents(self, start: int, length: int, *, want_zero: bool = True) -> Iterator[Extent]:
+        end = start + length
+        while start < end:
+            stop = min(end, start - start % self.block + self.block)
+            host_offset = self._host_offset(start)
+            if host_offset is None:
+                yield Extent(start, stop - start, False, True)
+            else:
+                yield Extent(start, stop - start, True, False, host_offset)
+            start = stop
+
+    def read(self, extent: Extent, offset: int, length: int) -> bytes:
+        host_offset = self._host_offset(offset)
+        assert host_offset is not None  # a data extent is one block
+        return self.host.read(host_offset, length)
+
+
+def block_map(img: Image, info: ImageInfo, host: HostFile) -> FixedMap | DynamicMap:
+    if not img.head.startswith(MAGIC):  # the footer the probe found: the copy at 0, else the trailer
+        img.at_header(-FOOTER_SIZE)
+    foot = footer(img)
+    return FixedMap(host) if foot.disk_type == FIXED else DynamicMap(img, foot, host)
+
+
 @hookimpl
 def storprobe_formats() -> list[FormatSpec]:
     return [
         FormatSpec(
             name="vpc",
             description="Virtual PC / VHD",
-            magic=b"conectix",
+            magic=MAGIC,
             header_offsets=(0, -FOOTER_SIZE),
             endian=">",
             version_offset=12,
@@ -222,5 +302,6 @@ def storprobe_formats() -> list[FormatSpec]:
             size=size,
             backing=backing,
             features=features,
+            block_map=block_map,
         )
     ]

@@ -16,7 +16,7 @@ import os
 import stat
 import zlib
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import NamedTuple, Protocol
 
 from .errors import ProbeError, SourceError
@@ -72,6 +72,7 @@ class Extent(NamedTuple):
     zero: bool
     host_offset: int | None = None
     compressed: bool = False
+    file: str | None = None  # the file ``host_offset`` lies in, when not the image's own (a VMDK extent)
 
     @property
     def end(self) -> int:
@@ -151,6 +152,9 @@ class HostFile:
             self._fd = os.open(path, _OPEN_FLAGS | (getattr(os, "O_NOFOLLOW", 0) if nofollow else 0))
         except OSError as exc:
             raise SourceError(exc.strerror or str(exc)) from None
+        #: How this image may open the files it names for its own data (set by the data path from its policy).
+        self.named_opener: Callable[[str], HostFile] | None = None
+        self._named: list[HostFile] = []
         try:
             self.stat: os.stat_result | None = os.fstat(self._fd)
             self.file_type = _check_kind(self.stat.st_mode)
@@ -214,7 +218,21 @@ class HostFile:
             yield offset, min(hole, end) - offset, True
             offset = min(hole, end)
 
+    def open_named(self, name: str) -> HostFile:
+        """The file ``name`` this image records for its own data (a VMDK
+        descriptor's extent), opened under the rules of the policy the image was
+        opened with, and closed with it; a named error when the policy refuses it."""
+        if self.named_opener is None:
+            raise DataPathError(f"{self.name} names the file {name!r} for its data, which its policy refuses "
+                                "(allow backing files, inside a directory or as recorded, to read it)",
+                                code="datapath.named-file-refused")
+        named = self.named_opener(name)
+        self._named.append(named)
+        return named
+
     def close(self) -> None:
+        for named in self._named:
+            named.close()
         self.cache.forget(self)
         os.close(self._fd)
 

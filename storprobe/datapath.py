@@ -23,6 +23,7 @@ import os
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
+from .backing import BackingNameError, parse_backing_name
 from .blockmap import DEFAULT_CACHE_BYTES, BlockMap, DataPathError, Extent, HostFile, TableCache
 from .chain import DEFAULT_MAX_DEPTH, backing_store
 from .detect import probe
@@ -37,6 +38,7 @@ from .errors import (
 )
 from .model import ImageInfo
 from .registry import FormatTable, format_table
+from .safety import BACKING, Kind, Placed, Root, _place
 from .source import Image
 
 
@@ -121,6 +123,7 @@ def open_layers(
         seen: set[tuple[int, int]] = set()
         recorded, probed_format = format, False
         while True:
+            host.named_opener = _named_opener(host.name, backing, cache)
             try:
                 layer = _open_layer(host, recorded, table)
             except BackingError:
@@ -205,28 +208,78 @@ def _open_backing(info: ImageInfo, policy: BackingPolicy, cache: TableCache) -> 
             "directory of the process that opens it, not to the image: not followed",
             code="backing.relative",
         )
+    return _open_local(BACKING, info.backing.name, store.path, info.filename, policy, cache)
+
+
+class NamedFileRefused(DataPathError):
+    """An image names a file for its own data (a VMDK extent) that its policy does not let the data path read."""
+
+    code = "datapath.named-file-refused"
+
+
+class NamedFileMissing(DataPathError):
+    """A file an image names for its own data cannot be opened."""
+
+    code = "datapath.named-file-missing"
+
+
+def _named_opener(image: str, policy: BackingPolicy, cache: TableCache) -> Callable[[str], HostFile] | None:
+    """How the image at ``image`` opens the files it names for its own data (a
+    VMDK descriptor's extents): under the rules its backing files are opened by
+    (a local name QEMU resolves against the image's directory; inside the
+    policy's directory when it has one); None (refused) unless the policy
+    follows files."""
+    if not policy.follow:
+        return None
+
+    def open_named(name: str) -> HostFile:
+        try:
+            store = parse_backing_name(name, image)
+        except BackingNameError as exc:
+            raise NamedFileRefused(f"{image} names {name!r}, which QEMU refuses: {exc.reason}") from None
+        if not store.is_file or store.path is None:
+            raise NamedFileRefused(f"{image} names {name!r}, {store.reach} over {store.protocol}: only local files "
+                                   "are read", code="datapath.named-file-not-local")
+        if store.relative_to_working_directory:
+            raise NamedFileRefused(f"{image} names {name!r}, relative to the working directory, not to the image: "
+                                   "not read", code="datapath.named-file-relative")
+        return _open_local(NAMED_FILE, name, store.path, image, policy, cache)
+
+    return open_named
+
+
+#: What the data path calls a file an image names for its own data, in refusals.
+NAMED_FILE = Kind("named-file", "named-file", "the file")
+
+
+def _open_local(kind: Kind, name: str, path: str, image: str, policy: BackingPolicy, cache: TableCache) -> HostFile:
+    """The local file ``path`` (``name`` as ``image`` records it), opened as
+    QEMU would, or with a directory in ``policy``, only when it is a regular
+    file inside it reached by no symlink leading out (safety's rules)."""
+    refused, missing, prefix, label = (
+        (BackingRefused, BackingMissing, "backing", "backing file") if kind is BACKING
+        else (NamedFileRefused, NamedFileMissing, "datapath", "file")
+    )
     if policy.inside is None:
         try:
-            return HostFile(store.path, cache)
+            return HostFile(path, cache)
         except SourceError as exc:
-            raise BackingMissing(f"backing file {store.path} of {info.filename}: {exc}") from None
-    from .safety import BACKING, Placed, Root, _place
-
+            raise missing(f"{label} {path} of {image}: {exc}") from None
     roots = (Root(policy.inside, os.path.realpath(policy.inside)),)
-    placed = _place(BACKING, info.backing.name, os.path.realpath(info.filename), roots, frozenset(), info.filename)
+    placed = _place(kind, name, os.path.realpath(image), roots, frozenset(), image)
     if not isinstance(placed, Placed):
         reason = placed.message if placed is not None else "not a local file"
-        raise BackingRefused(f"{reason} (backing files are read only inside {policy.inside})",
-                             code=f"backing.{placed.check}" if placed is not None else "backing.not-local")
+        raise refused(f"{reason} ({label}s are read only inside {policy.inside})",
+                      code=f"{prefix}.{placed.check}" if placed is not None else f"{prefix}.not-local")
     try:
         host = HostFile(placed.path, cache, nofollow=True)
     except SourceError as exc:
-        raise BackingMissing(f"backing file {placed.path} of {info.filename}: {exc}") from None
+        raise missing(f"{label} {placed.path} of {image}: {exc}") from None
     assert host.stat is not None
     if (host.stat.st_dev, host.stat.st_ino) != (placed.stat.st_dev, placed.stat.st_ino):
         host.close()
-        raise BackingRefused(f"backing file {placed.path} was replaced while it was opened",
-                             code="backing.backing-symlink")
+        raise refused(f"{label} {placed.path} was replaced while it was opened",
+                      code=f"{prefix}.{kind.prefix}-symlink")
     return host
 
 
@@ -238,7 +291,7 @@ def statuses(layers: list[Layer], start: int, end: int, depth: int = 0) -> Itera
     for extent in _checked(layer, start, end, want_zero=True):
         if extent.allocated:
             yield Status(extent.start, extent.length, depth, True, extent.zero, extent.data, extent.host_offset,
-                         extent.compressed, layer.info.filename)
+                         extent.compressed, extent.file or layer.info.filename)
             continue
         at, stop = extent.start, extent.end
         if depth + 1 < len(layers):
