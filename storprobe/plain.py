@@ -61,7 +61,6 @@ class PlainVolumes:
         }
         #: (row position, version, key) -> the template, or None where no template can be made
         self._templates: dict[Hashable, Template | None] = {}
-        self._waiting: tuple[Hashable, int, int] | None = None
 
     @staticmethod
     def applies(table: FormatTable) -> bool:
@@ -69,11 +68,11 @@ class PlainVolumes:
         plugins' alone, and the signature index decides every one of them."""
         return table.builtin_only and not table.unindexed
 
-    def text(self, source: PathSource, head: bytes) -> str | None:
+    def text(self, source: PathSource, head: bytes) -> str | Wanted | None:
         """The text of a volume (a regular file, ``head`` its first ``HEAD_SIZE``
-        bytes) from its key's template; None when the volume is not plain or its
-        key has no template yet (render its record as ever, then pass it to :meth:`learn`)."""
-        self._waiting = None
+        bytes) from its key's template; None when the volume is not plain; a
+        :class:`Wanted` when its key has no template yet (render its record as
+        ever, then pass both to :meth:`learn`)."""
         size = source.size()
         stat = source.stat
         if stat is None:
@@ -90,17 +89,13 @@ class PlainVolumes:
         try:
             template = self._templates[position, version, key]
         except KeyError:
-            self._waiting = ((position, version, key), virtual_size, allocation)
-            return None
+            return Wanted((position, version, key), virtual_size, allocation)
         return None if template is None else template.fill(self._quote(source.name), virtual_size, allocation)
 
-    def learn(self, record: ScanRecord, rendered: object) -> None:
-        """Make the template of the volume :meth:`text` last declined for want of
-        one, from its record and the text ``render`` made of it."""
-        waiting, self._waiting = self._waiting, None
-        if waiting is None:
-            return
-        key, virtual_size, allocation = waiting
+    def learn(self, wanted: Wanted, record: ScanRecord, rendered: object) -> None:
+        """Make the template :meth:`text` wanted, from the volume's record and
+        the text ``render`` made of it."""
+        key, virtual_size, allocation = wanted
         info = record.info
         template = None
         if info is not None and (info.filename, info.virtual_size, info.actual_size) == (
@@ -154,6 +149,15 @@ class PlainVolumes:
                 if at >= 0 and any(tail.startswith(c.signature, at) for c in trailers.get(tail[at : at + key], ())):
                     return None
         return found
+
+
+class Wanted(NamedTuple):
+    """A plain volume whose key has no template yet: the key, and the volume's
+    virtual size and allocation as the fast path read them."""
+
+    key: Hashable
+    virtual_size: int
+    allocation: int
 
 
 #: Decisions a scan remembers (distinct signature bytes, so few unless the bytes are made to differ).

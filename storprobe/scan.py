@@ -27,7 +27,7 @@ from .registry import FormatTable, format_table
 from .source import HEAD_SIZE, Image, PathSource
 
 if TYPE_CHECKING:
-    from .plain import PlainVolumes
+    from .plain import PlainVolumes, Wanted
 
 T = TypeVar("T")
 #: A path to probe, and whether the directory listing says it is a regular file.
@@ -152,9 +152,10 @@ def _rendered(
         plain = PlainVolumes(table, render, quote) if PlainVolumes.applies(table) else None
 
     def work(batch: list[Entry]) -> list[T]:
-        if plain is not None:
-            return list(_ahead(batch, partial(_written, plain, render, table)))
-        return [render(record) for record in _records(batch, table)]
+        if plain is None:
+            return [render(record) for record in _records(batch, table)]
+        probed = list(_ahead(batch, partial(_plain_or_probed, plain, table)))  # probes in a row, then renders
+        return [_written(plain, render, item) for item in probed]
 
     batches = [paths[i : i + BATCH] for i in range(0, len(paths), BATCH)]
     if jobs > 1 and len(batches) > 1:
@@ -220,21 +221,34 @@ def _record(
         source.close()
 
 
-def _written(plain: PlainVolumes, render: Callable[[ScanRecord], T], table: FormatTable, path: str,
-             source: PathSource | SourceError) -> T:
-    """A volume's text: written from its template when it is plain, else
-    rendered from its record (which may make the template of its key)."""
-    head = None
+def _plain_or_probed(
+    plain: PlainVolumes, table: FormatTable, path: str, source: PathSource | SourceError
+) -> str | tuple[ScanRecord, Wanted | None]:
+    """A plain volume's text, written from its template; else the volume's
+    record, and what the template of its key wants when it is plain."""
+    head, wanted = None, None
     if isinstance(source, PathSource) and source.file_type == "file":
         try:
             head = source.read_at(0, min(HEAD_SIZE, source.size()))
             text = plain.text(source, head)
         except ProbeError:  # a read that failed: the general path names the error
             text = head = None
-        if text is not None:
+        if isinstance(text, str):
             source.close()
-            return text  # type: ignore[return-value]  # render makes text (see scan_map's quote)
-    record = _record(path, source, table, head)
+            return text
+        wanted = text
+    return _record(path, source, table, head), wanted
+
+
+def _written(
+    plain: PlainVolumes, render: Callable[[ScanRecord], T], probed: str | tuple[ScanRecord, Wanted | None]
+) -> T:
+    """The text of what :func:`_plain_or_probed` made (a record rendered, which
+    may make the template its key wants)."""
+    if isinstance(probed, str):
+        return probed  # type: ignore[return-value]  # render makes text (see scan_map's quote)
+    record, wanted = probed
     rendered = render(record)
-    plain.learn(record, rendered)
+    if wanted is not None:
+        plain.learn(wanted, record, rendered)
     return rendered
