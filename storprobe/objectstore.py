@@ -222,15 +222,19 @@ class ObjectReader:
         """The ranges' bytes, fetched concurrently."""
         if self.fetched + sum(length for _, length in ranges) > OBJECT_BUDGET:
             raise ReadLimitExceeded(f"{self.url}: a probe may fetch at most {OBJECT_BUDGET} bytes of an object")
-        datas = await asyncio.gather(*(self._range(offset, length) for offset, length in ranges))
-        return [(offset, data) for (offset, _), data in zip(ranges, datas, strict=True)]
-
-    async def _range(self, offset: int, length: int) -> bytes:
-        data = bytes(
-            await self._call(obstore.get_range_async(self.store, self.name.key, start=offset, length=length))
+        if not ranges:
+            return []
+        starts, lengths = [offset for offset, _ in ranges], [length for _, length in ranges]
+        self.requests += len(ranges) - 1  # one each: coalescing off, fetched concurrently by the client
+        buffers = await self._call(
+            obstore.get_ranges_async(self.store, self.name.key, starts=starts, lengths=lengths, coalesce=0)
         )
-        self._count(len(data), length)
-        return data
+        pieces = []
+        for offset, length, buffer in zip(starts, lengths, buffers, strict=True):
+            data = bytes(buffer)
+            self._count(len(data), length)
+            pieces.append((offset, data))
+        return pieces
 
     def _count(self, got: int, asked: int) -> None:
         if got > asked:
