@@ -22,17 +22,30 @@ searched as QEMU searches it (its entries are never applied): a valid entry
 means QEMU refuses the image read-only and replays the log, rewriting the file,
 when it opens it read-write; the details say so and ``check`` flags it. A log
 entry QEMU's search fails on, or a search that never ends, is an error.
+
+The data path and ``verify`` read the BAT as QEMU 7.2's block/vhdx.c does
+(vhdx_block_translate, vhdx_co_preadv, vhdx_check_bat_entries). QEMU has no
+block status for VHDX, so ``map`` says what its block layer says: the whole
+disk is data, with no offset. A block reads as zeros unless its BAT entry is
+fully present (state 6: its bytes at the entry's offset); partially present
+(7, a differencing disk's) and state 4 are QEMU's I/O errors, a named error
+here. An image whose log needs replaying is refused (QEMU refuses it
+read-only), and so is a differencing disk (QEMU opens none). The BAT is read
+in 64 KiB pieces through the bounded cache.
 """
 
 from __future__ import annotations
 
+import struct
 import sys
 from array import array
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 from storprobe import Backing, Features, FormatSpec, Hazard, Image, ImageInfo, InvalidHeader, Layout, hookimpl
+from storprobe.blockmap import DataPathError, Extent, HostFile
 from storprobe.layout import Header
+from storprobe.verify import CheckFailed, CheckReader, CheckResult
 
 KiB, MiB, TiB = 1024, 1024 * 1024, 1024**4
 
@@ -583,6 +596,130 @@ def hazards(img: Image, info: ImageInfo) -> Iterator[Hazard]:
         )
 
 
+# ---- data path and check: the BAT (QEMU 7.2 block/vhdx.c) --------------------------------------------------
+
+#: BAT states whose block reads as zeros: not present, undefined, zero, unmapped (and 5, unmapped in v0.95).
+ZERO_STATES = frozenset({0, 1, 2, 3, 5})
+INT64_MAX = 2**63 - 1
+#: Bytes of the BAT read (and cached) at once.
+BAT_PIECE = 64 * KiB
+
+
+class Geometry:
+    """The BAT's layout as QEMU derives it, and the regions its entries must miss."""
+
+    def __init__(self, vhdx: Vhdx) -> None:
+        self.block_size, self.virtual_size = vhdx.block_size, vhdx.virtual_size
+        self.chunk_ratio = MAX_SECTORS_PER_BLOCK * vhdx.logical_sector_size // vhdx.block_size
+        self.bat_offset, self.entries = vhdx.bat_offset, bat_entry_count(vhdx)
+        self.regions = list(vhdx.regions[1:])  # QEMU registers the log and the regions, not the header section
+
+    def block_length(self, index: int) -> int:
+        """QEMU's length of the block BAT entry ``index`` names (the last one may be short)."""
+        remaining = self.virtual_size - index * self.block_size
+        return min(self.block_size, remaining) if remaining >= 0 else self.block_size
+
+
+def _refused(vhdx: Vhdx) -> str | None:
+    """Why QEMU does not open this image read-only, if it does not."""
+    if vhdx.log_entries != 0:
+        return ("its log needs replaying (QEMU refuses it read-only and rewrites it read-write)" if vhdx.log_entries
+                else f"its log ({vhdx.header.log_length} bytes) is too large to search for entries to replay")
+    if vhdx.parent_locator is not None:
+        return "it is a differencing disk (QEMU opens none; its sector bitmaps are not read)"
+    return None
+
+
+class VhdxMap:
+    """The block map of a VHDX image: one data extent with no offset (QEMU's
+    answer), read block by block through the BAT. A fully present block's
+    entry must lie inside the file and miss every region, as QEMU's open
+    checks every entry (here: when it is read; ``vhdx.bat-entry``)."""
+
+    def __init__(self, img: Image, info: ImageInfo, host: HostFile) -> None:
+        vhdx = parse(img)
+        reason = _refused(vhdx)
+        if reason is not None:
+            raise DataPathError(f"{info.filename}: {reason}", code="vhdx.not-opened")
+        self.geometry = Geometry(vhdx)
+        self.host = host
+
+    def extents(self, start: int, length: int, *, want_zero: bool = True) -> Iterator[Extent]:
+        yield Extent(start, length, True, False)
+
+    def _entry(self, index: int) -> int:
+        at = index * 8
+        piece = at - at % BAT_PIECE
+        table = self.host.table(self.geometry.bat_offset + piece, min(BAT_PIECE, self.geometry.entries * 8 - piece))
+        return int.from_bytes(table[at - piece : at - piece + 8], "little")
+
+    def read(self, extent: Extent, offset: int, length: int) -> bytes:
+        g = self.geometry
+        out = bytearray()
+        end = offset + length
+        while offset < end:
+            block, within = divmod(offset, g.block_size)
+            stop = min(end, (block + 1) * g.block_size)
+            index = block + block // g.chunk_ratio
+            entry = self._entry(index)
+            state, file_offset = entry & BAT_STATE_MASK, entry & BAT_OFFSET_MASK
+            if state in ZERO_STATES:
+                out += bytes(stop - offset)
+            elif state == PAYLOAD_BLOCK_FULLY_PRESENT:
+                self._check_entry(index, file_offset)
+                out += self.host.read(file_offset + within if file_offset else 0, stop - offset)
+            else:
+                raise DataPathError(f"vhdx block {block} has BAT state {state}, which QEMU does not read (I/O error)",
+                                    code="vhdx.block-state")
+            offset = stop
+        return bytes(out)
+
+    def _check_entry(self, index: int, file_offset: int) -> None:
+        g = self.geometry
+        size = self.host.size()
+        if (file_offset > INT64_MAX - g.block_size or file_offset >= size
+                or file_offset + g.block_length(index) > size
+                or overlapping(file_offset, file_offset + g.block_size, g.regions)):
+            raise DataPathError(f"vhdx BAT entry {index} (offset {file_offset:#x}) lies past the end of the file or "
+                                "over a region: QEMU does not open the image", code="vhdx.bat-entry")
+
+
+def block_map(img: Image, info: ImageInfo, host: HostFile) -> VhdxMap:
+    return VhdxMap(img, info, host)
+
+
+def check(img: Image, reader: CheckReader) -> CheckResult:
+    """qemu-img check of a VHDX image (vhdx_co_check, read-only): each fully
+    present BAT entry that overflows, lies past the end of the file, or (a
+    payload entry, counted as QEMU counts them: every ``chunk_ratio``-th
+    fully present entry is taken for a sector bitmap) overlaps a region is a
+    corruption, once per rule it breaks. QEMU reports no cluster counts."""
+    vhdx = parse(img)
+    reason = _refused(vhdx)
+    if reason is not None:
+        raise CheckFailed(f"Could not open: {reason}")
+    g = Geometry(vhdx)
+    corruptions, payload_left = 0, g.chunk_ratio
+    for first in range(0, g.entries, BAT_PIECE // 8):
+        count = min(BAT_PIECE // 8, g.entries - first)
+        raw = reader.read(g.bat_offset + 8 * first, 8 * count)
+        for index, (entry,) in enumerate(_UINT64.iter_unpack(raw), first):
+            if entry & BAT_STATE_MASK != PAYLOAD_BLOCK_FULLY_PRESENT:
+                continue
+            offset = entry & BAT_OFFSET_MASK
+            corruptions += offset > INT64_MAX - g.block_size
+            corruptions += offset >= reader.size or offset + g.block_length(index) > reader.size
+            if payload_left:
+                payload_left -= 1
+                corruptions += overlapping(offset, offset + g.block_size, g.regions)
+            else:
+                payload_left = g.chunk_ratio
+    return CheckResult(corruptions=corruptions)
+
+
+_UINT64 = struct.Struct("<Q")
+
+
 @hookimpl
 def storprobe_formats() -> list[FormatSpec]:
     return [
@@ -594,6 +731,8 @@ def storprobe_formats() -> list[FormatSpec]:
             backing=backing,
             features=features,
             hazards=hazards,
+            block_map=block_map,
+            check=check,
             reads=((HEADER_OFFSETS[0], REGION_TABLE_COPY_OFFSET + REGION_TABLE_SIZE - HEADER_OFFSETS[0]),),
         )
     ]

@@ -21,6 +21,7 @@ from storprobe.cli import main
 from storprobe.datapath import open_image
 from storprobe.verify import to_json, verify
 
+from builders import BAT, LOG_GUID, Vhdx, log_entry
 from oracle import qemu_guest_bytes, qemu_img_create, qemu_io, qemu_map, require
 
 MiB = 1024 * 1024
@@ -307,3 +308,113 @@ def test_qed_check_counts_as_qemu(tmp_path, capsys, case):
     report = assert_check_as_qemu(broken)
     assert report is not None
     assert (report.get("corruptions", 0), report.get("leaks", 0)) != (0, 0) or case == "run-past-eof"
+
+
+# ---- vhdx ---------------------------------------------------------------------------------------------------
+
+VHDX_WRITES = ("write -P 0x11 0 64k", "write -P 0x22 3M 4k", "write -z 5M 1M", "write -P 0x33 7M 2M", "discard 8M 1M")
+FULLY_PRESENT, PARTIALLY_PRESENT, BAT_ZERO = 6, 7, 2
+
+
+def vhdx(tmp: Path, name: str = "a.vhdx", size: str = "10M", *options: str,
+         script: tuple[str, ...] = VHDX_WRITES) -> Path:
+    image = qemu_img_create(tmp / name, "vhdx", size, *options)
+    if script:
+        qemu_io(image, *script)
+    return image
+
+
+def bat_entry(v: Vhdx, index: int) -> int:
+    """The file offset of BAT entry ``index`` (payload blocks and sector bitmaps interleaved)."""
+    return v.region_offset(BAT) + 8 * index
+
+
+@pytest.mark.parametrize("options", [("subformat=dynamic", "block_size=1M"), ("subformat=dynamic", "block_size=8M"),
+                                     ("subformat=fixed", "block_size=1M"), ()])
+def test_vhdx_map_read_and_check_as_qemu(tmp_path, capsys, options):
+    """QEMU has no block status for VHDX: its map is one data range with no
+    offset (the human table fails, as qemu-img's does); reads go through the BAT."""
+    image = vhdx(tmp_path, "a.vhdx", "10M", *options)
+    assert assert_same_map(capsys, image).count("\n") == 1
+    data = assert_reads_as_qemu(image, tmp_path)
+    assert data[3 * MiB : 3 * MiB + 4096] == b"\x22" * 4096 and data[5 * MiB : 6 * MiB] == bytes(MiB)
+    assert assert_check_as_qemu(image) == {"check-errors": 0, "filename": str(image), "format": "vhdx"}
+
+
+@pytest.mark.parametrize("state", [BAT_ZERO, 3, 5, 1, 0, 4, PARTIALLY_PRESENT])
+def test_vhdx_block_states_read_as_qemu(tmp_path, capsys, state):
+    """A present block's BAT state rewritten: zero, unmapped (3, and 5 of
+    v0.95), undefined and not present read as zeros; 4 and partially present
+    are QEMU's I/O error and our named error. None is a check corruption."""
+    image = vhdx(tmp_path, "a.vhdx", "10M", "block_size=1M")
+    v = Vhdx(image)
+    at = bat_entry(v, 7)
+    v.put(at, "<Q", struct.unpack_from("<Q", v.data, at)[0] & ~7 | state)
+    broken = Vhdx(tmp_path / f"state{state}.vhdx", bytes(v.data)).save()
+    assert_same_map(capsys, broken)
+    if state in (4, PARTIALLY_PRESENT):
+        assert subprocess.run([require("qemu-img"), "convert", "-O", "raw", str(broken), "/dev/null"],
+                              capture_output=True).returncode != 0
+        with pytest.raises(ProbeError) as caught, open_image(broken) as disk:
+            disk.read()
+        assert caught.value.code == "vhdx.block-state"
+    else:
+        assert assert_reads_as_qemu(broken, tmp_path)[7 * MiB : 8 * MiB] == bytes(MiB)
+    assert_check_as_qemu(broken)
+
+
+def test_vhdx_with_a_log_to_replay_is_not_opened(tmp_path, capsys):
+    """A valid log entry: QEMU opens the image read-write only (it replays the
+    log, rewriting the file), so map, convert and check fail; ours are named errors."""
+    v = Vhdx(vhdx(tmp_path, "a.vhdx", "10M", "block_size=1M"))
+    v.both_headers(48, "16s", LOG_GUID)
+    v.put_log(0, log_entry(v, 1, b"\x5a" * 4096))
+    image = Vhdx(tmp_path / "log.vhdx", bytes(v.data)).save()
+    assert qemu_map(image).returncode != 0
+    assert qemu_check(image)[1] == 1
+    status = main(["map", "--output", "json", str(image)])
+    assert status == 1 and "log needs replaying" in capsys.readouterr().err
+    with pytest.raises(ProbeError) as caught:
+        open_image(image)
+    assert caught.value.code == "vhdx.not-opened"
+    proc = subprocess.run([require("storprobe"), "verify", "--output", "json", str(image)], capture_output=True,
+                          text=True, check=False)
+    assert (proc.stdout, proc.returncode) == ("", 1) and "log needs replaying" in proc.stderr
+
+
+def test_vhdx_bat_entries_qemu_counts_in_a_bat_the_probe_does_not_scan(tmp_path):
+    """A BAT larger than the probe scans (4 MiB: a 600 GiB disk of 1 MiB
+    blocks): fully present entries past the end of the file, overflowing, or
+    over the metadata region are corruptions QEMU's check counts (each rule
+    once), and a read of such a block is a named error where QEMU's open fails."""
+    image = vhdx(tmp_path, "big.vhdx", "600G", "block_size=1M", script=("write -P 1 0 1M", "write -P 2 300G 4k"))
+    v = Vhdx(image)
+    end = len(v.data) // MiB * MiB
+    for index, offset in ((2, end + 4 * MiB), (3, 0xFFFFFFFFFFF00000), (4, v.metadata), (5, 0)):
+        v.put(bat_entry(v, index), "<Q", offset | FULLY_PRESENT)
+    broken = Vhdx(tmp_path / "bad-bat.vhdx", bytes(v.data)).save()
+    theirs = assert_check_as_qemu(broken)
+    assert theirs is not None and theirs["corruptions"] == 4
+    assert subprocess.run([require("qemu-img"), "convert", "-O", "raw", str(broken), "/dev/null"],
+                          capture_output=True).returncode != 0
+    with open_image(broken) as disk:
+        assert disk.pread(0, 4096) == b"\x01" * 4096
+        for block in (2, 3, 4):
+            with pytest.raises(ProbeError) as caught:
+                disk.pread(block * MiB, 512)
+            assert caught.value.code == "vhdx.bat-entry"
+        assert disk.pread(300 << 30, 4096) == b"\x02" * 4096
+
+
+def test_vhdx_truncated_bat_entry_is_refused_by_the_probe(tmp_path):
+    """A fully present entry past the end of a BAT the probe scans: the probe
+    refuses the image (vhdx.truncated: QEMU's open refuses it too), so verify
+    cannot report what qemu-img check does when it opens it for checking only
+    (a corruption, exit 2): ours is exit 1 with the named error."""
+    v = Vhdx(vhdx(tmp_path, "a.vhdx", "10M", "block_size=1M"))
+    v.put(bat_entry(v, 1), "<Q", (len(v.data) + 8 * MiB) // MiB * MiB | FULLY_PRESENT)
+    broken = Vhdx(tmp_path / "trunc.vhdx", bytes(v.data)).save()
+    assert qemu_check(broken)[1] == 2
+    with pytest.raises(ProbeError) as caught:
+        verify(broken)
+    assert caught.value.code == "vhdx.truncated"

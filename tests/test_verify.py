@@ -458,7 +458,7 @@ def test_formats_qemu_cannot_check_answer_63(tmp_path, fmt):
     assert storprobe_verify(image).returncode == EXIT_NO_CHECK
 
 
-@pytest.mark.parametrize("fmt", ["vhdx", "vmdk", "parallels"])
+@pytest.mark.parametrize("fmt", ["vmdk", "parallels"])
 def test_formats_qemu_checks_are_not_yet_here(tmp_path, fmt):
     image = qemu_img_create(tmp_path / f"x.{fmt}", fmt, "1M")
     assert qemu_check(image)[1] == 0  # QEMU has a check: 63 would be a lie
