@@ -668,6 +668,7 @@ def _listed(extents: Sequence[Extent]) -> str:
 FLAG_ZERO_GRAIN = 1 << 2  # grain table entries of 1 mean "reads as zeros"
 FLAG_MARKER = 1 << 17  # compressed grains start with a marker: lba (u64), size (u32)
 GTE_ZEROED = 1
+COWD_GTES_PER_GT = 4096  # an ESX sparse extent's grain tables (QEMU's vmdk_open_vmdk3)
 GRAIN_MARKER = struct.Struct("<QI")
 #: Extent files one descriptor may have open at once (a 2 TiB twoGbMaxExtent disk has 1024).
 MAX_OPEN_EXTENTS = 1024
@@ -680,17 +681,18 @@ class SparseTables:
     get_cluster_offset reads them: ``table(offset, length)`` reads the file
     (through the data path's bounded cache, or a check's budgeted reader)."""
 
-    def __init__(self, hdr: Any, table: Callable[[int, int], bytes]) -> None:
+    def __init__(self, table: Callable[[int, int], bytes], *, sectors: int, grain_sectors: int, l2_size: int,
+                 l1_size: int, gd_sector: int, flags: int = 0, compressed: bool = False) -> None:
         self.table = table
-        self.sectors = hdr.capacity
-        self.grain = hdr.grain_size * SECTOR
-        self.l2_size = hdr.num_gtes_per_gt
-        self.l1_span = self.l2_size * self.grain  # guest bytes one grain directory entry maps
-        self.l1_size = -(-hdr.capacity // (hdr.num_gtes_per_gt * hdr.grain_size))
-        self.gd_offset = hdr.gd_offset * SECTOR
-        self.compressed = hdr.compress_algorithm == DEFLATE
-        self.has_marker = bool(hdr.flags & FLAG_MARKER)
-        self.zero_grain = bool(hdr.flags & FLAG_ZERO_GRAIN)
+        self.sectors = sectors
+        self.grain = grain_sectors * SECTOR
+        self.l2_size = l2_size
+        self.l1_span = l2_size * self.grain  # guest bytes one grain directory entry maps
+        self.l1_size = l1_size
+        self.gd_offset = gd_sector * SECTOR
+        self.compressed = compressed
+        self.has_marker = bool(flags & FLAG_MARKER)
+        self.zero_grain = bool(flags & FLAG_ZERO_GRAIN)
         self._directory: tuple[int, bytes] = (-1, b"")  # the piece of the directory read last
 
     def grain_table(self, l1_index: int) -> bytes | None:
@@ -741,12 +743,9 @@ class VmdkMap:
     def __init__(self, img: Image, info: ImageInfo, host: HostFile) -> None:
         disk = _disk(img)
         self.extents_: list[_Extent] = []
-        if disk.kind == "COWD":
-            raise DataPathError("the data path does not read ESX sparse (COWD) VMDK extents",
-                                code="vmdk.cowd-unsupported")
         if disk.grain is not None:
             self.extents_.append(_Extent(0, disk.sectors * SECTOR, host, None, 0,
-                                         SparseTables(_used_header(img), host.table)))
+                                         sparse_tables(img, host.table)))
         else:
             self._open_extents(info, disk, host)
         self.starts = [extent.start for extent in self.extents_]
@@ -762,7 +761,7 @@ class VmdkMap:
             if line.type in ("FLAT", "VMFS"):
                 extent = _Extent(start, line.sectors * SECTOR, host.open_named(line.filename), shown,
                                  (line.offset or 0) * SECTOR)
-            elif line.type == "SPARSE":
+            elif line.type in ("SPARSE", "VMFSSPARSE"):
                 extent = _Extent(start, line.sectors * SECTOR, *self._sparse_extent(host, line, shown))
             else:
                 raise DataPathError(f"the data path does not read {line.type} extents ({line.filename!r})",
@@ -772,11 +771,11 @@ class VmdkMap:
 
     @staticmethod
     def _sparse_extent(host: HostFile, line: Extent, shown: str) -> tuple[HostFile, str, int, SparseTables]:
-        """A SPARSE extent's file: a hosted sparse extent of the capacity its line records."""
+        """A SPARSE extent's file: a sparse extent (hosted or ESX) of the capacity its line records."""
         named = host.open_named(line.filename)
         img = Image(named)
-        if img.head[:4] != SPARSE_MAGIC:
-            raise DataPathError(f"extent file {shown} is not a hosted sparse extent (KDMV)",
+        if img.head[:4] not in (SPARSE_MAGIC, COWD_MAGIC):
+            raise DataPathError(f"extent file {shown} is not a sparse extent (KDMV or COWD)",
                                 code="vmdk.extent-not-sparse")
         disk = _disk(img)
         if disk.grain is None:
@@ -785,7 +784,7 @@ class VmdkMap:
         if disk.sectors != line.sectors:
             raise DataPathError(f"extent file {shown} holds {disk.sectors} sectors, its descriptor line "
                                 f"{line.sectors}", code="vmdk.extent-capacity")
-        return named, shown, 0, SparseTables(_used_header(img), named.table)
+        return named, shown, 0, sparse_tables(img, named.table)
 
     def _at(self, offset: int) -> _Extent:
         return self.extents_[bisect.bisect_right(self.starts, offset) - 1]
@@ -889,14 +888,23 @@ def inflate_grain(data: bytes, tables: SparseTables) -> bytes:
     return out
 
 
-def _used_header(img: Image) -> Any:
-    """The sparse header QEMU reads the extent by: the footer's when the one at the start says so."""
+def sparse_tables(img: Image, table: Callable[[int, int], bytes]) -> SparseTables:
+    """The tables of the file ``img``, a sparse extent (``_disk`` read it): a
+    hosted one by the header QEMU uses (the footer's when the one at the start
+    says so), an ESX one (COWD: tables of 4096 entries, as many directory
+    entries as its header records, so a guest offset past them is an I/O error)."""
+    if img.head[:4] == COWD_MAGIC:
+        cowd = COWD_HEADER.unpack(img.head)
+        return SparseTables(table, sectors=cowd.capacity, grain_sectors=cowd.grain_size, l2_size=COWD_GTES_PER_GT,
+                            l1_size=cowd.gd_entries, gd_sector=cowd.gd_offset)
     hdr = SPARSE_HEADER.unpack(img.head)
     if hdr.gd_offset == GD_AT_END:
         footer = _disk(img).footer
         assert footer is not None
         hdr = footer.header
-    return hdr
+    return SparseTables(table, sectors=hdr.capacity, grain_sectors=hdr.grain_size, l2_size=hdr.num_gtes_per_gt,
+                        l1_size=-(-hdr.capacity // (hdr.num_gtes_per_gt * hdr.grain_size)),
+                        gd_sector=hdr.gd_offset, flags=hdr.flags, compressed=hdr.compress_algorithm == DEFLATE)
 
 
 def block_map(img: Image, info: ImageInfo, host: HostFile) -> VmdkMap:
@@ -909,13 +917,12 @@ def check(img: Image, reader: CheckReader) -> CheckResult:
     end of the file fails the check (no report, exit 1). A clean image reports
     nothing but its name. Only a file that is its own sparse extent is checked:
     the data path's checks never open other files."""
-    disk = _disk(img)
-    if disk.grain is None or disk.kind != "KDMV":
+    if _disk(img).grain is None:
         raise CheckNotImplemented("storprobe verify checks a VMDK that is its own sparse extent only "
                                   "(it opens no extent files)")
-    tables = SparseTables(_used_header(img), reader.read)
+    tables = sparse_tables(img, reader.read)
     grains = -(-tables.sectors * SECTOR // tables.grain)
-    for l1_index in range(tables.l1_size):
+    for l1_index in range(min(tables.l1_size, -(-grains // tables.l2_size))):
         table = tables.grain_table(l1_index)
         if table is None:
             continue
@@ -926,6 +933,9 @@ def check(img: Image, reader: CheckReader) -> CheckResult:
                 sector = (first + index) * tables.grain // SECTOR
                 raise CheckFailed(f"Check failed: Invalid argument (cluster offset for sector {sector} "
                                   "points after EOF)")
+    if tables.l1_size * tables.l1_span < tables.sectors * SECTOR:  # an ESX extent's directory too short
+        raise CheckFailed(f"Check failed: Operation not permitted (could not get cluster_offset for sector "
+                          f"{tables.l1_size * tables.l1_span // SECTOR})")
     return CheckResult()
 
 
