@@ -11,12 +11,33 @@ including the Format Extension cluster QEMU reads on a read-only open, plus
 bounds QEMU leaves to later reads: the BAT and the data area must lie inside
 the file. ``in_use`` set to ``Ynot`` means the image was not closed cleanly:
 the dirty flag.
+
+The data path and ``verify`` read the BAT as QEMU 7.2's block/parallels.c
+does (block_status, parallels_co_readv, parallels_co_check): an entry of 0 is
+an unallocated cluster (zeros: parallels has no backing file), any other the
+cluster's place in the file, in sectors times ``tracks`` with the ``Ext`` magic
+(times 1 with the old one), wherever that is (zeros past the end of the file).
 """
 
 from __future__ import annotations
 
-from storprobe import QEMU_MAX_LENGTH, Features, FormatSpec, Image, InvalidHeader, Layout, LibvirtFacts, hookimpl
+import struct
+from collections.abc import Iterator
+
+from storprobe import (
+    QEMU_MAX_LENGTH,
+    Features,
+    FormatSpec,
+    Image,
+    ImageInfo,
+    InvalidHeader,
+    Layout,
+    LibvirtFacts,
+    hookimpl,
+)
+from storprobe.blockmap import Extent, HostFile
 from storprobe.layout import Header
+from storprobe.verify import CheckReader, CheckResult
 
 MAGIC = b"WithoutFreeSpace"
 MAGIC_EXT = b"WithouFreSpacExt"
@@ -183,6 +204,108 @@ def size(img: Image) -> int:
     return _sectors(img, _header(img)) * SECTOR
 
 
+# ---- data path and check: the BAT (QEMU 7.2 block/parallels.c) -----------------------------------------
+
+#: Bytes of the BAT read (and cached) at once: 16384 entries.
+BAT_PIECE = 64 * 1024
+_UINT32 = struct.Struct("<I")
+
+
+class Geometry:
+    """The cluster size, the BAT's place and size, and how an entry becomes an offset."""
+
+    def __init__(self, img: Image) -> None:
+        hdr = _header(img)
+        self.cluster = hdr.tracks * SECTOR
+        self.entries = hdr.bat_entries
+        self.multiplier = hdr.tracks if hdr.magic == MAGIC_EXT else 1  # QEMU's off_multiplier
+        self.unclean = hdr.inuse == INUSE_DIRTY
+
+    def host_offset(self, entry: int) -> int:
+        return entry * self.multiplier * SECTOR
+
+
+class ParallelsMap:
+    """The block map of a parallels image: runs of clusters that continue one
+    another in the file (or are all unallocated), as QEMU's block_status
+    merges them; a cluster's bytes are read wherever its entry puts them."""
+
+    def __init__(self, img: Image, info: ImageInfo, host: HostFile) -> None:
+        self.geometry = Geometry(img)
+        self.host = host
+
+    def _entries(self, first: int, end: int) -> Iterator[tuple[int, int]]:
+        """(index, entry) of BAT entries ``first`` .. ``end - 1``; 0 past the BAT's end."""
+        index = first
+        while index < min(end, self.geometry.entries):
+            at = index * 4
+            piece = at - at % BAT_PIECE
+            table = self.host.table(HEADER.size + piece, min(BAT_PIECE, self.geometry.entries * 4 - piece))
+            count = min(end - index, (len(table) - (at - piece)) // 4)
+            for (entry,) in _UINT32.iter_unpack(table[at - piece : at - piece + 4 * count]):
+                yield index, entry
+                index += 1
+        for rest in range(index, end):
+            yield rest, 0
+
+    def extents(self, start: int, length: int, *, want_zero: bool = True) -> Iterator[Extent]:
+        end = start + length
+        cs = self.geometry.cluster
+        run: tuple[int, int, int] | None = None  # (guest start, host offset of the start or -1, guest end)
+        for index, entry in self._entries(start // cs, -(-end // cs)):
+            begin, stop = max(start, index * cs), min(end, (index + 1) * cs)
+            host = self.geometry.host_offset(entry) + begin - index * cs if entry else -1
+            if run is not None:
+                if (host == -1 and run[1] == -1) or (host != -1 and run[1] != -1 and host == run[1] + begin - run[0]):
+                    run = (run[0], run[1], stop)
+                    continue
+                yield _extent(run)
+            run = (begin, host, stop)
+        if run is not None:
+            yield _extent(run)
+
+    def read(self, extent: Extent, offset: int, length: int) -> bytes:
+        assert extent.host_offset is not None  # below QEMU_MAX_LENGTH: entries are 32-bit, tracks at most MAX_TRACKS
+        return self.host.read(extent.host_offset + offset - extent.start, length)
+
+
+def _extent(run: tuple[int, int, int]) -> Extent:
+    begin, host, stop = run
+    return Extent(begin, stop - begin, False, False) if host == -1 else Extent(begin, stop - begin, True, False, host)
+
+
+def block_map(img: Image, info: ImageInfo, host: HostFile) -> ParallelsMap:
+    return ParallelsMap(img, info, host)
+
+
+def check(img: Image, reader: CheckReader) -> CheckResult:
+    """qemu-img check of a parallels image, read-only (parallels_co_check): an
+    image not closed cleanly is a corruption, so is each cluster past the end
+    of the file; the clusters past the last one allocated are leaks; the BAT's
+    size is the total, its non-zero entries are allocated, and fragmented
+    where one does not follow the one before."""
+    g = Geometry(img)
+    size = reader.size
+    corruptions = int(g.unclean)
+    allocated = fragmented = high = previous = 0
+    for first in range(0, g.entries, BAT_PIECE // 4):
+        raw = reader.read(HEADER.size + 4 * first, 4 * min(BAT_PIECE // 4, g.entries - first))
+        for (entry,) in _UINT32.iter_unpack(raw):
+            offset = g.host_offset(entry)
+            if offset == 0:
+                previous = 0
+                continue
+            corruptions += offset > size
+            allocated += 1
+            high = max(high, offset)
+            fragmented += previous != 0 and previous + g.cluster != offset
+            previous = offset
+    end = high + g.cluster
+    leaks = -(-(size - end) // g.cluster) if size > end else 0
+    return CheckResult(corruptions=corruptions, leaks=leaks, image_end_offset=end, total_clusters=g.entries,
+                       allocated_clusters=allocated, fragmented_clusters=fragmented)
+
+
 @hookimpl
 def storprobe_formats() -> list[FormatSpec]:
     return [
@@ -195,5 +318,7 @@ def storprobe_formats() -> list[FormatSpec]:
             versions=(2,),
             size=size,
             features=features,
+            block_map=block_map,
+            check=check,
         )
     ]

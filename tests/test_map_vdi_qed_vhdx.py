@@ -418,3 +418,71 @@ def test_vhdx_truncated_bat_entry_is_refused_by_the_probe(tmp_path):
     with pytest.raises(ProbeError) as caught:
         verify(broken)
     assert caught.value.code == "vhdx.truncated"
+
+
+# ---- parallels ----------------------------------------------------------------------------------------------
+
+PARALLELS_INUSE, PARALLELS_BAT, INUSE_DIRTY = 44, 64, 0x746F6E59
+PARALLELS_WRITES = ("write -P 0x11 0 64k", "write -P 0x22 3M 4k", "write -z 5M 1M", "write -P 0x33 1M 8k",
+                    "discard 3M 1M", "write -P 0x44 8M 2M")
+
+
+def parallels(tmp: Path, name: str = "a.hdd", size: str = "12M", *options: str,
+              script: tuple[str, ...] = PARALLELS_WRITES) -> Path:
+    image = qemu_img_create(tmp / name, "parallels", size, *options)
+    if script:
+        qemu_io(image, *script)
+    return image
+
+
+def bat(image: Path, index: int) -> int:
+    return struct.unpack_from("<I", image.read_bytes(), PARALLELS_BAT + 4 * index)[0]
+
+
+@pytest.mark.parametrize("options", [(), ("cluster_size=64k",), ("cluster_size=4k",)])
+def test_parallels_map_read_and_check_as_qemu(tmp_path, capsys, options):
+    image = parallels(tmp_path, "a.hdd", "12M", *options)
+    text = assert_same_map(capsys, image)
+    assert '"present": false' in text and '"offset"' in text
+    data = assert_reads_as_qemu(image, tmp_path)
+    assert data[8 * MiB : 10 * MiB] == b"\x44" * (2 * MiB)
+    report = assert_check_as_qemu(image)
+    assert report is not None and report["allocated-clusters"] > 0
+
+
+def test_parallels_old_magic_counts_offsets_in_sectors(tmp_path, capsys):
+    """``WithoutFreeSpace``: a BAT entry is the cluster's offset in sectors, not
+    in clusters (QEMU's off_multiplier 1), and the size only the low 32 bits."""
+    image = parallels(tmp_path, script=("write -P 0x11 0 64k", "write -P 0x22 2M 1M"))
+    old = patched(image, "old.hdd")
+    old.write_bytes(b"WithoutFreeSpace" + old.read_bytes()[16:])
+    assert_same_map(capsys, old)
+    assert_reads_as_qemu(old, tmp_path)
+    assert_check_as_qemu(old)
+
+
+@pytest.mark.parametrize("case", ["unclean", "past-eof", "leak", "fragmented", "shared", "far"])
+def test_parallels_check_and_reads_as_qemu(tmp_path, capsys, case):
+    """Not closed cleanly (a corruption), a cluster past the end of the file (a
+    corruption; it reads as zeros), space past the last cluster (leaks: exit 3),
+    clusters out of order (fragmented), two entries naming one cluster (QEMU
+    does not notice), an entry far past the end (zeros)."""
+    image = parallels(tmp_path)
+    first, last = bat(image, 0), bat(image, 8)
+    edits = {
+        "unclean": [(PARALLELS_INUSE, "I", INUSE_DIRTY)],
+        "past-eof": [(PARALLELS_BAT + 4 * 4, "I", last + 3)],
+        "leak": [],
+        "fragmented": [(PARALLELS_BAT, "I", last), (PARALLELS_BAT + 4 * 8, "I", first)],
+        "shared": [(PARALLELS_BAT + 4 * 2, "I", first)],
+        "far": [(PARALLELS_BAT + 4 * 11, "I", 0xFFFFFFFF)],
+    }[case]
+    broken = patched(image, f"{case}.hdd", *edits)
+    if case == "leak":
+        broken.write_bytes(broken.read_bytes() + bytes(3 * MiB + 512))
+    assert_same_map(capsys, broken)
+    assert_reads_as_qemu(broken, tmp_path)
+    report = assert_check_as_qemu(broken)
+    assert report is not None
+    assert {"unclean": report.get("corruptions"), "past-eof": report.get("corruptions"), "leak": report.get("leaks"),
+            "fragmented": report.get("fragmented-clusters"), "shared": 1, "far": report.get("corruptions")}[case]
