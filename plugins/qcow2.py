@@ -1238,10 +1238,11 @@ class _RefcountWalk:
         self.reftable = _words(reader.read(hdr.refcount_table_offset, hdr.refcount_table_clusters * self.cluster_size))
         self.bad_refblocks: set[int] = set()  # reftable indices whose refcounts cannot be read
         # with numpy, tables of standard entries are counted a table at a time through a view of
-        # ``counts``; only where the walk costs more than importing numpy does
-        vectorise = not self.extended and not self.data_file and self.nb_clusters >= NUMPY_MIN_CLUSTERS
-        self.np = _numpy() if vectorise else None
-        self.view: Any = None if self.np is None else self.np.frombuffer(self.counts, dtype=self.typecode)
+        # ``counts``; only where the walk costs more than importing numpy does, imported by the
+        # first table that is not one run (see _vectorised)
+        self.vectorise = not self.extended and not self.data_file and self.nb_clusters >= NUMPY_MIN_CLUSTERS
+        self.np: Any = None
+        self.view: Any = None
         self.refblock_cache: tuple[int, array] | None = None
         self.check_errors = self.corruptions = self.leaks = 0
         self.allocated = self.fragmented = self.compressed = 0
@@ -1358,12 +1359,21 @@ class _RefcountWalk:
             self.compressed += 1
             self.fragmented += 1  # compressed clusters are fragmented by nature
 
+    def _vectorised(self) -> Any:
+        """numpy, imported on first use, when this walk is vectorised; else None."""
+        if self.vectorise and self.np is None:
+            self.np = _numpy()
+            self.vectorise = self.np is not None
+            if self.vectorise:
+                self.view = self.np.frombuffer(self.counts, dtype=self.typecode)
+        return self.np
+
     def _vector_table(self, data: bytes, active: bool) -> bool:
         """With numpy: count a table of standard entries whose every entry is
         unallocated, a zero cluster or a plain data cluster, at once (the inline
         rules of :meth:`l2_table`, vectorised). False, having counted nothing, for
         a table with any other entry, or without numpy."""
-        np = self.np
+        np = self._vectorised()
         if np is None:
             return False
         entries = np.frombuffer(data, dtype=">u8")
@@ -1389,7 +1399,7 @@ class _RefcountWalk:
         """With numpy: how many data clusters of a table of standard entries have
         the COPIED flag where the recorded refcount is not 1, or lack it where it
         is; None when a cluster lies past the recorded refcounts, or without numpy."""
-        np = self.np
+        np = self._vectorised()
         if np is None or self.bad_refblocks:
             return None
         entries = np.frombuffer(data, dtype=">u8")
@@ -1521,7 +1531,7 @@ class _RefcountWalk:
             data = self.reader.read(l2_offset, self.cluster_size)
             if data == self.zero_cluster or self._copied_run(data):
                 continue
-            vector = None if self.extended or self.data_file else self._vector_copied(data)
+            vector = self._vector_copied(data)
             if vector is not None:
                 self.corruptions += vector
                 continue
