@@ -251,14 +251,22 @@ class DynamicMap:
         self.table_offset = dyn.table_offset
         self.bitmap = -(-(self.block // (8 * 512)) // 512) * 512
 
-    def _entry(self, index: int) -> int:
-        """The table's entry for block ``index`` (UNUSED_BAT_ENTRY when past the table)."""
-        if index >= self.entries:
-            return UNUSED_BAT_ENTRY
+    def _entries(self, index: int) -> bytes:
+        """The table's entries from block ``index`` to the end of the piece of it that holds it."""
         at = index * 4
         piece = at - at % BAT_PIECE
-        table = self.host.table(self.table_offset + piece, min(BAT_PIECE, self.entries * 4 - piece))
-        return int.from_bytes(table[at - piece : at - piece + 4], "big")
+        return self.host.table(self.table_offset + piece, min(BAT_PIECE, self.entries * 4 - piece))[at - piece :]
+
+    def _entry(self, index: int) -> int:
+        """The table's entry for block ``index`` (UNUSED_BAT_ENTRY when past the table)."""
+        return UNUSED_BAT_ENTRY if index >= self.entries else int.from_bytes(self._entries(index)[:4], "big")
+
+    def _unused_run(self, index: int) -> int:
+        """How many blocks from ``index`` (unused) on are unused, found at once within a piece of the table."""
+        if index >= self.entries:
+            return 1
+        run = self._entries(index)
+        return max(1, (len(run) - len(run.lstrip(b"\xff"))) // 4)
 
     def _host_offset(self, offset: int) -> int | None:
         entry = self._entry(offset // self.block)
@@ -270,6 +278,7 @@ class DynamicMap:
             stop = min(end, start - start % self.block + self.block)
             host_offset = self._host_offset(start)
             if host_offset is None:
+                stop = min(end, start - start % self.block + self._unused_run(start // self.block) * self.block)
                 yield Extent(start, stop - start, False, True)
             else:
                 yield Extent(start, stop - start, True, False, host_offset)

@@ -160,6 +160,27 @@ def test_stream_optimized(tmp_path):
     assert '"compressed": true' in mine.stdout
 
 
+def test_stream_footer(tmp_path):
+    """A stream-optimized file as VMware writes it: the header at the start says
+    its grain directory is at the end (GD_AT_END), the footer holds the header
+    QEMU reads (after a footer marker, before the end-of-stream marker)."""
+    image = stream_optimized(tmp_path / "so.vmdk")
+    expected_map = assert_same_map(image, "vmdk")
+    data = bytearray(image.read_bytes())
+    assert len(data) % SECTOR == 0
+    footer = struct.pack("<QII", 1, 0, 3).ljust(SECTOR, b"\0") + bytes(data[:SECTOR])
+    struct.pack_into("<Q", data, 56, 2**64 - 1)
+    image.write_bytes(bytes(data) + footer + bytes(SECTOR))
+    assert assert_same_map(image, "vmdk") == expected_map
+    assert_same_data(image, "vmdk", tmp_path)
+    assert assert_same_check(image) == 0
+    # the footer's grain directory moved to the end-of-stream marker's zeros: nothing is allocated
+    data = bytearray(image.read_bytes())
+    struct.pack_into("<Q", data, len(data) - 1024 + 56, len(data) // SECTOR - 1)
+    image.write_bytes(bytes(data))
+    assert '"present": true' not in assert_same_map(image, "vmdk")
+
+
 def test_multi_extent_descriptor(tmp_path):
     image = multi_extent(tmp_path)
     text = assert_same_map(image, "vmdk")
