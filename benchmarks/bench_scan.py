@@ -18,11 +18,13 @@ run with interleaved rounds (medians):
   it parses nothing); a minimal Python prober (the bare loop plus storprobe's
   two reads, one struct unpack and one small JSON object per file, no
   detection, no checks); ``qemu-img info`` on a sample, extrapolated; and the
-  interpreter's own start. Ratios to virsh, to the bare loop and to the C loop.
+  interpreter's own start. Ratios to virsh, to the bare loop and to the C loop,
+  of wall time and of CPU time (the process, the workers it waited for, and for
+  virsh libvirtd's threads: steadier than wall time on a loaded machine).
   ``--runs`` repeats the table and prints the spread of the ratios.
 - start-up: ``storprobe scan`` of an empty directory (and of a directory of one
   image) against ``python -c pass``, through the installed console script:
-  min and median of ``--startup-repeat`` interleaved runs.
+  min and median, wall and CPU, of ``--startup-repeat`` interleaved runs.
 - the head read: what the scan's first reads cost per image, in process, for
   storprobe's (the 0x8200-byte head and the last 512 bytes) and for a 4 KiB
   head with a second small read of ISO 9660's signature at 32769.
