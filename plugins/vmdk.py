@@ -750,6 +750,22 @@ class VmdkMap:
             self._open_extents(info, disk, host)
         self.starts = [extent.start for extent in self.extents_]
         self._inflated: tuple[int, int, bytes] = (-1, -1, b"")
+        self.parent_cid = info.specific.get("parent-cid") if info.specific else None
+        self._parent_checked = False
+
+    def check_backing(self, below: ImageInfo) -> None:
+        """QEMU's vmdk_is_cid_valid: a read that falls through to the parent
+        fails unless the parent is a VMDK whose CID is this image's parentCID
+        (checked once when it is)."""
+        if self._parent_checked:
+            return
+        cid = below.specific.get("cid") if below.format == "vmdk" and below.specific else None
+        if cid is None or cid != self.parent_cid:
+            shown = "no CID" if cid is None else f"CID {cid:08x}"
+            raise DataPathError(f"{below.filename} ({below.format}, {shown}) is not the parent this VMDK records "
+                                f"(parentCID {self.parent_cid or 0:08x}): QEMU refuses to read through it",
+                                code="vmdk.parent-cid")
+        self._parent_checked = True
 
     def _open_extents(self, info: ImageInfo, disk: Disk, host: HostFile) -> None:
         if len(disk.extents) > MAX_OPEN_EXTENTS:

@@ -17,9 +17,12 @@ import stat
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
 
 from .errors import ProbeError, SourceError
+
+if TYPE_CHECKING:
+    from .model import ImageInfo
 
 #: Bytes of tables (L1 pieces, L2 tables) the data path keeps per opened chain
 #: by default: QEMU's default L2 cache size on Linux.
@@ -103,6 +106,17 @@ class BlockMap(Protocol):
     def read(self, extent: Extent, offset: int, length: int) -> bytes:
         """The guest bytes ``[offset, offset + length)``, inside ``extent``,
         one this map gave with ``data`` set."""
+        ...
+
+
+@runtime_checkable
+class BackingRule(Protocol):
+    """A block map whose format has a rule for reading the image below it
+    (QEMU's vmdk reads its parent only when the parent's CID is the one it records)."""
+
+    def check_backing(self, below: ImageInfo) -> None:
+        """Raise a named error when guest bytes may not be read from ``below``
+        (asked before each read that falls through to it)."""
         ...
 
 

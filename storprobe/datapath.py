@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 from .backing import BackingNameError, parse_backing_name
-from .blockmap import DEFAULT_CACHE_BYTES, BlockMap, DataPathError, Extent, HostFile, TableCache
+from .blockmap import DEFAULT_CACHE_BYTES, BackingRule, BlockMap, DataPathError, Extent, HostFile, TableCache
 from .chain import DEFAULT_MAX_DEPTH, backing_store
 from .detect import probe
 from .errors import (
@@ -398,6 +398,8 @@ class GuestDisk(io.RawIOBase):
             if not extent.allocated and depth + 1 < len(self.layers):
                 below = max(0, min(extent.end, self.layers[depth + 1].size) - extent.start)
                 if below:
+                    if isinstance(layer.map, BackingRule):
+                        layer.map.check_backing(self.layers[depth + 1].info)
                     self._fill(piece[:below], extent.start, depth + 1)
             piece[below:] = bytes(len(piece) - below)
 

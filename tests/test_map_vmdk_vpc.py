@@ -354,6 +354,29 @@ def test_backing_chain(tmp_path):
     assert_same_data(top, "vmdk", tmp_path)
 
 
+def test_a_parent_of_another_cid_is_not_read(tmp_path):
+    """QEMU reads through to the parent only when its CID is the child's
+    parentCID (the map does not ask): the reads that need it fail, as here."""
+    base = vmdk(tmp_path / "base.vmdk", "monolithicSparse", writes=("write -P 0x11 0 1M",))
+    top = tmp_path / "top.vmdk"
+    qemu_img_create(top, "vmdk", "4M", f"backing_file={base.name}", "backing_fmt=vmdk")
+    qemu_io(top, "write -P 0x22 64k 64k", fmt="vmdk")
+    data = bytearray(base.read_bytes())
+    at = data.index(b"\nCID=", SECTOR) + 5
+    data[at : at + 8] = b"%08x" % (int(data[at : at + 8], 16) ^ 1)
+    base.write_bytes(bytes(data))
+    assert_same_map(top, "vmdk")
+    assert subprocess.run([require("qemu-img"), "convert", "-O", "raw", str(top), str(tmp_path / "q.raw")],
+                          capture_output=True).returncode == 1
+    with open_image(top, backing=LOCAL) as disk:
+        assert disk.pread(64 * 1024, 4) == b"\x22" * 4  # the child's own grain
+        with pytest.raises(DataPathError) as refused:
+            disk.pread(0, 4)
+        assert refused.value.code == "vmdk.parent-cid"
+    mine = storprobe("convert", "-O", "raw", top, tmp_path / "o.raw")
+    assert mine.returncode == 1 and "parentCID" in mine.stderr
+
+
 def test_descriptor_files_are_not_verified(tmp_path):
     """qemu-img check opens the extent files; verify opens none, so it says it cannot check."""
     image = vmdk(tmp_path / "flat.vmdk", "monolithicFlat", writes=())
