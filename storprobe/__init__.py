@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     from . import qemu_json as qemu_json
     from . import safety as safety
     from . import scan as scan
+    from . import stream as stream
+    from . import upload as upload
     from . import validate as validate
     from . import verify as verify
     from . import volume_xml as volume_xml
@@ -45,7 +47,8 @@ if TYPE_CHECKING:
 #: start-up time a probe does not need); naming one loads it, so
 #: ``storprobe.qemu_json.to_qemu_json(info)`` works after a bare import.
 _LAZY_MODULES = frozenset(
-    {"chain", "datapath", "human", "measure", "qemu_json", "safety", "scan", "validate", "verify", "volume_xml"}
+    {"chain", "datapath", "human", "measure", "qemu_json", "safety", "scan", "stream", "upload", "validate", "verify",
+     "volume_xml"}
 )
 
 

@@ -3,7 +3,8 @@
 Exit status: 0 success, 1 a volume could not be probed (one line
 ``storprobe: PATH: reason`` on stderr) or standard output could not be
 written (``storprobe: write error: REASON``), 2 usage error (with the
-command's usage), 3 ``check`` found the volume unsafe.
+command's usage), 3 ``check`` found the volume unsafe, 4 ``check --stream``
+could not decide (the verdict needed bytes the stream had already passed).
 """
 
 from __future__ import annotations
@@ -25,9 +26,15 @@ if TYPE_CHECKING:
     from .chain import Chain
     from .datapath import BackingPolicy, GuestDisk
     from .model import ImageInfo
+    from .safety import Policy
     from .scan import ScanRecord
+    from .spec import Hazard
+    from .stream import StreamVerdict
 
 EXIT_OK, EXIT_PROBE, EXIT_USAGE, EXIT_UNSAFE = 0, 1, 2, 3
+EXIT_UNDETERMINED = 4
+#: Most bytes ``check --stream`` reads at once (less when the pipe holds less).
+STREAM_CHUNK = 1 << 20
 #: JSON lines a scan writes between flushes of its output.
 SCAN_FLUSH = 32
 
@@ -184,6 +191,16 @@ def _parser() -> _Parser:
     check.add_argument(
         "--output", choices=("human", "json"), default="human",
         help="human: a verdict line, then one line per hazard; json: the verdict as an object (default: %(default)s)",
+    )
+    check.add_argument(
+        "--stream", action="store_true",
+        help="read PATH (- for standard input) once, front to back, as an upload arrives, and stop reading at the "
+             "first mismatch with -f or hazard its head shows; exit 4 when the verdict needs bytes already passed",
+    )
+    check.add_argument(
+        "--stream-size", type=_size, metavar="SIZE",
+        help="with --stream: the stream's length when known beforehand (a Content-Length), which makes early "
+             "verdicts exact and a stream of another length an error",
     )
     check.add_argument("--endpoint-url", metavar="URL", help=_ENDPOINT_HELP)
     check.add_argument("path", metavar="PATH", help="the volume to judge (a path, or an object's URL)")
@@ -724,30 +741,78 @@ def _check(args: argparse.Namespace) -> int:
         backing_dirs=tuple(args.allow_backing_in), backing_protocols=names(args.allow_backing_protocol),
         data_file_dirs=tuple(args.allow_data_file_in),
     )
+    if args.stream:
+        return _check_stream(args, policy)
     try:
         verdict = check(args.path, policy=policy, format=args.format, endpoint_url=args.endpoint_url)
     except ProbeError as exc:
         _complain(args.path, exc.reason)
         return EXIT_PROBE
     info = verdict.info
+    fmt, encryption = (info.format, info.encryption) if info else (None, None)
+    return _report_check(args, verdict.path, fmt, encryption, verdict.hazards)
+
+
+def _report_check(
+    args: argparse.Namespace, path: str, fmt: str | None, encryption: str | None, hazards: tuple[Hazard, ...],
+    *, note: str = "", stream: StreamVerdict | None = None,
+) -> int:
+    """Print a check's verdict (safe when there is no hazard); its exit status."""
     if args.output == "json":
-        out = {
-            "filename": verdict.path,
-            "safe": verdict.safe,
-            "format": info.format if info else None,
-            "encryption": info.encryption if info else None,
-            "hazards": [{"check": h.check, "message": h.message} for h in verdict.hazards],
+        out: dict[str, Any] = {
+            "filename": path,
+            "safe": not hazards,
+            "format": fmt,
+            "encryption": encryption,
+            "hazards": [{"check": h.check, "message": h.message} for h in hazards],
         }
+        if stream is not None:
+            out["stream"] = {"state": stream.state, "consumed": stream.consumed}
         print(json.dumps(out, indent=4))
     else:
-        if info is None:
-            what = "unreadable header"
-        else:
-            what = info.format + (f", encrypted ({info.encryption})" if info.encryption else "")
-        print(f"{verdict.path}: {'safe' if verdict.safe else 'UNSAFE'} ({what})")
-        for hazard in verdict.hazards:
+        what = "unreadable header" if fmt is None else fmt + (f", encrypted ({encryption})" if encryption else "")
+        print(f"{path}: {'UNSAFE' if hazards else 'safe'} ({what}{note})")
+        for hazard in hazards:
             print(f"{hazard.check}: {hazard.message}")
-    return EXIT_OK if verdict.safe else EXIT_UNSAFE
+    return EXIT_UNSAFE if hazards else EXIT_OK
+
+
+def _check_stream(args: argparse.Namespace, policy: Policy) -> int:
+    """``check --stream``: read PATH (``-``: standard input) once, front to
+    back, feeding a stream inspector; stop reading at an early rejection."""
+    from .stream import UNDETERMINED, StreamInspector
+
+    name = "<stdin>" if args.path == "-" else args.path
+    try:
+        inspector = StreamInspector(args.format, size=args.stream_size, policy=policy, name=name)
+        with open(sys.stdin.fileno() if args.path == "-" else args.path, "rb", closefd=args.path != "-") as stream:
+            verdict = inspector.verdict()
+            while not verdict.rejected:
+                chunk = stream.read1(STREAM_CHUNK)
+                verdict = inspector.feed(chunk) if chunk else inspector.finish()
+                if not chunk:
+                    break
+    except OSError as exc:
+        _complain(name, exc.strerror or str(exc))
+        return EXIT_PROBE
+    except ProbeError as exc:
+        _complain(name, exc.reason)
+        return EXIT_PROBE
+    if verdict.state == UNDETERMINED:
+        if args.output == "json":
+            out: dict[str, Any] = {"filename": name, "safe": None, "format": verdict.format, "encryption": None,
+                                   "hazards": [],
+                   "stream": {"state": verdict.state, "consumed": verdict.consumed, "needed": verdict.needed}}
+            print(json.dumps(out, indent=4))
+        else:
+            print(f"{name}: UNDETERMINED ({verdict.format or 'format unknown'}): {verdict.reason}")
+        return EXIT_UNDETERMINED
+    if verdict.result is not None:  # the whole stream was read
+        info = verdict.result.info
+        fmt, encryption = (info.format, info.encryption) if info else (None, None)
+        return _report_check(args, name, fmt, encryption, verdict.hazards, stream=verdict)
+    note = f"; {verdict.reason}, after {verdict.consumed} bytes: reading stopped"
+    return _report_check(args, name, verdict.format, None, verdict.hazards, note=note, stream=verdict)
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -1014,6 +1079,8 @@ def _run(argv: Sequence[str] | None) -> int:
 
 def _useless_options(args: argparse.Namespace) -> Iterator[str]:
     """Options given where they would do nothing: each is a usage error, not silence."""
+    if args.command == "check" and args.stream_size is not None and not args.stream:
+        yield "--stream-size applies only with --stream"
     if args.command == "info" and args.inspect_guest and args.output == "xml":
         yield "--inspect-guest applies to --output human and json, not xml"
     if args.command == "info" and not args.backing_chain:
