@@ -199,16 +199,18 @@ class _HonoursRange(_Quiet):
         self.end_headers()
 
 
+class _Threading(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024  # socketserver's 5 drops connections a concurrent client opens at once
+
+
 class _HTTPServer:
     handler: type[_Quiet]
 
     def __init__(self, directory: str | os.PathLike[str], delay: float = 0.0) -> None:
         self.counts = Counts()
         handler = type("Handler", (self.handler,), {"counts": self.counts, "delay": delay})
-        self.server = http.server.ThreadingHTTPServer(
-            ("127.0.0.1", 0), functools.partial(handler, directory=os.fspath(directory))
-        )
-        self.server.daemon_threads = True
+        self.server = _Threading(("127.0.0.1", 0), functools.partial(handler, directory=os.fspath(directory)))
         self.url = f"http://127.0.0.1:{self.server.server_port}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
