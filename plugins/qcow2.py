@@ -17,7 +17,6 @@ import struct
 import sys
 from array import array
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 from storprobe import (
@@ -1053,6 +1052,8 @@ class Qcow2Map:
         if len(inputs) == 1:
             outputs = [self._inflate_one(inputs[0])]
         else:
+            from concurrent.futures import ThreadPoolExecutor  # 10 ms to import: only a read of compressed data pays
+
             with ThreadPoolExecutor(INFLATE_THREADS) as pool:
                 outputs = list(pool.map(self._inflate_one, inputs))
         return {guest: out for (guest, _, _), out in zip(batch, outputs, strict=True)}
