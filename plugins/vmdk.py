@@ -674,6 +674,8 @@ GRAIN_MARKER = struct.Struct("<QI")
 MAX_OPEN_EXTENTS = 1024
 #: Bytes of a grain directory read (and cached) at once.
 GD_PIECE = 64 * 1024
+#: Bytes of a compressed grain read (and inflated) at once.
+INFLATE_PIECE = 1024 * 1024
 
 
 class SparseTables:
@@ -873,35 +875,41 @@ class VmdkMap:
     def _inflate(self, extent: _Extent, tables: SparseTables, entry: int) -> bytes:
         key = (id(extent.host), entry)
         if self._inflated[:2] != key:
-            self._inflated = (*key, inflate_grain(extent.host.read(entry * SECTOR, 2 * tables.grain), tables))
+            self._inflated = (*key, inflate_grain(extent.host, entry * SECTOR, tables))
         return self._inflated[2]
 
 
-def inflate_grain(data: bytes, tables: SparseTables) -> bytes:
-    """A compressed grain as QEMU's vmdk_read_extent inflates it: two grains of
-    input at most (marker included), a zlib stream that ends within them and
-    inflates to exactly one grain; anything else is a named error."""
+def inflate_grain(host: HostFile, offset: int, tables: SparseTables) -> bytes:
+    """The compressed grain at ``offset`` as QEMU's vmdk_read_extent inflates
+    it: at most two grains of input (its marker included), a zlib stream that
+    ends within them and inflates to exactly one grain; anything else is a
+    named error. The input is read and inflated a piece at a time, so memory
+    holds one grain whatever the marker says."""
     grain = tables.grain
     if tables.has_marker:
-        _lba, size = GRAIN_MARKER.unpack_from(data)
-        stream = data[GRAIN_MARKER.size :]
+        _lba, size = GRAIN_MARKER.unpack(host.read(offset, GRAIN_MARKER.size))
+        offset += GRAIN_MARKER.size
+        most = 2 * grain - GRAIN_MARKER.size
     else:
-        size, stream = grain, data
-    if not size or size > len(stream):  # QEMU refuses 0 and more than its two-grain buffer
-        raise DataPathError(f"compressed grain marker says {size} bytes of {len(stream)} (two grains) at most",
+        size = most = grain
+    if not size or size > most:  # QEMU refuses 0 and more than its two-grain buffer
+        raise DataPathError(f"compressed grain marker says {size} bytes, of {most} at most (two grains)",
                             code="vmdk.compressed-size")
-    inflater = zlib.decompressobj()
+    inflater, out, read = zlib.decompressobj(), bytearray(), 0
     try:
-        out = inflater.decompress(stream[:size], grain)
+        while read < size and not inflater.eof and len(out) <= grain:
+            piece = host.read(offset + read, min(INFLATE_PIECE, size - read))
+            read += len(piece)
+            out += inflater.decompress(piece, grain + 1 - len(out))
     except zlib.error as exc:
         raise DataPathError(f"compressed grain does not inflate: {exc}", code="vmdk.compressed-corrupt") from None
-    if not inflater.eof:
+    if not inflater.eof or len(out) > grain:
         raise DataPathError("compressed grain's stream does not end within its input and one grain",
                             code="vmdk.compressed-corrupt")
     if len(out) != grain:
         raise DataPathError(f"compressed grain inflates to {len(out)} bytes, not a grain of {grain}",
                             code="vmdk.compressed-short")
-    return out
+    return bytes(out)
 
 
 def sparse_tables(img: Image, table: Callable[[int, int], bytes]) -> SparseTables:
