@@ -79,6 +79,14 @@ def assert_same_data(image: Path, fmt: str, tmp_path: Path) -> None:
     ours.unlink()
 
 
+def assert_same_measure(image: Path, fmt: str) -> None:
+    """storprobe measure -O qcow2 of the image (its allocation, read through the map) is qemu-img measure's."""
+    theirs = subprocess.run([require("qemu-img"), "measure", "-f", fmt, "-O", "qcow2", "--output=json", str(image)],
+                            capture_output=True, text=True, check=True)
+    mine = storprobe("measure", "-f", fmt, "-O", "qcow2", "--output", "json", image)
+    assert (mine.returncode, mine.stdout) == (0, theirs.stdout)
+
+
 def qemu_check(image: Path) -> tuple[int, str]:
     proc = subprocess.run([require("qemu-img"), "check", "--output=json", str(image)],
                           capture_output=True, text=True, check=False)
@@ -147,7 +155,9 @@ def test_vmdk_subformats(tmp_path, subformat, options):
     if options:
         assert '"present": true, "zero": true, "data": false' in text  # write -z made a zeroed grain
     assert_same_data(image, "vmdk", tmp_path)
-    assert_same_check(image) == 0 if subformat == "monolithicSparse" else None
+    assert_same_measure(image, "vmdk")
+    if subformat == "monolithicSparse":
+        assert assert_same_check(image) == 0
 
 
 def test_stream_optimized(tmp_path):
@@ -155,6 +165,7 @@ def test_stream_optimized(tmp_path):
     text = assert_same_map(image, "vmdk")
     assert '"zero": false, "data": true}' in text  # compressed grains: data without an offset
     assert_same_data(image, "vmdk", tmp_path)
+    assert_same_measure(image, "vmdk")
     assert assert_same_check(image) == 0
     mine = storprobe("map", "--output", "json", "--compressed", image)
     assert '"compressed": true' in mine.stdout
@@ -186,6 +197,7 @@ def test_multi_extent_descriptor(tmp_path):
     text = assert_same_map(image, "vmdk")
     assert '"offset": 4096' in text  # the flat extent's sector offset, where its file has data
     assert_same_data(image, "vmdk", tmp_path)
+    assert_same_measure(image, "vmdk")
     human = storprobe("map", image).stdout
     assert str(tmp_path / "b-f001.vmdk") in human and str(tmp_path / "a-s001.vmdk") in human
 
@@ -208,6 +220,7 @@ def test_vpc(tmp_path, subformat):
     text = assert_same_map(image, "vpc")
     assert '"present": true, "zero": true' in text and '"present": false' not in text
     assert_same_data(image, "vpc", tmp_path)
+    assert_same_measure(image, "vpc")
     mine = storprobe("verify", "--output", "json", image)
     theirs = subprocess.run([require("qemu-img"), "check", "-f", "vpc", str(image)], capture_output=True, text=True)
     assert (mine.returncode, theirs.returncode) == (63, 63)
