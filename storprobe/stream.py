@@ -41,6 +41,9 @@ the head, the ranges registered ahead or kept from the look-behind (at most
 last ``look_behind`` bytes (at most twice that: it is trimmed in batches),
 which serve reads just behind the stream and hold its tail (VHD and DMG
 footers, a VMDK stream footer, the probe's :data:`~storprobe.source.TAIL_SIZE`).
+Chunks only pass through the look-behind: the head and each registered range
+(none longer than the look-behind) are copied out of it when the stream
+reaches their end, so a chunk costs one append whatever its size.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ from .engine import MAX_ROUNDS, MIN_FETCH, KnownBytes, NeedBytes, Range
 from .errors import ProbeError, SourceError
 from .registry import FormatTable, Row, format_table
 from .safety import Policy, Verdict, check
-from .source import HEAD_SIZE, READ_BUDGET, TAIL_SIZE, Image
+from .source import HEAD_SIZE, READ_BUDGET, Image
 from .spec import Hazard
 
 #: The size runs before the end assume when none is declared: long enough that
@@ -62,7 +65,7 @@ from .spec import Hazard
 #: disk stays under QEMU's and the default policy's limits. A read in its
 #: second half is a read relative to the end, and waits for the end.
 SPECULATIVE_SIZE = 1 << 40
-#: Bytes kept behind the stream's position by default (at least the tail):
+#: Bytes kept behind the stream's position by default (at least the head's length):
 #: enough for a DMG's block map before its trailer, or a VHDX whose BAT lies
 #: before its metadata region (qemu-img's layout: read 1.1 MiB behind).
 LOOK_BEHIND = 2 << 20
@@ -143,7 +146,7 @@ class StreamInspector:
         if declared_format is not None:
             self._table[declared_format]  # UnknownFormat now, not at the end
         self.declared_format, self.declared_size, self.policy, self.name = declared_format, size, policy, name
-        self.look_behind = max(look_behind, TAIL_SIZE)
+        self.look_behind = max(look_behind, HEAD_SIZE)
         self._trim_at = 2 * self.look_behind  # trimmed in batches: a byte is moved at most once
         self.capture_limit = capture_limit
         self._head = bytearray()
@@ -151,8 +154,8 @@ class StreamInspector:
         self._captures: list[_Capture] = []
         self._captured = 0  # bytes registered in all
         self._pos = 0
-        #: where a chunk starts to need more than the look-behind (the head, a registered range)
-        self._watch = 0
+        #: where a chunk needs more than the look-behind: the end of the head or of a registered range
+        self._stop = HEAD_SIZE
         self._runs = 0
         self._speculating = True
         self._verdict = StreamVerdict(PENDING, 0, reason="waiting for the head")
@@ -163,7 +166,7 @@ class StreamInspector:
     def feed(self, chunk: bytes | bytearray | memoryview) -> StreamVerdict:
         """Take the next chunk; the verdict so far."""
         end = self._pos + len(chunk)
-        if end < self._watch:  # the common case: nothing to capture, nothing to decide
+        if end < self._stop:  # the common case: the chunk only passes through the look-behind
             behind = self._behind
             behind += chunk
             if len(behind) > self._trim_at:
@@ -174,22 +177,15 @@ class StreamInspector:
             raise SourceError("the stream was finished; it takes no more bytes")
         view = memoryview(chunk).cast("B")
         while view:
-            stop = self._next_stop()
-            piece, view = view[: stop - self._pos], view[stop - self._pos :]
-            self._take(piece)
-            if self._pos == stop:
+            piece, view = view[: self._stop - self._pos], view[self._stop - self._pos :]
+            self._pass(piece)
+            if self._pos == self._stop:
                 self._reached()
-        self._watch = self._next_watch()
+                self._stop = self._next_stop()
         return self._verdict
 
-    def _take(self, piece: memoryview) -> None:
-        pos, end = self._pos, self._pos + len(piece)
-        if pos < HEAD_SIZE:
-            self._head += piece[: HEAD_SIZE - pos]
-        for capture in self._captures:
-            at = capture.start + len(capture.data)
-            if at < end and capture.end > pos and not capture.complete:
-                capture.data += piece[at - pos : min(end, capture.end) - pos]
+    def _pass(self, piece: memoryview) -> None:
+        """Move ``piece`` into the look-behind."""
         behind = self._behind
         if len(piece) >= self.look_behind:
             behind[:] = piece[-self.look_behind :]
@@ -197,31 +193,28 @@ class StreamInspector:
             behind += piece
             if len(behind) > self._trim_at:
                 del behind[: len(behind) - self.look_behind]
-        self._pos = end
+        self._pos += len(piece)
 
     def _next_stop(self) -> int:
-        """Where the next chunk must be cut: the end of the head, or the start
-        or the end of a registered range (infinite when none is pending)."""
-        pos = self._pos
-        stops = [HEAD_SIZE] if pos < HEAD_SIZE else []
-        for capture in self._captures:
-            if not capture.complete:
-                stops.append(capture.start if pos < capture.start else capture.end)
+        """Where the next chunk must be cut: the end of the head or of a
+        registered range, which is then copied out of the look-behind (no range
+        is longer than it); infinite when none is pending."""
+        stops = [c.end for c in self._captures if not c.complete]
+        if self._pos < HEAD_SIZE:
+            stops.append(HEAD_SIZE)
         return min(stops, default=1 << 63)
 
-    def _next_watch(self) -> int:
-        """Where the look-behind stops being all a chunk needs: at once while
-        the head arrives, else at the start of the first range still to capture."""
-        if self._pos < HEAD_SIZE:
-            return 0
-        return min((c.start for c in self._captures if not c.complete), default=1 << 63)
-
     def _reached(self) -> None:
-        """At a stop: when the head or a registered range is complete, the
-        probe may get further than it did, so it runs again."""
-        pos = self._pos
-        completed = pos == HEAD_SIZE or any(c.end == pos and c.complete for c in self._captures)
-        if completed and self._speculating and not self._verdict.rejected:
+        """At a stop: keep the head or the registered ranges now complete; the
+        probe may then get further than it did, so it runs again."""
+        pos, behind = self._pos, self._behind
+        base = pos - len(behind)
+        if pos == HEAD_SIZE:
+            self._head = bytearray(behind[:HEAD_SIZE])
+        for capture in self._captures:
+            if capture.end == pos and not capture.complete:
+                capture.data = behind[capture.start - base : capture.end - base]
+        if self._speculating and not self._verdict.rejected:
             self._speculate()
 
     # ---- runs before the end ---------------------------------------------------
@@ -311,7 +304,7 @@ class StreamInspector:
             if capture.end == need.offset:  # a walk front to back: twice the last range, so few runs
                 length = max(length, 2 * (capture.end - capture.start))
         later = [c.start for c in self._captures if c.start > need.offset]
-        end = min(need.offset + length, size, need.offset + room, *later)
+        end = min(need.offset + length, size, need.offset + room, need.offset + self.look_behind, *later)
         self._captures.append(_Capture(need.offset, end))
         self._captures.sort(key=lambda c: c.start)
         self._captured += end - need.offset
@@ -344,7 +337,7 @@ class StreamInspector:
         if self.declared_size is not None and self._pos != self.declared_size:
             raise SourceError(f"the stream ended after {self._pos} bytes; {self.declared_size} were declared")
         self._finished = True
-        self._watch = -1  # every later feed takes the slow path, which refuses it
+        self._stop = -1  # every later feed takes the slow path, which refuses it
         known = self._known(self._pos)
         try:
             result = check(known, policy=self.policy, format=self.declared_format, table=self._table)

@@ -23,7 +23,7 @@ import pytest
 import storprobe
 from storprobe import FormatSpec, ProbeError, SourceError, UnknownFormat, hookimpl
 from storprobe.safety import Policy, check
-from storprobe.source import HEAD_SIZE, TAIL_SIZE, BytesSource
+from storprobe.source import HEAD_SIZE, BytesSource
 from storprobe.stream import FINAL, MISMATCH, PENDING, PROVISIONAL, UNDETERMINED, UNSAFE, StreamInspector
 from storprobe.upload import InspectingReader, StreamRejected
 
@@ -251,7 +251,7 @@ def registered():
 def test_a_range_ahead_is_captured_as_it_passes_and_the_probe_reruns_only_then(registered):
     """A row that reads 8 bytes 5 MiB into the volume: the range is registered
     when the head arrives and captured as the stream passes it, with a
-    look-behind of only the tail; the probe runs at the head, when the range is
+    look-behind of only the head's length; the probe runs at the head, when the range is
     complete and at the end, not at each of 6 million one-byte chunks."""
     runs = []
 
@@ -268,7 +268,7 @@ def test_a_range_ahead_is_captured_as_it_passes_and_the_probe_reruns_only_then(r
     data = bytearray(6 << 20)
     data[:8] = b"TESTFMT!"
     data[5 << 20 : (5 << 20) + 8] = (123 << 20).to_bytes(8, "little")
-    final, changes = assert_agrees(bytes(data), 1, look_behind=TAIL_SIZE)
+    final, changes = assert_agrees(bytes(data), 1, look_behind=HEAD_SIZE)
     assert final.state == FINAL and final.result.info.virtual_size == 123 << 20
     assert [v.state for v in changes] == [PROVISIONAL]
     assert len(runs) <= 5
