@@ -13,12 +13,16 @@ Three kinds of file are a VMDK:
   twoGbMaxExtentSparse/Flat, vmfs, vmfsSparse, seSparse), recognised as QEMU's
   probe recognises it.
 
-Extents and parents are reported, never opened or looked at; for ``storprobe
-check`` the row flags extents other than the file itself, outside its
-directory, or devices (CVE-2022-47951). QEMU reads a
-descriptor in its own way (a sparse file's descriptor always at sector 1, keys
-found as substrings anywhere in the text, extent lines scanned with sscanf);
-this plugin reads it the same way, so that what it reports is what QEMU opens.
+The probe reports extents and parents, never opens or looks at them; for
+``storprobe check`` the row flags extents other than the file itself, outside
+its directory, or devices (CVE-2022-47951). The data path (``block_map``)
+reads the grains as QEMU 7.2 does, and opens a descriptor's extent files only
+through the policy the image was opened with (``HostFile.open_named``).
+
+QEMU reads a descriptor in its own way (a sparse file's descriptor always at
+sector 1, keys found as substrings anywhere in the text, extent lines scanned
+with sscanf); this plugin reads it the same way, so that what it reports is
+what QEMU opens.
 """
 
 from __future__ import annotations

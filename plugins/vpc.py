@@ -13,6 +13,10 @@ sectors x 512), except for creators known to store the real size in
 ``force_size``) or when the geometry is the CHS maximum; then ``current_size``.
 A differencing disk's parent is reported as its backing file (QEMU opens such
 a disk as a plain dynamic one and shows no backing).
+
+The data path reads a fixed disk as its file and a dynamic one by its block
+allocation table, as QEMU 7.2 does: an allocated block is data throughout
+(its sector bitmap unread), an unallocated one zeros. QEMU has no vpc check.
 """
 
 from __future__ import annotations

@@ -202,6 +202,14 @@ def test_multi_extent_descriptor(tmp_path):
     assert str(tmp_path / "b-f001.vmdk") in human and str(tmp_path / "a-s001.vmdk") in human
 
 
+def test_a_flat_extent_file_shorter_than_its_extent(tmp_path):
+    """Past the end of a flat extent's file QEMU asks the file, which has ended: data reading as zeros."""
+    image = vmdk(tmp_path / "f.vmdk", "monolithicFlat", writes=("write -P 0x11 0 64k", "write -P 0x22 96k 4k"))
+    os.truncate(tmp_path / "f-flat.vmdk", 98 * 1024)
+    assert '"zero": true, "data": true' in assert_same_map(image, "vmdk")
+    assert_same_data(image, "vmdk", tmp_path)
+
+
 def test_two_gb_extents_of_a_larger_disk(tmp_path):
     """A 5 GiB disk is three extent files; writes across the first boundary."""
     for subformat in ("twoGbMaxExtentSparse", "twoGbMaxExtentFlat"):
