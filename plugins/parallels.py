@@ -234,26 +234,33 @@ class ParallelsMap:
         self.geometry = Geometry(img)
         self.host = host
 
-    def _entries(self, first: int, end: int) -> Iterator[tuple[int, int]]:
-        """(index, entry) of BAT entries ``first`` .. ``end - 1``; 0 past the BAT's end."""
+    def _entries(self, first: int, end: int) -> Iterator[tuple[int, int, int]]:
+        """(index, entry, count) for BAT entries ``first`` .. ``end - 1``: a run of
+        unallocated entries (0, and every one past the BAT's end) comes as one."""
         index = first
         while index < min(end, self.geometry.entries):
             at = index * 4
             piece = at - at % BAT_PIECE
             table = self.host.table(HEADER.size + piece, min(BAT_PIECE, self.geometry.entries * 4 - piece))
-            count = min(end - index, (len(table) - (at - piece)) // 4)
-            for (entry,) in _UINT32.iter_unpack(table[at - piece : at - piece + 4 * count]):
-                yield index, entry
-                index += 1
-        for rest in range(index, end):
-            yield rest, 0
+            raw = table[at - piece : at - piece + 4 * min(end - index, (len(table) - (at - piece)) // 4)]
+            position = 0
+            while position < len(raw):
+                if raw[position : position + 4] == bytes(4):
+                    count = (len(raw) - position - len(raw[position:].lstrip(b"\0"))) // 4
+                    yield index, 0, count
+                else:
+                    count = 1
+                    yield index, _UINT32.unpack_from(raw, position)[0], 1
+                index, position = index + count, position + 4 * count
+        if index < end:
+            yield index, 0, end - index
 
     def extents(self, start: int, length: int, *, want_zero: bool = True) -> Iterator[Extent]:
         end = start + length
         cs = self.geometry.cluster
         run: tuple[int, int, int] | None = None  # (guest start, host offset of the start or -1, guest end)
-        for index, entry in self._entries(start // cs, -(-end // cs)):
-            begin, stop = max(start, index * cs), min(end, (index + 1) * cs)
+        for index, entry, count in self._entries(start // cs, -(-end // cs)):
+            begin, stop = max(start, index * cs), min(end, (index + count) * cs)
             host = self.geometry.host_offset(entry) + begin - index * cs if entry else -1
             if run is not None:
                 if (host == -1 and run[1] == -1) or (host != -1 and run[1] != -1 and host == run[1] + begin - run[0]):

@@ -115,6 +115,8 @@ FIRST_UNALLOCATED = 0xFFFFFFFE
 TYPE_STATIC = 2
 #: Bytes of the block map read (and cached) at once.
 BMAP_PIECE = 64 * 1024
+_UNALLOCATED = b"\xff" * 4
+_UINT32 = struct.Struct("<I")
 
 
 class VdiMap:
@@ -132,36 +134,65 @@ class VdiMap:
         self.blocks = hdr.blocks_in_image
         self.static = hdr.image_type == TYPE_STATIC
 
-    def _entries(self, first: int, count: int) -> list[int]:
-        """Block map entries ``first`` .. ``first + count - 1`` (one piece of the map at most)."""
+    def _entries(self, first: int, count: int) -> Iterator[tuple[int, int]]:
+        """(entry, how many blocks it stands for) for block map entries ``first`` ..
+        ``first + count - 1`` (one piece of the map at most): a run of
+        unallocated entries comes as one, found at once."""
         at = first * 4
         piece = at - at % BMAP_PIECE
         table = self.host.table(self.bmap_offset + piece, min(BMAP_PIECE, self.blocks * 4 - piece))
         raw = table[at - piece : at - piece + 4 * count]
-        return [int.from_bytes(raw[i : i + 4], "little") for i in range(0, len(raw), 4)]
+        position = 0
+        while position < len(raw):
+            if raw[position : position + 4] == _UNALLOCATED:
+                run = (len(raw) - position - len(raw[position:].lstrip(b"\xff"))) // 4
+                yield FIRST_UNALLOCATED + 1, run
+                position += 4 * run
+            else:
+                yield _UINT32.unpack_from(raw, position)[0], 1
+                position += 4
 
     def extents(self, start: int, length: int, *, want_zero: bool = True) -> Iterator[Extent]:
+        """Runs of zero blocks, and of blocks that follow one another in the file, one extent each."""
         end = start + length
+        run: Extent | None = None
         while start < end:
             block = start // BLOCK_SIZE
             in_piece = BMAP_PIECE // 4 - block % (BMAP_PIECE // 4)
             count = min(in_piece, -(-end // BLOCK_SIZE) - block)
-            for entry in self._entries(block, count):
-                stop = min(end, (block + 1) * BLOCK_SIZE)
+            for entry, blocks in self._entries(block, count):
+                stop = min(end, (block + blocks) * BLOCK_SIZE)
                 if entry >= FIRST_UNALLOCATED:
-                    yield Extent(start, stop - start, False, True)
+                    extent = Extent(start, stop - start, False, True)
                 else:
-                    host = self.data_offset + entry * BLOCK_SIZE + start % BLOCK_SIZE
-                    extent = Extent(start, stop - start, True, False, host)
-                    if want_zero and self.static:
-                        yield from _split_by_holes(self.host, extent)
-                    else:
-                        yield extent
-                start, block = stop, block + 1
+                    extent = Extent(start, stop - start, True, False,
+                                    self.data_offset + entry * BLOCK_SIZE + start % BLOCK_SIZE)
+                if run is not None and _continues(run, extent):
+                    run = run._replace(length=run.length + extent.length)
+                else:
+                    if run is not None:
+                        yield from self._finished(run, want_zero)
+                    run = extent
+                start, block = stop, block + blocks
+        if run is not None:
+            yield from self._finished(run, want_zero)
+
+    def _finished(self, run: Extent, want_zero: bool) -> Iterator[Extent]:
+        if run.data and want_zero and self.static:
+            yield from _split_by_holes(self.host, run)
+        else:
+            yield run
 
     def read(self, extent: Extent, offset: int, length: int) -> bytes:
         assert extent.host_offset is not None
         return self.host.read(extent.host_offset + offset - extent.start, length)
+
+
+def _continues(run: Extent, extent: Extent) -> bool:
+    """Whether ``extent`` is of ``run``'s kind and, for data, follows it in the file."""
+    if run.data != extent.data:
+        return False
+    return run.host_offset is None or run.host_offset + run.length == extent.host_offset
 
 
 def _split_by_holes(host: HostFile, extent: Extent) -> Iterator[Extent]:
@@ -203,7 +234,6 @@ def check(img: Image, reader: CheckReader) -> CheckResult:
     return CheckResult(corruptions=corruptions)
 
 
-_UINT32 = struct.Struct("<I")
 
 
 @hookimpl
