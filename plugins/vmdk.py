@@ -748,13 +748,13 @@ class VmdkMap:
 
     def __init__(self, img: Image, info: ImageInfo, host: HostFile) -> None:
         disk = _disk(img)
-        self.extents_: list[_Extent] = []
+        self.parts: list[_Extent] = []
         if disk.grain is not None:
-            self.extents_.append(_Extent(0, disk.sectors * SECTOR, host, None, 0,
+            self.parts.append(_Extent(0, disk.sectors * SECTOR, host, None, 0,
                                          sparse_tables(img, host.table)))
         else:
             self._open_extents(info, disk, host)
-        self.starts = [extent.start for extent in self.extents_]
+        self.starts = [extent.start for extent in self.parts]
         self._inflated: tuple[int, int, bytes] = (-1, -1, b"")
         self.parent_cid = info.specific.get("parent-cid") if info.specific else None
         self._parent_checked = False
@@ -788,7 +788,7 @@ class VmdkMap:
             else:
                 raise DataPathError(f"the data path does not read {line.type} extents ({line.filename!r})",
                                     code="vmdk.extent-type-unsupported")
-            self.extents_.append(extent)
+            self.parts.append(extent)
             start += extent.length
 
     @staticmethod
@@ -809,7 +809,7 @@ class VmdkMap:
         return named, shown, 0, sparse_tables(img, named.table)
 
     def _at(self, offset: int) -> _Extent:
-        return self.extents_[bisect.bisect_right(self.starts, offset) - 1]
+        return self.parts[bisect.bisect_right(self.starts, offset) - 1]
 
     def extents(self, start: int, length: int, *, want_zero: bool = True) -> Iterator[BlockExtent]:
         end = start + length
