@@ -18,7 +18,7 @@ import pytest
 
 from storprobe import ProbeError
 from storprobe.cli import main
-from storprobe.datapath import open_image
+from storprobe.datapath import IGNORE, LOCAL, open_image
 from storprobe.verify import to_json, verify
 
 from builders import BAT, LOG_GUID, Vhdx, log_entry
@@ -240,6 +240,9 @@ def test_qed_over_a_backing_file(tmp_path, capsys, backing_fmt):
     expected = qemu_guest_bytes(top, tmp_path)
     with open_image(top, backing=tmp_path) as disk:
         assert disk.read() == expected
+    with pytest.raises(ProbeError) as caught:
+        open_image(top)  # the default policy: an untrusted image does not choose what else is read
+    assert caught.value.code == "backing.refused"
     assert expected[1 * MiB : 1 * MiB + 65536] == bytes(65536) and expected[2 * MiB] == 0x61
     assert_check_as_qemu(top)
 
@@ -606,3 +609,17 @@ def test_parallels_disk_of_a_tebibyte_which_qemu_cannot_map(tmp_path, capsys):
     assert [json.loads(line.strip("[],"))["data"] for line in lines] == [True, False, True, False]
     with open_image(image) as disk:
         assert disk.pread(500 << 30, 4096) == b"\x01" * 4096 and disk.pread(0, 4096) == b"\x02" * 4096
+
+
+def test_vhdx_differencing_disk_is_not_opened(tmp_path):
+    """QEMU 7.2 opens no differencing VHDX (its sector bitmaps are not read):
+    neither does the data path, whatever the backing policy."""
+    parent = vhdx(tmp_path, "parent.vhdx", "10M", "block_size=1M")
+    v = Vhdx(vhdx(tmp_path, "child.vhdx", "10M", "block_size=1M", script=()))
+    v.make_differencing({"relative_path": parent.name})
+    child = v.save()
+    assert qemu_map(child).returncode != 0
+    for policy in (LOCAL, IGNORE, tmp_path):
+        with pytest.raises(ProbeError) as caught:
+            open_image(child, backing=policy)
+        assert caught.value.code == "vhdx.not-opened"
