@@ -623,3 +623,14 @@ def test_vhdx_differencing_disk_is_not_opened(tmp_path):
         with pytest.raises(ProbeError) as caught:
             open_image(child, backing=policy)
         assert caught.value.code == "vhdx.not-opened"
+
+
+@pytest.mark.parametrize("fmt", sorted(SEEDS))
+def test_check_reads_within_its_budget(tmp_path, fmt):
+    """Every table a check reads counts against the read budget: one too small
+    is a named error, never a longer read; the default is enough."""
+    image = SEEDS[fmt](tmp_path)
+    with pytest.raises(ProbeError) as caught:
+        verify(image, budget=16)
+    assert caught.value.code == "verify.read-limit"
+    assert verify(image).exit_status == qemu_check(image)[1]
