@@ -208,17 +208,21 @@ class QedMap:
         piece = at - at % TABLE_PIECE
         return self.host.table(table + piece, min(TABLE_PIECE, self.geometry.table_bytes - piece)), at - piece
 
-    def _l2_offset(self, l1_index: int) -> int:
+    def _l2_offset(self, l1_index: int) -> tuple[int, int]:
+        """L1 entry ``l1_index``, and how many entries from it are that one (runs of 0 found at once)."""
         piece, at = self._piece(self.geometry.l1_offset, l1_index)
-        return int.from_bytes(piece[at : at + 8], "little")
+        entry = int.from_bytes(piece[at : at + 8], "little")
+        if entry != UNALLOCATED:
+            return entry, 1
+        return entry, (len(piece) - at - len(piece[at:].lstrip(b"\0"))) // 8
 
     def extents(self, start: int, length: int, *, want_zero: bool = True) -> Iterator[Extent]:
         g = self.geometry
         end = start + length
         while start < end:
             l1_index = start // g.l1_span
-            stop = min(end, (l1_index + 1) * g.l1_span)
-            l2 = self._l2_offset(l1_index)
+            l2, count = self._l2_offset(l1_index)
+            stop = min(end, (l1_index + count) * g.l1_span)
             if l2 == UNALLOCATED:
                 yield Extent(start, stop - start, False, False)
             elif not g.table_ok(l2):
