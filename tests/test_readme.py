@@ -46,6 +46,10 @@ SETUP_SECTION = "Set up a new machine"
 SKIPPED = {
     "STORPROBE_FUZZ=long": "a long fuzz campaign, 100000 examples per test: hours (the suite runs the default profile)",
     ".venv/bin/pip install atheris": "installs atheris from the package index, then fuzzes for an hour",
+    ".venv/bin/pip install 'storprobe[remote]'": "needs an object store and the network: tests/test_remote.py runs "
+    "info, check and scan against a moto S3 server and HTTP servers on loopback",
+    ".venv/bin/storprobe scan /var/lib/libvirt/images --to": "a pool and a Dask scheduler that are not here: "
+    "tests/test_fleet.py runs --dask on a LocalCluster and a scheduler of its own, over files and a moto S3 server",
     ".venv/bin/python tests/differential_campaign.py": "5000 images against qemu-img: minutes "
     "(tests/test_differential.py runs a fixed sample of 400 in the suite)",
 }
