@@ -202,6 +202,16 @@ def test_multi_extent_descriptor(tmp_path):
     assert str(tmp_path / "b-f001.vmdk") in human and str(tmp_path / "a-s001.vmdk") in human
 
 
+def test_an_extent_type_the_data_path_does_not_read_is_named(tmp_path):
+    """SESPARSE (vSphere's space-efficient extents): QEMU 7.2 reads them; the data
+    path does not yet, and says so by name instead of guessing at their layout."""
+    (tmp_path / "x-sesparse.vmdk").write_bytes(bytes(1 << 20))
+    (tmp_path / "x.vmdk").write_bytes(descriptor("seSparse", 'RW 2048 SESPARSE "x-sesparse.vmdk"'))
+    with pytest.raises(DataPathError) as exc:
+        open_image(tmp_path / "x.vmdk", backing=LOCAL)
+    assert exc.value.code == "vmdk.extent-type-unsupported"
+
+
 def test_a_flat_extent_file_shorter_than_its_extent(tmp_path):
     """Past the end of a flat extent's file QEMU asks the file, which has ended: data reading as zeros."""
     image = vmdk(tmp_path / "f.vmdk", "monolithicFlat", writes=("write -P 0x11 0 64k", "write -P 0x22 96k 4k"))

@@ -48,6 +48,7 @@ NOT_FORMATS = {
     ("volume_xml.py", "qcow"): "libvirt's <encryption format> for qcow/qcow2 AES",
     ("backing.py", "dir"): "the json: option of QEMU's vvfat driver naming the host directory",
     ("cli.py", "raw"): "qemu-img's output format for convert and measure: the guest's bytes as they are, no row",
+    ("measure.py", "raw"): "qemu-img measure's default output format (-O), as in its own code",
 }
 
 
