@@ -33,7 +33,7 @@ from storprobe import (
     LibvirtFacts,
     hookimpl,
 )
-from storprobe.blockmap import Extent, HostFile
+from storprobe.blockmap import FileAsDisk, HostFile
 from storprobe.measure import CreateOption, Measurement, MeasureRequest
 from storprobe.partitions import BOOT_SIGNATURE, partition_details
 from storprobe.source import SECTOR, sector_rounded_size
@@ -121,28 +121,9 @@ def hazards(img: Image, info: ImageInfo) -> Iterator[Hazard]:
         yield Hazard("raw.boot-sector", f"the first sector of the {info.format} header is also a FAT boot sector")
 
 
-class RawMap:
-    """The guest disk is the file: a range is data where the file holds data,
-    zeros where it has a hole or has ended (the last sector past its end), as
-    QEMU's file driver answers from ``SEEK_DATA``/``SEEK_HOLE``; the host
-    offset is the guest offset."""
-
-    def __init__(self, host: HostFile) -> None:
-        self.host = host
-
-    def extents(self, start: int, length: int, *, want_zero: bool = True) -> Iterator[Extent]:
-        if not want_zero:
-            yield Extent(start, length, True, False, start)
-            return
-        for offset, run, is_data in self.host.holes(start, length):
-            yield Extent(offset, run, is_data, not is_data, offset)
-
-    def read(self, extent: Extent, offset: int, length: int) -> bytes:
-        return self.host.read(offset, length)
-
-
-def block_map(img: Image, info: ImageInfo, host: HostFile) -> RawMap:
-    return RawMap(host)
+def block_map(img: Image, info: ImageInfo, host: HostFile) -> FileAsDisk:
+    """The guest disk is the file, its holes unallocated as QEMU's file driver says."""
+    return FileAsDisk(host)
 
 
 def measure(request: MeasureRequest) -> Measurement:

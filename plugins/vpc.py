@@ -25,7 +25,7 @@ import struct
 from collections.abc import Iterator
 
 from storprobe import Backing, Features, FormatSpec, Image, ImageInfo, InvalidHeader, Layout, hookimpl
-from storprobe.blockmap import Extent, HostFile
+from storprobe.blockmap import Extent, FileAsDisk, HostFile
 from storprobe.layout import Header
 
 FOOTER = Layout(
@@ -221,25 +221,6 @@ def backing(img: Image) -> Backing | None:
 BAT_PIECE = 64 * 1024
 
 
-class FixedMap:
-    """A fixed VHD: the guest disk is the file before its footer. QEMU passes
-    block status to the file (BDRV_BLOCK_RAW), which says data throughout,
-    reading as zeros where it has a hole or has ended."""
-
-    def __init__(self, host: HostFile) -> None:
-        self.host = host
-
-    def extents(self, start: int, length: int, *, want_zero: bool = True) -> Iterator[Extent]:
-        if not want_zero:
-            yield Extent(start, length, True, False, start)
-            return
-        for offset, run, is_data in self.host.holes(start, length):
-            yield Extent(offset, run, True, not is_data, offset)
-
-    def read(self, extent: Extent, offset: int, length: int) -> bytes:
-        return self.host.read(offset, length)
-
-
 class DynamicMap:
     """A dynamic (or differencing, which QEMU reads as dynamic) VHD: a block
     the allocation table names is data throughout, after its sector bitmap
@@ -294,11 +275,13 @@ class DynamicMap:
         return self.host.read(host_offset, length)
 
 
-def block_map(img: Image, info: ImageInfo, host: HostFile) -> FixedMap | DynamicMap:
+def block_map(img: Image, info: ImageInfo, host: HostFile) -> FileAsDisk | DynamicMap:
     if not img.head.startswith(MAGIC):  # the footer the probe found: the copy at 0, else the trailer
         img.at_header(-FOOTER_SIZE)
     foot = footer(img)
-    return FixedMap(host) if foot.disk_type == FIXED else DynamicMap(img, foot, host)
+    if foot.disk_type == FIXED:  # the file before its footer; QEMU passes block status to the file (BDRV_BLOCK_RAW)
+        return FileAsDisk(host, holes_are_data=True)
+    return DynamicMap(img, foot, host)
 
 
 @hookimpl

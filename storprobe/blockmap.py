@@ -109,6 +109,29 @@ class BlockMap(Protocol):
         ...
 
 
+class FileAsDisk:
+    """The block map of a guest disk that is its host file from byte 0 (raw, a
+    fixed VHD before its footer): the host offset is the guest offset, and the
+    file's holes (``SEEK_DATA``/``SEEK_HOLE``, or its end) read as zeros. QEMU's
+    file driver calls a hole unallocated; a format that passes block status
+    through to the file (``BDRV_BLOCK_RAW``) calls it data reading as zeros:
+    ``holes_are_data``."""
+
+    def __init__(self, host: HostFile, *, holes_are_data: bool = False) -> None:
+        self.host = host
+        self.holes_are_data = holes_are_data
+
+    def extents(self, start: int, length: int, *, want_zero: bool = True) -> Iterator[Extent]:
+        if not want_zero:
+            yield Extent(start, length, True, False, start)
+            return
+        for offset, run, is_data in self.host.holes(start, length):
+            yield Extent(offset, run, is_data or self.holes_are_data, not is_data, offset)
+
+    def read(self, extent: Extent, offset: int, length: int) -> bytes:
+        return self.host.read(offset, length)
+
+
 @runtime_checkable
 class BackingRule(Protocol):
     """A block map whose format has a rule for reading the image below it

@@ -45,6 +45,14 @@ _ENDPOINT_HELP = (
 )
 
 
+def _trusted_format_option(parser: argparse.ArgumentParser) -> None:
+    """``-f/--format``: the caller's format, trusted instead of probed."""
+    parser.add_argument(
+        "-f", "--format", type=_format_name,
+        help="trust this format instead of probing (one of 'storprobe formats'); its signature must be there",
+    )
+
+
 def _parser() -> _Parser:
     parser = _Parser(
         prog="storprobe", description="Tell what a disk image is from its bytes alone.", formatter_class=_Formatter
@@ -57,10 +65,7 @@ def _parser() -> _Parser:
         "info", help="describe one volume (qemu-img info compatible)",
         description="Describe one volume from its bytes alone, as qemu-img info does.",
     )
-    info.add_argument(
-        "-f", "--format", type=_format_name,
-        help="trust this format instead of probing (one of 'storprobe formats'); its signature must be there",
-    )
+    _trusted_format_option(info)
     info.add_argument(
         "--output", choices=("human", "json", "xml"), default="human",
         help="human: qemu-img info's lines, then storprobe's; json: qemu-img info --output=json's object "
@@ -211,10 +216,7 @@ def _parser() -> _Parser:
                     "anything: exit 0 clean, 2 corruptions, 3 leaked clusters only, 63 the format has no check, "
                     "1 it could not be checked.",
     )
-    verify.add_argument(
-        "-f", "--format", type=_format_name,
-        help="trust this format instead of probing (one of 'storprobe formats'); its signature must be there",
-    )
+    _trusted_format_option(verify)
     verify.add_argument(
         "--output", choices=("human", "json"), default="human",
         help="human: qemu-img check's lines; json: qemu-img check --output=json's object (default: %(default)s)",
@@ -227,10 +229,7 @@ def _parser() -> _Parser:
                     "the backing chain that holds it and where in its file, as qemu-img map prints it. A recorded "
                     "local backing chain is followed as info --backing-chain follows it.",
     )
-    map_.add_argument(
-        "-f", "--format", type=_format_name,
-        help="trust this format instead of probing (one of 'storprobe formats'); its signature must be there",
-    )
+    _trusted_format_option(map_)
     map_.add_argument(
         "--output", choices=("human", "json"), default="human",
         help="human: qemu-img map's table of data ranges; json: qemu-img map --output=json's array "
@@ -257,10 +256,7 @@ def _parser() -> _Parser:
                     "a filesystem, swap, LVM or LUKS by type, label and UUID (as blkid names them), and whether "
                     "the disk is empty (no data allocated anywhere).",
     )
-    inspect.add_argument(
-        "-f", "--format", type=_format_name,
-        help="trust this format instead of probing (one of 'storprobe formats'); its signature must be there",
-    )
+    _trusted_format_option(inspect)
     inspect.add_argument(
         "--output", choices=("human", "json"), default="human",
         help="human: one fact a line; json: an object (default: %(default)s)",

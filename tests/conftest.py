@@ -34,6 +34,22 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", refuse)
 
 
+@pytest.fixture
+def registered():
+    """``registered(plugin)`` registers a throwaway plugin for this test; all are unregistered after it."""
+    import storprobe
+
+    plugins = []
+
+    def register(plugin):
+        storprobe.register(plugin)
+        plugins.append(plugin)
+
+    yield register
+    for plugin in plugins:
+        storprobe.unregister(plugin)
+
+
 @pytest.fixture(scope="session")
 def real_image_seeds(tmp_path_factory) -> list[bytes]:
     """The real images of every format (``builders.real_images``), made once a

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from storprobe import ImageInfo, ProbeError, probe
+from storprobe.datapath import open_image
 from storprobe.qemu_json import EXTRA_KEY, to_qemu_json
 from storprobe.safety import check
 from storprobe.source import READ_BUDGET
@@ -197,6 +198,24 @@ def qemu_guest_bytes(path: Path, tmp: Path, fmt: str | None = None) -> bytes:
     data = out.read_bytes()
     out.unlink()
     return data
+
+
+def reads_as_qemu(image: Path, tmp: Path, case: object) -> bool:
+    """Whether ``open_image`` reads ``image``, asserting that QEMU agrees: both
+    read it (the same bytes as ``qemu-img convert -O raw``), or both refuse."""
+    raw = tmp / f"{image.name}.converted.raw"
+    converted = subprocess.run([require("qemu-img"), "convert", "-O", "raw", str(image), str(raw)],
+                               capture_output=True, check=False)
+    try:
+        with open_image(image) as disk:
+            mine = disk.read()
+    except ProbeError as exc:
+        assert converted.returncode != 0, f"case {case}: we refuse ({exc.code}), QEMU reads"
+        return False
+    assert converted.returncode == 0, f"case {case}: QEMU fails to read, we read"
+    assert mine == raw.read_bytes(), f"case {case}"
+    raw.unlink()
+    return True
 
 
 class LibvirtPool:

@@ -81,6 +81,22 @@ class MotoS3:
 
 
 @contextmanager
+def s3_credentials() -> Iterator[None]:
+    """:data:`S3_ENV` in the environment for the block's duration (what a client
+    of a moto server needs), the variables as they were restored after."""
+    saved = {key: os.environ.get(key) for key in S3_ENV}
+    os.environ.update(S3_ENV)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextmanager
 def moto_s3() -> Iterator[MotoS3]:
     """moto's S3 server on 127.0.0.1, a free port, threaded, for the block's duration."""
     from moto.server import DomainDispatcherApplication, create_backend_app

@@ -126,19 +126,6 @@ def _plugin(name: str, **callbacks) -> object:
     return Plugin()
 
 
-@pytest.fixture
-def registered():
-    plugins = []
-
-    def register(plugin):
-        storprobe.register(plugin)
-        plugins.append(plugin)
-
-    yield register
-    for plugin in plugins:
-        storprobe.unregister(plugin)
-
-
 def test_an_unchanged_plugin_that_reads_past_the_head_works_by_rounds(registered):
     """A third-party row written for local files (reads through ``img.read``,
     catches every Exception as some plugins do) needs no change: the request

@@ -27,7 +27,7 @@ from storprobe.qemu_json import scan_record
 from storprobe.scan import scan
 
 from oracle import qemu_img_create, unusable_entry
-from servers import S3_ENV, free_port, moto_s3
+from servers import free_port, moto_s3, s3_credentials
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -462,22 +462,13 @@ def s3(fleet):
     """moto's S3 server on loopback, holding the first :data:`S3_FLEET` of the
     fleet's objects under ``pool/`` (a store holds no FIFO or dangling link)."""
     pytest.importorskip("obstore")
-    saved = {key: os.environ.get(key) for key in S3_ENV}
-    os.environ.update(S3_ENV)
-    try:
-        with moto_s3() as server:
-            server.client.create_bucket(Bucket=BUCKET)
-            files = [p for p in sorted(fleet.iterdir()) if p.is_file() and not p.is_symlink()][:S3_FLEET]
-            with ThreadPoolExecutor(8) as pool:
-                list(pool.map(lambda p: server.client.put_object(
-                    Bucket=BUCKET, Key=f"pool/{p.name}", Body=p.read_bytes()), files))
-            yield server
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with s3_credentials(), moto_s3() as server:
+        server.client.create_bucket(Bucket=BUCKET)
+        files = [p for p in sorted(fleet.iterdir()) if p.is_file() and not p.is_symlink()][:S3_FLEET]
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda p: server.client.put_object(
+                Bucket=BUCKET, Key=f"pool/{p.name}", Body=p.read_bytes()), files))
+        yield server
 
 
 def read_store_rows(server, prefix: str) -> list[dict]:

@@ -6,7 +6,6 @@ Range and Python's http.server, which ignores it. What the servers counted
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from storprobe.urls import REMOTE_SCHEMES, is_url
 
 from builders import real_images
 from oracle import qemu_img_create, run
-from servers import S3_ENV, Azurite, NoRangeServer, RangeServer, SilentServer, copy_tree, free_port, moto_s3
+from servers import Azurite, NoRangeServer, RangeServer, SilentServer, copy_tree, free_port, moto_s3, s3_credentials
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 BUCKET = "images"
@@ -69,20 +68,11 @@ def names(root: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def s3(images):
-    saved = {key: os.environ.get(key) for key in S3_ENV}
-    os.environ.update(S3_ENV)
-    try:
-        with moto_s3() as server:
-            server.client.create_bucket(Bucket=BUCKET)
-            for name in names(images):
-                server.client.upload_file(str(images / name), BUCKET, f"pool/{name}")
-            yield server
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with s3_credentials(), moto_s3() as server:
+        server.client.create_bucket(Bucket=BUCKET)
+        for name in names(images):
+            server.client.upload_file(str(images / name), BUCKET, f"pool/{name}")
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -235,19 +235,6 @@ def test_a_size_dependent_hazard_counts_early_only_with_a_declared_size(overlay)
 # ---- ranges ahead, the look-behind, undetermined -------------------------------------------
 
 
-@pytest.fixture
-def registered():
-    plugins = []
-
-    def register(plugin):
-        storprobe.register(plugin)
-        plugins.append(plugin)
-
-    yield register
-    for plugin in plugins:
-        storprobe.unregister(plugin)
-
-
 def test_a_range_ahead_is_captured_as_it_passes_and_the_probe_reruns_only_then(registered):
     """A row that reads 8 bytes 5 MiB into the volume: the range is registered
     when the head arrives and captured as the stream passes it, with a
