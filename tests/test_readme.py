@@ -286,11 +286,11 @@ def readme_path(tmp_path) -> str:
     """A PATH whose ``python``, ``python3``, ``pip`` and ``storprobe`` are this interpreter's."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for name in ("python", "python3"):
-        (bin_dir / name).symlink_to(sys.executable)
-    for name, module in (("pip", "pip"), ("storprobe", "storprobe")):
+    # scripts, not symlinks: a venv's interpreter reached through a link elsewhere does not find
+    # its pyvenv.cfg, and runs as the base interpreter without the venv's packages
+    for name, run in (("python", ""), ("python3", ""), ("pip", " -m pip"), ("storprobe", " -m storprobe")):
         script = bin_dir / name
-        script.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -m {module} "$@"\n')
+        script.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)}{run} "$@"\n')
         script.chmod(0o755)
     return f"{bin_dir}:{os.environ['PATH']}"
 
