@@ -15,8 +15,11 @@ created is removed again when the conversion fails.
 from __future__ import annotations
 
 import os
+import queue
 import stat
+import threading
 from collections.abc import Iterator
+from types import TracebackType
 from typing import TYPE_CHECKING
 
 from .errors import ProbeError
@@ -26,6 +29,8 @@ if TYPE_CHECKING:
 
 #: Bytes read from the guest disk at once.
 CHUNK = 2 << 20
+#: Chunk buffers in flight: one being read while the others wait to be written.
+BUFFERS = 3
 #: The smallest run of zeros left as a hole (qemu-img convert's default ``-S``).
 SPARSE = 4096
 _ZERO_BLOCK = bytes(SPARSE)
@@ -55,9 +60,10 @@ def convert_to_raw(disk: GuestDisk, destination: str | os.PathLike[str], *, over
             os.ftruncate(fd, disk.size)
         except OSError as exc:
             raise WriteError(exc) from None
-        for status in disk.block_status():
-            if status.data and not status.zero:
-                _copy(disk, fd, status.start, status.length)
+        with _WriteBehind(fd) as writer:
+            for status in disk.block_status():
+                if status.data and not status.zero:
+                    _copy(disk, writer, status.start, status.length)
     except BaseException:
         os.close(fd)
         os.unlink(destination)
@@ -94,18 +100,68 @@ def _create(destination: str | os.PathLike[str], overwrite: bool) -> int:
     return fd
 
 
-def _copy(disk: GuestDisk, fd: int, start: int, length: int) -> None:
-    """Write ``[start, start + length)`` but its aligned 4 KiB blocks of zeros,
-    read into one reused buffer."""
-    buffer = bytearray(min(CHUNK, length))
-    view = memoryview(buffer)
+class _WriteBehind:
+    """Writes chunks on a thread of its own while the next ones are read (``pread``
+    and ``pwrite`` both let other threads run): a conversion takes about as long as
+    the longer of its reads and its writes, not their sum. :data:`BUFFERS` chunk
+    buffers are reused; a failed write is raised when the block is left (or when the
+    next buffer is asked for), after the thread has ended."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.error: WriteError | None = None
+        self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        for _ in range(BUFFERS):
+            self._free.put(bytearray(CHUNK))
+        self._jobs: queue.SimpleQueue[tuple[bytearray, list[tuple[int, int]], int] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="storprobe-convert-writer", daemon=True)
+        self._thread.start()
+
+    def __enter__(self) -> _WriteBehind:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self._jobs.put(None)
+        self._thread.join()
+        if kind is None and self.error is not None:
+            raise self.error
+
+    def buffer(self) -> bytearray:
+        """A chunk buffer whose last write is done."""
+        buffer = self._free.get()
+        if self.error is not None:
+            raise self.error
+        return buffer
+
+    def write(self, buffer: bytearray, runs: list[tuple[int, int]], at: int) -> None:
+        """Write ``buffer[lo:hi]`` at ``at + lo`` for each run, then free the buffer."""
+        self._jobs.put((buffer, runs, at))
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            buffer, runs, at = job
+            if self.error is None:  # after a failure, buffers are only handed back
+                view = memoryview(buffer)
+                try:
+                    for lo, hi in runs:
+                        _write(self.fd, view[lo:hi], at + lo)
+                except WriteError as exc:
+                    self.error = exc
+                view.release()
+            self._free.put(buffer)
+
+
+def _copy(disk: GuestDisk, writer: _WriteBehind, start: int, length: int) -> None:
+    """Write ``[start, start + length)`` but its aligned 4 KiB blocks of zeros."""
     for at in range(start, start + length, CHUNK):
         size = min(CHUNK, start + length - at)
-        disk.seek(at)
-        if disk.readinto(view[:size]) != size:
-            raise ProbeError(f"short read at offset {at} of the guest disk", code="convert.short-read")
-        for lo, hi in _data_runs(buffer, at, size):
-            _write(fd, view[lo:hi], at + lo)
+        buffer = writer.buffer()
+        with memoryview(buffer) as view:
+            disk.seek(at)
+            if disk.readinto(view[:size]) != size:
+                writer.write(buffer, [], at)
+                raise ProbeError(f"short read at offset {at} of the guest disk", code="convert.short-read")
+        writer.write(buffer, list(_data_runs(buffer, at, size)), at)
 
 
 def _data_runs(buffer: bytearray, at: int, size: int) -> Iterator[tuple[int, int]]:
