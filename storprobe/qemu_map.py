@@ -9,32 +9,17 @@ QEMU 8.2 prints (and merges on); 7.2 has none.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import NamedTuple
 
 from .blockmap import DataPathError
 from .datapath import Status
 
 
-class MapEntry(NamedTuple):
-    """One line of the map: qemu-img's MapEntry."""
-
-    start: int
-    length: int
-    depth: int
-    present: bool
-    zero: bool
-    data: bool
-    offset: int | None
-    compressed: bool
-    filename: str | None  # the file ``offset`` lies in (only with an offset)
+def _entry(status: Status) -> Status:
+    """A range as one line of the map (qemu-img's Status): its file only where it has an offset."""
+    return status if status.offset is not None else status._replace(filename="")
 
 
-def _entry(status: Status) -> MapEntry:
-    return MapEntry(status.start, status.length, status.depth, status.present, status.zero, status.data,
-                    status.offset, status.compressed, status.filename if status.offset is not None else None)
-
-
-def _mergeable(current: MapEntry, following: MapEntry, compressed: bool) -> bool:
+def _mergeable(current: Status, following: Status, compressed: bool) -> bool:
     return (
         (current.zero, current.data, current.depth, current.present, current.offset is None, current.filename)
         == (following.zero, following.data, following.depth, following.present, following.offset is None,
@@ -44,7 +29,7 @@ def _mergeable(current: MapEntry, following: MapEntry, compressed: bool) -> bool
     )
 
 
-Dump = Callable[[MapEntry, "MapEntry | None"], "tuple[str, MapEntry | None]"]
+Dump = Callable[[Status, "Status | None"], "tuple[str, Status | None]"]
 
 
 def _entries(statuses: Iterable[Status], dump: Dump, compressed: bool) -> Iterator[str]:
@@ -52,7 +37,7 @@ def _entries(statuses: Iterable[Status], dump: Dump, compressed: bool) -> Iterat
     can be, else that entry printed (``dump`` may change the one that follows,
     as the human table does). It starts from an empty entry, printed as it is
     when the disk is empty."""
-    current = MapEntry(0, 0, 0, False, False, False, None, False, None)
+    current = Status(0, 0, 0, False, False, False, None, False, "")
     for status in statuses:
         following = _entry(status)
         if current.length and _mergeable(current, following, compressed):
@@ -69,7 +54,7 @@ def _entries(statuses: Iterable[Status], dump: Dump, compressed: bool) -> Iterat
 def json_lines(statuses: Iterable[Status], *, compressed: bool = False) -> Iterator[str]:
     """``qemu-img map --output=json``, piece by piece (``compressed``: 8.2's key too)."""
 
-    def dump(entry: MapEntry, following: MapEntry | None) -> tuple[str, MapEntry | None]:
+    def dump(entry: Status, following: Status | None) -> tuple[str, Status | None]:
         text = (
             f'{{ "start": {entry.start}, "length": {entry.length}, "depth": {entry.depth},'
             f' "present": {_bool(entry.present)}, "zero": {_bool(entry.zero)}, "data": {_bool(entry.data)}'
@@ -90,7 +75,7 @@ def human_lines(statuses: Iterable[Status]) -> Iterator[str]:
     offset (a compressed cluster) cannot be shown: a DataPathError once the
     lines before it are out, as qemu-img fails there."""
 
-    def dump(entry: MapEntry, following: MapEntry | None) -> tuple[str, MapEntry | None]:
+    def dump(entry: Status, following: Status | None) -> tuple[str, Status | None]:
         if entry.data and entry.offset is None:
             raise DataPathError("File contains external, encrypted or compressed clusters.", code="map.no-offset")
         text = ""
