@@ -14,11 +14,13 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from .errors import ProbeError
 from .model import ImageInfo
 from .qemu_json import extras, full_backing_filename
 from .sizes import size_text, size_to_str
 
 if TYPE_CHECKING:
+    from .allocation import Allocation
     from .guest import GuestReport
     from .guestfs import Content
 
@@ -71,11 +73,12 @@ def _snapshot_lines(info: ImageInfo) -> list[str]:
     return lines
 
 
-def render(info: ImageInfo) -> str:
+def render(info: ImageInfo, allocated: Allocation | ProbeError | None = None) -> str:
     """The human summary, one fact a line. Where QEMU opens the volume with
     another driver than its format's (an iso, a cow file, LUKS2: raw), the
     qemu-img part is what that driver shows, as in the JSON; our reading
-    follows under ``storprobe:``."""
+    follows under ``storprobe:``, ending with what the image holds itself
+    when ``allocated`` is given (``info --allocated``)."""
     through_driver = info.read_through_other_driver
     lines = [
         f"image: {shown(info.filename)}",
@@ -88,7 +91,15 @@ def render(info: ImageInfo) -> str:
         lines += _format_lines(info)
     lines.append("storprobe:")
     lines += _tree(_pruned(extras(info)), 1)
+    if allocated is not None:
+        lines.append(f"    allocated: {_allocation_text(allocated)}")
     return "\n".join(lines)
+
+
+def _allocation_text(held: Allocation | ProbeError) -> str:
+    if isinstance(held, ProbeError):
+        return f"unknown: {held.code}: {shown(held.reason)}"
+    return f"data {size_text(held.data)}, zeros {size_text(held.zero)}"
 
 
 def _format_lines(info: ImageInfo) -> list[str]:

@@ -8,9 +8,11 @@ import os
 import re
 from typing import TYPE_CHECKING, Any
 
+from .errors import ProbeError
 from .model import ImageInfo, Snapshot
 
 if TYPE_CHECKING:
+    from .allocation import Allocation
     from .backing import BackingStore, RefusedName
     from .guest import GuestReport
     from .guestfs import Content
@@ -146,6 +148,15 @@ def scan_record(record: ScanRecord) -> dict[str, Any]:
         return to_qemu_json(record.info)
     assert record.error is not None
     return {"filename": record.path, "error": {"code": record.error.code, "message": record.error.reason}}
+
+
+def allocation_json(held: Allocation | ProbeError) -> dict[str, Any]:
+    """What an image holds itself (:func:`storprobe.allocation.allocation`), as
+    ``info --allocated`` puts it under ``"storprobe"`` as ``"allocated"``: its
+    bytes of data and of zeros, or the named error that kept them unknown."""
+    if isinstance(held, ProbeError):
+        return {"error": {"code": held.code, "message": held.reason}}
+    return {"data": held.data, "zero": held.zero}
 
 
 def guest_json(report: GuestReport) -> dict[str, Any]:
