@@ -16,7 +16,10 @@ a disk as a plain dynamic one and shows no backing).
 
 The data path reads a fixed disk as its file and a dynamic one by its block
 allocation table, as QEMU 7.2 does: an allocated block is data throughout
-(its sector bitmap unread), an unallocated one zeros. QEMU has no vpc check.
+(its sector bitmap unread), an unallocated one zeros. A differencing disk is
+read so too, its parent never opened: what ``qemu-img map`` and ``convert``
+give, not the spec's reading (the parent's bytes wherever a block is
+unallocated or its sector bitmap leaves a sector unmarked). QEMU has no vpc check.
 """
 
 from __future__ import annotations
@@ -226,6 +229,9 @@ class DynamicMap:
     the allocation table names is data throughout, after its sector bitmap
     (QEMU never reads the bitmap); one it does not name reads as zeros (QEMU
     says zero, never unallocated, so no backing file is asked)."""
+
+    #: A differencing disk's parent is never opened: QEMU reads nothing of it.
+    reads_no_backing = True
 
     def __init__(self, img: Image, foot: Header, host: HostFile) -> None:
         dyn, _ = dynamic_header(img, foot)

@@ -143,6 +143,15 @@ class BackingRule(Protocol):
         ...
 
 
+@runtime_checkable
+class ReadsNoBacking(Protocol):
+    """A block map whose format QEMU reads without the backing file the image
+    records (a differencing VHD, which QEMU 7.2 opens as a dynamic one: every
+    range data or zeros, none unallocated): the data path opens nothing below it."""
+
+    reads_no_backing: bool
+
+
 class TableCache:
     """Tables read from image files, least recently used dropped first, at most
     ``capacity`` bytes in all (a table larger than that is read, not kept)."""

@@ -24,7 +24,16 @@ from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 from .backing import BackingNameError, parse_backing_name
-from .blockmap import DEFAULT_CACHE_BYTES, BackingRule, BlockMap, DataPathError, Extent, HostFile, TableCache
+from .blockmap import (
+    DEFAULT_CACHE_BYTES,
+    BackingRule,
+    BlockMap,
+    DataPathError,
+    Extent,
+    HostFile,
+    ReadsNoBacking,
+    TableCache,
+)
 from .chain import DEFAULT_MAX_DEPTH, backing_store
 from .detect import probe
 from .errors import (
@@ -139,7 +148,7 @@ def open_layers(
                 raise BackingLoop(f"backing file {host.name} is already in the chain")
             seen.add(identity)
             info = layer.info
-            if info.backing is None or backing.ignore:
+            if info.backing is None or backing.ignore or isinstance(layer.map, ReadsNoBacking):
                 return layers
             if not backing.follow:
                 raise BackingRefused(

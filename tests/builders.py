@@ -235,6 +235,29 @@ def on_both_footers(offset: int, fmt: str, value: object) -> list[tuple[int, str
     return [(offset, fmt, value), (offset - FOOTER, fmt, value)]
 
 
+VHD_DIFFERENCING = 4
+VHD_LOCATORS = 512 + 576  # the dynamic header's eight parent locators (24 bytes each), after the footer copy
+
+
+def differencing_vhd(path: Path, parent: Path) -> Path:
+    """The dynamic VHD at ``path`` (qemu-img's) made a differencing disk over
+    ``parent``, as Virtual PC writes one and qemu-img cannot: disk type 4 in
+    both footers; the parent's unique id, timestamp and Unicode name (its file
+    name, UTF-16BE) in the dynamic header; a relative-path locator (``W2ru``,
+    UTF-16LE) whose sector is put before the trailing footer; every checksum
+    refreshed."""
+    name = parent.name
+    data, above = bytearray(path.read_bytes()), parent.read_bytes()[:FOOTER]
+    body, trailer = data[:-FOOTER], data[-FOOTER:]
+    locator = (".\\" + name).encode("utf-16-le")
+    sector = locator.ljust(-(-len(locator) // 512) * 512 or 512, b"\0")
+    struct.pack_into(">16sI", body, 512 + 40, above[68:84], struct.unpack_from(">I", above, 24)[0])
+    struct.pack_into("512s", body, 512 + 64, name.encode("utf-16-be"))
+    struct.pack_into(">4sIIIQ", body, VHD_LOCATORS, b"W2ru", len(sector), len(locator), 0, len(body))
+    path.write_bytes(bytes(body + sector + trailer))
+    return edit(path, *on_both_footers(60, ">I", VHD_DIFFERENCING), dynamic_header=True)
+
+
 # ---- vhdx: a file's structures named and edited in place, checksums repaired; log entries ------------------
 
 KiB, MiB = 1024, 1024 * 1024
