@@ -93,6 +93,8 @@ def test_top_alone_needs_no_backing_file(tmp_path):
 @pytest.mark.parametrize("fmt, options, script", [
     ("vmdk", (), ("write -P 1 1M 64k", "write -P 2 5M 1M")),
     ("vmdk", ("zeroed_grain=on",), ("write -P 1 1M 64k", "write -z 3M 1M", "write -P 2 7M 4k")),
+    ("vmdk", ("subformat=monolithicFlat",), ("write -P 1 1M 64k",)),  # its extent file opened as QEMU opens it
+    ("vmdk", ("subformat=twoGbMaxExtentSparse",), ("write -P 1 1M 64k", "write -P 2 7M 4k")),
     ("vdi", (), ("write -P 1 1M 64k", "write -P 2 5M 1M")),
     ("qed", (), ("write -P 1 1M 64k", "write -z 3M 1M", "write -P 2 7M 4k")),
     ("vpc", (), ("write -P 1 1M 64k", "write -P 2 7M 4k")),
