@@ -17,7 +17,7 @@ and give the data segment's facts as details.
 from __future__ import annotations
 
 import json
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from storprobe import Features, FormatSpec, Image, InvalidHeader, Layout, LibvirtFacts, hookimpl
 from storprobe.layout import cstring, read_uint
@@ -30,8 +30,10 @@ from storprobe.luks1 import (
     created_payload_offset,
     luks_specific,
 )
-from storprobe.measure import CreateOption, MeasureError, Measurement, MeasureRequest
 from storprobe.source import sector_rounded_size
+
+if TYPE_CHECKING:  # measure loads when it is first used, not for a probe
+    from storprobe.measure import Measurement, MeasureRequest
 
 # ---- LUKS2 ----------------------------------------------------------------
 
@@ -254,18 +256,17 @@ def size(img: Image) -> int:
     return end - start
 
 
-#: The luks driver's creation options (block/crypto.c block_crypto_create_opts_luks).
-CREATE_OPTIONS = (
-    CreateOption("size", "size"),
-    *(CreateOption(name, "string") for name in CREATE_STRINGS),
-    CreateOption("iter-time", "number"),
-)
-
-
 def measure(request: MeasureRequest) -> Measurement:
     """``qemu-img measure -O luks`` (block_crypto_measure): the LUKS1 header QEMU
     would write, then every byte of the disk (encrypted, so none is a hole)."""
-    options = request.options(CREATE_OPTIONS)
+    from storprobe.measure import CreateOption, MeasureError, Measurement
+
+    # the luks driver's creation options (block/crypto.c block_crypto_create_opts_luks)
+    options = request.options((
+        CreateOption("size", "size"),
+        *(CreateOption(name, "string") for name in CREATE_STRINGS),
+        CreateOption("iter-time", "number"),
+    ))
     size = options.number("size", 0) if request.source is None else request.source.virtual_size
     given = {name: value for name in CREATE_STRINGS if (value := options.string(name)) is not None}
     try:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from storprobe import (
     QEMU_MAX_LENGTH,
@@ -35,9 +36,11 @@ from storprobe import (
     LibvirtFacts,
     hookimpl,
 )
-from storprobe.blockmap import Extent, HostFile
 from storprobe.layout import Header
-from storprobe.verify import CheckReader, CheckResult
+
+if TYPE_CHECKING:  # the data path loads when first used, not for a probe
+    from storprobe.blockmap import Extent, HostFile
+    from storprobe.verify import CheckReader, CheckResult
 
 MAGIC = b"WithoutFreeSpace"
 MAGIC_EXT = b"WithouFreSpacExt"
@@ -277,6 +280,8 @@ class ParallelsMap:
 
 
 def _extent(run: tuple[int, int, int]) -> Extent:
+    from storprobe.blockmap import Extent
+
     begin, host, stop = run
     return Extent(begin, stop - begin, False, False) if host == -1 else Extent(begin, stop - begin, True, False, host)
 
@@ -291,6 +296,8 @@ def check(img: Image, reader: CheckReader) -> CheckResult:
     of the file; the clusters past the last one allocated are leaks; the BAT's
     size is the total, its non-zero entries are allocated, and fragmented
     where one does not follow the one before."""
+    from storprobe.verify import CheckResult
+
     g = Geometry(img)
     size = reader.size
     corruptions = int(g.unclean)

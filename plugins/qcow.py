@@ -10,6 +10,7 @@ whole 512-byte sectors, as QEMU keeps it.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from storprobe import (
     QEMU_MAX_LENGTH,
@@ -22,8 +23,10 @@ from storprobe import (
     Layout,
     hookimpl,
 )
-from storprobe.blockmap import DataPathError, Extent, HostFile, inflate_cluster
 from storprobe.layout import Header, cstring
+
+if TYPE_CHECKING:  # the data path loads when it is first used, not for a probe
+    from storprobe.blockmap import Extent, HostFile
 
 HEADER = Layout(
     ">",
@@ -152,6 +155,8 @@ class QcowMap:
         return int.from_bytes(table[at : at + 8], "big")
 
     def extents(self, start: int, length: int, *, want_zero: bool = True) -> Iterator[Extent]:
+        from storprobe.blockmap import Extent
+
         end = start + length
         cs = self.cluster_size
         while start < end:
@@ -185,6 +190,8 @@ class QcowMap:
         if entry & OFLAG_COMPRESSED:
             return self._inflate(entry)[within : within + length]
         if entry % 512:
+            from storprobe.blockmap import DataPathError
+
             raise DataPathError(f"qcow data cluster at guest offset {cluster:#x} lies at host offset {entry:#x}, "
                                 "off a 512-byte boundary (QEMU's read fails)", code="qcow.cluster-offset-unaligned")
         return self.host.read(entry + within, length)
@@ -194,6 +201,8 @@ class QcowMap:
         shift = 63 - self.cluster_bits
         offset, size = entry & ((1 << shift) - 1), (entry >> shift) & (self.cluster_size - 1)
         if self._inflated[0] != offset:
+            from storprobe.blockmap import inflate_cluster
+
             self._inflated = (offset, inflate_cluster(self.host.read(offset, size), self.cluster_size, "qcow"))
         return self._inflated[1]
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from storprobe import (
     QEMU_MAX_LENGTH,
@@ -39,9 +40,11 @@ from storprobe import (
     LibvirtFacts,
     hookimpl,
 )
-from storprobe.blockmap import DataPathError, Extent, HostFile
 from storprobe.layout import Header, cstring
-from storprobe.verify import CheckReader, CheckResult
+
+if TYPE_CHECKING:  # the data path loads when first used, not for a probe
+    from storprobe.blockmap import Extent, HostFile
+    from storprobe.verify import CheckReader, CheckResult
 
 HEADER = Layout(
     "<",
@@ -217,6 +220,8 @@ class QedMap:
         return entry, (len(piece) - at - len(piece[at:].lstrip(b"\0"))) // 8
 
     def extents(self, start: int, length: int, *, want_zero: bool = True) -> Iterator[Extent]:
+        from storprobe.blockmap import DataPathError, Extent
+
         g = self.geometry
         end = start + length
         while start < end:
@@ -234,6 +239,8 @@ class QedMap:
 
     def _runs(self, l2: int, base: int, start: int, stop: int) -> Iterator[Extent]:
         """Extents of ``[start, stop)`` in the L2 table at ``l2`` (mapping from guest ``base``)."""
+        from storprobe.blockmap import DataPathError
+
         cs = self.geometry.cluster
         first_index = (start - base) // cs
         run: tuple[int, int, int] | None = None  # (first entry, last entry, index of the first)
@@ -264,6 +271,8 @@ class QedMap:
 
     def _extent(self, run: tuple[int, int, int], end_index: int, base: int, start: int, stop: int) -> Extent:
         """The extent of a run of entries from its first index to ``end_index``, clipped to ``[start, stop)``."""
+        from storprobe.blockmap import Extent
+
         head, _, first_index = run
         cs = self.geometry.cluster
         begin, end = max(start, base + first_index * cs), min(stop, base + end_index * cs)
@@ -289,6 +298,8 @@ def check(img: Image, reader: CheckReader) -> CheckResult:
     one is not walked), invalid table and cluster offsets are corruptions, and
     when every table was read, the clusters past the header nothing uses are
     leaks. Clusters allocated and fragmented are counted as QEMU counts them."""
+    from storprobe.verify import CheckResult
+
     hdr = _header(img)
     g = Geometry(hdr, reader.size)
     clusters = g.file_end // g.cluster

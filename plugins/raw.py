@@ -22,6 +22,7 @@ another format's first-sector header (a polyglot).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from storprobe import (
     Features,
@@ -33,10 +34,11 @@ from storprobe import (
     LibvirtFacts,
     hookimpl,
 )
-from storprobe.blockmap import FileAsDisk, HostFile
-from storprobe.measure import CreateOption, Measurement, MeasureRequest
-from storprobe.partitions import BOOT_SIGNATURE, partition_details
 from storprobe.source import SECTOR, sector_rounded_size
+
+if TYPE_CHECKING:  # the data path, measure and the partition tables load when first used, not for a probe
+    from storprobe.blockmap import FileAsDisk, HostFile
+    from storprobe.measure import Measurement, MeasureRequest
 
 FAT_BOOT_SECTOR = Layout(
     "<",
@@ -64,6 +66,8 @@ FAT12_MAX_CLUSTERS = 4084
 
 def fat_details(head: bytes) -> dict[str, str]:
     """``boot-sector`` and ``fat-type`` when ``head`` starts with a FAT boot sector."""
+    from storprobe.partitions import BOOT_SIGNATURE
+
     if len(head) < 512 or head[510:512] != BOOT_SIGNATURE:
         return {}
     bpb = FAT_BOOT_SECTOR.unpack(head)
@@ -96,6 +100,8 @@ def fat_details(head: bytes) -> dict[str, str]:
 
 
 def features(img: Image) -> Features:
+    from storprobe.partitions import partition_details
+
     return Features(details=fat_details(img.head) or partition_details(img.head))
 
 
@@ -110,6 +116,8 @@ def hazards(img: Image, info: ImageInfo) -> Iterator[Hazard]:
     may hold a partition table."""
     if not info.header_at_start:
         return
+    from storprobe.partitions import partition_details
+
     found = fat_details(img.head) or partition_details(img.head)
     if "partition-table" in found:
         yield Hazard(
@@ -123,12 +131,16 @@ def hazards(img: Image, info: ImageInfo) -> Iterator[Hazard]:
 
 def block_map(img: Image, info: ImageInfo, host: HostFile) -> FileAsDisk:
     """The guest disk is the file, its holes unallocated as QEMU's file driver says."""
+    from storprobe.blockmap import FileAsDisk
+
     return FileAsDisk(host)
 
 
 def measure(request: MeasureRequest) -> Measurement:
     """``qemu-img measure -O raw`` (QEMU's raw_measure): every byte of the disk,
     holes included, in whole sectors for a size; a source's virtual size."""
+    from storprobe.measure import CreateOption, Measurement
+
     options = request.options((CreateOption("size", "size"),))
     if request.source is not None:
         size = request.source.virtual_size

@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from storprobe import Features, FormatSpec, Image, ImageInfo, InvalidHeader, Layout, hookimpl
-from storprobe.blockmap import Extent, HostFile
 from storprobe.layout import Header
-from storprobe.verify import CheckReader, CheckResult
+
+if TYPE_CHECKING:  # the data path loads when first used, not for a probe
+    from storprobe.blockmap import Extent, HostFile
+    from storprobe.verify import CheckReader, CheckResult
 
 HEADER = Layout(
     "<",
@@ -154,6 +157,8 @@ class VdiMap:
 
     def extents(self, start: int, length: int, *, want_zero: bool = True) -> Iterator[Extent]:
         """Runs of zero blocks, and of blocks that follow one another in the file, one extent each."""
+        from storprobe.blockmap import Extent
+
         end = start + length
         run: Extent | None = None
         while start < end:
@@ -197,6 +202,8 @@ def _continues(run: Extent, extent: Extent) -> bool:
 
 def _split_by_holes(host: HostFile, extent: Extent) -> Iterator[Extent]:
     """A data extent marked as reading zeros where the file has holes or has ended."""
+    from storprobe.blockmap import Extent
+
     assert extent.host_offset is not None
     delta = extent.start - extent.host_offset
     for offset, length, is_data in host.holes(extent.host_offset, extent.length):
@@ -212,6 +219,8 @@ def check(img: Image, reader: CheckReader) -> CheckResult:
     must name a data block below ``blocks_in_image`` that no other entry names
     (a corruption each), and their count must be ``blocks_allocated`` (one
     more corruption). QEMU reports no cluster counts for VDI."""
+    from storprobe.verify import CheckResult
+
     hdr = header(img)
     used = bytearray(-(-hdr.blocks_in_image // 8))  # one bit per data block: sized by the map, inside the file
     corruptions = allocated = 0

@@ -38,14 +38,15 @@ from __future__ import annotations
 
 import struct
 import sys
-from array import array
 from collections.abc import Iterator
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from storprobe import Backing, Features, FormatSpec, Hazard, Image, ImageInfo, InvalidHeader, Layout, hookimpl
-from storprobe.blockmap import DataPathError, Extent, HostFile
 from storprobe.layout import Header
-from storprobe.verify import CheckFailed, CheckReader, CheckResult
+
+if TYPE_CHECKING:  # the data path loads when first used, not for a probe
+    from storprobe.blockmap import Extent, HostFile
+    from storprobe.verify import CheckReader, CheckResult
 
 KiB, MiB, TiB = 1024, 1024 * 1024, 1024**4
 
@@ -488,6 +489,8 @@ def bat_entry_count(vhdx: Vhdx) -> int:
 
 def check_bat(img: Image, vhdx: Vhdx) -> bool:
     """QEMU's BAT checks on open; False when it was too large to scan."""
+    from array import array
+
     count = bat_entry_count(vhdx)
     if count * 8 > vhdx.bat_length:
         raise InvalidHeader(f"BAT region is too small for {count} entries", code="vhdx.bat-too-small")
@@ -637,6 +640,8 @@ class VhdxMap:
     checks every entry (here: when it is read; ``vhdx.bat-entry``)."""
 
     def __init__(self, img: Image, info: ImageInfo, host: HostFile) -> None:
+        from storprobe.blockmap import DataPathError
+
         vhdx = parse(img)
         reason = _refused(vhdx)
         if reason is not None:
@@ -645,6 +650,8 @@ class VhdxMap:
         self.host = host
 
     def extents(self, start: int, length: int, *, want_zero: bool = True) -> Iterator[Extent]:
+        from storprobe.blockmap import Extent
+
         yield Extent(start, length, True, False)
 
     def _entry(self, index: int) -> int:
@@ -654,6 +661,8 @@ class VhdxMap:
         return int.from_bytes(table[at - piece : at - piece + 8], "little")
 
     def read(self, extent: Extent, offset: int, length: int) -> bytes:
+        from storprobe.blockmap import DataPathError
+
         g = self.geometry
         out = bytearray()
         end = offset + length
@@ -675,6 +684,8 @@ class VhdxMap:
         return bytes(out)
 
     def _check_entry(self, index: int, file_offset: int) -> None:
+        from storprobe.blockmap import DataPathError
+
         g = self.geometry
         size = self.host.size()
         if (file_offset > INT64_MAX - g.block_size or file_offset >= size
@@ -694,6 +705,8 @@ def check(img: Image, reader: CheckReader) -> CheckResult:
     payload entry, counted as QEMU counts them: every ``chunk_ratio``-th
     fully present entry is taken for a sector bitmap) overlaps a region is a
     corruption, once per rule it breaks. QEMU reports no cluster counts."""
+    from storprobe.verify import CheckFailed, CheckResult
+
     vhdx = parse(img)
     reason = _refused(vhdx)
     if reason is not None:

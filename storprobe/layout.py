@@ -74,9 +74,12 @@ def cstring(raw: bytes) -> str:
     return qemu_utf8(raw.split(b"\0", 1)[0])
 
 
-#: Code points QEMU's UTF-8 reader refuses although UTF-8 encodes them: noncharacters.
-_NONCHARACTERS = re.compile("[\ufdd0-\ufdef\ufffe\uffff" + "".join(
-    f"{chr(plane << 16 | 0xFFFE)}{chr(plane << 16 | 0xFFFF)}" for plane in range(1, 17)) + "]")
+#: Code points QEMU's UTF-8 reader refuses although UTF-8 encodes them (noncharacters:
+#: U+FDD0..U+FDEF and the last two of every plane), each mapped to U+FFFD for str.translate.
+#: (As a regular expression's character class this took 4.5 ms to compile: a tenth of start-up.)
+_NONCHARACTERS = dict.fromkeys(
+    [*range(0xFDD0, 0xFDF0), *(plane << 16 | last for plane in range(17) for last in (0xFFFE, 0xFFFF))], "\ufffd"
+)
 #: Smallest code point of a sequence of 2, 3, 4, 5 and 6 bytes (anything less is overlong).
 _SHORTEST = (0x80, 0x800, 0x10000, 0x200000, 0x4000000)
 
@@ -88,7 +91,7 @@ def qemu_utf8(raw: bytes) -> str:
     beyond U+10FFFF, surrogates, noncharacters and overlong forms, except that
     C0 80 is U+0000."""
     try:
-        return _NONCHARACTERS.sub("\ufffd", raw.decode("utf-8"))
+        return raw.decode("utf-8").translate(_NONCHARACTERS)
     except UnicodeDecodeError:
         pass
     out: list[str] = []
@@ -114,7 +117,7 @@ def qemu_utf8(raw: bytes) -> str:
             point < 0
             or point > 0x10FFFF
             or 0xD800 <= point <= 0xDFFF
-            or _NONCHARACTERS.match(chr(point))
+            or point in _NONCHARACTERS
             or (point < _SHORTEST[length - 2] and not (point == 0 and length == 2))
         ):
             out.append("\ufffd")

@@ -4,8 +4,6 @@ The format table's rows (:mod:`storprobe.spec`) return these records from their
 callbacks; this module imports nothing of the table.
 """
 
-from __future__ import annotations
-
 import os
 from collections.abc import Mapping
 from types import MappingProxyType
@@ -98,8 +96,8 @@ class ImageInfo(NamedTuple):
     #: refuses them; the volume's SELinux label, read with its stat.
     libvirt: LibvirtFacts = LibvirtFacts()
     backing_libvirt_format: str | None = None
-    backing_store: BackingStore | RefusedName | None = None
-    data_file_store: BackingStore | RefusedName | None = None
+    backing_store: "BackingStore | RefusedName | None" = None
+    data_file_store: "BackingStore | RefusedName | None" = None
     security_label: str | None = None
     #: Whether the format's header occupies the volume's first sector (its row
     #: reads a header at 0 with a signature there), the sector firmware and
