@@ -32,7 +32,7 @@ import re
 import struct
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 from storprobe import (
     INT64_MAX,
@@ -52,7 +52,7 @@ from storprobe import (
 from storprobe.blockmap import DataPathError, HostFile
 from storprobe.blockmap import Extent as BlockExtent
 from storprobe.layout import qemu_utf8
-from storprobe.verify import CheckFailed, CheckNotImplemented, CheckReader, CheckResult
+from storprobe.verify import CheckFailed, CheckReader, CheckResult
 
 SECTOR = 512
 SPARSE_MAGIC = b"KDMV"
@@ -674,6 +674,8 @@ FLAG_MARKER = 1 << 17  # compressed grains start with a marker: lba (u64), size 
 GTE_ZEROED = 1
 COWD_GTES_PER_GT = 4096  # an ESX sparse extent's grain tables (QEMU's vmdk_open_vmdk3)
 GRAIN_MARKER = struct.Struct("<QI")
+FLAT_TYPES = frozenset({"FLAT", "VMFS"})  # extents that are their file from an offset on
+SPARSE_FILE_TYPES = frozenset({"SPARSE", "VMFSSPARSE"})  # extents that are a hosted or ESX sparse extent file
 #: Extent files one descriptor may have open at once (a 2 TiB twoGbMaxExtent disk has 1024).
 MAX_OPEN_EXTENTS = 1024
 #: Bytes of a grain directory read (and cached) at once.
@@ -774,39 +776,17 @@ class VmdkMap:
         self._parent_checked = True
 
     def _open_extents(self, info: ImageInfo, disk: Disk, host: HostFile) -> None:
-        if len(disk.extents) > MAX_OPEN_EXTENTS:
-            raise DataPathError(f"descriptor names {len(disk.extents)} extents (the data path opens at most "
-                                f"{MAX_OPEN_EXTENTS})", code="vmdk.extent-count")
         start = 0
-        for line in disk.extents:
+        for line in opened_lines(disk):
             shown = _extent_path(info.filename, line.filename)
-            if line.type in ("FLAT", "VMFS"):
-                extent = _Extent(start, line.sectors * SECTOR, host.open_named(line.filename), shown,
-                                 (line.offset or 0) * SECTOR)
-            elif line.type in ("SPARSE", "VMFSSPARSE"):
-                extent = _Extent(start, line.sectors * SECTOR, *self._sparse_extent(host, line, shown))
+            named = host.open_named(line.filename)
+            if line.type in FLAT_TYPES:
+                extent = _Extent(start, line.sectors * SECTOR, named, shown, (line.offset or 0) * SECTOR)
             else:
-                raise DataPathError(f"the data path does not read {line.type} extents ({line.filename!r})",
-                                    code="vmdk.extent-type-unsupported")
+                img = sparse_extent_file(Image(named), line, shown)
+                extent = _Extent(start, line.sectors * SECTOR, named, shown, 0, sparse_tables(img, named.table))
             self.parts.append(extent)
             start += extent.length
-
-    @staticmethod
-    def _sparse_extent(host: HostFile, line: Extent, shown: str) -> tuple[HostFile, str, int, SparseTables]:
-        """A SPARSE extent's file: a sparse extent (hosted or ESX) of the capacity its line records."""
-        named = host.open_named(line.filename)
-        img = Image(named)
-        if img.head[:4] not in (SPARSE_MAGIC, COWD_MAGIC):
-            raise DataPathError(f"extent file {shown} is not a sparse extent (KDMV or COWD)",
-                                code="vmdk.extent-not-sparse")
-        disk = _disk(img)
-        if disk.grain is None:
-            raise DataPathError(f"extent file {shown} is another descriptor, not a sparse extent",
-                                code="vmdk.extent-not-sparse")
-        if disk.sectors != line.sectors:
-            raise DataPathError(f"extent file {shown} holds {disk.sectors} sectors, its descriptor line "
-                                f"{line.sectors}", code="vmdk.extent-capacity")
-        return named, shown, 0, sparse_tables(img, named.table)
 
     def _at(self, offset: int) -> _Extent:
         return self.parts[bisect.bisect_right(self.starts, offset) - 1]
@@ -935,36 +915,112 @@ def sparse_tables(img: Image, table: Callable[[int, int], bytes]) -> SparseTable
                         gd_sector=hdr.gd_offset, flags=hdr.flags, compressed=hdr.compress_algorithm == DEFLATE)
 
 
+def opened_lines(disk: Disk) -> tuple[Extent, ...]:
+    """The extent lines of a descriptor the data path opens, in order: at most
+    MAX_OPEN_EXTENTS, each of a type it reads (flat, or a sparse extent file)."""
+    if len(disk.extents) > MAX_OPEN_EXTENTS:
+        raise DataPathError(f"descriptor names {len(disk.extents)} extents (the data path opens at most "
+                            f"{MAX_OPEN_EXTENTS})", code="vmdk.extent-count")
+    for line in disk.extents:
+        if line.type not in FLAT_TYPES and line.type not in SPARSE_FILE_TYPES:
+            raise DataPathError(f"the data path does not read {line.type} extents ({line.filename!r})",
+                                code="vmdk.extent-type-unsupported")
+    return disk.extents
+
+
+def sparse_extent_file(img: Image, line: Extent, shown: str) -> Image:
+    """``img``, the file a SPARSE line names (``shown``): a sparse extent (hosted
+    or ESX) of the capacity the line records, else a named error."""
+    if img.head[:4] not in (SPARSE_MAGIC, COWD_MAGIC):
+        raise DataPathError(f"extent file {shown} is not a sparse extent (KDMV or COWD)",
+                            code="vmdk.extent-not-sparse")
+    disk = _disk(img)
+    if disk.grain is None:
+        raise DataPathError(f"extent file {shown} is another descriptor, not a sparse extent",
+                            code="vmdk.extent-not-sparse")
+    if disk.sectors != line.sectors:
+        raise DataPathError(f"extent file {shown} holds {disk.sectors} sectors, its descriptor line "
+                            f"{line.sectors}", code="vmdk.extent-capacity")
+    return img
+
+
 def block_map(img: Image, info: ImageInfo, host: HostFile) -> VmdkMap:
     return VmdkMap(img, info, host)
 
 
+class _Checked(NamedTuple):
+    """An extent as the check walks it: its length in sectors, the reader of its
+    file, and its sparse tables (None: flat, at ``flat_offset`` in the file)."""
+
+    sectors: int
+    reader: CheckReader
+    tables: SparseTables | None
+    flat_offset: int = 0
+
+
 def check(img: Image, reader: CheckReader) -> CheckResult:
-    """qemu-img check of a VMDK (QEMU 7.2's vmdk_co_check): every grain's entry
-    looked up; the first that QEMU cannot look up or that points at or past the
-    end of the file fails the check (no report, exit 1). A clean image reports
-    nothing but its name. Only a file that is its own sparse extent is checked:
-    the data path's checks never open other files."""
-    if _disk(img).grain is None:
-        raise CheckNotImplemented("storprobe verify checks a VMDK that is its own sparse extent only "
-                                  "(it opens no extent files)")
-    tables = sparse_tables(img, reader.read)
-    grains = -(-tables.sectors * SECTOR // tables.grain)
-    for l1_index in range(min(tables.l1_size, -(-grains // tables.l2_size))):
+    """qemu-img check of a VMDK (QEMU 7.2's vmdk_co_check), read-only: the
+    extents QEMU opens (this file's own sparse extent, or the files its
+    descriptor names, opened through ``reader`` as the verify's policy allows),
+    then the guest disk walked a grain of the extent at hand at a time (a flat
+    extent in one step), each grain's entry looked up. The first that QEMU
+    cannot look up, or that points at or past the end of its file (a flat
+    extent's offset too), fails the check (no report, exit 1). A clean image
+    reports nothing but its name."""
+    disk = _disk(img)
+    if disk.grain is not None:
+        parts = [_Checked(disk.sectors, reader, sparse_tables(img, reader.read))]
+    else:
+        parts = []
+        for line in opened_lines(disk):  # QEMU opens every extent before it checks one
+            named = reader.open_named(line.filename)
+            if line.type in FLAT_TYPES:
+                parts.append(_Checked(line.sectors, named, None, (line.offset or 0) * SECTOR))
+            else:
+                extent = sparse_extent_file(named.image, line, _extent_path(img.name, line.filename))
+                parts.append(_Checked(line.sectors, named, sparse_tables(extent, named.read)))
+    start = sector = 0
+    for part in parts:
+        sector = _check_extent(part, start, sector)
+        start += part.sectors
+    return CheckResult()
+
+
+def _check_extent(part: _Checked, start: int, sector: int) -> int:
+    """Check the extent starting at guest sector ``start`` from ``sector`` on, in
+    QEMU's steps (its grain; a flat extent's whole length): the sector the walk
+    goes on from."""
+    if sector >= start + part.sectors:
+        return sector
+    past_end = -(-part.reader.size // SECTOR)  # an entry (in sectors) from here on points after EOF
+    tables = part.tables
+    if tables is None:
+        if part.flat_offset >= past_end * SECTOR:
+            _after_eof(sector)
+        return sector + part.sectors
+    step = tables.grain // SECTOR
+    first, within = divmod(sector - start, step)  # the first grain visited, and where in it each visit falls
+    stop = first + -(-(start + part.sectors - sector) // step)  # past the last grain visited
+    for l1_index in range(first // tables.l2_size, -(-stop // tables.l2_size)):
+        low = max(first, l1_index * tables.l2_size)
+        if l1_index >= tables.l1_size:  # QEMU: VMDK_ERROR (an ESX extent's directory too short)
+            raise CheckFailed(f"Check failed: Operation not permitted (could not get cluster_offset for sector "
+                              f"{start + low * step + within})")
         table = tables.grain_table(l1_index)
         if table is None:
             continue
-        first = l1_index * tables.l2_size
-        count = min(tables.l2_size, grains - first)
-        for index, entry in enumerate(struct.unpack_from(f"<{count}I", table)):
-            if entry and not tables.zeroed(entry) and entry * SECTOR >= reader.size:
-                sector = (first + index) * tables.grain // SECTOR
-                raise CheckFailed(f"Check failed: Invalid argument (cluster offset for sector {sector} "
-                                  "points after EOF)")
-    if tables.l1_size * tables.l1_span < tables.sectors * SECTOR:  # an ESX extent's directory too short
-        raise CheckFailed(f"Check failed: Operation not permitted (could not get cluster_offset for sector "
-                          f"{tables.l1_size * tables.l1_span // SECTOR})")
-    return CheckResult()
+        high = min(stop, (l1_index + 1) * tables.l2_size)
+        entries = struct.unpack_from(f"<{high - low}I", table, 4 * (low - l1_index * tables.l2_size))
+        if max(entries) < past_end:
+            continue
+        for index, entry in enumerate(entries, low):
+            if entry >= past_end and not tables.zeroed(entry):
+                _after_eof(start + index * step + within)
+    return start + stop * step + within
+
+
+def _after_eof(sector: int) -> NoReturn:
+    raise CheckFailed(f"Check failed: Invalid argument (cluster offset for sector {sector} points after EOF)")
 
 
 @hookimpl

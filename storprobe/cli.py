@@ -54,6 +54,15 @@ def _trusted_format_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _max_size_option(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--max-size``: the data path's bound on the virtual size of what it reads."""
+    parser.add_argument(
+        "--max-size", type=_size, metavar="SIZE",
+        help=f"largest virtual size {what}, refused before any table is read: bytes, or with a suffix k, M, G, T, P "
+             "or E as qemu-img takes (1.5G, 64T; default: 64 TiB)",
+    )
+
+
 def _parser() -> _Parser:
     parser = _Parser(
         prog="storprobe", description="Tell what a disk image is from its bytes alone.", formatter_class=_Formatter
@@ -227,6 +236,7 @@ def _parser() -> _Parser:
         "--output", choices=("human", "json"), default="human",
         help="human: qemu-img check's lines; json: qemu-img check --output=json's object (default: %(default)s)",
     )
+    _max_size_option(verify, "checked")
     verify.add_argument("path", metavar="PATH", help="the image to check")
 
     map_ = sub.add_parser(
@@ -253,6 +263,7 @@ def _parser() -> _Parser:
         "--max-depth", type=_positive, metavar="N",
         help="the most backing images followed below the top one (default: 200, libvirt's)",
     )
+    _max_size_option(map_, "mapped, of the image and of each backing file")
     map_.add_argument("path", metavar="PATH", help="the image")
 
     inspect = sub.add_parser(
@@ -271,6 +282,7 @@ def _parser() -> _Parser:
         "--no-backing", action="store_true",
         help="read the image alone: what its backing file would hold reads as zeros",
     )
+    _max_size_option(inspect, "read, of the image and of each backing file")
     inspect.add_argument("path", metavar="PATH", help="the image")
 
     compare = sub.add_parser(
@@ -294,6 +306,7 @@ def _parser() -> _Parser:
         "--no-backing", action="store_true",
         help="read each image alone: what its backing file would hold reads as zeros",
     )
+    _max_size_option(compare, "read, of each image and of each backing file")
     compare.add_argument("first", metavar="FILE1", help="the first image")
     compare.add_argument("second", metavar="FILE2", help="the second image")
 
@@ -313,6 +326,7 @@ def _parser() -> _Parser:
         "--no-backing", action="store_true",
         help="read SRC alone: what its backing file would hold is written as zeros",
     )
+    _max_size_option(convert, "converted, of SRC and of each backing file")
     convert.add_argument("source", metavar="SRC", help="the image")
     convert.add_argument("destination", metavar="DST", help="the raw file to create")
 
@@ -353,6 +367,7 @@ def _parser() -> _Parser:
         "--object", dest="objects", action="append", default=[], metavar="secret,id=ID,...",
         help="a secret an encrypted target's key-secret names (repeatable); its value is never read",
     )
+    _max_size_option(measure, "of a SRC read, and of each backing file")
     measure.add_argument("source", nargs="*", metavar="SRC", help="the image whose data the new one would hold")
 
     validate = sub.add_parser(
@@ -832,7 +847,7 @@ def _verify(args: argparse.Namespace) -> int:
     from .verify import EXIT_FAILED, EXIT_NO_CHECK, NoCheck, to_human, to_json, verify
 
     try:
-        report = verify(args.path, format=args.format)
+        report = verify(args.path, format=args.format, max_size=args.max_size, named_files=_extent_files())
     except NoCheck as exc:
         _complain(args.path, exc.reason)
         return EXIT_NO_CHECK
@@ -846,13 +861,10 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _map(args: argparse.Namespace) -> int:
-    from .chain import DEFAULT_MAX_DEPTH
-    from .datapath import IGNORE, LOCAL, open_image
     from .qemu_map import human_lines, json_lines
 
-    depth = DEFAULT_MAX_DEPTH if args.max_depth is None else args.max_depth
     try:
-        with open_image(args.path, args.format, backing=IGNORE if args.no_backing else LOCAL, max_depth=depth) as disk:
+        with _open_guest(args.path, args.format, args.no_backing, args.max_size, max_depth=args.max_depth) as disk:
             statuses = disk.block_status()
             lines = json_lines(statuses, compressed=args.compressed) if args.output == "json" else human_lines(statuses)
             for line in lines:
@@ -864,19 +876,35 @@ def _map(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _open_guest(path: str, format: str | None, no_backing: bool) -> GuestDisk:
+def _open_guest(
+    path: str, format: str | None, no_backing: bool, max_size: int | None = None, *, max_depth: int | None = None
+) -> GuestDisk:
     """The guest disk of ``path``, through its recorded local backing chain
-    (as qemu-img reads it) or, with ``no_backing``, alone."""
+    (as qemu-img reads it) or, with ``no_backing``, alone; ``max_size`` and
+    ``max_depth`` as given (None: the data path's defaults)."""
+    from .chain import DEFAULT_MAX_DEPTH
     from .datapath import IGNORE, LOCAL, open_image
+    from .safety import DEFAULT_MAX_VIRTUAL_SIZE
 
-    return open_image(path, format, backing=IGNORE if no_backing else LOCAL)
+    return open_image(
+        path, format, backing=IGNORE if no_backing else LOCAL,
+        max_depth=DEFAULT_MAX_DEPTH if max_depth is None else max_depth,
+        max_size=DEFAULT_MAX_VIRTUAL_SIZE if max_size is None else max_size,
+    )
+
+
+def _extent_files() -> BackingPolicy:
+    """The files an image names for its own data (a VMDK descriptor's extents), opened as qemu-img opens them."""
+    from .datapath import LOCAL
+
+    return LOCAL
 
 
 def _inspect(args: argparse.Namespace) -> int:
     from .guest import inspect_disk
 
     try:
-        with _open_guest(args.path, args.format, args.no_backing) as disk:
+        with _open_guest(args.path, args.format, args.no_backing, args.max_size) as disk:
             report = inspect_disk(disk)
     except ProbeError as exc:
         _complain(args.path, exc.reason)
@@ -900,7 +928,7 @@ def _compare(args: argparse.Namespace) -> int:
     try:
         for path, format in ((args.first, args.format), (args.second, args.second_format)):
             try:
-                disks.append(_open_guest(path, format, args.no_backing))
+                disks.append(_open_guest(path, format, args.no_backing, args.max_size))
             except ProbeError as exc:
                 _complain(path, exc.reason)
                 return OPEN_FAILED
@@ -921,7 +949,7 @@ def _convert(args: argparse.Namespace) -> int:
     from .convert import DestinationError, WriteError, convert_to_raw
 
     try:
-        with _open_guest(args.source, args.format, args.no_backing) as disk:
+        with _open_guest(args.source, args.format, args.no_backing, args.max_size) as disk:
             convert_to_raw(disk, args.destination, overwrite=args.overwrite)
     except DestinationError as exc:
         _complain(args.destination, exc.reason)
@@ -950,7 +978,7 @@ def _measure(args: argparse.Namespace) -> int:
             raise MeasureError("At most one filename argument is allowed.", code="measure.usage")
         result = measure(
             args.target, args.options, size=size, source=source, source_format=args.format,
-            backing=_top_only() if args.no_backing else None, secrets=secrets,
+            backing=_top_only() if args.no_backing else None, secrets=secrets, max_size=args.max_size,
         )
     except MeasureError as refused:
         for report in refused.reports:
@@ -1104,6 +1132,8 @@ def _useless_options(args: argparse.Namespace) -> Iterator[str]:
         for given, option in ((args.allow_probe, "--allow-probe"), (args.max_depth is not None, "--max-depth")):
             if given:
                 yield f"{option} applies only with --backing-chain"
+    if args.command == "measure" and args.max_size is not None and not args.source:
+        yield "--max-size bounds the virtual size of a SRC read; it does not apply to --size"
     if args.command == "map" and args.compressed and args.output != "json":
         yield f"--compressed is a JSON key; it does not apply to --output {args.output}"
     if args.command == "scan" and args.jsonl and args.output != "json":

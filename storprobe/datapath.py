@@ -47,7 +47,8 @@ from .errors import (
 )
 from .model import ImageInfo
 from .registry import FormatTable, format_table
-from .safety import BACKING, Kind, Placed, Root, _place
+from .safety import BACKING, DEFAULT_MAX_VIRTUAL_SIZE, Kind, Placed, Root, _place
+from .sizes import size_text
 from .source import Image
 
 
@@ -80,6 +81,23 @@ class BackingRefused(BackingError):
     """The image names a backing file its policy does not let the data path read."""
 
     code = "backing.refused"
+
+
+class TooLarge(DataPathError):
+    """An image of the chain is larger than the data path's bound on virtual
+    size (``max_size``, ``--max-size``): its tables are never walked."""
+
+    code = "datapath.too-large"
+
+
+def check_size(info: ImageInfo, max_size: int, *, backing: bool = False) -> None:
+    """Raise :class:`TooLarge` when ``info``'s virtual size exceeds ``max_size``:
+    what bounds the extents a walk of the image can meet (at most its size
+    over its cluster size) before any table is read."""
+    if info.virtual_size > max_size:
+        which = f"backing file {info.filename}: " if backing else ""
+        raise TooLarge(f"{which}virtual size {size_text(info.virtual_size)} exceeds the bound of "
+                       f"{size_text(max_size)} on what the data path reads (max_size, --max-size)")
 
 
 class Layer(NamedTuple):
@@ -119,11 +137,13 @@ def open_layers(
     *,
     backing: BackingPolicy = REFUSE,
     max_depth: int = DEFAULT_MAX_DEPTH,
+    max_size: int = DEFAULT_MAX_VIRTUAL_SIZE,
     cache: TableCache | None = None,
     table: FormatTable | None = None,
 ) -> list[Layer]:
     """The images of ``path``'s chain that ``backing`` lets the data path read,
-    top first, each opened and mapped; a named error for anything refused."""
+    top first, each opened and mapped; a named error for anything refused (an
+    image larger than ``max_size`` among them, before its map is made)."""
     table = table or format_table()
     cache = cache or TableCache()
     layers: list[Layer] = []
@@ -132,10 +152,10 @@ def open_layers(
         seen: set[tuple[int, int]] = set()
         recorded, probed_format = format, False
         while True:
-            host.named_opener = _named_opener(host.name, backing, cache)
+            host.named_opener = named_opener(host.name, backing, cache)
             try:
-                layer = _open_layer(host, recorded, table)
-            except BackingError:
+                layer = _open_layer(host, recorded, table, max_size, below=bool(layers))
+            except (BackingError, TooLarge):
                 raise
             except ProbeError as exc:
                 if not layers:
@@ -171,9 +191,10 @@ def open_layers(
         raise
 
 
-def _open_layer(host: HostFile, format: str | None, table: FormatTable) -> Layer:
+def _open_layer(host: HostFile, format: str | None, table: FormatTable, max_size: int, *, below: bool) -> Layer:
     try:
         info = probe(host, format=format, table=table)
+        check_size(info, max_size, backing=below)
         spec = table[info.format]
         if info.encrypted:
             raise DataPathError(f"{info.filename} is encrypted ({info.encryption}): its data is not read",
@@ -232,7 +253,7 @@ class NamedFileMissing(DataPathError):
     code = "datapath.named-file-missing"
 
 
-def _named_opener(image: str, policy: BackingPolicy, cache: TableCache) -> Callable[[str], HostFile] | None:
+def named_opener(image: str, policy: BackingPolicy, cache: TableCache) -> Callable[[str], HostFile] | None:
     """How the image at ``image`` opens the files it names for its own data (a
     VMDK descriptor's extents): under the rules its backing files are opened by
     (a local name QEMU resolves against the image's directory; inside the
@@ -430,14 +451,18 @@ def open_image(
     *,
     backing: BackingPolicy | str | os.PathLike[str] = REFUSE,
     max_depth: int = DEFAULT_MAX_DEPTH,
+    max_size: int = DEFAULT_MAX_VIRTUAL_SIZE,
     cache_bytes: int = DEFAULT_CACHE_BYTES,
     table: FormatTable | None = None,
 ) -> GuestDisk:
     """The guest disk of the image at ``path`` (``format``: trust it instead of
     probing), read-only, through the backing files ``backing`` allows (a
     directory given as a path means :func:`backing_inside` it); tables are
-    cached in at most ``cache_bytes``. Raises a named
+    cached in at most ``cache_bytes``. An image of the chain whose virtual size
+    exceeds ``max_size`` (default 64 TiB, ``check``'s bound) is refused
+    (``datapath.too-large``). Raises a named
     :class:`~storprobe.errors.ProbeError` for anything it will not read."""
     policy = backing if isinstance(backing, BackingPolicy) else backing_inside(backing)
     cache = TableCache(cache_bytes)
-    return GuestDisk(open_layers(path, format, backing=policy, max_depth=max_depth, cache=cache, table=table))
+    return GuestDisk(open_layers(path, format, backing=policy, max_depth=max_depth, max_size=max_size, cache=cache,
+                                 table=table))

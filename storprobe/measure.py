@@ -296,13 +296,16 @@ def measure(
     source_format: str | None = None,
     backing: BackingPolicy | None = None,
     secrets: Iterable[str] = (),
+    max_size: int | None = None,
     table: FormatTable | None = None,
 ) -> Measurement:
     """What ``qemu-img measure -O format [-o options] (--size size | [-f source_format] source)``
     answers. ``backing``: which backing files of ``source`` are read (default: any
     local one its chain records, as qemu-img does; :data:`~storprobe.datapath.IGNORE`
     reads the top image alone). ``secrets``: the ids of the secret objects an
-    encrypted target's ``key-secret`` may name."""
+    encrypted target's ``key-secret`` may name. ``max_size``: the largest virtual
+    size of an image of ``source``'s chain that is read (default: the data
+    path's, 64 TiB); a larger one is ``datapath.too-large``."""
     if source is None and source_format is not None:
         raise MeasureError("--image-opts, -f, and -l require a filename argument.", code="measure.usage")
     if source is not None and size is not None:
@@ -316,8 +319,10 @@ def measure(
     disk = None
     if source is not None:
         from .datapath import LOCAL, open_layers
+        from .safety import DEFAULT_MAX_VIRTUAL_SIZE
 
-        disk = SourceDisk(open_layers(source, source_format, backing=backing or LOCAL, table=table))
+        bound = DEFAULT_MAX_VIRTUAL_SIZE if max_size is None else max_size
+        disk = SourceDisk(open_layers(source, source_format, backing=backing or LOCAL, max_size=bound, table=table))
     try:
         spec = table[format] if format in table.names() else None
         if spec is None or spec.driver(None) != format:  # QEMU has no driver of that name (an iso is raw)

@@ -12,8 +12,10 @@ check). Nothing is ever repaired: the file is opened read-only.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
 
+from .blockmap import DataPathError
 from .detect import Target, open_source, probe
 from .errors import ProbeError, ReadLimitExceeded
 from .registry import FormatTable, format_table
@@ -21,6 +23,7 @@ from .source import Image
 from .spec import QEMU_MAX_LENGTH
 
 if TYPE_CHECKING:
+    from .datapath import BackingPolicy
     from .source import ByteSource
 
 #: qemu-img check's exit statuses.
@@ -92,14 +95,37 @@ class CheckReader:
     layer's limit (QEMU_MAX_LENGTH) fails the check. Every read counts against a
     budget (``budget``: bytes; default the larger of :data:`MIN_READ_BUDGET` and
     :data:`READ_FACTOR` times the file's size); a check that needs more raises
-    ReadLimitExceeded instead of reading on."""
+    ReadLimitExceeded instead of reading on. ``open_named`` opens the files the
+    image names for its own data, as the check's policy allows (None: none)."""
 
-    __slots__ = ("_source", "size", "_left")
+    __slots__ = ("_source", "size", "_left", "_budget", "_open_named")
 
-    def __init__(self, source: ByteSource, budget: int | None = None) -> None:
+    def __init__(
+        self, source: ByteSource, budget: int | None = None, *,
+        open_named: Callable[[str], ByteSource] | None = None,
+    ) -> None:
         self._source = source
         self.size = source.size()
+        self._budget = budget
         self._left = max(MIN_READ_BUDGET, READ_FACTOR * self.size) if budget is None else budget
+        self._open_named = open_named
+
+    @property
+    def image(self) -> Image:
+        """The file being checked, for a row's header callbacks (its reads are the probe's, not the check's)."""
+        return Image(self._source)
+
+    def open_named(self, name: str) -> CheckReader:
+        """A reader of the file ``name`` the image records for its own data (a
+        VMDK descriptor's extent), with a budget of its own, opened only as the
+        check's policy allows (``verify(named_files=...)``; the data path's rules:
+        a local name, and inside its directory when it has one); a named error
+        otherwise. The file is closed when the check ends."""
+        if self._open_named is None:
+            raise DataPathError(f"the image names the file {name!r} for its data, which the check's policy refuses "
+                                "(verify opens such files with named_files=LOCAL or a directory)",
+                                code="datapath.named-file-refused")
+        return CheckReader(self._open_named(name), self._budget)
 
     def read(self, offset: int, length: int) -> bytes:
         """``length`` bytes at ``offset``, zeros where the file has none."""
@@ -123,9 +149,18 @@ def readable(offset: int, length: int) -> bool:
 
 
 def verify(
-    target: Target, *, format: str | None = None, table: FormatTable | None = None, budget: int | None = None
+    target: Target, *, format: str | None = None, table: FormatTable | None = None, budget: int | None = None,
+    max_size: int | None = None, named_files: BackingPolicy | str | os.PathLike[str] | None = None,
 ) -> Report:
     """Check ``target`` as ``qemu-img check [-f FORMAT]`` does, read-only.
+
+    ``max_size``: the largest virtual size checked (default: the data path's
+    bound, :data:`~storprobe.safety.DEFAULT_MAX_VIRTUAL_SIZE`, 64 TiB); a larger
+    image is refused (``datapath.too-large``) before any table is read.
+    ``named_files``: which files the image names for its own data (a VMDK
+    descriptor's extents) are opened, a :class:`~storprobe.datapath.BackingPolicy`
+    as :func:`~storprobe.datapath.open_image` takes it (``LOCAL``, or a
+    directory); default none (``REFUSE``): such an image is a named error.
 
     Raises NoCheck (exit 63) when the row has no check (a row whose QEMU driver
     has ``bdrv_co_check`` must have one: tests/test_verify.py holds the built-ins
@@ -133,22 +168,55 @@ def verify(
     yet, CheckFailed or another ProbeError when the image cannot be opened or
     checked (exit 1).
     """
+    from .datapath import check_size
+    from .safety import DEFAULT_MAX_VIRTUAL_SIZE
+
     table = table or format_table()
     source = open_source(target)
+    opened: list[ByteSource] = []
     try:
         info = probe(source, format=format, table=table)  # what QEMU's open refuses
         if info.file_type == "directory":  # QEMU's file driver opens regular files and devices only
             raise CheckFailed("Could not open: a directory is not an image")
+        check_size(info, DEFAULT_MAX_VIRTUAL_SIZE if max_size is None else max_size)
         spec = table[info.format]
         driver = spec.driver(info.version)
         if spec.check is None or driver != spec.name:  # QEMU's driver for it is another row's (raw)
             raise NoCheck("This image format does not support checks")
-        result = spec.check(Image(source), CheckReader(source, budget))
+        reader = CheckReader(source, budget, open_named=_named_files(target, named_files, opened))
+        result = spec.check(Image(source), reader)
     finally:
+        for named in opened:
+            named.close()
         if source is not target:
             source.close()
     name = os.fspath(target) if isinstance(target, (str, os.PathLike)) else source.name
     return Report(str(name), driver, result)
+
+
+def _named_files(
+    target: Target, policy: BackingPolicy | str | os.PathLike[str] | None, opened: list[ByteSource]
+) -> Callable[[str], ByteSource] | None:
+    """How a check opens the files the image at ``target`` names for its own
+    data: by the data path's rules under ``policy`` (each file kept in
+    ``opened``, to be closed); None when the policy refuses them all or the
+    target has no path for their names to be relative to."""
+    if policy is None or not isinstance(target, (str, os.PathLike)):
+        return None
+    from .blockmap import TableCache
+    from .datapath import BackingPolicy, backing_inside, named_opener
+
+    chosen = policy if isinstance(policy, BackingPolicy) else backing_inside(policy)
+    opener = named_opener(os.fspath(target), chosen, TableCache(0))
+    if opener is None:
+        return None
+
+    def open_named(name: str) -> ByteSource:
+        named = opener(name)
+        opened.append(named)
+        return named
+
+    return open_named
 
 
 def to_json(report: Report) -> str:
