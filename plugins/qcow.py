@@ -145,6 +145,11 @@ class QcowMap:
         piece = at - at % L1_PIECE
         table = self.host.table(self.l1_offset + piece, min(L1_PIECE, self.l1_size * 8 - piece))
         l2_offset = int.from_bytes(table[at - piece : at - piece + 8], "big")
+        if l2_offset + 8 * self.l2_entries > QEMU_MAX_LENGTH:  # QEMU's block layer fails the read (EIO)
+            from storprobe.blockmap import DataPathError
+
+            raise DataPathError(f"qcow L2 table for guest offset {l1_index * self.l1_span:#x} lies at {l2_offset:#x}, "
+                                "past QEMU's length limit (its read fails)", code="qcow.l2-offset")
         return self.host.table(l2_offset, 8 * self.l2_entries) if l2_offset else None
 
     def _entry(self, guest: int) -> int:
@@ -194,6 +199,11 @@ class QcowMap:
 
             raise DataPathError(f"qcow data cluster at guest offset {cluster:#x} lies at host offset {entry:#x}, "
                                 "off a 512-byte boundary (QEMU's read fails)", code="qcow.cluster-offset-unaligned")
+        if entry + within + length > QEMU_MAX_LENGTH:
+            from storprobe.blockmap import DataPathError
+
+            raise DataPathError(f"qcow data cluster at guest offset {cluster:#x} lies at host offset {entry:#x}, "
+                                "past QEMU's length limit (its read fails)", code="qcow.cluster-offset")
         return self.host.read(entry + within, length)
 
     def _inflate(self, entry: int) -> bytes:

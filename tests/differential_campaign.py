@@ -1,6 +1,6 @@
 """Differential campaign: mutate real images and compare storprobe with qemu-img.
 
-    python3 tests/differential_campaign.py [--count 5000] [--seed 1] [--keep DIR]
+    python3 tests/differential_campaign.py [--tables] [--count 5000] [--seed 1] [--keep DIR]
 
 Each round takes a real image of a format qemu-img opens (the seeds the pytest
 fuzz tests mutate: ``builders.real_images``), overwrites one to three fields (in
@@ -15,6 +15,19 @@ It prints each new kind of outcome as it appears, with the file kept in
 ``--keep``, then how often each kind occurred. Kinds listed in ``KNOWN`` are
 divergences on purpose (each with where the tests pin it); any other kind is a
 finding: a missing rule, a rule QEMU does not have, or a difference in output.
+
+``--tables`` mutates the block tables of images holding data instead (qcow2 v2,
+v3, extended L2 and compressed clusters; qcow; VMDK sparse and
+streamOptimized; VDI; QED; VHDX; VPC; parallels), found by parsing each
+header: L1 and L2 tables, refcount table and blocks, grain directory and
+tables, block allocation tables. One to three entries get boundary values,
+another entry's value, a bit flipped or random bits; then ``qemu-img map
+--output=json`` is compared with ``storprobe map`` (the text) and ``qemu-img
+check --output=json`` with ``storprobe verify`` (the parsed report and exit
+status). They agree when equal, or when QEMU fails (an I/O error, a refusal to
+open or check) where we raise a named error; otherwise the kind is ``map-`` or
+``check-`` ``differ``, ``we-refuse`` or ``qemu-refuses``. Any exception that
+is not a named error is a ``crash``, never known.
 """
 
 from __future__ import annotations
@@ -24,15 +37,19 @@ import collections
 import json
 import random
 import re
+import struct
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from storprobe import ProbeError, probe
+from storprobe.datapath import LOCAL, open_image
+from storprobe.qemu_map import json_lines
+from storprobe.verify import NoCheck, to_json, verify
 
-from builders import INTERESTING, real_images
-from oracle import ours
+from builders import BAT, INTERESTING, Vhdx, guest_writes, real_images, written_qcow2
+from oracle import ours, qemu_img_create, qemu_io, run
 
 #: Formats left out: qemu-img reads iso and LUKS2 as raw, has no cow driver, and raw is any bytes.
 SKIPPED = {"iso", "cow", "raw", "dir"}
@@ -111,6 +128,18 @@ KNOWN: dict[tuple[str, str, str], tuple[str, str]] = {
     ("we-refuse", "vmdk", "vmdk.rgd-offset"): (
         "a redundant directory offset QEMU wraps", "test_vmdk.py::test_bad_sparse_header"
     ),
+    ("map-we-refuse", "vhdx", "vhdx.block-overlap"): (
+        "a payload block inside the header section's first MiB, which QEMU reads from the headers",
+        "test_differential.py::test_a_vhdx_block_in_the_header_section_is_refused_where_qemu_reads_it",
+    ),
+    ("check-we-refuse", "vhdx", "vhdx.block-overlap"): (
+        "the same block, which QEMU's check does not look at",
+        "test_differential.py::test_a_vhdx_block_in_the_header_section_is_refused_where_qemu_reads_it",
+    ),
+    ("check-we-refuse", "vhdx", "vhdx.truncated"): (
+        "a BAT entry past the end of the file, which QEMU's check-only open reports as a corruption",
+        "test_map_vdi_qed_vhdx.py::test_vhdx_truncated_bat_entry_is_refused_by_the_probe",
+    ),
     ("qemu-refuses", "qcow2", "Unknown incompatible feature"): (
         "unknown incompatible bits are reported",
         "test_qcow2.py::test_unknown_incompatible_bits_are_reported_not_raised",
@@ -173,9 +202,9 @@ def _general(reason: str) -> str:
 
 def known(kind: tuple[str, str, str]) -> str | None:
     """Why ``kind`` diverges on purpose, None for a finding: our codes match
-    exactly, qemu-img's reasons (text) by a part of them."""
+    exactly, qemu-img's reasons and differing keys (text) by a part of them."""
     for (k, fmt, part), (why, _) in KNOWN.items():
-        if (k, fmt) == kind[:2] and (part in kind[2] if k == "qemu-refuses" else part == kind[2]):
+        if (k, fmt) == kind[:2] and (part == kind[2] if k.endswith("we-refuse") else part in kind[2]):
             return why
     return None
 
@@ -209,18 +238,236 @@ def divergences(
             yield kind, image
 
 
+# ---- --tables: the block tables of images holding data -----------------------------------------------------
+
+#: A table entry: (file offset, width in bytes, byte order).
+Entry = tuple[int, int, str]
+QCOW_WRITES = ("write -P 1 0 64k", "write -P 2 200k 5k", "write -c -P 3 1M 4k", "write -c -P 4 1028k 4k",
+               "write -P 5 3M 512", "write -P 6 3076k 8k")
+BLOCK_WRITES = ("write -P 0x11 0 64k", "write -P 0x22 3M 4k", "write -z 2M 64k", "write -P 0x33 1500k 8k",
+                "discard 3M 1M", "write -P 0x44 5M 1M")
+SUBCLUSTER_WRITES = ("write -P 0x11 0 4k", "write -P 0x22 66k 2k", "write -z 128k 64k", "write -zu 200k 8k",
+                     "write -c -P 0x33 320k 64k", "write -P 0x44 512k 96k", "discard 540k 4k")
+
+
+def table_seeds(d: Path) -> list[tuple[str, str, bytes]]:
+    """(name, format, bytes) of small images with data in every kind of block, made by qemu-img and qemu-io."""
+    raw = d / "pattern.raw"
+    raw.write_bytes(b"".join(bytes([n % 251 + 1]) * 4096 if n % 3 else bytes(4096) for n in range(1024)))
+    stream = d / "stream.vmdk"
+    run("qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized", raw, stream)
+    made = [
+        ("qcow2-v3", "qcow2", written_qcow2(d / "v3.qcow2", 4096, "compat=1.1")),
+        ("qcow2-v2", "qcow2", written_qcow2(d / "v2.qcow2", 4096, "compat=0.10")),
+        ("qcow2-64k", "qcow2", written_qcow2(d / "64k.qcow2", 65536, "refcount_bits=1",
+                                             script=guest_writes(65536))),
+        ("qcow2-extended-l2", "qcow2", written_qcow2(d / "x.qcow2", 65536, "extended_l2=on", size=1 << 20,
+                                                     script=SUBCLUSTER_WRITES)),
+        ("vmdk-stream", "vmdk", stream),
+    ]
+    for name, fmt, size, options in (("qcow", "qcow", "4M", ()), ("vmdk", "vmdk", "6M", ()),
+                                     ("vdi", "vdi", "6M", ()), ("qed", "qed", "20M", ("cluster_size=4096",)),
+                                     ("vhdx", "vhdx", "10M", ("block_size=1M",)), ("vpc", "vpc", "8M", ()),
+                                     ("parallels", "parallels", "12M", ("cluster_size=64k",))):
+        image = qemu_img_create(d / f"seed.{name}", fmt, size, *options)
+        qemu_io(image, *(QCOW_WRITES if fmt == "qcow" else BLOCK_WRITES), fmt=fmt)
+        made.append((name, fmt, image))
+    return [(name, fmt, path.read_bytes()) for name, fmt, path in made]
+
+
+def _u(data: bytes, offset: int, fmt: str) -> int:
+    return struct.unpack_from(fmt, data, offset)[0] if offset + struct.calcsize(fmt) <= len(data) else 0
+
+
+def _run(table: int, count: int, width: int, order: str) -> list[Entry]:
+    return [(table + width * i, width, order) for i in range(count)]
+
+
+def qcow2_tables(data: bytes) -> list[Entry]:
+    """L1, the L2 tables it names (16-byte entries with extended L2: both words), the
+    refcount table and the refcount blocks it names (entries of the image's width)."""
+    cluster = 1 << _u(data, 20, ">I")
+    l1, l1_size, reftable, ref_clusters = (_u(data, 40, ">Q"), _u(data, 36, ">I"), _u(data, 48, ">Q"),
+                                           _u(data, 56, ">I"))
+    order = _u(data, 96, ">I") if _u(data, 4, ">I") >= 3 else 4
+    mask = 0x00FFFFFFFFFFFE00
+    places = _run(l1, l1_size, 8, "big") + _run(reftable, min(ref_clusters * cluster // 8, 64), 8, "big")
+    for at in range(l1, l1 + 8 * l1_size, 8):
+        if _u(data, at, ">Q") & mask:
+            places += _run(_u(data, at, ">Q") & mask, cluster // 8, 8, "big")
+    width = max(1, (1 << order) // 8)
+    for at in range(reftable, reftable + 8 * min(ref_clusters * cluster // 8, 64), 8):
+        if _u(data, at, ">Q") & mask:
+            places += _run(_u(data, at, ">Q") & mask, min(cluster // width, len(data) // cluster + 8), width, "big")
+    return places
+
+
+def qcow_tables(data: bytes) -> list[Entry]:
+    cluster_bits, l2_bits = data[32], data[33]
+    l1, size = _u(data, 40, ">Q"), _u(data, 24, ">Q")
+    places = _run(l1, -(-size // (1 << (cluster_bits + l2_bits))), 8, "big")
+    for at, _, _ in list(places):
+        if _u(data, at, ">Q"):
+            places += _run(_u(data, at, ">Q"), 1 << l2_bits, 8, "big")
+    return places
+
+
+def vmdk_tables(data: bytes) -> list[Entry]:
+    """The grain directory (the footer's for streamOptimized) and the grain tables it names."""
+    header = data[:512]
+    if _u(header, 56, "<Q") == 0xFFFFFFFFFFFFFFFF:  # streamOptimized: the footer holds the directory's place
+        header = data[-1024:-512]
+    capacity, granularity, per_table, gd = (_u(header, 12, "<Q"), _u(header, 20, "<Q"), _u(header, 44, "<I"),
+                                            _u(header, 56, "<Q"))
+    places = _run(512 * gd, -(-capacity // (granularity * per_table)), 4, "little")
+    for at, _, _ in list(places):
+        if _u(data, at, "<I"):
+            places += _run(512 * _u(data, at, "<I"), per_table, 4, "little")
+    return places
+
+
+def vdi_tables(data: bytes) -> list[Entry]:
+    return _run(_u(data, 0x154, "<I"), _u(data, 0x180, "<I"), 4, "little")
+
+
+def qed_tables(data: bytes) -> list[Entry]:
+    cluster, table_size, l1 = _u(data, 4, "<I"), _u(data, 8, "<I"), _u(data, 40, "<Q")
+    entries = table_size * cluster // 8
+    places = _run(l1, entries, 8, "little")
+    for at, _, _ in list(places):
+        if _u(data, at, "<Q"):
+            places += _run(_u(data, at, "<Q"), entries, 8, "little")
+    return places
+
+
+def vhdx_tables(data: bytes) -> list[Entry]:
+    v = Vhdx(Path("/nonexistent"), data)
+    return _run(v.region_offset(BAT), min(_u(data, v.region_entry(BAT) + 24, "<I") // 8, 256), 8, "little")
+
+
+def vpc_tables(data: bytes) -> list[Entry]:
+    dynamic = _u(data, 16, ">Q")
+    return _run(_u(data, dynamic + 16, ">Q"), _u(data, dynamic + 28, ">I"), 4, "big")
+
+
+def parallels_tables(data: bytes) -> list[Entry]:
+    return _run(64, _u(data, 32, "<I"), 4, "little")
+
+
+TABLES = {"qcow2": qcow2_tables, "qcow": qcow_tables, "vmdk": vmdk_tables, "vdi": vdi_tables, "qed": qed_tables,
+          "vhdx": vhdx_tables, "vpc": vpc_tables, "parallels": parallels_tables}
+
+
+def mutated_tables(rng: random.Random, fmt: str, data: bytes, places: list[Entry]) -> bytes:
+    """``data`` with one to three table entries overwritten: a boundary value (the file's
+    size in bytes, sectors or clusters; the largest values), another entry's value, the
+    entry itself near by or with a bit flipped, or random bits."""
+    buf = bytearray(data)
+    for _ in range(rng.randint(1, 3)):
+        at, width, order = rng.choice(places)
+        top = 1 << 8 * width
+        current = int.from_bytes(data[at : at + width], order)
+        other = int.from_bytes(data[(o := rng.choice(places))[0] : o[0] + width], order)
+        choice = rng.random()
+        if choice < 0.3:
+            value = rng.choice([0, 1, 2, 0x200, 0x201, 0x1000, len(data), len(data) // 512, len(data) + 0x10000,
+                                top - 1, top - 2, top >> 1, (top >> 1) | 1, top >> 2] + INTERESTING)
+        elif choice < 0.55:
+            value = other
+        elif choice < 0.75:
+            value = current ^ (1 << rng.randrange(8 * width))
+        elif choice < 0.9:
+            value = current + rng.choice([-0x10000, -512, -1, 1, 512, 4096, 0x10000])
+        else:
+            value = rng.getrandbits(8 * width)
+        buf[at : at + width] = (value % top).to_bytes(width, order)
+    return bytes(buf)
+
+
+def _their_reason(proc: subprocess.CompletedProcess, path: Path) -> str:
+    lines = proc.stderr.strip().splitlines()
+    return _general(lines[-1].split(f"'{path}': ", 1)[-1]) if lines else "?"
+
+
+def table_outcomes(path: Path, fmt: str) -> list[tuple[str, str, str]]:
+    """The kinds of divergence of map and check on ``path`` (none when both agree)."""
+    kinds = []
+    qemu = subprocess.run(["qemu-img", "map", "--output=json", "-f", fmt, str(path)],
+                          capture_output=True, text=True, errors="replace", check=False)
+    mine, code = None, ""
+    try:
+        with open_image(path, fmt, backing=LOCAL) as disk:
+            mine = "".join(json_lines(disk.block_status()))
+    except ProbeError as exc:
+        code = exc.code
+    except Exception as exc:  # noqa: BLE001 - a defect, reported as a kind
+        kinds.append(("crash", fmt, f"map: {type(exc).__name__}: {exc}"[:100]))
+        code = "crash"
+    if qemu.returncode == 0 and mine is not None and mine != qemu.stdout:
+        kinds.append(("map-differ", fmt, ""))
+    elif qemu.returncode == 0 and mine is None and code != "crash":
+        kinds.append(("map-we-refuse", fmt, code))
+    elif qemu.returncode != 0 and mine is not None:
+        kinds.append(("map-qemu-refuses", fmt, _their_reason(qemu, path)))
+    qemu = subprocess.run(["qemu-img", "check", "--output=json", "-f", fmt, str(path)],
+                          capture_output=True, text=True, errors="replace", check=False)
+    theirs = (json.loads(qemu.stdout) if qemu.stdout.strip() else None, qemu.returncode)
+    try:
+        report = verify(path, format=fmt)
+        checked: tuple[dict | None, int] = (json.loads(to_json(report)), report.exit_status)
+    except NoCheck:
+        checked = (None, 63)
+    except ProbeError as exc:
+        checked, code = (None, 1), exc.code
+    except Exception as exc:  # noqa: BLE001 - a defect, reported as a kind
+        kinds.append(("crash", fmt, f"check: {type(exc).__name__}: {exc}"[:100]))
+        return kinds
+    if checked == theirs or (checked == (None, 1) and theirs == (None, 1)):
+        return kinds
+    if checked == (None, 1):
+        kinds.append(("check-we-refuse", fmt, code))
+    elif theirs == (None, 1):
+        kinds.append(("check-qemu-refuses", fmt, _their_reason(qemu, path)))
+    else:
+        ours_, qemus = checked[0] or {}, theirs[0] or {}
+        keys = sorted(k for k in ours_.keys() | qemus.keys() if ours_.get(k) != qemus.get(k))
+        kinds.append(("check-differ", fmt, ",".join(keys) + f" status {checked[1]}/{theirs[1]}"))
+    return kinds
+
+
+def table_divergences(
+    seeds: list[tuple[str, str, bytes]], count: int, seed: int, scratch: Path
+) -> Iterator[tuple[tuple[str, str, str], bytes]]:
+    """Each divergence of ``count`` images with mutated tables (reproducible from ``seed``), with the image."""
+    rng = random.Random(seed)
+    located = [(fmt, data, TABLES[fmt](data)) for _, fmt, data in seeds]
+    for number in range(count):
+        fmt, data, places = rng.choice(located)
+        image = mutated_tables(rng, fmt, data, places)
+        path = scratch / f"t{number}.{fmt}"
+        path.write_bytes(image)
+        kinds = table_outcomes(path, fmt)
+        path.unlink()
+        for kind in kinds:
+            yield kind, image
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=5000)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--keep", type=Path, default=None, help="where to keep one file of each kind")
+    parser.add_argument("--tables", action="store_true", help="mutate block tables of images with data, not headers")
     args = parser.parse_args()
     keep = args.keep or Path(tempfile.mkdtemp(prefix="storprobe-differential-"))
     keep.mkdir(parents=True, exist_ok=True)
     seen: collections.Counter[tuple[str, str, str]] = collections.Counter()
     with tempfile.TemporaryDirectory() as made, tempfile.TemporaryDirectory() as scratch:
-        seeds = qemu_formats(real_images(Path(made)))
-        for kind, image in divergences(seeds, args.count, args.seed, Path(scratch)):
+        if args.tables:
+            found = table_divergences(table_seeds(Path(made)), args.count, args.seed, Path(scratch))
+        else:
+            found = divergences(qemu_formats(real_images(Path(made))), args.count, args.seed, Path(scratch))
+        for kind, image in found:
             if not seen[kind]:
                 kept = keep / f"{len(seen)}-{kind[1]}{SUFFIXES.get(kind[1], '')}"
                 kept.write_bytes(image)
