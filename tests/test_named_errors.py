@@ -730,10 +730,14 @@ HAZARD_NAME = re.compile(r'Hazard\(\s*"([a-z0-9.-]+)"')
 SHARED = {"luks": [PLUGINS.parent / "storprobe" / "luks1.py"]}
 
 
+#: Core modules of the data path, whose ``datapath.*`` codes are listed in DATA_PATH.
+CORE_DATA_PATH = [PLUGINS.parent / "storprobe" / name for name in ("blockmap.py", "datapath.py", "verify.py")]
+
+
 def raised_codes() -> set[str]:
     """Every error code named in the plugins' source and the core helpers they
-    share (hazard names excluded)."""
-    codes: set[str] = set()
+    share (hazard names excluded), and the data path's own (``datapath.*``)."""
+    codes = {code for path in CORE_DATA_PATH for code in re.findall(r'"(datapath\.[a-z0-9-]+)"', path.read_text())}
     for path in PLUGINS.glob("*.py"):
         fmt = path.stem
         source = "".join(p.read_text() for p in [path, *SHARED.get(fmt, [])])
@@ -750,6 +754,15 @@ def raised_codes() -> set[str]:
 #: probes: demonstrated by the tests of that path, in the file named here (on the real
 #: images those tests build), not by a probe.
 DATA_PATH = {
+    "datapath.data-file": "test_open_image.py",
+    "datapath.encrypted": "test_open_image.py",
+    "datapath.missing-extra": "test_open_image.py",
+    "datapath.named-file-missing": "test_map_vmdk_vpc.py",
+    "datapath.named-file-not-local": "test_map_vmdk_vpc.py",
+    "datapath.named-file-refused": "test_map_vmdk_vpc.py",
+    "datapath.named-file-relative": "test_verify_vmdk_extents.py",
+    "datapath.too-large": "test_datapath_bounds.py",
+    "datapath.unsupported-format": "test_open_image.py",
     "qcow.cluster-offset": "test_differential.py",
     "qcow.cluster-offset-unaligned": "test_open_image.py",
     "qcow.l2-offset": "test_differential.py",
