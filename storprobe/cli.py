@@ -58,8 +58,8 @@ def _max_size_option(parser: argparse.ArgumentParser, what: str) -> None:
     """``--max-size``: the data path's bound on the virtual size of what it reads."""
     parser.add_argument(
         "--max-size", type=_size, metavar="SIZE",
-        help=f"largest virtual size {what}, refused before any table is read: bytes, or with a suffix k, M, G, T, P "
-             "or E as qemu-img takes (1.5G, 64T; default: 64 TiB)",
+        help=f"largest virtual size accepted for {what} (a larger one is refused before any table is read): bytes, "
+             "or with a suffix k, M, G, T, P or E as qemu-img takes (1.5G, 64T; default: 64 TiB)",
     )
 
 
@@ -236,7 +236,7 @@ def _parser() -> _Parser:
         "--output", choices=("human", "json"), default="human",
         help="human: qemu-img check's lines; json: qemu-img check --output=json's object (default: %(default)s)",
     )
-    _max_size_option(verify, "checked")
+    _max_size_option(verify, "the image")
     verify.add_argument("path", metavar="PATH", help="the image to check")
 
     map_ = sub.add_parser(
@@ -263,7 +263,7 @@ def _parser() -> _Parser:
         "--max-depth", type=_positive, metavar="N",
         help="the most backing images followed below the top one (default: 200, libvirt's)",
     )
-    _max_size_option(map_, "mapped, of the image and of each backing file")
+    _max_size_option(map_, "the image and each of its backing files")
     map_.add_argument("path", metavar="PATH", help="the image")
 
     inspect = sub.add_parser(
@@ -282,7 +282,7 @@ def _parser() -> _Parser:
         "--no-backing", action="store_true",
         help="read the image alone: what its backing file would hold reads as zeros",
     )
-    _max_size_option(inspect, "read, of the image and of each backing file")
+    _max_size_option(inspect, "the image and each of its backing files")
     inspect.add_argument("path", metavar="PATH", help="the image")
 
     compare = sub.add_parser(
@@ -306,7 +306,7 @@ def _parser() -> _Parser:
         "--no-backing", action="store_true",
         help="read each image alone: what its backing file would hold reads as zeros",
     )
-    _max_size_option(compare, "read, of each image and of each backing file")
+    _max_size_option(compare, "each image and each of their backing files")
     compare.add_argument("first", metavar="FILE1", help="the first image")
     compare.add_argument("second", metavar="FILE2", help="the second image")
 
@@ -326,7 +326,7 @@ def _parser() -> _Parser:
         "--no-backing", action="store_true",
         help="read SRC alone: what its backing file would hold is written as zeros",
     )
-    _max_size_option(convert, "converted, of SRC and of each backing file")
+    _max_size_option(convert, "SRC and each of its backing files")
     convert.add_argument("source", metavar="SRC", help="the image")
     convert.add_argument("destination", metavar="DST", help="the raw file to create")
 
@@ -367,7 +367,7 @@ def _parser() -> _Parser:
         "--object", dest="objects", action="append", default=[], metavar="secret,id=ID,...",
         help="a secret an encrypted target's key-secret names (repeatable); its value is never read",
     )
-    _max_size_option(measure, "of a SRC read, and of each backing file")
+    _max_size_option(measure, "SRC and each of its backing files")
     measure.add_argument("source", nargs="*", metavar="SRC", help="the image whose data the new one would hold")
 
     validate = sub.add_parser(
