@@ -43,7 +43,7 @@ class MissingExtra(DataPathError):
     code = "datapath.missing-extra"
 
 
-def inflate_cluster(data: bytes, size: int, format: str, *, window_bits: int = -12) -> bytes:
+def inflate_cluster(data: bytes | memoryview, size: int, format: str, *, window_bits: int = -12) -> bytes:
     """A compressed cluster's raw deflate stream inflated as QEMU's qcow and qcow2
     drivers inflate it: into exactly ``size`` bytes (more is never produced);
     a stream that is corrupt or ends short of ``size`` is a named error
@@ -109,6 +109,16 @@ class BlockMap(Protocol):
         ...
 
 
+@runtime_checkable
+class ReadsInto(Protocol):
+    """A block map that can also read a data extent's bytes straight into the
+    caller's buffer (a file read lands there with no copy in between)."""
+
+    def read_into(self, extent: Extent, offset: int, out: memoryview) -> None:
+        """:meth:`BlockMap.read` of ``len(out)`` bytes at ``offset``, written into ``out``."""
+        ...
+
+
 class FileAsDisk:
     """The block map of a guest disk that is its host file from byte 0 (raw, a
     fixed VHD before its footer): the host offset is the guest offset, and the
@@ -130,6 +140,9 @@ class FileAsDisk:
 
     def read(self, extent: Extent, offset: int, length: int) -> bytes:
         return self.host.read(offset, length)
+
+    def read_into(self, extent: Extent, offset: int, out: memoryview) -> None:
+        self.host.read_into(offset, out)
 
 
 @runtime_checkable
@@ -233,6 +246,20 @@ class HostFile:
                 break
             data += more
         return data + bytes(length - len(data))
+
+    def read_into(self, offset: int, out: memoryview) -> None:
+        """:meth:`read` of ``len(out)`` bytes at ``offset``, straight into ``out``."""
+        done, length = 0, len(out)
+        while done < length and offset + done < self._size:  # again after a short read inside the file
+            try:
+                got = os.preadv(self._fd, [out[done:]], offset + done)
+            except OSError as exc:
+                raise SourceError(f"{self.name}: read failed: {exc.strerror or exc}") from None
+            if not got:
+                break
+            done += got
+        if done < length:
+            out[done:] = bytes(length - done)
 
     def table(self, offset: int, length: int) -> bytes:
         """A table's bytes, through the chain's bounded cache."""

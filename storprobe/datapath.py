@@ -31,6 +31,7 @@ from .blockmap import (
     DataPathError,
     Extent,
     HostFile,
+    ReadsInto,
     ReadsNoBacking,
     TableCache,
 )
@@ -361,6 +362,8 @@ class GuestDisk(io.RawIOBase):
         self.size = layers[0].size
         self.name = layers[0].info.filename
         self._position = 0
+        #: Each layer's map, where it reads data straight into a buffer (no copy of each read).
+        self._reads_into = [layer.map if isinstance(layer.map, ReadsInto) else None for layer in layers]
 
     @property
     def info(self) -> ImageInfo:
@@ -418,6 +421,10 @@ class GuestDisk(io.RawIOBase):
         for extent in _checked(layer, start, start + len(out), want_zero=False):
             piece = out[extent.start - start : extent.end - start]
             if extent.data and not extent.zero:
+                reader = self._reads_into[depth]
+                if reader is not None:
+                    reader.read_into(extent, extent.start, piece)
+                    continue
                 data = layer.map.read(extent, extent.start, extent.length)
                 if len(data) != extent.length:
                     raise ProbeError(f"{layer.info.format} block map read {len(data)} bytes, not {extent.length}",
