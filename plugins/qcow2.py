@@ -13,11 +13,12 @@ the corrupt bit are the row's hazards for ``storprobe check``. Names
 from __future__ import annotations
 
 import functools
+import os
 import struct
 import sys
 from array import array
 from collections.abc import Iterator
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from storprobe import (
     INT64_MAX,
@@ -34,6 +35,7 @@ from storprobe import (
     LibvirtFacts,
     ProbeError,
     Snapshot,
+    SourceError,
     hookimpl,
 )
 from storprobe.blockmap import DataPathError, Extent, HostFile, MissingExtra, inflate_cluster
@@ -43,6 +45,12 @@ from storprobe.luks1 import LUKS1_HEADER_SIZE, CreateRefused, created_payload_of
 from storprobe.measure import CreateOption, MeasureError, Measurement, MeasureRequest
 from storprobe.source import TableWalker
 from storprobe.verify import CheckFailed, CheckReader, CheckResult, readable
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    #: Compressed clusters being inflated: guest cluster -> (the task inflating it and others, its place in them).
+    Batch = dict[int, tuple[Future[list[bytes | DataPathError]], int]]
 
 HEADER = Layout(
     ">",
@@ -753,7 +761,8 @@ class Qcow2Map:
         self.csize_mask = (1 << (hdr.cluster_bits - 8)) - 1
         self.refcount = (hdr.refcount_order, hdr.refcount_table_offset, hdr.refcount_table_clusters)
         self._preallocated: bool | None = None
-        self._inflated: dict[int, bytes | DataPathError] = {}  # guest cluster -> its bytes: the last batch
+        self._batch: Batch = {}  # the compressed clusters being read
+        self._next_batch: Batch | None = None  # the batch after them, once started
         self._runs: tuple[int, int] | None = None  # the repunit and steps of a table of consecutive clusters
         self._zeros = bytes(self.cluster_size)
 
@@ -883,6 +892,9 @@ class Qcow2Map:
                 j = i + self._consecutive(table, (index + i) * 8, count - i, entry)
                 host = entry & L2E_OFFSET_MASK
                 yield _clipped(Extent(at, (j - i) * cs, True, False, host), start, stop)
+            elif entry & OFLAG_COMPRESSED:  # what _one_cluster gives, without its per-cluster generators
+                j = i + 1
+                yield _clipped(Extent(at, cs, True, False, None, True), start, stop)
             else:
                 j = i + 1
                 yield from self._one_cluster(table, l1_index, index + i, start, stop)
@@ -1013,24 +1025,61 @@ class Qcow2Map:
         within = offset - cluster
         return self._inflate(cluster)[within : within + length]
 
+    def read_into(self, extent: Extent, offset: int, out: memoryview) -> None:
+        """:meth:`read` into ``out``: a data cluster's bytes straight from the file, a compressed one's copied
+        once from its inflated cluster."""
+        if not extent.compressed:
+            assert extent.host_offset is not None
+            self.host.read_into(extent.host_offset + offset - extent.start, out)
+            return
+        cluster = offset - offset % self.cluster_size
+        within = offset - cluster
+        out[:] = memoryview(self._inflate(cluster))[within : within + len(out)]
+
     def _inflate(self, cluster: int) -> bytes:
         """The bytes of the compressed guest cluster at ``cluster``. It is inflated
-        with the compressed clusters that follow it in its L2 table (up to
-        :data:`INFLATE_BATCH_BYTES` of output, kept until the next batch), their
-        input read at once where it lies together, the streams inflated on a few
-        threads (zlib and zstd let go of the interpreter while they work)."""
-        if cluster not in self._inflated:
-            self._inflated = self._inflate_batch(cluster)
-        out = self._inflated[cluster]
+        with the compressed clusters that follow it in its L2 table (a batch of up
+        to :data:`INFLATE_BATCH_BYTES` of output), their input read at once where
+        it lies together, the streams inflated on a few threads (zlib and zstd let
+        go of the interpreter while they work). Once a second cluster of a batch
+        is asked for (the disk is read in order), the batch after it in the table
+        is started too, so that the threads inflate while the caller copies: two
+        batches at most are held."""
+        if cluster in self._batch:
+            if self._next_batch is None:
+                self._next_batch = self._batch_after(self._batch)
+        elif self._next_batch and cluster in self._next_batch:
+            self._batch = self._next_batch
+            self._next_batch = self._batch_after(self._batch)
+        else:
+            self._batch, self._next_batch = self._start_batch(cluster), None
+            if cluster not in self._batch:  # its entry, read again, is no longer a compressed one
+                raise SourceError(f"{self.host.name}: an L2 table changed while it was read")
+        task, place = self._batch[cluster]
+        out = task.result()[place]
         if isinstance(out, DataPathError):  # raised for the cluster it concerns only, as QEMU fails that read
             raise type(out)(str(out), code=out.code)
         return out
 
-    def _inflate_batch(self, cluster: int) -> dict[int, bytes | DataPathError]:
-        """The compressed clusters from ``cluster`` on, each inflated or the error inflating it gave."""
+    def _batch_after(self, batch: Batch) -> Batch:
+        """The batch that follows ``batch`` in its L2 table, started; none at the
+        end of the table, nor when reading it fails (the read that needs it says why)."""
+        after = max(batch) + self.cluster_size
+        if after // self.l1_span != (after - 1) // self.l1_span:
+            return {}
+        try:
+            return self._start_batch(after)
+        except ProbeError:
+            return {}
+
+    def _start_batch(self, cluster: int) -> Batch:
+        """The compressed clusters from ``cluster`` on (none when its entry is not
+        one), being inflated into their bytes (or the errors inflating them gives)
+        in :data:`INFLATE_THREADS` tasks of clusters that follow one another."""
         l1_index = cluster // self.l1_span
         table = self._l2_table(l1_index)
-        assert table is not None
+        if table is None:
+            return {}
         first = (cluster - l1_index * self.l1_span) // self.cluster_size
         most = min(self.l2_entries - first, max(1, INFLATE_BATCH_BYTES // self.cluster_size))
         batch: list[tuple[int, int, int]] = []  # (guest cluster, host offset, input bytes)
@@ -1042,23 +1091,26 @@ class Qcow2Map:
             sectors = ((entry >> self.csize_shift) & self.csize_mask) + 1
             size = sectors * COMPRESSED_SECTOR - offset % COMPRESSED_SECTOR  # at most two clusters
             batch.append((cluster + (i - first) * self.cluster_size, offset, size))
+        if not batch:
+            return {}
         low = min(offset for _, offset, _ in batch)
         high = max(offset + size for _, offset, size in batch)
         if high - low <= 2 * sum(size for _, _, size in batch):  # packed together, as QEMU writes them
-            whole = self.host.read(low, high - low)
+            whole = memoryview(self.host.read(low, high - low))
             inputs = [whole[offset - low : offset - low + size] for _, offset, size in batch]
         else:
-            inputs = [self.host.read(offset, size) for _, offset, size in batch]
-        if len(inputs) == 1:
-            outputs = [self._inflate_one(inputs[0])]
-        else:
-            from concurrent.futures import ThreadPoolExecutor  # 10 ms to import: only a read of compressed data pays
+            inputs = [memoryview(self.host.read(offset, size)) for _, offset, size in batch]
+        pool, step = _inflate_pool(), -(-len(batch) // INFLATE_THREADS)
+        tasks: Batch = {}
+        for lo in range(0, len(batch), step):
+            task = pool.submit(self._inflate_many, inputs[lo : lo + step])
+            tasks.update((guest, (task, place)) for place, (guest, _, _) in enumerate(batch[lo : lo + step]))
+        return tasks
 
-            with ThreadPoolExecutor(INFLATE_THREADS) as pool:
-                outputs = list(pool.map(self._inflate_one, inputs))
-        return {guest: out for (guest, _, _), out in zip(batch, outputs, strict=True)}
+    def _inflate_many(self, inputs: list[memoryview]) -> list[bytes | DataPathError]:
+        return [self._inflate_one(data) for data in inputs]
 
-    def _inflate_one(self, data: bytes) -> bytes | DataPathError:
+    def _inflate_one(self, data: bytes | memoryview) -> bytes | DataPathError:
         """One compressed cluster's bytes, or why they cannot be had."""
         try:
             if self.compression:
@@ -1073,6 +1125,21 @@ class Qcow2Map:
         return out
 
 
+_pool: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _inflate_pool() -> ThreadPoolExecutor:
+    """The :data:`INFLATE_THREADS` threads every image's compressed clusters are
+    inflated on, started when first needed (again in a forked child, which has
+    none of its parent's threads)."""
+    global _pool
+    if _pool is None or _pool[0] != os.getpid():
+        from concurrent.futures import ThreadPoolExecutor  # 10 ms to import: only a read of compressed data pays
+
+        _pool = (os.getpid(), ThreadPoolExecutor(INFLATE_THREADS, thread_name_prefix="storprobe-inflate"))
+    return _pool[1]
+
+
 def _clipped(extent: Extent, start: int, stop: int) -> Extent:
     """``extent`` (whole clusters) cut to ``[start, stop)``."""
     lo, hi = max(extent.start, start), min(extent.end, stop)
@@ -1082,7 +1149,7 @@ def _clipped(extent: Extent, start: int, stop: int) -> Extent:
     return extent._replace(start=lo, length=hi - lo, host_offset=host)
 
 
-def _zstd(data: bytes, cluster_size: int) -> bytes:
+def _zstd(data: bytes | memoryview, cluster_size: int) -> bytes:
     """A zstd frame decompressed to one cluster. A frame that holds more is
     refused, as QEMU refuses it (its frame must end with the cluster); one that
     holds less too (QEMU would read on into whatever frame follows: it writes
