@@ -25,7 +25,7 @@ from storprobe.datapath import LOCAL, REFUSE, backing_inside, open_image
 from storprobe.verify import EXIT_FAILED, NoCheck, to_json, verify
 
 from builders import cowd, descriptor
-from oracle import qemu_img_create, qemu_io, require
+from oracle import qemu_img_create, qemu_io, require, run
 
 SECTOR = 512
 MIB = 1 << 20
@@ -77,11 +77,13 @@ def split(tmp_path: Path, subformat: str = "twoGbMaxExtentSparse", size: str = "
 
 
 def entry_at(extent: Path, guest: int) -> int:
-    """Where in a hosted sparse extent's file the grain table entry of its byte ``guest`` lies."""
+    """Where in a hosted sparse extent's file the grain table entry of its byte ``guest`` lies
+    (by the header QEMU uses: a streamOptimized file's footer when the one at the start says so)."""
     data = extent.read_bytes()
-    grain = struct.unpack_from("<Q", data, 20)[0] * SECTOR
-    gtes = struct.unpack_from("<I", data, 44)[0]
-    gd = struct.unpack_from("<Q", data, 56)[0] * SECTOR
+    header = len(data) - 1024 if struct.unpack_from("<Q", data, 56)[0] == 2**64 - 1 else 0
+    grain = struct.unpack_from("<Q", data, header + 20)[0] * SECTOR
+    gtes = struct.unpack_from("<I", data, header + 44)[0]
+    gd = struct.unpack_from("<Q", data, header + 56)[0] * SECTOR
     table = struct.unpack_from("<I", data, gd + 4 * (guest // (grain * gtes)))[0] * SECTOR
     return table + 4 * (guest // grain % gtes)
 
@@ -206,6 +208,46 @@ def test_extents_whose_sizes_are_not_whole_grains(tmp_path):
     assert assert_as_qemu(image) == 0
     extent = tmp_path / "c.vmdk"
     put(extent, entry_at(extent, 128 * 1024), extent.stat().st_size // SECTOR + 1)
+    assert assert_as_qemu(image) == EXIT_FAILED
+
+
+def test_zeroed_grains_are_no_offsets(tmp_path):
+    """A zeroed grain's entry (1) points nowhere; with the zeroed-grain flag
+    off, QEMU takes the same entry as sector 1 of the file, which is inside it."""
+    image = qemu_img_create(tmp_path / "disk.vmdk", "vmdk", "3G", "subformat=twoGbMaxExtentSparse",
+                            "zeroed_grain=on")
+    qemu_io(image, "write -P 0x11 0 64k", "write -z 2G 1M", "write -z 64k 64k", fmt="vmdk")
+    second = tmp_path / "disk-s002.vmdk"
+    assert struct.unpack_from("<I", second.read_bytes(), entry_at(second, 0))[0] == 1
+    assert assert_as_qemu(image) == 0
+    flags = struct.unpack_from("<I", second.read_bytes(), 8)[0]
+    put(second, 8, flags & ~(1 << 2))
+    assert assert_as_qemu(image) == 0
+
+
+def test_a_stream_optimized_extent_file(tmp_path):
+    """A compressed grain's entry is checked as any other: past the end of its file, the check fails."""
+    source = qemu_img_create(tmp_path / "src.vmdk", "vmdk", "4M")
+    qemu_io(source, "write -P 0x11 0 64k", "write -P 0x22 3M 64k", fmt="vmdk")
+    extent = tmp_path / "so.vmdk"
+    run("qemu-img", "convert", "-O", "vmdk", "-o", "subformat=streamOptimized", source, extent)
+    (tmp_path / "flat.raw").write_bytes(bytes(8 * SECTOR))
+    image = tmp_path / "d.vmdk"
+    image.write_bytes(descriptor("twoGbMaxExtentSparse", 'RW 8 FLAT "flat.raw" 0', 'RW 8192 SPARSE "so.vmdk"'))
+    assert assert_as_qemu(image) == 0
+    put(extent, entry_at(extent, 3 * MIB), extent.stat().st_size // SECTOR + 1)
+    assert assert_as_qemu(image) == EXIT_FAILED
+    assert f"sector {8 + 3 * MIB // SECTOR} points after EOF" in storprobe("verify", image).stderr
+
+
+def test_vmfs_extents_are_flat(tmp_path):
+    """A VMFS line names a flat extent from the start of its file (no offset on the line)."""
+    data = tmp_path / "data.raw"
+    data.write_bytes(bytes(16 * SECTOR))
+    image = tmp_path / "d.vmdk"
+    image.write_bytes(descriptor("vmfs", 'RW 16 VMFS "data.raw"'))
+    assert assert_as_qemu(image) == 0
+    data.write_bytes(b"")
     assert assert_as_qemu(image) == EXIT_FAILED
 
 
