@@ -30,9 +30,8 @@ from __future__ import annotations
 import bisect
 import re
 import struct
-import zlib
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, NamedTuple, NoReturn
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
 
 from storprobe import (
     INT64_MAX,
@@ -49,10 +48,12 @@ from storprobe import (
     UnsupportedVersion,
     hookimpl,
 )
-from storprobe.blockmap import DataPathError, HostFile
-from storprobe.blockmap import Extent as BlockExtent
 from storprobe.layout import qemu_utf8
-from storprobe.verify import CheckFailed, CheckReader, CheckResult
+
+if TYPE_CHECKING:  # the data path loads when first used, not for a probe
+    from storprobe.blockmap import Extent as BlockExtent
+    from storprobe.blockmap import HostFile
+    from storprobe.verify import CheckReader, CheckResult
 
 SECTOR = 512
 SPARSE_MAGIC = b"KDMV"
@@ -127,14 +128,15 @@ COWD_HEADER = Layout(
 
 # An extent line as QEMU's sscanf("%10s %ld %10s \"%511[^\n\r\"]\" %ld") reads it,
 # anchored on the last newline before the line's first non-space byte. The
-# possessive quantifiers take what scanf takes and never give it back.
-_EXTENT_LINE = re.compile(
+# possessive quantifiers take what scanf takes and never give it back. (These
+# patterns compile when a VMDK is first read, through re's cache, not at import.)
+_EXTENT_LINE = (
     rb"\n[ \t\r\f\v]*+(?="
     rb"(\S{1,10}+)\s*+([+-]?+[0-9]++)\s*+(\S{1,10}+)\s*+\"([^\n\r\"]{1,511}+)"
     rb"(?:\"\s*+([+-]?+[0-9]++))?)"
 )
-_HEX = re.compile(rb"\s*(?:0[xX])?([0-9a-fA-F]+)")
-_PATH_SEPARATOR = re.compile(r"[/\\]")
+_HEX = rb"\s*(?:0[xX])?([0-9a-fA-F]+)"
+_PATH_SEPARATOR = r"[/\\]"
 WHITESPACE = frozenset(b" \t\n\r\f\v")
 
 
@@ -517,7 +519,7 @@ def _cid(text: bytes, key: bytes) -> int | None:
     at = text.find(key)
     if at < 0:
         return None
-    found = _HEX.match(text, at + len(key) + 1)
+    found = re.compile(_HEX).match(text, at + len(key) + 1)
     if found is None or len(found[1].lstrip(b"0")) > 8:
         raise InvalidHeader(f"{key.decode()} is not a 32-bit hex number", code="vmdk.cid")
     return int(found[1], 16)
@@ -529,7 +531,7 @@ def _scan_extents(text: bytes) -> list[tuple[int, Extent]]:
     before an extent line reads that extent once more."""
     lines = b"\n" + text  # the first line starts after a newline too
     found: list[tuple[int, Extent]] = []
-    for line in _EXTENT_LINE.finditer(lines):
+    for line in re.finditer(_EXTENT_LINE, lines):
         starts = _line_starts(lines, line.start())
         if len(found) + starts > MAX_EXTENTS:
             raise InvalidHeader(f"descriptor has more than {MAX_EXTENTS} extent lines", code="vmdk.extent-count")
@@ -648,14 +650,14 @@ def hazards(img: Image, info: ImageInfo) -> Iterator[Hazard]:
 
 def _bare(name: str) -> bool:
     """A plain file name: no directory, no protocol."""
-    return _PATH_SEPARATOR.search(name) is None and ":" not in name and name not in ("", ".", "..")
+    return re.search(_PATH_SEPARATOR, name) is None and ":" not in name and name not in ("", ".", "..")
 
 
 def _outside_directory(name: str) -> bool:
     """Whether QEMU would open ``name`` outside the descriptor's directory: an
     absolute path, a ``..`` component, or a protocol or drive prefix (a colon
     before the first slash, which QEMU takes as is)."""
-    parts = _PATH_SEPARATOR.split(name)
+    parts = re.split(_PATH_SEPARATOR, name)
     return name.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]
 
 
@@ -705,6 +707,8 @@ class SparseTables:
 
     def grain_table(self, l1_index: int) -> bytes | None:
         """The grain table of grain directory entry ``l1_index``; None when unallocated."""
+        from storprobe.blockmap import DataPathError
+
         if l1_index >= self.l1_size:  # QEMU: VMDK_ERROR (a guest offset past the extent's capacity)
             raise DataPathError(f"vmdk grain directory entry {l1_index} is past its {self.l1_size} entries",
                                 code="vmdk.gd-index")
@@ -765,6 +769,8 @@ class VmdkMap:
         """QEMU's vmdk_is_cid_valid: a read that falls through to the parent
         fails unless the parent is a VMDK whose CID is this image's parentCID
         (checked once when it is)."""
+        from storprobe.blockmap import DataPathError
+
         if self._parent_checked:
             return
         cid = below.specific.get("cid") if below.format == "vmdk" and below.specific else None
@@ -804,6 +810,8 @@ class VmdkMap:
 
     @staticmethod
     def _flat(extent: _Extent, start: int, stop: int, want_zero: bool) -> Iterator[BlockExtent]:
+        from storprobe.blockmap import Extent as BlockExtent
+
         host_offset = extent.flat_offset + start - extent.start
         if not want_zero:
             yield BlockExtent(start, stop - start, True, False, host_offset, False, extent.file)
@@ -814,6 +822,8 @@ class VmdkMap:
 
     @staticmethod
     def _sparse(extent: _Extent, tables: SparseTables, start: int, stop: int) -> Iterator[BlockExtent]:
+        from storprobe.blockmap import Extent as BlockExtent
+
         base, grain = extent.start, tables.grain
         while start < stop:
             rel = start - base
@@ -869,6 +879,10 @@ def inflate_grain(host: HostFile, offset: int, tables: SparseTables) -> bytes:
     ends within them and inflates to exactly one grain; anything else is a
     named error. The input is read and inflated a piece at a time, so memory
     holds one grain whatever the marker says."""
+    import zlib
+
+    from storprobe.blockmap import DataPathError
+
     grain = tables.grain
     if tables.has_marker:
         _lba, size = GRAIN_MARKER.unpack(host.read(offset, GRAIN_MARKER.size))
@@ -918,6 +932,8 @@ def sparse_tables(img: Image, table: Callable[[int, int], bytes]) -> SparseTable
 def opened_lines(disk: Disk) -> tuple[Extent, ...]:
     """The extent lines of a descriptor the data path opens, in order: at most
     MAX_OPEN_EXTENTS, each of a type it reads (flat, or a sparse extent file)."""
+    from storprobe.blockmap import DataPathError
+
     if len(disk.extents) > MAX_OPEN_EXTENTS:
         raise DataPathError(f"descriptor names {len(disk.extents)} extents (the data path opens at most "
                             f"{MAX_OPEN_EXTENTS})", code="vmdk.extent-count")
@@ -931,6 +947,8 @@ def opened_lines(disk: Disk) -> tuple[Extent, ...]:
 def sparse_extent_file(img: Image, line: Extent, shown: str) -> Image:
     """``img``, the file a SPARSE line names (``shown``): a sparse extent (hosted
     or ESX) of the capacity the line records, else a named error."""
+    from storprobe.blockmap import DataPathError
+
     if img.head[:4] not in (SPARSE_MAGIC, COWD_MAGIC):
         raise DataPathError(f"extent file {shown} is not a sparse extent (KDMV or COWD)",
                             code="vmdk.extent-not-sparse")
@@ -967,6 +985,8 @@ def check(img: Image, reader: CheckReader) -> CheckResult:
     cannot look up, or that points at or past the end of its file (a flat
     extent's offset too), fails the check (no report, exit 1). A clean image
     reports nothing but its name."""
+    from storprobe.verify import CheckResult
+
     disk = _disk(img)
     if disk.grain is not None:
         parts = [_Checked(disk.sectors, reader, sparse_tables(img, reader.read))]
@@ -990,6 +1010,8 @@ def _check_extent(part: _Checked, start: int, sector: int) -> int:
     """Check the extent starting at guest sector ``start`` from ``sector`` on, in
     QEMU's steps (its grain; a flat extent's whole length): the sector the walk
     goes on from."""
+    from storprobe.verify import CheckFailed
+
     if sector >= start + part.sectors:
         return sector
     past_end = -(-part.reader.size // SECTOR)  # an entry (in sectors) from here on points after EOF
@@ -1020,6 +1042,8 @@ def _check_extent(part: _Checked, start: int, sector: int) -> int:
 
 
 def _after_eof(sector: int) -> NoReturn:
+    from storprobe.verify import CheckFailed
+
     raise CheckFailed(f"Check failed: Invalid argument (cluster offset for sector {sector} points after EOF)")
 
 

@@ -26,10 +26,13 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from storprobe import Backing, Features, FormatSpec, Image, ImageInfo, InvalidHeader, Layout, hookimpl
-from storprobe.blockmap import Extent, FileAsDisk, HostFile
 from storprobe.layout import Header
+
+if TYPE_CHECKING:  # the data path loads when first used, not for a probe
+    from storprobe.blockmap import Extent, FileAsDisk, HostFile
 
 FOOTER = Layout(
     ">",
@@ -264,6 +267,8 @@ class DynamicMap:
         return None if entry == UNUSED_BAT_ENTRY else 512 * entry + self.bitmap + offset % self.block
 
     def extents(self, start: int, length: int, *, want_zero: bool = True) -> Iterator[Extent]:
+        from storprobe.blockmap import Extent
+
         end = start + length
         while start < end:
             stop = min(end, start - start % self.block + self.block)
@@ -282,6 +287,8 @@ class DynamicMap:
 
 
 def block_map(img: Image, info: ImageInfo, host: HostFile) -> FileAsDisk | DynamicMap:
+    from storprobe.blockmap import FileAsDisk
+
     if not img.head.startswith(MAGIC):  # the footer the probe found: the copy at 0, else the trailer
         img.at_header(-FOOTER_SIZE)
     foot = footer(img)

@@ -64,7 +64,7 @@ def test_wheel_top_level_names_and_entry_points(wheel):
     assert "storprobe_plugins/qcow2.py" in names
     text = dist_info(wheel, "entry_points.txt")
     assert "[storprobe.formats]" in text and "qcow2 = storprobe_plugins.qcow2" in text
-    assert "storprobe = storprobe.cli:main" in text
+    assert "storprobe = storprobe.cli:run" in text
 
 
 def test_wheel_carries_the_license_and_type_markers(wheel):

@@ -68,3 +68,30 @@ def test_a_command_with_built_in_formats_alone_imports_no_plugin_manager(tmp_pat
     env = {"STORPROBE_DISABLE_PLUGIN_AUTOLOAD": "1", "PATH": "/usr/bin:/bin"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert proc.stderr.strip().splitlines()[-1] == "[]"
+
+
+#: What probing never needs: the data path, verify, measure and the partition tables (the
+#: plugins import them inside the callbacks that use them), and a plugin manager.
+NOT_FOR_A_SCAN = ("storprobe.blockmap", "storprobe.verify", "storprobe.measure", "storprobe.partitions", "pluggy")
+
+
+def test_a_scan_of_qcow2_images_loads_no_data_path(tmp_path):
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(tmp_path / "a.qcow2"), "1G"], check=True)
+    code = (
+        "import sys\nfrom storprobe.cli import main\n"
+        f"status = main(['scan', {str(tmp_path)!r}])\n"
+        f"print(sorted(m for m in {NOT_FOR_A_SCAN!r} if m in sys.modules), file=sys.stderr)\n"
+        "sys.exit(status)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert '"format": "qcow2"' in proc.stdout
+    assert proc.stderr.strip().splitlines()[-1] == "[]"
+
+
+def test_the_data_path_loads_when_a_callback_needs_it(tmp_path):
+    """The other side of the lazy imports: map, verify and measure still work from a fresh process."""
+    image = tmp_path / "a.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "1M"], check=True)
+    for command in (["map", "--output", "json"], ["verify", "--output", "json"], ["measure", "-O", "qcow2"]):
+        proc = subprocess.run([sys.executable, "-m", "storprobe", *command, str(image)], capture_output=True, text=True)
+        assert proc.returncode == 0, (command, proc.stderr)
