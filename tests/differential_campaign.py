@@ -48,7 +48,16 @@ from storprobe.datapath import LOCAL, open_image
 from storprobe.qemu_map import json_lines
 from storprobe.verify import NoCheck, to_json, verify
 
-from builders import BAT, INTERESTING, Vhdx, guest_writes, real_images, written_qcow2
+from builders import (
+    BAT,
+    INTERESTING,
+    Vhdx,
+    bitmap_dir,
+    differencing_vhd,
+    guest_writes,
+    real_images,
+    written_qcow2,
+)
 from oracle import ours, qemu_img_create, qemu_io, run
 
 #: Formats left out: qemu-img reads iso and LUKS2 as raw, has no cow driver, and raw is any bytes.
@@ -265,6 +274,11 @@ def table_seeds(d: Path) -> list[tuple[str, str, bytes]]:
                                                      script=SUBCLUSTER_WRITES)),
         ("vmdk-stream", "vmdk", stream),
     ]
+    snapshots = written_qcow2(d / "snap.qcow2", 4096)
+    run("qemu-img", "snapshot", "-c", "s1", snapshots)
+    run("qemu-img", "bitmap", "--add", snapshots, "b0")
+    qemu_io(snapshots, "write -P 0x77 0 8k", "write -P 0x78 40k 4k")  # through the enabled bitmap: dirty bits
+    made.append(("qcow2-snapshot-bitmap", "qcow2", snapshots))
     for name, fmt, size, options in (("qcow", "qcow", "4M", ()), ("vmdk", "vmdk", "6M", ()),
                                      ("vdi", "vdi", "6M", ()), ("qed", "qed", "20M", ("cluster_size=4096",)),
                                      ("vhdx", "vhdx", "10M", ("block_size=1M",)), ("vpc", "vpc", "8M", ()),
@@ -272,6 +286,10 @@ def table_seeds(d: Path) -> list[tuple[str, str, bytes]]:
         image = qemu_img_create(d / f"seed.{name}", fmt, size, *options)
         qemu_io(image, *(QCOW_WRITES if fmt == "qcow" else BLOCK_WRITES), fmt=fmt)
         made.append((name, fmt, image))
+    parent = made[-2][2]  # the vpc seed
+    child = qemu_img_create(d / "child.vhd", "vpc", "8M")
+    qemu_io(child, "write -P 0x55 2M 4k", "write -P 0x66 6M 1M", fmt="vpc")
+    made.append(("vpc-differencing", "vpc", differencing_vhd(child, parent)))
     return [(name, fmt, path.read_bytes()) for name, fmt, path in made]
 
 
@@ -284,17 +302,31 @@ def _run(table: int, count: int, width: int, order: str) -> list[Entry]:
 
 
 def qcow2_tables(data: bytes) -> list[Entry]:
-    """L1, the L2 tables it names (16-byte entries with extended L2: both words), the
-    refcount table and the refcount blocks it names (entries of the image's width)."""
+    """L1, the snapshots' L1 tables, the L2 tables they name (16-byte entries with
+    extended L2: both words), the refcount table and the refcount blocks it names
+    (entries of the image's width), the bitmaps' tables."""
     cluster = 1 << _u(data, 20, ">I")
     l1, l1_size, reftable, ref_clusters = (_u(data, 40, ">Q"), _u(data, 36, ">I"), _u(data, 48, ">Q"),
                                            _u(data, 56, ">I"))
     order = _u(data, 96, ">I") if _u(data, 4, ">I") >= 3 else 4
     mask = 0x00FFFFFFFFFFFE00
-    places = _run(l1, l1_size, 8, "big") + _run(reftable, min(ref_clusters * cluster // 8, 64), 8, "big")
-    for at in range(l1, l1 + 8 * l1_size, 8):
-        if _u(data, at, ">Q") & mask:
-            places += _run(_u(data, at, ">Q") & mask, cluster // 8, 8, "big")
+    l1s = [(l1, l1_size)]
+    at = _u(data, 64, ">Q")
+    for _ in range(min(_u(data, 60, ">I"), 16)):  # the snapshot table: each entry's L1 table, then the next entry
+        l1s.append((_u(data, at, ">Q"), min(_u(data, at + 8, ">I"), 4096)))
+        at += -(-(40 + _u(data, at + 36, ">I") + _u(data, at + 12, ">H") + _u(data, at + 14, ">H")) // 8) * 8
+    places = _run(reftable, min(ref_clusters * cluster // 8, 64), 8, "big")
+    l2s = set()
+    for table, entries in l1s:
+        places += _run(table, entries, 8, "big")
+        l2s |= {_u(data, at, ">Q") & mask for at in range(table, table + 8 * entries, 8)} - {0}
+    for l2 in sorted(l2s):
+        places += _run(l2, cluster // 8, 8, "big")
+    if _u(data, 88, ">Q") & 1:  # autoclear "bitmaps": each directory entry's bitmap table
+        count, _, directory = bitmap_dir(data)
+        for _ in range(min(count, 16)):
+            places += _run(_u(data, directory, ">Q"), min(_u(data, directory + 8, ">I"), 4096), 8, "big")
+            directory += -(-(24 + _u(data, directory + 20, ">I") + _u(data, directory + 18, ">H")) // 8) * 8
     width = max(1, (1 << order) // 8)
     for at in range(reftable, reftable + 8 * min(ref_clusters * cluster // 8, 64), 8):
         if _u(data, at, ">Q") & mask:
@@ -389,9 +421,10 @@ def _their_reason(proc: subprocess.CompletedProcess, path: Path) -> str:
     return _general(lines[-1].split(f"'{path}': ", 1)[-1]) if lines else "?"
 
 
-def table_outcomes(path: Path, fmt: str) -> list[tuple[str, str, str]]:
-    """The kinds of divergence of map and check on ``path`` (none when both agree)."""
-    kinds = []
+def table_outcomes(path: Path, fmt: str, *, read: bool = False) -> list[tuple[str, str, str]]:
+    """The kinds of divergence of map and check on ``path`` (none when both agree);
+    ``read``: of the guest bytes too (``qemu-img convert -O raw`` against ``open_image``)."""
+    kinds = read_outcomes(path, fmt) if read else []
     qemu = subprocess.run(["qemu-img", "map", "--output=json", "-f", fmt, str(path)],
                           capture_output=True, text=True, errors="replace", check=False)
     mine, code = None, ""
@@ -435,8 +468,31 @@ def table_outcomes(path: Path, fmt: str) -> list[tuple[str, str, str]]:
     return kinds
 
 
+def read_outcomes(path: Path, fmt: str) -> list[tuple[str, str, str]]:
+    """The kind of divergence between the guest bytes qemu-img converts and those we read, if any."""
+    raw = path.with_suffix(".raw")
+    qemu = subprocess.run(["qemu-img", "convert", "-f", fmt, "-O", "raw", str(path), str(raw)],
+                          capture_output=True, text=True, errors="replace", check=False)
+    try:
+        with open_image(path, fmt, backing=LOCAL) as disk:
+            mine: bytes | None = disk.read()
+        code = ""
+    except ProbeError as exc:
+        mine, code = None, exc.code
+    except Exception as exc:  # noqa: BLE001 - a defect, reported as a kind
+        raw.unlink(missing_ok=True)
+        return [("crash", fmt, f"read: {type(exc).__name__}: {exc}"[:100])]
+    theirs = raw.read_bytes() if qemu.returncode == 0 else None
+    raw.unlink(missing_ok=True)
+    if qemu.returncode == 0 and mine is None:
+        return [("read-we-refuse", fmt, code)]
+    if qemu.returncode != 0 and mine is not None:
+        return [("read-qemu-refuses", fmt, _their_reason(qemu, path))]
+    return [("read-differ", fmt, "")] if mine != theirs else []
+
+
 def table_divergences(
-    seeds: list[tuple[str, str, bytes]], count: int, seed: int, scratch: Path
+    seeds: list[tuple[str, str, bytes]], count: int, seed: int, scratch: Path, *, read: bool = False
 ) -> Iterator[tuple[tuple[str, str, str], bytes]]:
     """Each divergence of ``count`` images with mutated tables (reproducible from ``seed``), with the image."""
     rng = random.Random(seed)
@@ -446,7 +502,7 @@ def table_divergences(
         image = mutated_tables(rng, fmt, data, places)
         path = scratch / f"t{number}.{fmt}"
         path.write_bytes(image)
-        kinds = table_outcomes(path, fmt)
+        kinds = table_outcomes(path, fmt, read=read)
         path.unlink()
         for kind in kinds:
             yield kind, image
@@ -458,13 +514,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--keep", type=Path, default=None, help="where to keep one file of each kind")
     parser.add_argument("--tables", action="store_true", help="mutate block tables of images with data, not headers")
+    parser.add_argument("--read", action="store_true", help="with --tables: compare the guest bytes too (convert)")
     args = parser.parse_args()
     keep = args.keep or Path(tempfile.mkdtemp(prefix="storprobe-differential-"))
     keep.mkdir(parents=True, exist_ok=True)
     seen: collections.Counter[tuple[str, str, str]] = collections.Counter()
     with tempfile.TemporaryDirectory() as made, tempfile.TemporaryDirectory() as scratch:
         if args.tables:
-            found = table_divergences(table_seeds(Path(made)), args.count, args.seed, Path(scratch))
+            found = table_divergences(table_seeds(Path(made)), args.count, args.seed, Path(scratch), read=args.read)
         else:
             found = divergences(qemu_formats(real_images(Path(made))), args.count, args.seed, Path(scratch))
         for kind, image in found:
