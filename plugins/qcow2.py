@@ -49,8 +49,9 @@ from storprobe.verify import CheckFailed, CheckReader, CheckResult, readable
 if TYPE_CHECKING:
     from concurrent.futures import Future, ThreadPoolExecutor
 
-    #: Compressed clusters being inflated: guest cluster -> (the task inflating it and others, its place in them).
-    Batch = dict[int, tuple[Future[list[bytes | DataPathError]], int]]
+    #: Compressed clusters being inflated into a buffer, one after another: the buffer, and for each guest
+    #: cluster the task inflating it and others (its errors by place) and its place in the buffer.
+    Batch = tuple[bytearray, dict[int, tuple[Future[dict[int, DataPathError]], int]]]
 
 HEADER = Layout(
     ">",
@@ -761,8 +762,9 @@ class Qcow2Map:
         self.csize_mask = (1 << (hdr.cluster_bits - 8)) - 1
         self.refcount = (hdr.refcount_order, hdr.refcount_table_offset, hdr.refcount_table_clusters)
         self._preallocated: bool | None = None
-        self._batch: Batch = {}  # the compressed clusters being read
+        self._batch: Batch = _NO_BATCH  # the compressed clusters being read
         self._next_batch: Batch | None = None  # the batch after them, once started
+        self._spare: list[bytearray] = []  # a batch's buffer its tasks are done with, for the next batch
         self._runs: tuple[int, int] | None = None  # the repunit and steps of a table of consecutive clusters
         self._zeros = bytes(self.cluster_size)
 
@@ -1023,7 +1025,7 @@ class Qcow2Map:
             return self.host.read(extent.host_offset + offset - extent.start, length)
         cluster = offset - offset % self.cluster_size
         within = offset - cluster
-        return self._inflate(cluster)[within : within + length]
+        return bytes(self._inflate(cluster)[within : within + length])
 
     def read_into(self, extent: Extent, offset: int, out: memoryview) -> None:
         """:meth:`read` into ``out``: a data cluster's bytes straight from the file, a compressed one's copied
@@ -1034,54 +1036,70 @@ class Qcow2Map:
             return
         cluster = offset - offset % self.cluster_size
         within = offset - cluster
-        out[:] = memoryview(self._inflate(cluster))[within : within + len(out)]
+        out[:] = self._inflate(cluster)[within : within + len(out)]
 
-    def _inflate(self, cluster: int) -> bytes:
+    def _inflate(self, cluster: int) -> memoryview:
         """The bytes of the compressed guest cluster at ``cluster``. It is inflated
         with the compressed clusters that follow it in its L2 table (a batch of up
-        to :data:`INFLATE_BATCH_BYTES` of output), their input read at once where
-        it lies together, the streams inflated on a few threads (zlib and zstd let
-        go of the interpreter while they work). Once a second cluster of a batch
-        is asked for (the disk is read in order), the batch after it in the table
-        is started too, so that the threads inflate while the caller copies: two
-        batches at most are held."""
-        if cluster in self._batch:
+        to :data:`INFLATE_BATCH_BYTES` of output), read and inflated on a few
+        threads (pread, zlib and zstd let go of the interpreter while they work);
+        an error reading or inflating is raised for the clusters it concerns only.
+        Once a second cluster of a batch is asked for (the disk is read in order),
+        the batch after it in the table is started too, so that the threads inflate
+        while the caller copies: two batches at most are held. A batch is inflated
+        into a buffer of its own, reused by a later batch once its tasks are done
+        (fresh memory for every cluster cost a page fault every 4 KiB, as the
+        allocator gave it back to the system and took it again)."""
+        if cluster in self._batch[1]:
             if self._next_batch is None:
                 self._next_batch = self._batch_after(self._batch)
-        elif self._next_batch and cluster in self._next_batch:
+        elif self._next_batch is not None and cluster in self._next_batch[1]:
+            self._retire(self._batch)
             self._batch = self._next_batch
             self._next_batch = self._batch_after(self._batch)
         else:
+            self._retire(self._batch)
+            if self._next_batch is not None:
+                self._retire(self._next_batch)
             self._batch, self._next_batch = self._start_batch(cluster), None
-            if cluster not in self._batch:  # its entry, read again, is no longer a compressed one
+            if cluster not in self._batch[1]:  # its entry, read again, is no longer a compressed one
                 raise SourceError(f"{self.host.name}: an L2 table changed while it was read")
-        task, place = self._batch[cluster]
-        out = task.result()[place]
-        if isinstance(out, DataPathError):  # raised for the cluster it concerns only, as QEMU fails that read
-            raise type(out)(str(out), code=out.code)
-        return out
+        buffer, clusters = self._batch
+        task, place = clusters[cluster]
+        error = task.result().get(place)
+        if error is not None:  # raised for the cluster it concerns only, as QEMU fails that read
+            raise type(error)(str(error), code=error.code)
+        return memoryview(buffer)[place * self.cluster_size : (place + 1) * self.cluster_size]
+
+    def _retire(self, batch: Batch) -> None:
+        """``batch`` is no longer read: its buffer is kept for the next batch when
+        its tasks are done with it (else it goes once they are)."""
+        buffer, clusters = batch
+        if clusters and not self._spare and all(task.done() for task, _ in clusters.values()):
+            self._spare.append(buffer)
 
     def _batch_after(self, batch: Batch) -> Batch:
         """The batch that follows ``batch`` in its L2 table, started; none at the
         end of the table, nor when reading it fails (the read that needs it says why)."""
-        after = max(batch) + self.cluster_size
+        after = max(batch[1]) + self.cluster_size
         if after // self.l1_span != (after - 1) // self.l1_span:
-            return {}
+            return _NO_BATCH
         try:
             return self._start_batch(after)
         except ProbeError:
-            return {}
+            return _NO_BATCH
 
     def _start_batch(self, cluster: int) -> Batch:
         """The compressed clusters from ``cluster`` on (none when its entry is not
-        one), being inflated into their bytes (or the errors inflating them gives)
-        in :data:`INFLATE_THREADS` tasks of clusters that follow one another."""
+        one), being inflated one after another into a buffer in
+        :data:`INFLATE_THREADS` tasks of clusters that follow one another."""
         l1_index = cluster // self.l1_span
         table = self._l2_table(l1_index)
         if table is None:
-            return {}
-        first = (cluster - l1_index * self.l1_span) // self.cluster_size
-        most = min(self.l2_entries - first, max(1, INFLATE_BATCH_BYTES // self.cluster_size))
+            return _NO_BATCH
+        cs = self.cluster_size
+        first = (cluster - l1_index * self.l1_span) // cs
+        most = min(self.l2_entries - first, max(1, INFLATE_BATCH_BYTES // cs))
         batch: list[tuple[int, int, int]] = []  # (guest cluster, host offset, input bytes)
         for i in range(first, first + most):
             entry, _ = self._entry(table, i)
@@ -1092,23 +1110,38 @@ class Qcow2Map:
             size = sectors * COMPRESSED_SECTOR - offset % COMPRESSED_SECTOR  # at most two clusters
             batch.append((cluster + (i - first) * self.cluster_size, offset, size))
         if not batch:
-            return {}
-        low = min(offset for _, offset, _ in batch)
-        high = max(offset + size for _, offset, size in batch)
-        if high - low <= 2 * sum(size for _, _, size in batch):  # packed together, as QEMU writes them
-            whole = memoryview(self.host.read(low, high - low))
-            inputs = [whole[offset - low : offset - low + size] for _, offset, size in batch]
-        else:
-            inputs = [memoryview(self.host.read(offset, size)) for _, offset, size in batch]
-        pool, step = _inflate_pool(), -(-len(batch) // INFLATE_THREADS)
-        tasks: Batch = {}
+            return _NO_BATCH
+        buffer = self._spare.pop() if self._spare else bytearray(max(1, INFLATE_BATCH_BYTES // cs) * cs)
+        out, pool, step = memoryview(buffer), _inflate_pool(), -(-len(batch) // INFLATE_THREADS)
+        clusters: dict[int, tuple[Future[dict[int, DataPathError]], int]] = {}
         for lo in range(0, len(batch), step):
-            task = pool.submit(self._inflate_many, inputs[lo : lo + step])
-            tasks.update((guest, (task, place)) for place, (guest, _, _) in enumerate(batch[lo : lo + step]))
-        return tasks
+            parts = batch[lo : lo + step]
+            task = pool.submit(self._inflate_many, parts, out[lo * cs : (lo + len(parts)) * cs], lo)
+            clusters.update((guest, (task, lo + k)) for k, (guest, _, _) in enumerate(parts))
+        return buffer, clusters
 
-    def _inflate_many(self, inputs: list[memoryview]) -> list[bytes | DataPathError]:
-        return [self._inflate_one(data) for data in inputs]
+    def _inflate_many(self, parts: list[tuple[int, int, int]], out: memoryview, place: int) -> dict[int, DataPathError]:
+        """The clusters ``(guest cluster, host offset, input bytes)`` of ``parts``
+        inflated into ``out`` one after another, on a thread of the pool; the
+        errors, by place in the batch (the first is ``place``). Their input is
+        read at once where it lies together (as QEMU writes it), into the
+        thread's own buffer; each cluster's alone otherwise."""
+        low = min(offset for _, offset, _ in parts)
+        high = max(offset + size for _, offset, size in parts)
+        if high - low <= 2 * sum(size for _, _, size in parts):
+            whole = _input_buffer(high - low)
+            self.host.read_into(low, whole)
+            inputs = [whole[offset - low : offset - low + size] for _, offset, size in parts]
+        else:
+            inputs = [memoryview(self.host.read(offset, size)) for _, offset, size in parts]
+        cs, errors = self.cluster_size, {}
+        for k, data in enumerate(inputs):
+            inflated = self._inflate_one(data)
+            if isinstance(inflated, bytes):
+                out[k * cs : (k + 1) * cs] = inflated
+            else:
+                errors[place + k] = inflated
+        return errors
 
     def _inflate_one(self, data: bytes | memoryview) -> bytes | DataPathError:
         """One compressed cluster's bytes, or why they cannot be had."""
@@ -1125,6 +1158,8 @@ class Qcow2Map:
         return out
 
 
+#: What no compressed cluster is being read from.
+_NO_BATCH: Batch = (bytearray(), {})
 _pool: tuple[int, ThreadPoolExecutor] | None = None
 
 
@@ -1167,11 +1202,44 @@ def _zstd(data: bytes | memoryview, cluster_size: int) -> bytes:
             raise _map_error("compressed-too-long", f"a zstd frame of {declared} bytes, a cluster of {cluster_size}")
         if declared != zstandard.CONTENTSIZE_UNKNOWN and declared < cluster_size:
             raise _map_error("compressed-short", f"a zstd frame of {declared} bytes in a {cluster_size}-byte cluster")
-        return zstandard.ZstdDecompressor().decompress(data, max_output_size=cluster_size)
+        return _zstd_decompressor(zstandard).decompress(data, max_output_size=cluster_size)
     except zstandard.ZstdError as exc:
         if "full frame" in str(exc):  # more output than max_output_size
             raise _map_error("compressed-too-long", "a zstd frame holds more than one cluster") from None
         raise _map_error("compressed-corrupt", f"compressed cluster does not decompress: {exc}") from None
+
+
+_threads: Any = None  # a threading.local: what each thread that inflates keeps
+
+
+def _thread_state() -> Any:
+    """This thread's state for inflating: its zstd decompressor, its input buffer."""
+    global _threads
+    if _threads is None:
+        import threading
+
+        _threads = threading.local()
+    return _threads
+
+
+def _zstd_decompressor(zstandard: Any) -> Any:
+    """This thread's zstd decompressor, made once (making one costs a fifth of
+    decompressing a 64 KiB cluster; each decompress starts afresh)."""
+    state = _thread_state()
+    decompressor = getattr(state, "decompressor", None)
+    if decompressor is None:
+        decompressor = state.decompressor = zstandard.ZstdDecompressor()
+    return decompressor
+
+
+def _input_buffer(size: int) -> memoryview:
+    """``size`` bytes of this thread's buffer for compressed input, reused from
+    one batch to the next (made anew only when a larger one is needed)."""
+    state = _thread_state()
+    buffer = getattr(state, "input", None)
+    if buffer is None or len(buffer) < size:
+        buffer = state.input = bytearray(size)
+    return memoryview(buffer)[:size]
 
 
 def _nonzero_refcounts(block: bytes, bits: int, entries: int) -> int:
