@@ -390,10 +390,11 @@ TABLES = {"qcow2": qcow2_tables, "qcow": qcow_tables, "vmdk": vmdk_tables, "vdi"
           "vhdx": vhdx_tables, "vpc": vpc_tables, "parallels": parallels_tables}
 
 
-def mutated_tables(rng: random.Random, fmt: str, data: bytes, places: list[Entry]) -> bytes:
+def mutated_tables(rng: random.Random, data: bytes, places: list[Entry]) -> bytes:
     """``data`` with one to three table entries overwritten: a boundary value (the file's
-    size in bytes, sectors or clusters; the largest values), another entry's value, the
-    entry itself near by or with a bit flipped, or random bits."""
+    size in bytes, sectors or clusters; the largest values), another entry's value, where
+    another table lies (in bytes, its flag bits kept, or in sectors), the entry itself near
+    by or with a bit flipped, or random bits."""
     buf = bytearray(data)
     for _ in range(rng.randint(1, 3)):
         at, width, order = rng.choice(places)
@@ -404,8 +405,11 @@ def mutated_tables(rng: random.Random, fmt: str, data: bytes, places: list[Entry
         if choice < 0.3:
             value = rng.choice([0, 1, 2, 0x200, 0x201, 0x1000, len(data), len(data) // 512, len(data) + 0x10000,
                                 top - 1, top - 2, top >> 1, (top >> 1) | 1, top >> 2] + INTERESTING)
-        elif choice < 0.55:
+        elif choice < 0.45:
             value = other
+        elif choice < 0.6:  # a table's place: metadata shared, or data read from a table
+            table = rng.choice(places)[0] // 512 * 512
+            value = table // 512 if width == 4 else table | (current & 0xFF00_0000_0000_01FF)
         elif choice < 0.75:
             value = current ^ (1 << rng.randrange(8 * width))
         elif choice < 0.9:
@@ -499,7 +503,7 @@ def table_divergences(
     located = [(fmt, data, TABLES[fmt](data)) for _, fmt, data in seeds]
     for number in range(count):
         fmt, data, places = rng.choice(located)
-        image = mutated_tables(rng, fmt, data, places)
+        image = mutated_tables(rng, data, places)
         path = scratch / f"t{number}.{fmt}"
         path.write_bytes(image)
         kinds = table_outcomes(path, fmt, read=read)
