@@ -56,7 +56,9 @@ from .source import Image
 class BackingPolicy(NamedTuple):
     """Which backing files :func:`open_image` reads.
 
-    :data:`REFUSE` (the default): an image that names one is refused.
+    :data:`REFUSE` (the default): an image that names one is refused (unless
+    its block map reads none of it, :class:`~storprobe.blockmap.ReadsNoBacking`:
+    a differencing VHD, read as QEMU reads it).
     :data:`IGNORE`: the image is read alone; what its backing would hold reads
     as zeros (``qemu-img``'s ``backing: null``, ``storprobe map --no-backing``).
     :data:`LOCAL`: any recorded local file, as ``qemu-img`` opens it (for images
