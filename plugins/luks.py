@@ -14,8 +14,6 @@ it as cryptsetup does (lib/luks2/luks2_disk_metadata.c, luks2_json_metadata.c)
 and give the data segment's facts as details.
 """
 
-from __future__ import annotations
-
 import json
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -256,7 +254,7 @@ def size(img: Image) -> int:
     return end - start
 
 
-def measure(request: MeasureRequest) -> Measurement:
+def measure(request: "MeasureRequest") -> "Measurement":
     """``qemu-img measure -O luks`` (block_crypto_measure): the LUKS1 header QEMU
     would write, then every byte of the disk (encrypted, so none is a hole)."""
     from storprobe.measure import CreateOption, MeasureError, Measurement

@@ -10,13 +10,10 @@ the corrupt bit are the row's hazards for ``storprobe check``. Names
 (backing file, data file) are reported, never opened.
 """
 
-from __future__ import annotations
-
 import functools
 import os
 import struct
 import sys
-from array import array
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -38,16 +35,18 @@ from storprobe import (
     SourceError,
     hookimpl,
 )
-from storprobe.blockmap import DataPathError, Extent, HostFile, MissingExtra, inflate_cluster
 from storprobe.layout import cstring
 from storprobe.luks1 import CREATE_STRINGS as LUKS_CREATE_STRINGS
 from storprobe.luks1 import LUKS1_HEADER_SIZE, CreateRefused, created_payload_offset, luks_specific
-from storprobe.measure import CreateOption, MeasureError, Measurement, MeasureRequest
 from storprobe.source import TableWalker
-from storprobe.verify import CheckFailed, CheckReader, CheckResult, readable
 
 if TYPE_CHECKING:
+    from array import array
     from concurrent.futures import Future, ThreadPoolExecutor
+
+    from storprobe.blockmap import DataPathError, Extent, HostFile
+    from storprobe.measure import CreateOption, Measurement, MeasureRequest
+    from storprobe.verify import CheckReader, CheckResult
 
     #: Compressed clusters being inflated into a buffer, one after another: the buffer, and for each guest
     #: cluster the task inflating it and others (its errors by place) and its place in the buffer.
@@ -725,14 +724,17 @@ ZLIB_WBITS = -12
 PLAIN_DATA_FLAGS = ~((1 << 63) | L2E_OFFSET_MASK) % 2**64
 #: Each byte value -> 1 when non-zero (for counting non-zero refcounts a table at a time).
 _NONZERO = bytes([0] + [1] * 255)
-#: For refcounts of 1, 2 and 4 bits: each byte value -> how many of its refcounts are non-zero.
-_NONZERO_FIELDS = {
-    bits: bytes(sum(1 for k in range(8 // bits) if value >> (bits * k) & ((1 << bits) - 1)) for value in range(256))
-    for bits in (1, 2, 4)
-}
 
 
-def _map_error(rule: str, message: str) -> DataPathError:
+@functools.cache  # made when a check first needs it, not at import
+def _nonzero_fields(bits: int) -> bytes:
+    """For refcounts of ``bits`` (1, 2 or 4) bits: each byte value -> how many of its refcounts are non-zero."""
+    return bytes(sum(1 for k in range(8 // bits) if value >> (bits * k) & ((1 << bits) - 1)) for value in range(256))
+
+
+def _map_error(rule: str, message: str) -> "DataPathError":
+    from storprobe.blockmap import DataPathError
+
     return DataPathError(message, code=f"qcow2.{rule}")
 
 
@@ -743,7 +745,7 @@ class Qcow2Map:
     clusters in a version 2 image, invalid subcluster bitmaps) are named
     errors; reserved bits QEMU's reader ignores are ignored here too."""
 
-    def __init__(self, img: Image, info: ImageInfo, host: HostFile) -> None:
+    def __init__(self, img: Image, info: ImageInfo, host: "HostFile") -> None:
         hdr = _header(img)
         if hdr.incompatible_features & ~INCOMPAT_KNOWN:
             raise _map_error("unknown-feature", "unknown incompatible features: QEMU does not read this image")
@@ -793,7 +795,9 @@ class Qcow2Map:
 
     # -- extents -----------------------------------------------------------------------
 
-    def extents(self, start: int, length: int, *, want_zero: bool = True) -> Iterator[Extent]:
+    def extents(self, start: int, length: int, *, want_zero: bool = True) -> "Iterator[Extent]":
+        from storprobe.blockmap import Extent
+
         end = start + length
         while start < end:
             l1_index = start // self.l1_span
@@ -809,8 +813,10 @@ class Qcow2Map:
                         yield extent
             start = stop
 
-    def _clusters(self, table: bytes, l1_index: int, start: int, stop: int) -> Iterator[Extent]:
+    def _clusters(self, table: bytes, l1_index: int, start: int, stop: int) -> "Iterator[Extent]":
         """One extent per cluster (per run of like subclusters) of ``[start, stop)``."""
+        from storprobe.blockmap import Extent
+
         first = l1_index * self.l1_span
         cs = self.cluster_size
         index = (start - first) // cs
@@ -830,6 +836,8 @@ class Qcow2Map:
         cluster by cluster. ``m`` entries do when, read as one big-endian
         integer, they are ``entry`` times the m-word repunit plus the steps 0,
         cs, 2cs ...: the longest such prefix is found by doubling, then bisection."""
+        from array import array
+
         if self._runs is None:
             n = self.l2_entries
             words = array("Q", range(0, n * self.cluster_size, self.cluster_size))
@@ -865,19 +873,25 @@ class Qcow2Map:
             low, high = (middle, high) if entries[:middle] == self._zeros[:middle] else (low, middle)
         return low // 8
 
-    def _one_cluster(self, table: bytes, l1_index: int, i: int, start: int, stop: int) -> Iterator[Extent]:
+    def _one_cluster(self, table: bytes, l1_index: int, i: int, start: int, stop: int) -> "Iterator[Extent]":
         """The extents of cluster ``i`` of an L2 table, within ``[start, stop)``."""
+        from storprobe.blockmap import Extent
+
         entry, bitmap = self._entry(table, i)
         c_start = l1_index * self.l1_span + i * self.cluster_size
         lo, hi = max(start, c_start) - c_start, min(stop, c_start + self.cluster_size) - c_start
         for s, e, data, zero, host, compressed in self._cluster(entry, bitmap, l1_index, i, lo, hi):
             yield Extent(c_start + s, e - s, data, zero, None if host is None else host + s, compressed)
 
-    def _standard_runs(self, table: bytes, l1_index: int, start: int, stop: int) -> Iterator[Extent]:
+    def _standard_runs(self, table: bytes, l1_index: int, start: int, stop: int) -> "Iterator[Extent]":
         """:meth:`_clusters` for standard (8-byte) entries, a run at a time: a run
         of empty entries is found by one search, a run of plain data clusters at
         consecutive host offsets by comparing entries; any other entry (zero,
         compressed, flagged, unaligned) goes through :meth:`_one_cluster`."""
+        from array import array
+
+        from storprobe.blockmap import Extent
+
         cs, first = self.cluster_size, l1_index * self.l1_span
         index, end = (start - first) // cs, (stop - 1 - first) // cs + 1
         words = array("Q", table[index * 8 : end * 8])
@@ -951,7 +965,7 @@ class Qcow2Map:
             )
 
     @staticmethod
-    def _merged(extents: Iterator[Extent]) -> Iterator[Extent]:
+    def _merged(extents: "Iterator[Extent]") -> "Iterator[Extent]":
         """Adjacent extents of one status and contiguous host offsets, as one."""
         pending: Extent | None = None
         for extent in extents:
@@ -971,9 +985,11 @@ class Qcow2Map:
         if pending is not None:
             yield pending
 
-    def _split_by_holes(self, extent: Extent) -> Iterator[Extent]:
+    def _split_by_holes(self, extent: "Extent") -> "Iterator[Extent]":
         """A data extent of a preallocated image, where the file has holes (or
         has ended) marked as reading zeros, as QEMU's block status recurses."""
+        from storprobe.blockmap import Extent
+
         assert extent.host_offset is not None
         delta = extent.start - extent.host_offset
         for offset, length, is_data in self.host.holes(extent.host_offset, extent.length):
@@ -1019,7 +1035,7 @@ class Qcow2Map:
 
     # -- reads -------------------------------------------------------------------------
 
-    def read(self, extent: Extent, offset: int, length: int) -> bytes:
+    def read(self, extent: "Extent", offset: int, length: int) -> bytes:
         if not extent.compressed:
             assert extent.host_offset is not None
             return self.host.read(extent.host_offset + offset - extent.start, length)
@@ -1027,7 +1043,7 @@ class Qcow2Map:
         within = offset - cluster
         return bytes(self._inflate(cluster)[within : within + length])
 
-    def read_into(self, extent: Extent, offset: int, out: memoryview) -> None:
+    def read_into(self, extent: "Extent", offset: int, out: memoryview) -> None:
         """:meth:`read` into ``out``: a data cluster's bytes straight from the file, a compressed one's copied
         once from its inflated cluster."""
         if not extent.compressed:
@@ -1071,14 +1087,14 @@ class Qcow2Map:
             raise type(error)(str(error), code=error.code)
         return memoryview(buffer)[place * self.cluster_size : (place + 1) * self.cluster_size]
 
-    def _retire(self, batch: Batch) -> None:
+    def _retire(self, batch: "Batch") -> None:
         """``batch`` is no longer read: its buffer is kept for the next batch when
         its tasks are done with it (else it goes once they are)."""
         buffer, clusters = batch
         if clusters and not self._spare and all(task.done() for task, _ in clusters.values()):
             self._spare.append(buffer)
 
-    def _batch_after(self, batch: Batch) -> Batch:
+    def _batch_after(self, batch: "Batch") -> "Batch":
         """The batch that follows ``batch`` in its L2 table, started; none at the
         end of the table, nor when reading it fails (the read that needs it says why)."""
         after = max(batch[1]) + self.cluster_size
@@ -1089,7 +1105,7 @@ class Qcow2Map:
         except ProbeError:
             return _NO_BATCH
 
-    def _start_batch(self, cluster: int) -> Batch:
+    def _start_batch(self, cluster: int) -> "Batch":
         """The compressed clusters from ``cluster`` on (none when its entry is not
         one), being inflated one after another into a buffer in
         :data:`INFLATE_THREADS` tasks of clusters that follow one another."""
@@ -1120,7 +1136,9 @@ class Qcow2Map:
             clusters.update((guest, (task, lo + k)) for k, (guest, _, _) in enumerate(parts))
         return buffer, clusters
 
-    def _inflate_many(self, parts: list[tuple[int, int, int]], out: memoryview, place: int) -> dict[int, DataPathError]:
+    def _inflate_many(
+        self, parts: list[tuple[int, int, int]], out: memoryview, place: int
+    ) -> "dict[int, DataPathError]":
         """The clusters ``(guest cluster, host offset, input bytes)`` of ``parts``
         inflated into ``out`` one after another, on a thread of the pool; the
         errors, by place in the batch (the first is ``place``). Their input is
@@ -1143,8 +1161,10 @@ class Qcow2Map:
                 errors[place + k] = inflated
         return errors
 
-    def _inflate_one(self, data: bytes | memoryview) -> bytes | DataPathError:
+    def _inflate_one(self, data: bytes | memoryview) -> "bytes | DataPathError":
         """One compressed cluster's bytes, or why they cannot be had."""
+        from storprobe.blockmap import DataPathError, inflate_cluster
+
         try:
             if self.compression:
                 out = _zstd(data, self.cluster_size)
@@ -1159,11 +1179,11 @@ class Qcow2Map:
 
 
 #: What no compressed cluster is being read from.
-_NO_BATCH: Batch = (bytearray(), {})
-_pool: tuple[int, ThreadPoolExecutor] | None = None
+_NO_BATCH: "Batch" = (bytearray(), {})
+_pool: "tuple[int, ThreadPoolExecutor] | None" = None
 
 
-def _inflate_pool() -> ThreadPoolExecutor:
+def _inflate_pool() -> "ThreadPoolExecutor":
     """The :data:`INFLATE_THREADS` threads every image's compressed clusters are
     inflated on, started when first needed (again in a forked child, which has
     none of its parent's threads)."""
@@ -1175,7 +1195,7 @@ def _inflate_pool() -> ThreadPoolExecutor:
     return _pool[1]
 
 
-def _clipped(extent: Extent, start: int, stop: int) -> Extent:
+def _clipped(extent: "Extent", start: int, stop: int) -> "Extent":
     """``extent`` (whole clusters) cut to ``[start, stop)``."""
     lo, hi = max(extent.start, start), min(extent.end, stop)
     if (lo, hi) == (extent.start, extent.end):
@@ -1190,6 +1210,8 @@ def _zstd(data: bytes | memoryview, cluster_size: int) -> bytes:
     holds less too (QEMU would read on into whatever frame follows: it writes
     one frame per cluster). Output never exceeds a cluster: a declared content
     size is checked before anything is decompressed."""
+    from storprobe.blockmap import MissingExtra
+
     try:
         import zstandard
     except ImportError:
@@ -1253,13 +1275,13 @@ def _nonzero_refcounts(block: bytes, bits: int, entries: int) -> int:
         return combined.bit_count()
     per_byte = 8 // bits  # sub-byte refcounts, the low bits of a byte first (as QEMU stores them)
     whole, rest = divmod(entries, per_byte)
-    count = sum(block[:whole].translate(_NONZERO_FIELDS[bits]))
+    count = sum(block[:whole].translate(_nonzero_fields(bits)))
     if rest:
-        count += _NONZERO_FIELDS[bits][block[whole] & ((1 << bits * rest) - 1)]
+        count += _nonzero_fields(bits)[block[whole] & ((1 << bits * rest) - 1)]
     return count
 
 
-def block_map(img: Image, info: ImageInfo, host: HostFile) -> Qcow2Map:
+def block_map(img: Image, info: ImageInfo, host: "HostFile") -> Qcow2Map:
     return Qcow2Map(img, info, host)
 
 
@@ -1308,12 +1330,14 @@ NUMPY_MIN_CLUSTERS = 1 << 17
 FAST_RUN_FLAGS = ~(OFLAG_COPIED | L2E_OFFSET_MASK) % UINT64  # bits a plain data cluster entry leaves clear
 #: Array type codes holding a refcount of 2**refcount_order bits (narrower ones take a byte each).
 REFCOUNT_TYPECODES = {0: "B", 1: "B", 2: "B", 3: "B", 4: "H", 5: "I", 6: "Q"}
-#: Sub-byte refcount blocks, one byte per refcount: QEMU packs them from each byte's low bits up.
-SUB_BYTE_EXPANSION = {
-    order: [bytes((value >> shift) & ((1 << (1 << order)) - 1) for shift in range(0, 8, 1 << order))
+
+
+@functools.cache  # made when a check first needs it, not at import
+def _sub_byte_expansion(order: int) -> list[bytes]:
+    """Each byte value of a sub-byte refcount block (refcount_order 0..2) as one byte
+    per refcount: QEMU packs them from each byte's low bits up."""
+    return [bytes((value >> shift) & ((1 << (1 << order)) - 1) for shift in range(0, 8, 1 << order))
             for value in range(256)]
-    for order in range(3)
-}
 
 
 @functools.cache
@@ -1327,8 +1351,10 @@ def _numpy() -> Any:
     return numpy
 
 
-def _words(data: bytes, typecode: str = "Q") -> array:
+def _words(data: bytes, typecode: str = "Q") -> "array":
     """``data`` as big-endian unsigned integers of ``typecode``'s width."""
+    from array import array
+
     words = array(typecode, data)
     if words.itemsize > 1 and sys.byteorder == "little":
         words.byteswap()
@@ -1338,7 +1364,11 @@ def _words(data: bytes, typecode: str = "Q") -> array:
 class _RefcountWalk:
     """One check of one image: the in-memory refcounts (QEMU's IMRT) and the counts of the result."""
 
-    def __init__(self, hdr: Any, ext: Extensions, reader: CheckReader) -> None:
+    def __init__(self, hdr: Any, ext: Extensions, reader: "CheckReader") -> None:
+        from array import array
+
+        from storprobe.verify import CheckFailed
+
         self.hdr, self.ext, self.reader = hdr, ext, reader
         self.cluster_bits = hdr.cluster_bits
         self.cluster_size = 1 << hdr.cluster_bits
@@ -1387,6 +1417,8 @@ class _RefcountWalk:
 
     def reference(self, offset: int, size: int) -> None:
         """Count a reference to each cluster of ``size`` bytes at ``offset``."""
+        from storprobe.verify import CheckFailed
+
         if size <= 0:
             return
         offset = _int64(offset)  # QEMU takes the offset as a signed 64-bit value
@@ -1579,10 +1611,14 @@ class _RefcountWalk:
 
     # --- what the image records (qcow2_get_refcount) -------------------------------------
 
-    def refcount_block(self, index: int) -> array | None:
+    def refcount_block(self, index: int) -> "array | None":
         """The refcounts reftable entry ``index`` covers (zeros where it points
         nowhere), or None when its block cannot be read (an unaligned offset, or
         one past what QEMU reads)."""
+        from array import array
+
+        from storprobe.verify import readable
+
         if index >= len(self.reftable):
             return None if index < 0 else array(self.typecode, [0]) * (1 << self.refblock_bits)
         offset = self.reftable[index] & REFT_OFFSET_MASK
@@ -1592,7 +1628,7 @@ class _RefcountWalk:
             return None
         data = self.reader.read(offset, self.cluster_size)
         if self.order < 3:
-            return array("B", b"".join(map(SUB_BYTE_EXPANSION[self.order].__getitem__, data)))
+            return array("B", b"".join(map(_sub_byte_expansion(self.order).__getitem__, data)))
         return _words(data, self.typecode)
 
     def recorded_refcount(self, cluster: int) -> int | None:
@@ -1704,14 +1740,16 @@ class _RefcountWalk:
         return self.counts[low : low + self.l2_entries] == self.one_run
 
 
-def _last_nonzero(values: array) -> int:
+def _last_nonzero(values: "array") -> int:
     """The index of the last non-zero value, -1 when all are zero."""
     used = len(values.tobytes().rstrip(b"\0"))
     return (used - 1) // values.itemsize if used else -1
 
 
-def check(img: Image, reader: CheckReader) -> CheckResult:
+def check(img: Image, reader: "CheckReader") -> "CheckResult":
     """qemu-img check of a qcow2 image, read-only (QEMU 7.2: qcow2_co_check_locked)."""
+    from storprobe.verify import CheckFailed, CheckResult
+
     hdr = _header(img)
     if hdr.incompatible_features & ~INCOMPAT_KNOWN:
         raise CheckFailed("Could not open: Unsupported qcow2 feature(s) (unknown incompatible features)")
@@ -1755,6 +1793,8 @@ def _bitmap_references(img: Image, hdr: Any, ext: Any, walk: _RefcountWalk) -> N
     """qcow2_check_bitmaps_refcounts: the directory, each bitmap's table and the
     clusters it names. A table with an invalid entry does not load, and then the
     check fails (QEMU counts a corruption and stops: "Check failed: Invalid argument")."""
+    from storprobe.verify import CheckFailed
+
     walk.reference(ext.directory_offset, ext.directory_size)
     for entry, name in _bitmap_directory(img, hdr, ext):
         table_bytes = entry.bitmap_table_size * 8
@@ -1776,35 +1816,42 @@ def _bitmap_references(img: Image, hdr: Any, ext: Any, walk: _RefcountWalk) -> N
 # data touches (all of them with preallocation=full/falloc or a backing file).
 # ===========================================================================
 
-#: qcow2's creation options as qemu-img 7.2 accepts them (qcow2_create_opts).
-CREATE_OPTIONS = (
-    CreateOption("size", "size"),
-    CreateOption("compat", "string"),
-    CreateOption("backing_file", "string"),
-    CreateOption("backing_fmt", "string"),
-    CreateOption("data_file", "string"),
-    CreateOption("data_file_raw", "bool"),
-    CreateOption("lazy_refcounts", "bool"),
-    CreateOption("refcount_bits", "number"),
-    CreateOption("encryption", "bool"),
-    CreateOption("encrypt.format", "string"),
-    *(CreateOption(f"encrypt.{name}", "string") for name in LUKS_CREATE_STRINGS),
-    CreateOption("encrypt.iter-time", "number"),
-    CreateOption("cluster_size", "size"),
-    CreateOption("extended_l2", "bool"),
-    CreateOption("preallocation", "string"),
-    CreateOption("compression_type", "string"),
-)
+def _create_options() -> "tuple[CreateOption, ...]":
+    """qcow2's creation options as qemu-img 7.2 accepts them (qcow2_create_opts)."""
+    from storprobe.measure import CreateOption
+
+    return (
+        CreateOption("size", "size"),
+        CreateOption("compat", "string"),
+        CreateOption("backing_file", "string"),
+        CreateOption("backing_fmt", "string"),
+        CreateOption("data_file", "string"),
+        CreateOption("data_file_raw", "bool"),
+        CreateOption("lazy_refcounts", "bool"),
+        CreateOption("refcount_bits", "number"),
+        CreateOption("encryption", "bool"),
+        CreateOption("encrypt.format", "string"),
+        *(CreateOption(f"encrypt.{name}", "string") for name in LUKS_CREATE_STRINGS),
+        CreateOption("encrypt.iter-time", "number"),
+        CreateOption("cluster_size", "size"),
+        CreateOption("extended_l2", "bool"),
+        CreateOption("preallocation", "string"),
+        CreateOption("compression_type", "string"),
+    )
+
+
 DEFAULT_CLUSTER_SIZE = 65536
 PREALLOCATION_MODES = ("off", "metadata", "falloc", "full")
 L1E_SIZE, L2E_SIZE, L2E_SIZE_EXTENDED, REFTABLE_ENTRY_SIZE = 8, 8, 16, 8
 BITMAP_DIR_ENTRY_SIZE = 24  # a bitmap directory entry before its name
 
 
-def measure(request: MeasureRequest) -> Measurement:
+def measure(request: "MeasureRequest") -> "Measurement":
     """``qemu-img measure -O qcow2``: metadata of a fully allocated image, plus
     the data clusters required, plus the source's persistent bitmaps (v3)."""
-    options = request.options(CREATE_OPTIONS)
+    from storprobe.measure import MeasureError, Measurement
+
+    options = request.options(_create_options())
     extended_l2 = options.flag("extended_l2")
     cluster_size = _measured_cluster_size(options.number("cluster_size", DEFAULT_CLUSTER_SIZE), extended_l2)
     compat = options.string("compat")
@@ -1853,6 +1900,8 @@ def measure(request: MeasureRequest) -> Measurement:
 
 def _measured_cluster_size(cluster_size: int, extended_l2: bool) -> int:
     """The cluster size, checked as QEMU's validate_cluster_size checks it."""
+    from storprobe.measure import MeasureError
+
     if not MIN_CLUSTER_BITS <= (cluster_size & -cluster_size).bit_length() - 1 <= MAX_CLUSTER_BITS or (
         cluster_size & (cluster_size - 1)
     ):

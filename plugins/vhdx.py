@@ -34,8 +34,6 @@ read-only), and so is a differencing disk (QEMU opens none). The BAT is read
 in 64 KiB pieces through the bounded cache.
 """
 
-from __future__ import annotations
-
 import struct
 import sys
 from collections.abc import Iterator
@@ -639,7 +637,7 @@ class VhdxMap:
     entry must lie inside the file and miss every region, as QEMU's open
     checks every entry (here: when it is read; ``vhdx.bat-entry``)."""
 
-    def __init__(self, img: Image, info: ImageInfo, host: HostFile) -> None:
+    def __init__(self, img: Image, info: ImageInfo, host: "HostFile") -> None:
         from storprobe.blockmap import DataPathError
 
         vhdx = parse(img)
@@ -649,7 +647,7 @@ class VhdxMap:
         self.geometry = Geometry(vhdx)
         self.host = host
 
-    def extents(self, start: int, length: int, *, want_zero: bool = True) -> Iterator[Extent]:
+    def extents(self, start: int, length: int, *, want_zero: bool = True) -> "Iterator[Extent]":
         from storprobe.blockmap import Extent
 
         yield Extent(start, length, True, False)
@@ -660,7 +658,7 @@ class VhdxMap:
         table = self.host.table(self.geometry.bat_offset + piece, min(BAT_PIECE, self.geometry.entries * 8 - piece))
         return int.from_bytes(table[at - piece : at - piece + 8], "little")
 
-    def read(self, extent: Extent, offset: int, length: int) -> bytes:
+    def read(self, extent: "Extent", offset: int, length: int) -> bytes:
         from storprobe.blockmap import DataPathError
 
         g = self.geometry
@@ -695,11 +693,11 @@ class VhdxMap:
                                 "over a region: QEMU does not open the image", code="vhdx.bat-entry")
 
 
-def block_map(img: Image, info: ImageInfo, host: HostFile) -> VhdxMap:
+def block_map(img: Image, info: ImageInfo, host: "HostFile") -> VhdxMap:
     return VhdxMap(img, info, host)
 
 
-def check(img: Image, reader: CheckReader) -> CheckResult:
+def check(img: Image, reader: "CheckReader") -> "CheckResult":
     """qemu-img check of a VHDX image (vhdx_co_check, read-only): each fully
     present BAT entry that overflows, lies past the end of the file, or (a
     payload entry, counted as QEMU counts them: every ``chunk_ratio``-th

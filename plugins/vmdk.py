@@ -25,8 +25,6 @@ with sscanf); this plugin reads it the same way, so that what it reports is
 what QEMU opens.
 """
 
-from __future__ import annotations
-
 import bisect
 import re
 import struct
@@ -738,7 +736,7 @@ class _Extent(NamedTuple):
 
     start: int  # guest bytes
     length: int
-    host: HostFile
+    host: "HostFile"
     file: str | None  # the name the data path shows for the extent's file (None: the image's own)
     flat_offset: int = 0
     tables: SparseTables | None = None
@@ -752,7 +750,7 @@ class VmdkMap:
     extent is data throughout, where its file has holes reading as zeros (QEMU
     asks the file, BDRV_BLOCK_RECURSE)."""
 
-    def __init__(self, img: Image, info: ImageInfo, host: HostFile) -> None:
+    def __init__(self, img: Image, info: ImageInfo, host: "HostFile") -> None:
         disk = _disk(img)
         self.parts: list[_Extent] = []
         if disk.grain is not None:
@@ -781,7 +779,7 @@ class VmdkMap:
                                 code="vmdk.parent-cid")
         self._parent_checked = True
 
-    def _open_extents(self, info: ImageInfo, disk: Disk, host: HostFile) -> None:
+    def _open_extents(self, info: ImageInfo, disk: Disk, host: "HostFile") -> None:
         start = 0
         for line in opened_lines(disk):
             shown = _extent_path(info.filename, line.filename)
@@ -797,7 +795,7 @@ class VmdkMap:
     def _at(self, offset: int) -> _Extent:
         return self.parts[bisect.bisect_right(self.starts, offset) - 1]
 
-    def extents(self, start: int, length: int, *, want_zero: bool = True) -> Iterator[BlockExtent]:
+    def extents(self, start: int, length: int, *, want_zero: bool = True) -> "Iterator[BlockExtent]":
         end = start + length
         while start < end:
             extent = self._at(start)
@@ -809,7 +807,7 @@ class VmdkMap:
             start = stop
 
     @staticmethod
-    def _flat(extent: _Extent, start: int, stop: int, want_zero: bool) -> Iterator[BlockExtent]:
+    def _flat(extent: _Extent, start: int, stop: int, want_zero: bool) -> "Iterator[BlockExtent]":
         from storprobe.blockmap import Extent as BlockExtent
 
         host_offset = extent.flat_offset + start - extent.start
@@ -821,7 +819,7 @@ class VmdkMap:
             yield BlockExtent(offset + delta, run, True, not is_data, offset, False, extent.file)
 
     @staticmethod
-    def _sparse(extent: _Extent, tables: SparseTables, start: int, stop: int) -> Iterator[BlockExtent]:
+    def _sparse(extent: _Extent, tables: SparseTables, start: int, stop: int) -> "Iterator[BlockExtent]":
         from storprobe.blockmap import Extent as BlockExtent
 
         base, grain = extent.start, tables.grain
@@ -854,7 +852,7 @@ class VmdkMap:
                                       extent.file)
                 start = grain_end
 
-    def read(self, extent: BlockExtent, offset: int, length: int) -> bytes:
+    def read(self, extent: "BlockExtent", offset: int, length: int) -> bytes:
         found = self._at(offset)
         rel = offset - found.start
         tables = found.tables
@@ -873,7 +871,7 @@ class VmdkMap:
         return self._inflated[2]
 
 
-def inflate_grain(host: HostFile, offset: int, tables: SparseTables) -> bytes:
+def inflate_grain(host: "HostFile", offset: int, tables: SparseTables) -> bytes:
     """The compressed grain at ``offset`` as QEMU's vmdk_read_extent inflates
     it: at most two grains of input (its marker included), a zlib stream that
     ends within them and inflates to exactly one grain; anything else is a
@@ -962,7 +960,7 @@ def sparse_extent_file(img: Image, line: Extent, shown: str) -> Image:
     return img
 
 
-def block_map(img: Image, info: ImageInfo, host: HostFile) -> VmdkMap:
+def block_map(img: Image, info: ImageInfo, host: "HostFile") -> VmdkMap:
     return VmdkMap(img, info, host)
 
 
@@ -971,12 +969,12 @@ class _Checked(NamedTuple):
     file, and its sparse tables (None: flat, at ``flat_offset`` in the file)."""
 
     sectors: int
-    reader: CheckReader
+    reader: "CheckReader"
     tables: SparseTables | None
     flat_offset: int = 0
 
 
-def check(img: Image, reader: CheckReader) -> CheckResult:
+def check(img: Image, reader: "CheckReader") -> "CheckResult":
     """qemu-img check of a VMDK (QEMU 7.2's vmdk_co_check), read-only: the
     extents QEMU opens (this file's own sparse extent, or the files its
     descriptor names, opened through ``reader`` as the verify's policy allows),

@@ -16,7 +16,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO, TypeAlias
 
 from .detect import probe
 from .errors import BackingFormatNotSpecified, PluginError, ProbeError
@@ -32,6 +32,9 @@ if TYPE_CHECKING:
     from .scan import ScanRecord
     from .spec import Hazard
     from .stream import StreamVerdict
+
+    #: The commands' parsers, as argparse keeps them.
+    _Commands: TypeAlias = "argparse._SubParsersAction[_CommandParser]"
 
 EXIT_OK, EXIT_PROBE, EXIT_USAGE, EXIT_UNSAFE = 0, 1, 2, 3
 EXIT_UNDETERMINED = 4
@@ -64,14 +67,22 @@ def _max_size_option(parser: argparse.ArgumentParser, what: str) -> None:
     )
 
 
-def _parser() -> _Parser:
+def _parser(command: str | None = None) -> _Parser:
+    """The command line's parser: every command's, or ``command``'s alone
+    (declaring every command's arguments is a third of a command's start-up)."""
     parser = _Parser(
         prog="storprobe", description="Tell what a disk image is from its bytes alone.", formatter_class=_Formatter
     )
     parser.add_argument("--version", action=_Version, help="print storprobe's version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_CommandParser)
     parser.commands = sub.choices
+    for name, declare in _COMMANDS.items():
+        if command in (None, name):
+            declare(sub)
+    return parser
 
+
+def _declare_info(sub: _Commands) -> None:
     info = sub.add_parser(
         "info", help="describe one volume (qemu-img info compatible)",
         description="Describe one volume from its bytes alone, as qemu-img info does.",
@@ -118,6 +129,8 @@ def _parser() -> _Parser:
              "http(s)://, read by ranges)",
     )
 
+
+def _declare_scan(sub: _Commands) -> None:
     scan = sub.add_parser(
         "scan", help="probe every volume in a directory (a libvirt dir pool refresh)",
         description="Probe every entry of a directory, in name order, as a libvirt dir pool refresh does; "
@@ -169,6 +182,8 @@ def _parser() -> _Parser:
              "under it, in key order",
     )
 
+
+def _declare_check(sub: _Commands) -> None:
     check = sub.add_parser(
         "check", help="is this image safe to hand to a hypervisor? (exit 0 safe, 3 unsafe)",
         description="Judge an untrusted image under a policy: exit 0 safe, 3 unsafe (one line per hazard), "
@@ -226,6 +241,8 @@ def _parser() -> _Parser:
     check.add_argument("--endpoint-url", metavar="URL", help=_ENDPOINT_HELP)
     check.add_argument("path", metavar="PATH", help="the volume to judge (a path, or an object's URL)")
 
+
+def _declare_verify(sub: _Commands) -> None:
     verify = sub.add_parser(
         "verify", help="check an image's metadata as qemu-img check does (read-only; its exit codes)",
         description="Check the consistency of an image's metadata as qemu-img check does, without repairing "
@@ -240,6 +257,8 @@ def _parser() -> _Parser:
     _max_size_option(verify, "the image")
     verify.add_argument("path", metavar="PATH", help="the image to check")
 
+
+def _declare_map(sub: _Commands) -> None:
     map_ = sub.add_parser(
         "map", help="where the guest's data lies, as qemu-img map shows it",
         description="Map the guest disk of an image, range by range: data, zeros or unallocated, the image of "
@@ -267,6 +286,8 @@ def _parser() -> _Parser:
     _max_size_option(map_, "the image and each of its backing files")
     map_.add_argument("path", metavar="PATH", help="the image")
 
+
+def _declare_inspect(sub: _Commands) -> None:
     inspect = sub.add_parser(
         "inspect", help="what the guest disk holds: partition table, filesystems, LUKS, or nothing",
         description="Read an image's guest disk (through its recorded local backing chain, as qemu-img does) and "
@@ -286,6 +307,8 @@ def _parser() -> _Parser:
     _max_size_option(inspect, "the image and each of its backing files")
     inspect.add_argument("path", metavar="PATH", help="the image")
 
+
+def _declare_compare(sub: _Commands) -> None:
     compare = sub.add_parser(
         "compare", help="do two images hold the same guest data? (qemu-img compare's messages and exit codes)",
         description="Compare the guest disks of two images, through their recorded local backing chains, as "
@@ -311,6 +334,8 @@ def _parser() -> _Parser:
     compare.add_argument("first", metavar="FILE1", help="the first image")
     compare.add_argument("second", metavar="FILE2", help="the second image")
 
+
+def _declare_convert(sub: _Commands) -> None:
     convert = sub.add_parser(
         "convert", help="write an image's guest disk as a sparse raw file (qemu-img convert -O raw)",
         description="Write the guest disk of SRC, through its recorded local backing chain, to the new raw file "
@@ -331,6 +356,8 @@ def _parser() -> _Parser:
     convert.add_argument("source", metavar="SRC", help="the image")
     convert.add_argument("destination", metavar="DST", help="the raw file to create")
 
+
+def _declare_measure(sub: _Commands) -> None:
     measure = sub.add_parser(
         "measure", help="the size a new image would take (qemu-img measure)",
         description="How many bytes a new image of format -O needs, for a virtual size (--size) or to hold a "
@@ -371,6 +398,8 @@ def _parser() -> _Parser:
     _max_size_option(measure, "SRC and each of its backing files")
     measure.add_argument("source", nargs="*", metavar="SRC", help="the image whose data the new one would hold")
 
+
+def _declare_validate(sub: _Commands) -> None:
     validate = sub.add_parser(
         "validate", help="validate volume XML against storprobe's schemas",
         description="Validate volume XML against storprobe's RelaxNG schema: 'FILE: valid' or 'FILE: invalid' "
@@ -378,12 +407,29 @@ def _parser() -> _Parser:
     )
     validate.add_argument("files", metavar="FILE.xml", nargs="+", help="documents to validate ('-': standard input)")
 
+
+def _declare_formats(sub: _Commands) -> None:
     formats = sub.add_parser("formats", help="list the registered format table")
     formats.add_argument(
         "--output", choices=("human", "json"), default="human",
         help="human: a table; json: an array of objects (default: %(default)s)",
     )
-    return parser
+
+
+#: Each command and what declares its parser, in the order the help lists them.
+_COMMANDS: dict[str, Callable[[_Commands], None]] = {
+    "info": _declare_info,
+    "scan": _declare_scan,
+    "check": _declare_check,
+    "verify": _declare_verify,
+    "map": _declare_map,
+    "inspect": _declare_inspect,
+    "compare": _declare_compare,
+    "convert": _declare_convert,
+    "measure": _declare_measure,
+    "validate": _declare_validate,
+    "formats": _declare_formats,
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -1128,7 +1174,8 @@ def run() -> None:
 
 
 def _run(argv: Sequence[str] | None) -> int:
-    parser = _parser()
+    words = sys.argv[1:] if argv is None else list(argv)
+    parser = _parser(words[0] if words and words[0] in _COMMANDS else None)  # no option before it: no top-level help
     args, unknown = parser.parse_known_args(argv)
     command = parser.commands[args.command]
     if unknown:

@@ -8,8 +8,6 @@ without a signature; a catch-all row (raw, dir) is the fallback. Every row
 whose signature matches is listed in the result, so polyglots stay visible.
 """
 
-from __future__ import annotations
-
 import os
 import sys
 from collections.abc import Callable

@@ -18,8 +18,6 @@ other signature is there. It is for the built-in formats only: a table with a
 third-party row (whose signatures it was not tested with) turns it off.
 """
 
-from __future__ import annotations
-
 from collections.abc import Callable, Hashable
 from typing import Literal, NamedTuple
 
@@ -68,7 +66,7 @@ class PlainVolumes:
         plugins' alone, and the signature index decides every one of them."""
         return table.builtin_only and not table.unindexed
 
-    def text(self, source: PathSource, head: bytes) -> str | Wanted | None:
+    def text(self, source: PathSource, head: bytes) -> "str | Wanted | None":
         """The text of a volume (a regular file, ``head`` its first ``HEAD_SIZE``
         bytes) from its key's template; None when the volume is not plain; a
         :class:`Wanted` when its key has no template yet (render its record as
@@ -92,7 +90,7 @@ class PlainVolumes:
             return Wanted((position, version, key), virtual_size, allocation)
         return None if template is None else template.fill(self._quote(source.name), virtual_size, allocation)
 
-    def learn(self, wanted: Wanted, record: ScanRecord, rendered: object) -> None:
+    def learn(self, wanted: "Wanted", record: ScanRecord, rendered: object) -> None:
         """Make the template :meth:`text` wanted, from the volume's record and
         the text ``render`` made of it."""
         key, virtual_size, allocation = wanted
@@ -109,7 +107,7 @@ class PlainVolumes:
                 template = None
         self._templates[key] = template
 
-    def _entry(self, candidate: Candidate) -> _Entry:
+    def _entry(self, candidate: Candidate) -> "_Entry":
         spec = self._table.signed[candidate.position][0]
         field = None
         if spec.version_offset is not None:
@@ -164,7 +162,7 @@ class Wanted(NamedTuple):
 MAX_DECISIONS = 4096
 
 
-def _decide(head: bytes, start: int, entries: tuple[_Entry, ...]) -> tuple[int, FormatSpec, int | None] | bool | None:
+def _decide(head: bytes, start: int, entries: "tuple[_Entry, ...]") -> tuple[int, FormatSpec, int | None] | bool | None:
     """What one window of the signature index says of ``head``: the one row
     whose signature and version it carries (position, row, version), None for
     none, True for more than one or a signature the fast path leaves alone."""
@@ -193,10 +191,10 @@ class _Decider(NamedTuple):
 
     low: int
     high: int
-    entries: tuple[_Entry, ...]
+    entries: "tuple[_Entry, ...]"
 
     @classmethod
-    def of(cls, start: int, entries: tuple[_Entry, ...]) -> _Decider:
+    def of(cls, start: int, entries: "tuple[_Entry, ...]") -> "_Decider":
         spans = [(start, start + len(e.signature)) for e in entries]
         spans += [(e.version_field[0], e.version_field[1]) for e in entries if e.version_field is not None]
         return cls(min(low for low, _ in spans), max(high for _, high in spans), entries)
@@ -223,7 +221,7 @@ class Template(NamedTuple):
     order: tuple[int, int, int]
 
     @classmethod
-    def of(cls, text: object, quote: Callable[[str], str]) -> Template | None:
+    def of(cls, text: object, quote: Callable[[str], str]) -> "Template | None":
         """The template of a text written with the stand-ins, or None unless
         ``text`` is a str that shows each of them exactly once."""
         if not isinstance(text, str):

@@ -14,8 +14,6 @@ manager (to register a plugin, say) makes it, and the table is built through it
 from then on. tests/test_startup.py holds both ways to the same table.
 """
 
-from __future__ import annotations
-
 import importlib
 import os
 import sys
@@ -94,18 +92,6 @@ class FormatTable:
         return [s.name for s in self.specs]
 
 
-class Window(NamedTuple):
-    """Where signatures start, in the head (``start`` >= 0) or before the end of
-    the file (``start`` < 0): the bytes at ``start`` of the shortest signature's
-    length (``key``) select the candidates, each of which its full bytes confirm."""
-
-    start: int
-    key: int
-    longest: int
-    #: key bytes -> the entries it selects
-    candidates: dict[bytes, tuple[Candidate, ...]]
-
-
 class Candidate(NamedTuple):
     """A magic value (``is_magic``), or a prefix after which a row's ``match``
     callback is asked, of the row at ``position`` in ``signed`` and its header
@@ -116,6 +102,18 @@ class Candidate(NamedTuple):
     rank: int
     offset: int
     is_magic: bool
+
+
+class Window(NamedTuple):
+    """Where signatures start, in the head (``start`` >= 0) or before the end of
+    the file (``start`` < 0): the bytes at ``start`` of the shortest signature's
+    length (``key``) select the candidates, each of which its full bytes confirm."""
+
+    start: int
+    key: int
+    longest: int
+    #: key bytes -> the entries it selects
+    candidates: dict[bytes, tuple[Candidate, ...]]
 
 
 def _windows(signed: tuple[tuple[FormatSpec, tuple[bytes, ...], bool], ...]) -> tuple[Window, ...]:
@@ -158,7 +156,7 @@ class _Registry:
         self.pm: pluggy.PluginManager | None = None
         self._table: FormatTable | None = None
 
-    def plugin_manager(self) -> pluggy.PluginManager:
+    def plugin_manager(self) -> "pluggy.PluginManager":
         if self.pm is None:
             import pluggy
 
@@ -231,7 +229,7 @@ def _only_names() -> set[str]:
     return {n.strip() for n in os.environ.get("STORPROBE_PLUGINS", "").split(",") if n.strip()}
 
 
-def _load_third_party(pm: pluggy.PluginManager) -> None:
+def _load_third_party(pm: "pluggy.PluginManager") -> None:
     if os.environ.get("STORPROBE_DISABLE_PLUGIN_AUTOLOAD"):
         return
     only = _only_names()
@@ -298,7 +296,7 @@ def _group_names(text: str) -> set[str]:
 _registry = _Registry()
 
 
-def plugin_manager() -> pluggy.PluginManager:
+def plugin_manager() -> "pluggy.PluginManager":
     """The process-wide plugin manager (built on first use)."""
     return _registry.plugin_manager()
 

@@ -12,8 +12,6 @@ processes, one per CPU, each taking every ``jobs``-th batch, and yields the
 results in the same name order.
 """
 
-from __future__ import annotations
-
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -222,8 +220,8 @@ def _record(
 
 
 def _plain_or_probed(
-    plain: PlainVolumes, table: FormatTable, path: str, source: PathSource | SourceError
-) -> str | tuple[ScanRecord, Wanted | None]:
+    plain: "PlainVolumes", table: FormatTable, path: str, source: PathSource | SourceError
+) -> "str | tuple[ScanRecord, Wanted | None]":
     """A plain volume's text, written from its template; else the volume's
     record, and what the template of its key wants when it is plain."""
     head, wanted = None, None
@@ -241,7 +239,7 @@ def _plain_or_probed(
 
 
 def _written(
-    plain: PlainVolumes, render: Callable[[ScanRecord], T], probed: str | tuple[ScanRecord, Wanted | None]
+    plain: "PlainVolumes", render: Callable[[ScanRecord], T], probed: "str | tuple[ScanRecord, Wanted | None]"
 ) -> T:
     """The text of what :func:`_plain_or_probed` made (a record rendered, which
     may make the template its key wants)."""

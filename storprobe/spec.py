@@ -9,19 +9,15 @@ data cannot say. Offsets are relative to the header's start, which is one of
 whose header is a trailer).
 """
 
-from __future__ import annotations
-
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
-from .model import EMPTY, LibvirtFacts
-from .source import HEAD_SIZE, READ_BUDGET
+from .model import EMPTY, Backing, DataFile, ImageInfo, LibvirtFacts, Snapshot
+from .source import HEAD_SIZE, READ_BUDGET, Image
 
 if TYPE_CHECKING:
     from .blockmap import BlockMap, HostFile
     from .measure import Measurement, MeasureRequest
-    from .model import Backing, DataFile, ImageInfo, Snapshot
-    from .source import Image
     from .verify import CheckReader, CheckResult
 
 FileType = Literal["file", "block", "directory"]
@@ -105,7 +101,7 @@ class FormatSpec(NamedTuple):
     #: ``storprobe verify``: the metadata walk of ``qemu-img check`` (read-only), given the
     #: image and a bounded reader of its metadata (see :mod:`storprobe.verify`). None: the
     #: format has no check here (exit 63 unless QEMU's driver has one, then "not yet").
-    check: Callable[[Image, CheckReader], CheckResult] | None = None
+    check: "Callable[[Image, CheckReader], CheckResult] | None" = None
     priority: int = 0
     libvirt: LibvirtFacts = LibvirtFacts()
     #: The QEMU block driver that opens this format's images (``qemu-img -f``), when it is
@@ -115,12 +111,12 @@ class FormatSpec(NamedTuple):
     qemu_version_drivers: Mapping[int, str] = EMPTY
     #: The guest-to-host map of an image of this format, for the data path (``open_image``,
     #: ``storprobe map``): built from the probed image, its record and its opened file.
-    block_map: Callable[[Image, ImageInfo, HostFile], BlockMap] | None = None
+    block_map: "Callable[[Image, ImageInfo, HostFile], BlockMap] | None" = None
     #: ``storprobe measure -O <this format>``: the size a new image of this format
     #: would take (``qemu-img measure``, the driver's ``bdrv_measure``), for a
     #: virtual size or a source's data (see :mod:`storprobe.measure`). None: QEMU's
     #: driver measures nothing (or it is not done here).
-    measure: Callable[[MeasureRequest], Measurement] | None = None
+    measure: "Callable[[MeasureRequest], Measurement] | None" = None
     #: Byte ranges ``(offset from the header's start, length)`` the row's callbacks read in
     #: every probe, as data: a probe by rounds (an object read by ranges) fetches them all
     #: in one round as soon as the row is chosen, instead of one round per structure the
