@@ -27,8 +27,10 @@ from .errors import ProbeError
 if TYPE_CHECKING:
     from .datapath import GuestDisk
 
-#: Bytes read from the guest disk at once.
-CHUNK = 2 << 20
+#: Bytes read from the guest disk at once (1 MiB took less time and CPU than 2 MiB or
+#: 256 KiB converting 1 GiB of random or compressed data: the chunk just read is
+#: more likely still in the processor's cache when it is written).
+CHUNK = 1 << 20
 #: Chunk buffers in flight: one being read while the others wait to be written.
 BUFFERS = 3
 #: The smallest run of zeros left as a hole (qemu-img convert's default ``-S``).
