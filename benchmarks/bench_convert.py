@@ -24,12 +24,14 @@ again at each start.
 
 Where the time goes (profiles of 1 GiB, 2 CPUs, warm page cache): random data is
 all system time on both sides, the kernel copying the file into the chunk buffer
-(preadv) and the buffer into the page cache (pwrite), on two threads; storprobe adds
-its start-up (about 0.1 s of the interpreter and imports: the sparse image measures
-it alone). Compressed data is inflating (zlib 1.2: about 250 us a 64 KiB cluster,
-zstd 30 us) on a pool of threads, the main thread reading the next batch and
-copying each cluster once into the chunk buffer. Tests never assert timings;
-compare numbers from one run only (other work on the machine moves them).
+(preadv) and the buffer into the page cache (pwrite), on two threads; storprobe
+adds its start-up (0.07-0.15 s of the interpreter, imports and the format table,
+bytecode cached: the sparse image measures it alone). Compressed data is
+inflating (zlib 1.2: about 250 us a 64 KiB cluster, zstd 30 us) on a pool of
+threads that read their own input and inflate into reused batch buffers, the
+main thread walking the tables and copying each cluster once into the chunk
+buffer. Tests never assert timings; compare numbers from one run only (other
+work on the machine moves them).
 """
 
 from __future__ import annotations
