@@ -234,53 +234,57 @@ def _header_of(head: bytes) -> Any:
 
 
 def _check_header(hdr: Any) -> None:
-    """QEMU's checks on the fixed header, in the order qcow2_do_open makes them."""
-    if not MIN_CLUSTER_BITS <= hdr.cluster_bits <= MAX_CLUSTER_BITS:
-        raise _invalid("cluster-bits", f"cluster_bits {hdr.cluster_bits} is outside 9..21")
-    cluster_size = 1 << hdr.cluster_bits
-    if hdr.version == 3 and hdr.header_length < COMPRESSION_TYPE_OFFSET:
-        raise _invalid("header-too-short", f"v3 header_length {hdr.header_length} is below 104")
-    if hdr.header_length > cluster_size:
-        raise _invalid("header-too-large", f"header_length {hdr.header_length} exceeds the cluster size")
-    if hdr.backing_file_offset > cluster_size:
-        raise _invalid("backing-offset", f"backing file offset {hdr.backing_file_offset} is beyond the first cluster")
-    if hdr.compression_type not in COMPRESSION_TYPES:
-        raise _invalid("compression-type", f"unknown compression type {hdr.compression_type}")
-    if bool(hdr.compression_type) != bool(hdr.incompatible_features & INCOMPAT_COMPRESSION):
+    """QEMU's checks on the fixed header, in the order qcow2_do_open makes them
+    (its fields read once, into names: every probe and scan runs this)."""
+    (_, version, backing_file_offset, _, cluster_bits, size, crypt_method, l1_size, l1_table_offset,
+     refcount_table_offset, refcount_table_clusters, nb_snapshots, snapshots_offset, incompatible_features,
+     _, _, refcount_order, header_length, compression_type) = hdr
+    if not MIN_CLUSTER_BITS <= cluster_bits <= MAX_CLUSTER_BITS:
+        raise _invalid("cluster-bits", f"cluster_bits {cluster_bits} is outside 9..21")
+    cluster_size = 1 << cluster_bits
+    if version == 3 and header_length < COMPRESSION_TYPE_OFFSET:
+        raise _invalid("header-too-short", f"v3 header_length {header_length} is below 104")
+    if header_length > cluster_size:
+        raise _invalid("header-too-large", f"header_length {header_length} exceeds the cluster size")
+    if backing_file_offset > cluster_size:
+        raise _invalid("backing-offset", f"backing file offset {backing_file_offset} is beyond the first cluster")
+    if compression_type not in COMPRESSION_TYPES:
+        raise _invalid("compression-type", f"unknown compression type {compression_type}")
+    if bool(compression_type) != bool(incompatible_features & INCOMPAT_COMPRESSION):
         raise _invalid("compression-type-bit", "compression type and its incompatible feature bit disagree")
-    if hdr.incompatible_features & INCOMPAT_EXTENDED_L2 and cluster_size // SUBCLUSTERS < SECTOR:
+    if incompatible_features & INCOMPAT_EXTENDED_L2 and cluster_size // SUBCLUSTERS < SECTOR:
         raise _invalid("extended-l2-cluster-size", "extended L2 entries need clusters of at least 16 KiB")
-    if hdr.refcount_order > MAX_REFCOUNT_ORDER:
-        raise _invalid("refcount-order", f"refcount_order {hdr.refcount_order} exceeds 6")
-    if hdr.refcount_table_clusters == 0:
+    if refcount_order > MAX_REFCOUNT_ORDER:
+        raise _invalid("refcount-order", f"refcount_order {refcount_order} exceeds 6")
+    if refcount_table_clusters == 0:
         raise _invalid("no-refcount-table", "the image has no refcount table")
-    if hdr.refcount_table_clusters > MAX_REFTABLE_BYTES // cluster_size:
-        raise _invalid("refcount-table-too-large", f"refcount table of {hdr.refcount_table_clusters} clusters")
+    if refcount_table_clusters > MAX_REFTABLE_BYTES // cluster_size:
+        raise _invalid("refcount-table-too-large", f"refcount table of {refcount_table_clusters} clusters")
     _check_table_offset(
-        hdr, "refcount-table-offset", hdr.refcount_table_offset, hdr.refcount_table_clusters * cluster_size
+        cluster_size, "refcount-table-offset", refcount_table_offset, refcount_table_clusters * cluster_size
     )
-    if hdr.nb_snapshots > MAX_SNAPSHOTS:
-        raise _invalid("too-many-snapshots", f"{hdr.nb_snapshots} snapshots exceed QEMU's {MAX_SNAPSHOTS}")
-    _check_table_offset(hdr, "snapshot-table-offset", hdr.snapshots_offset, hdr.nb_snapshots * SNAPSHOT.size)
-    if hdr.l1_size > MAX_L1_BYTES // 8:
-        raise _invalid("l1-too-large", f"L1 table of {hdr.l1_size} entries exceeds {MAX_L1_BYTES} bytes")
-    _check_table_offset(hdr, "l1-offset", hdr.l1_table_offset, hdr.l1_size * 8)
-    l2_entry_size = 16 if hdr.incompatible_features & INCOMPAT_EXTENDED_L2 else 8
-    shift = 2 * hdr.cluster_bits - (l2_entry_size.bit_length() - 1)  # bytes one L1 entry maps
-    l1_needed = ((hdr.size + (1 << shift) - 1) % UINT64) >> shift  # QEMU's 64-bit arithmetic
+    if nb_snapshots > MAX_SNAPSHOTS:
+        raise _invalid("too-many-snapshots", f"{nb_snapshots} snapshots exceed QEMU's {MAX_SNAPSHOTS}")
+    _check_table_offset(cluster_size, "snapshot-table-offset", snapshots_offset, nb_snapshots * SNAPSHOT.size)
+    if l1_size > MAX_L1_BYTES // 8:
+        raise _invalid("l1-too-large", f"L1 table of {l1_size} entries exceeds {MAX_L1_BYTES} bytes")
+    _check_table_offset(cluster_size, "l1-offset", l1_table_offset, l1_size * 8)
+    l2_entry_size = 16 if incompatible_features & INCOMPAT_EXTENDED_L2 else 8
+    shift = 2 * cluster_bits - (l2_entry_size.bit_length() - 1)  # bytes one L1 entry maps
+    l1_needed = ((size + (1 << shift) - 1) % UINT64) >> shift  # QEMU's 64-bit arithmetic
     if l1_needed > INT_MAX:
-        raise _invalid("image-too-big", f"virtual size {hdr.size} needs {l1_needed} L1 entries")
-    if hdr.l1_size < l1_needed:
-        raise _invalid("l1-too-small", f"L1 table has {hdr.l1_size} entries, virtual size needs {l1_needed}")
-    if hdr.crypt_method > CRYPT_LUKS:
-        raise _invalid("crypt-method", f"unsupported encryption method {hdr.crypt_method}")
-    if hdr.size // SECTOR * SECTOR > QEMU_MAX_LENGTH:
-        raise _invalid("size-too-large", f"virtual size {hdr.size} exceeds QEMU's limit {QEMU_MAX_LENGTH}")
+        raise _invalid("image-too-big", f"virtual size {size} needs {l1_needed} L1 entries")
+    if l1_size < l1_needed:
+        raise _invalid("l1-too-small", f"L1 table has {l1_size} entries, virtual size needs {l1_needed}")
+    if crypt_method > CRYPT_LUKS:
+        raise _invalid("crypt-method", f"unsupported encryption method {crypt_method}")
+    if size // SECTOR * SECTOR > QEMU_MAX_LENGTH:
+        raise _invalid("size-too-large", f"virtual size {size} exceeds QEMU's limit {QEMU_MAX_LENGTH}")
 
 
-def _check_table_offset(hdr: Any, rule: str, offset: int, table_bytes: int) -> None:
+def _check_table_offset(cluster_size: int, rule: str, offset: int, table_bytes: int) -> None:
     """QEMU's qcow2_validate_table: the table starts on a cluster and ends below 2**63."""
-    if INT64_MAX - table_bytes < offset or offset % (1 << hdr.cluster_bits):
+    if INT64_MAX - table_bytes < offset or offset % cluster_size:
         raise _invalid(rule, f"table offset {offset} is not cluster-aligned or out of range")
 
 
@@ -684,8 +688,9 @@ def _plain_extensions(head: bytes, hdr: Any) -> bool:
     :func:`_extensions` walks them, inside ``head`` and hold none that a plain image lacks."""
     end = 1 << hdr.cluster_bits
     offset = hdr.header_length
+    available = len(head)
     while offset < end:
-        if offset + 8 > len(head):
+        if offset + 8 > available:
             return False
         kind, length = _EXTENSION_HEAD.unpack_from(head, offset)
         offset += 8
@@ -693,9 +698,9 @@ def _plain_extensions(head: bytes, hdr: Any) -> bool:
             return False  # extension-too-large, or one a plain image lacks
         if kind == EXT_END:
             return True
-        if kind == EXT_FEATURE_NAMES and offset + length > len(head):
+        if kind == EXT_FEATURE_NAMES and offset + length > available:
             return False  # read whole by the general path
-        offset += _align8(length)
+        offset += length + 7 & ~7  # _align8, inline: every scanned volume walks this
     return True
 
 

@@ -144,7 +144,8 @@ class PlainVolumes:
             tail = head[tail_start:] if size <= len(head) else source.read_at(tail_start, size - tail_start)
             for start, key, trailers in self._tail_windows:
                 at = size + start - tail_start
-                if at >= 0 and any(tail.startswith(c.signature, at) for c in trailers.get(tail[at : at + key], ())):
+                candidates = trailers.get(tail[at : at + key]) if at >= 0 else None
+                if candidates and any(tail.startswith(c.signature, at) for c in candidates):
                     return None
         return found
 

@@ -183,9 +183,10 @@ def _ahead(paths: Iterable[Entry], probe: Callable[[str, PathSource | SourceErro
     batch at a time, the volumes of the batches after it opened ahead."""
     paths = iter(paths)
     window: deque[tuple[str, PathSource | SourceError]] = deque()
+    ahead = max(READAHEAD, BATCH)
     try:
         while True:
-            while len(window) < max(READAHEAD, BATCH) and (entry := next(paths, None)) is not None:
+            while len(window) < ahead and (entry := next(paths, None)) is not None:
                 window.append((entry[0], _opened(*entry)))
             if not window:
                 return

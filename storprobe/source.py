@@ -93,12 +93,16 @@ def _check_volume(mode: int) -> str:
 
 
 _OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0)
+_OPEN_FLAGS_NOFOLLOW = _OPEN_FLAGS | getattr(os, "O_NOFOLLOW", 0)
+#: posix_fadvise and its WILLNEED, where the platform has them (not macOS).
+_FADVISE = getattr(os, "posix_fadvise", None)
+_WILLNEED = getattr(os, "POSIX_FADV_WILLNEED", 0)
 
 
 def _open_listed_file(path: str) -> int:
     """``path`` opened without following a link, or -1 when it has become one."""
     try:
-        return os.open(path, _OPEN_FLAGS | getattr(os, "O_NOFOLLOW", 0))
+        return os.open(path, _OPEN_FLAGS_NOFOLLOW)
     except OSError as exc:
         if exc.errno in (errno.ELOOP, errno.EMLINK):  # Linux, the BSDs
             return -1
@@ -154,13 +158,13 @@ class PathSource:
     def prefetch(self) -> None:
         """Ask the kernel to start reading what a probe reads first (the head
         and the tail), so that reads of many volumes overlap; only a hint."""
-        if self.file_type == "directory" or not hasattr(os, "posix_fadvise"):
+        if self.file_type == "directory" or _FADVISE is None:
             return
         try:
-            os.posix_fadvise(self._fd, 0, HEAD_SIZE, os.POSIX_FADV_WILLNEED)
+            _FADVISE(self._fd, 0, HEAD_SIZE, _WILLNEED)
             if self._size > HEAD_SIZE:
                 tail = max(HEAD_SIZE, self._size - TAIL_SIZE)
-                os.posix_fadvise(self._fd, tail, self._size - tail, os.POSIX_FADV_WILLNEED)
+                _FADVISE(self._fd, tail, self._size - tail, _WILLNEED)
         except OSError:
             pass  # a hint the file system does not take
 

@@ -179,7 +179,7 @@ def probe_rules() -> set[str]:
     functions = (qcow2._check_header, qcow2._check_table_offset, qcow2._extensions, qcow2._parse_extensions,
                  qcow2._crypto_extension, qcow2._bitmaps_extension, qcow2.features, qcow2.backing)
     source = "".join(inspect.getsource(f) for f in functions)
-    called = re.findall(r'(?:_invalid|_check_table_offset)\(\s*(?:hdr,\s*)?"([\w-]+)"', source)
+    called = re.findall(r'(?:_invalid|_check_table_offset)\(\s*(?:\w+,\s*)?"([\w-]+)"', source)
     return {f"qcow2.{rule}" for rule in called}
 
 

@@ -743,7 +743,7 @@ def raised_codes() -> set[str]:
         source = "".join(p.read_text() for p in [path, *SHARED.get(fmt, [])])
         found = set(re.findall(rf'"({fmt}\.[a-z0-9-]+)"', source))
         if fmt == "qcow2":  # rules named through helpers: _invalid("rule", ...) and friends
-            for pattern in (r'_invalid\(\s*"([a-z0-9-]+)"', r'_check_table_offset\(\s*hdr,\s*"([a-z0-9-]+)"',
+            for pattern in (r'_invalid\(\s*"([a-z0-9-]+)"', r'_check_table_offset\(\s*\w+,\s*"([a-z0-9-]+)"',
                             r'"([a-z0-9-]+-beyond-file)"'):
                 found |= {f"qcow2.{name}" for name in re.findall(pattern, source)}
         codes |= found - set(HAZARD_NAME.findall(source))
