@@ -26,8 +26,10 @@ run with interleaved rounds (medians):
   image) against ``python -c pass``, through the installed console script:
   min and median, wall and CPU, of ``--startup-repeat`` interleaved runs.
 - the head read: what the scan's first reads cost per image, in process, for
-  storprobe's (the 0x8200-byte head and the last 512 bytes) and for a 4 KiB
-  head with a second small read of ISO 9660's signature at 32769.
+  the general path's (the 0x8200-byte head and the last 512 bytes) and the
+  fast path's (a 4 KiB head, ISO 9660's signature at 32769 read on its own, the
+  last 512 bytes: three reads, all inside what the read-ahead hint asked the
+  disk for, so no more disk reads).
 - in process: microseconds per ``probe()`` and read calls per probe for one
   image of each format a tool here makes, for this tree and, with
   ``--before REV``, for that git revision, in interleaved subprocesses.
@@ -478,8 +480,8 @@ def head_reads(installed: Installed, pool_dir: Path, repeat: int) -> None:
                          text=True, check=True, env=ENV).stdout
     cost = eval(out, {})  # a dict literal this script printed
     print("\nThe first reads, per image, in process (CPU time, medians of interleaved rounds):")
-    print(f"  open, fstat, the 0x8200-byte head, the last 512 bytes, close:      {cost['storprobe']:6.2f} us")
-    print(f"  open, fstat, a 4 KiB head, 5 bytes at 32769, the last 512, close:   {cost['smaller']:6.2f} us")
+    print(f"  general path: open, fstat, the 0x8200-byte head, the last 512 bytes, close: {cost['storprobe']:6.2f} us")
+    print(f"  fast path: open, fstat, a 4 KiB head, 5 bytes at 32769, the last 512, close: {cost['smaller']:6.2f} us")
     print(f"  difference: {cost['storprobe'] - cost['smaller']:+.2f} us per image")
 
 

@@ -23,7 +23,7 @@ from typing import Literal, NamedTuple
 
 from .registry import Candidate, FormatTable
 from .scan import ScanRecord
-from .source import PathSource
+from .source import PLAIN_HEAD, PathSource
 from .spec import FormatSpec
 
 #: Stand-ins for the values a template leaves out (the decimal ints are unlikely
@@ -39,10 +39,7 @@ class PlainVolumes:
     def __init__(self, table: FormatTable, render: Callable[[ScanRecord], object], quote: Callable[[str], str]) -> None:
         self._table, self._render, self._quote = table, render, quote
         self._head_windows = tuple(
-            (w.start, w.start + w.key, {key: _Decider.of(w.start, tuple(map(self._entry, entries)))
-                                        for key, entries in w.candidates.items()})
-            for w in table.windows
-            if w.start >= 0
+            self._window(w.start, w.key, w.candidates) for w in table.windows if w.start >= 0
         )
         #: (window start, the bytes its decision reads) -> the decision (see :meth:`_decide`)
         self._decisions: dict[tuple[int, bytes], tuple[int, FormatSpec, int | None] | bool | None] = {}
@@ -66,8 +63,20 @@ class PlainVolumes:
         plugins' alone, and the signature index decides every one of them."""
         return table.builtin_only and not table.unindexed
 
+    def _window(self, start: int, key: int, candidates: dict[bytes, tuple[Candidate, ...]]) -> "_HeadWindow":
+        """A head window as :meth:`_only_row` reads it: within :data:`PLAIN_HEAD`
+        from the head itself, else from the span its decisions read, read on its own
+        (offsets then count from that span's start, ``base``)."""
+        deciders = {k: _Decider.of(start, tuple(map(self._entry, entries))) for k, entries in candidates.items()}
+        low = min([start, *(d.low for d in deciders.values())])
+        high = max([start + key, *(d.high for d in deciders.values())])
+        if high <= PLAIN_HEAD:
+            return _HeadWindow(start, start, start + key, deciders, None, 0)
+        rebased = {k: _Decider.of(start - low, tuple(e.rebased(low) for e in d.entries)) for k, d in deciders.items()}
+        return _HeadWindow(start, start - low, start - low + key, rebased, low, high - low)
+
     def text(self, source: PathSource, head: bytes) -> "str | Wanted | None":
-        """The text of a volume (a regular file, ``head`` its first ``HEAD_SIZE``
+        """The text of a volume (a regular file, ``head`` its first :data:`PLAIN_HEAD`
         bytes) from its key's template; None when the volume is not plain; a
         :class:`Wanted` when its key has no template yet (render its record as
         ever, then pass both to :meth:`learn`)."""
@@ -122,14 +131,20 @@ class PlainVolumes:
         is there and that row has a ``plain`` callback; else None."""
         found: tuple[int, FormatSpec, int | None] | None = None
         decisions = self._decisions
-        for start, end, deciders in self._head_windows:
-            decider = deciders.get(head[start:end])
+        for at, start, end, deciders, base, length in self._head_windows:
+            if base is None:
+                data = head
+            elif size > at:
+                data = source.read_at(base, length)
+            else:
+                continue  # the file ends before the window
+            decider = deciders.get(data[start:end])
             if decider is None:
                 continue
-            seen = (start, head[decider.low : decider.high])
+            seen = (at, data[decider.low : decider.high])
             decision = decisions.get(seen, False)
             if decision is False:
-                decision = _decide(head, start, decider.entries)
+                decision = _decide(data, start, decider.entries)
                 if len(decisions) < MAX_DECISIONS:
                     decisions[seen] = decision
             if decision is None:
@@ -212,6 +227,28 @@ class _Entry(NamedTuple):
     for_files: bool
     at_start: bool
     version_field: tuple[int, int, Literal["big", "little"], frozenset[int]] | None
+
+    def rebased(self, base: int) -> "_Entry":
+        """The entry as read from bytes that start at ``base`` of the volume."""
+        if self.version_field is None:
+            return self
+        offset, end, order, versions = self.version_field
+        return self._replace(version_field=(offset - base, end - base, order, versions))
+
+
+class _HeadWindow(NamedTuple):
+    """A window of the signature index in the head, as the fast path reads it:
+    its place in the volume (``at``, which keys remembered decisions), where its
+    key bytes lie in the bytes read for it (``start`` to ``end``), and the
+    deciders of those bytes; ``base`` None: the bytes are the head, else the
+    ``length`` bytes from ``base`` on."""
+
+    at: int
+    start: int
+    end: int
+    deciders: dict[bytes, _Decider]
+    base: int | None
+    length: int
 
 
 class Template(NamedTuple):

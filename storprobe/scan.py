@@ -22,7 +22,7 @@ from .detect import describe_image
 from .errors import ProbeError, SourceError
 from .model import ImageInfo
 from .registry import FormatTable, format_table
-from .source import HEAD_SIZE, Image, PathSource
+from .source import PLAIN_HEAD, Image, PathSource
 
 if TYPE_CHECKING:
     from .plain import PlainVolumes, Wanted
@@ -227,8 +227,9 @@ def _plain_or_probed(
     record, and what the template of its key wants when it is plain."""
     head, wanted = None, None
     if isinstance(source, PathSource) and source.file_type == "file":
+        size = source.size()
         try:
-            head = source.read_at(0, min(HEAD_SIZE, source.size()))
+            head = source.read_at(0, min(PLAIN_HEAD, size))
             text = plain.text(source, head)
         except ProbeError:  # a read that failed: the general path names the error
             text = head = None
@@ -236,6 +237,8 @@ def _plain_or_probed(
             source.close()
             return text
         wanted = text
+        if size > PLAIN_HEAD:
+            head = None  # not the whole head the general path reads
     return _record(path, source, table, head), wanted
 
 

@@ -92,7 +92,8 @@ class FormatSpec(NamedTuple):
     backing: Callable[[Image], Backing | None] | None = None
     features: Callable[[Image], Features] | None = None
     hazards: Callable[[Image, ImageInfo], Iterable[Hazard]] | None = None
-    #: A scan's fast path (:mod:`storprobe.plain`): given the head of a volume that carries
+    #: A scan's fast path (:mod:`storprobe.plain`): given the head of a volume (its first
+    #: :data:`~storprobe.source.PLAIN_HEAD` bytes, fewer in a shorter file) that carries
     #: this row's signature and no other, ``(key, virtual size)`` when the volume is the
     #: format's plainest (every check passes, nothing beyond the head to read) and its record
     #: is fixed by ``key`` with its name, virtual size and status; None for any other volume.

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -77,28 +78,47 @@ def test_worker_processes_keep_name_order_and_records(pool, jobs):
 
 
 @forks
-def test_ordered_map_deals_items_round_robin_and_keeps_their_order():
-    parent = os.getpid()
-    done = list(ordered_map(lambda i: (i, os.getpid()), list(range(23)), 3))
-    assert [i for i, _ in done] == list(range(23))
-    workers = [pid for _, pid in done]
-    assert workers[0::3] == [parent] * 8  # item i by process i % jobs, this one first
-    assert len(set(workers[1::3])) == len(set(workers[2::3])) == 1
-    assert len({parent, workers[1], workers[2]}) == 3
+def test_ordered_map_shares_items_and_keeps_their_order():
+    def work(i: int) -> tuple[int, int]:
+        time.sleep(0.002)  # long enough that every process takes a share
+        return i, os.getpid()
+
+    done = list(ordered_map(work, list(range(60)), 3))
+    assert [i for i, _ in done] == list(range(60))
+    assert len({pid for _, pid in done}) == 3
     assert list(ordered_map(str, [], 4)) == []
     assert list(ordered_map(str, [7], 4)) == ["7"]  # no more processes than items
+    _assert_no_children_left()
+
+
+@forks
+def test_a_process_with_more_to_do_is_given_less():
+    """Items go to whichever process asks: one that also spends time elsewhere
+    (this one, which writes every result) takes fewer."""
+    parent = os.getpid()
+
+    def work(i: int) -> bool:
+        time.sleep(0.006 if os.getpid() == parent else 0.001)
+        return os.getpid() == parent
+
+    here = sum(ordered_map(work, list(range(200)), 2))
+    assert here < 80  # round-robin dealing gave it half
+    _assert_no_children_left()
 
 
 @forks
 def test_a_child_that_dies_leaves_its_items_to_the_parent():
     parent = os.getpid()
 
-    def work(i: int) -> int:
-        if os.getpid() != parent and i == 4:
-            os._exit(9)  # killed in the middle of the work
-        return i * i
+    def work(i: int) -> tuple[int, bool]:
+        if os.getpid() != parent and i >= 4:
+            os._exit(9)  # killed in the middle of the work, holding the next item too
+        time.sleep(0.002)
+        return i * i, os.getpid() == parent
 
-    assert list(ordered_map(work, list(range(12)), 2)) == [i * i for i in range(12)]
+    done = list(ordered_map(work, list(range(12)), 2))
+    assert [square for square, _ in done] == [i * i for i in range(12)]
+    assert not all(here for _, here in done)  # the child answered some before it died
     _assert_no_children_left()
 
 
@@ -208,11 +228,14 @@ def test_a_child_that_cannot_be_forked_leaves_its_items_to_the_parent(monkeypatc
         return real_fork()
 
     monkeypatch.setattr(os, "fork", fork)
-    parent = os.getpid()
-    done = list(ordered_map(lambda i: (i, os.getpid() == parent), list(range(12)), 3))
-    assert [i for i, _ in done] == list(range(12))
-    assert [here for i, here in done if i % 3 == 2] == [True] * 4  # the unforked child's share
-    assert [here for i, here in done if i % 3 == 1] == [False] * 4  # the forked one did its own
+
+    def work(i: int) -> tuple[int, int]:
+        time.sleep(0.002)
+        return i, os.getpid()
+
+    done = list(ordered_map(work, list(range(40)), 3))
+    assert [i for i, _ in done] == list(range(40))
+    assert len({pid for _, pid in done}) == 2  # this process and the one child forked
     _assert_no_children_left()
 
 
