@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from storprobe import Features, FormatSpec, Image, InvalidHeader, Layout, hookimpl
+from storprobe.layout import BOOT_SIGNATURE
 from storprobe.source import sector_rounded_size
 
 DESCRIPTORS_OFFSET = 16 * 2048
@@ -105,9 +106,10 @@ def features(img: Image) -> Features:
     }
     if any(d.type == BOOT_RECORD and d.boot_system_id.rstrip(b"\0") == EL_TORITO_ID for _, d in descriptors):
         details["el-torito"] = True
-    from storprobe.partitions import partition_details  # loaded when an iso is described, not for every probe
+    if img.head[510:512] == BOOT_SIGNATURE:  # a hybrid image's MBR: the partition tables load for it alone
+        from storprobe.partitions import partition_details
 
-    details.update(partition_details(img.head))
+        details.update(partition_details(img.head))
     return Features(details=details)
 
 

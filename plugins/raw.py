@@ -34,6 +34,7 @@ from storprobe import (
     LibvirtFacts,
     hookimpl,
 )
+from storprobe.layout import BOOT_SIGNATURE
 from storprobe.source import SECTOR, sector_rounded_size
 
 if TYPE_CHECKING:  # the data path, measure and the partition tables load when first used, not for a probe
@@ -64,11 +65,21 @@ FAT_BOOT_SECTOR = Layout(
 FAT12_MAX_CLUSTERS = 4084
 
 
-def fat_details(head: bytes) -> dict[str, str]:
-    """``boot-sector`` and ``fat-type`` when ``head`` starts with a FAT boot sector."""
-    from storprobe.partitions import BOOT_SIGNATURE
+def boot_details(head: bytes) -> dict[str, str]:
+    """What the first sector holds: a FAT boot sector's facts, else the partition
+    table's (:mod:`storprobe.partitions`, loaded when a raw volume is first described;
+    a sector without the boot signature, most volumes' first, imports nothing)."""
+    if head[510:512] != BOOT_SIGNATURE:
+        return {}
+    from storprobe.partitions import partition_details
 
-    if len(head) < 512 or head[510:512] != BOOT_SIGNATURE:
+    return fat_details(head) or partition_details(head)
+
+
+def fat_details(head: bytes) -> dict[str, str]:
+    """``boot-sector`` and ``fat-type`` when ``head`` starts with a FAT boot sector
+    (its signature, 0x55 0xAA at 510, already seen)."""
+    if len(head) < 512:
         return {}
     bpb = FAT_BOOT_SECTOR.unpack(head)
     spc = bpb.sectors_per_cluster
@@ -100,9 +111,7 @@ def fat_details(head: bytes) -> dict[str, str]:
 
 
 def features(img: Image) -> Features:
-    from storprobe.partitions import partition_details
-
-    return Features(details=fat_details(img.head) or partition_details(img.head))
+    return Features(details=boot_details(img.head))
 
 
 def hazards(img: Image, info: ImageInfo) -> Iterator[Hazard]:
@@ -116,9 +125,7 @@ def hazards(img: Image, info: ImageInfo) -> Iterator[Hazard]:
     may hold a partition table."""
     if not info.header_at_start:
         return
-    from storprobe.partitions import partition_details
-
-    found = fat_details(img.head) or partition_details(img.head)
+    found = boot_details(img.head)
     if "partition-table" in found:
         yield Hazard(
             "raw.partition-table",

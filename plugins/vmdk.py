@@ -26,6 +26,7 @@ what QEMU opens.
 """
 
 import bisect
+import functools
 import re
 import struct
 from collections.abc import Callable, Iterator, Sequence
@@ -127,7 +128,7 @@ COWD_HEADER = Layout(
 # An extent line as QEMU's sscanf("%10s %ld %10s \"%511[^\n\r\"]\" %ld") reads it,
 # anchored on the last newline before the line's first non-space byte. The
 # possessive quantifiers take what scanf takes and never give it back. (These
-# patterns compile when a VMDK is first read, through re's cache, not at import.)
+# patterns compile when a VMDK is first read (_pattern), not at import.)
 _EXTENT_LINE = (
     rb"\n[ \t\r\f\v]*+(?="
     rb"(\S{1,10}+)\s*+([+-]?+[0-9]++)\s*+(\S{1,10}+)\s*+\"([^\n\r\"]{1,511}+)"
@@ -136,6 +137,17 @@ _EXTENT_LINE = (
 _HEX = rb"\s*(?:0[xX])?([0-9a-fA-F]+)"
 _PATH_SEPARATOR = r"[/\\]"
 WHITESPACE = frozenset(b" \t\n\r\f\v")
+
+
+@functools.cache
+def _pattern(source: bytes) -> re.Pattern[bytes]:
+    """A pattern of this module, compiled once, when first used."""
+    return re.compile(source)
+
+
+@functools.cache
+def _path_separator() -> re.Pattern[str]:
+    return re.compile(_PATH_SEPARATOR)
 
 
 class Extent(NamedTuple):
@@ -517,7 +529,7 @@ def _cid(text: bytes, key: bytes) -> int | None:
     at = text.find(key)
     if at < 0:
         return None
-    found = re.compile(_HEX).match(text, at + len(key) + 1)
+    found = _pattern(_HEX).match(text, at + len(key) + 1)
     if found is None or len(found[1].lstrip(b"0")) > 8:
         raise InvalidHeader(f"{key.decode()} is not a 32-bit hex number", code="vmdk.cid")
     return int(found[1], 16)
@@ -529,7 +541,7 @@ def _scan_extents(text: bytes) -> list[tuple[int, Extent]]:
     before an extent line reads that extent once more."""
     lines = b"\n" + text  # the first line starts after a newline too
     found: list[tuple[int, Extent]] = []
-    for line in re.finditer(_EXTENT_LINE, lines):
+    for line in _pattern(_EXTENT_LINE).finditer(lines):
         starts = _line_starts(lines, line.start())
         if len(found) + starts > MAX_EXTENTS:
             raise InvalidHeader(f"descriptor has more than {MAX_EXTENTS} extent lines", code="vmdk.extent-count")
@@ -648,14 +660,14 @@ def hazards(img: Image, info: ImageInfo) -> Iterator[Hazard]:
 
 def _bare(name: str) -> bool:
     """A plain file name: no directory, no protocol."""
-    return re.search(_PATH_SEPARATOR, name) is None and ":" not in name and name not in ("", ".", "..")
+    return _path_separator().search(name) is None and ":" not in name and name not in ("", ".", "..")
 
 
 def _outside_directory(name: str) -> bool:
     """Whether QEMU would open ``name`` outside the descriptor's directory: an
     absolute path, a ``..`` component, or a protocol or drive prefix (a colon
     before the first slash, which QEMU takes as is)."""
-    parts = re.split(_PATH_SEPARATOR, name)
+    parts = _path_separator().split(name)
     return name.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]
 
 

@@ -61,6 +61,10 @@ def _record_type(name: str, fields: list[str]) -> type[tuple[Any, ...]]:
     return made
 
 
+#: The last two bytes of an MBR (and of a FAT boot sector): 0x55 0xAA at 510.
+BOOT_SIGNATURE = b"\x55\xaa"
+
+
 def read_uint(buf: bytes | memoryview, offset: int, width: int, endian: str) -> int:
     """An unsigned integer of ``width`` bytes at ``offset``; TruncatedHeader if short."""
     if offset < 0 or offset + width > len(buf):
@@ -91,7 +95,8 @@ def qemu_utf8(raw: bytes) -> str:
     beyond U+10FFFF, surrogates, noncharacters and overlong forms, except that
     C0 80 is U+0000."""
     try:
-        return raw.decode("utf-8").translate(_NONCHARACTERS)
+        text = raw.decode("utf-8")
+        return text if text.isascii() else text.translate(_NONCHARACTERS)
     except UnicodeDecodeError:
         pass
     out: list[str] = []

@@ -16,9 +16,7 @@ import zlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from .layout import Layout
-
-BOOT_SIGNATURE = b"\x55\xaa"  # the last two bytes of an MBR (and of a FAT boot sector)
+from .layout import BOOT_SIGNATURE, Layout
 
 MBR_ENTRY = Layout(
     "<",
