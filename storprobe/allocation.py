@@ -13,14 +13,10 @@ import os
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from .datapath import BackingPolicy, open_image
+from .datapath import ALONE, open_image
 from .errors import ProbeError
 from .model import ImageInfo
 from .registry import FormatTable
-
-#: An image read alone: its backing file ignored; the files it names for its
-#: own data (a VMDK descriptor's extents) opened as QEMU opens them.
-ALONE = BackingPolicy(follow=True, ignore=True)
 
 
 class Allocation(NamedTuple):

@@ -930,11 +930,11 @@ def _open_guest(
     (as qemu-img reads it) or, with ``no_backing``, alone; ``max_size`` and
     ``max_depth`` as given (None: the data path's defaults)."""
     from .chain import DEFAULT_MAX_DEPTH
-    from .datapath import IGNORE, LOCAL, open_image
+    from .datapath import ALONE, LOCAL, open_image
     from .safety import DEFAULT_MAX_VIRTUAL_SIZE
 
     return open_image(
-        path, format, backing=IGNORE if no_backing else LOCAL,
+        path, format, backing=ALONE if no_backing else LOCAL,
         max_depth=DEFAULT_MAX_DEPTH if max_depth is None else max_depth,
         max_size=DEFAULT_MAX_VIRTUAL_SIZE if max_size is None else max_size,
     )
@@ -1040,9 +1040,9 @@ def _measure(args: argparse.Namespace) -> int:
 
 
 def _top_only() -> BackingPolicy:
-    from .datapath import IGNORE
+    from .datapath import ALONE
 
-    return IGNORE
+    return ALONE
 
 
 def _validate(args: argparse.Namespace) -> int:

@@ -60,7 +60,10 @@ class BackingPolicy(NamedTuple):
     its block map reads none of it, :class:`~storprobe.blockmap.ReadsNoBacking`:
     a differencing VHD, read as QEMU reads it).
     :data:`IGNORE`: the image is read alone; what its backing would hold reads
-    as zeros (``qemu-img``'s ``backing: null``, ``storprobe map --no-backing``).
+    as zeros (``qemu-img``'s ``backing: null``), and no other file is opened.
+    :data:`ALONE`: as IGNORE, but the files the image names for its own data (a
+    VMDK descriptor's extents) are opened as LOCAL opens them, as ``qemu-img``
+    opens them with ``backing: null`` (``storprobe map --no-backing``).
     :data:`LOCAL`: any recorded local file, as ``qemu-img`` opens it (for images
     you trust). :func:`backing_inside`: only regular files inside a directory.
     """
@@ -73,6 +76,7 @@ class BackingPolicy(NamedTuple):
 REFUSE = BackingPolicy()
 IGNORE = BackingPolicy(ignore=True)
 LOCAL = BackingPolicy(follow=True)
+ALONE = BackingPolicy(follow=True, ignore=True)
 
 
 def backing_inside(directory: str | os.PathLike[str]) -> BackingPolicy:

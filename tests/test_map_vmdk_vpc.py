@@ -23,7 +23,7 @@ import pytest
 
 from storprobe import ProbeError
 from storprobe.blockmap import DataPathError
-from storprobe.datapath import IGNORE, LOCAL, REFUSE, backing_inside, open_image
+from storprobe.datapath import ALONE, IGNORE, LOCAL, REFUSE, backing_inside, open_image
 
 from builders import cowd, descriptor
 from oracle import qemu_guest_bytes, qemu_img_create, qemu_io, qemu_map, require, run
@@ -259,6 +259,24 @@ def test_vpc_block_bitmap_is_not_read(tmp_path):
 
 
 # ---- the extent files a descriptor names: opened only under a policy ----------------------------------
+
+
+@pytest.mark.parametrize("subformat", ["monolithicFlat", "twoGbMaxExtentSparse"])
+def test_no_backing_still_opens_the_extent_files(tmp_path, subformat):
+    """``--no-backing`` is qemu-img's ``backing: null``: the parent is ignored,
+    the files the descriptor names for the disk's own data are still read."""
+    image = vmdk(tmp_path / "disk.vmdk", subformat)
+    spec = f'json:{{"driver": "vmdk", "backing": null, "file": {{"driver": "file", "filename": "{image}"}}}}'
+    theirs = subprocess.run([require("qemu-img"), "map", "--output=json", spec], capture_output=True, text=True)
+    assert theirs.returncode == 0, theirs.stderr
+    mine = storprobe("map", "--no-backing", "--output", "json", image)
+    assert (mine.returncode, mine.stderr, mine.stdout) == (0, "", theirs.stdout.replace(spec, str(image)))
+    out = tmp_path / "alone.raw"
+    converted = storprobe("convert", "--no-backing", "-O", "raw", image, out)
+    assert (converted.returncode, converted.stderr) == (0, "")
+    assert out.read_bytes() == qemu_guest_bytes(image, tmp_path, "vmdk")
+    with open_image(image, backing=ALONE) as disk:
+        assert disk.read() == out.read_bytes()
 
 
 def test_extent_files_follow_the_backing_policy(tmp_path):
