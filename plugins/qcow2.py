@@ -793,6 +793,16 @@ class Qcow2Map:
             )
         return self.host.table(l2_offset, self.cluster_size)
 
+    def _zero_l1_entries(self, l1_index: int) -> int:
+        """How many L1 entries from ``l1_index`` on are zero (at least 1), within
+        the piece of the table that holds it."""
+        at = l1_index * 8
+        if l1_index >= self.l1_size:
+            return 1
+        piece = at - at % L1_PIECE
+        rest = self.host.table(self.l1_offset + piece, min(L1_PIECE, self.l1_size * 8 - piece))[at - piece :]
+        return max(1, (len(rest) - len(rest.lstrip(b"\0"))) // 8)
+
     def _entry(self, table: bytes, index: int) -> tuple[int, int]:
         at = index * self.entry_size
         bitmap = int.from_bytes(table[at + 8 : at + 16], "big") if self.extended else 0
@@ -808,7 +818,8 @@ class Qcow2Map:
             l1_index = start // self.l1_span
             stop = min(end, (l1_index + 1) * self.l1_span)
             table = self._l2_table(l1_index)
-            if table is None:
+            if table is None:  # and so for every zero L1 entry after it: one extent (a sparse 64 TiB disk is 2**21)
+                stop = min(end, (l1_index + self._zero_l1_entries(l1_index)) * self.l1_span)
                 yield Extent(start, stop - start, False, False)
             else:
                 for extent in self._merged(self._clusters(table, l1_index, start, stop)):
