@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 from .datapath import ALONE, open_image
-from .errors import ProbeError
+from .errors import ProbeError, SourceError
 from .model import ImageInfo
 from .registry import FormatTable
 
@@ -34,13 +34,17 @@ class Allocation(NamedTuple):
 
 
 def allocation(path: str | os.PathLike[str], format: str | None = None, *,
-               table: FormatTable | None = None) -> Allocation:
+               table: FormatTable | None = None, probed: os.stat_result | None = None) -> Allocation:
     """What the image at ``path`` (``format``: trusted, not probed) holds
     itself; a named :class:`~storprobe.errors.ProbeError` when its data path
     cannot say (a format without a block map, an encrypted image, a table the
-    format's rules refuse)."""
+    format's rules refuse). ``probed``: the file's stat when it was probed
+    before; another file found at ``path`` now is a SourceError."""
     data = zero = 0
     with open_image(path, format, backing=ALONE, table=table) as disk:
+        now = disk.info.stat
+        if probed is not None and now is not None and (now.st_dev, now.st_ino) != (probed.st_dev, probed.st_ino):
+            raise SourceError(f"{os.fspath(path)} is another file than the one probed (replaced since)")
         for status in disk.block_status():
             if status.present and status.data:
                 data += status.length
@@ -59,7 +63,7 @@ def chain_allocations(images: Sequence[ImageInfo], format: str | None = None, *,
     results: list[Allocation | ProbeError] = []
     for image, recorded in zip(images, formats, strict=True):
         try:
-            results.append(allocation(image.filename, recorded, table=table))
+            results.append(allocation(image.filename, recorded, table=table, probed=image.stat))
         except ProbeError as exc:
             results.append(exc)
     return results

@@ -81,6 +81,20 @@ def test_each_layer_of_a_qcow2_chain_sums_as_qemu_img_map_alone(tmp_path, cluste
     assert (held[1].zero > 0) == ("compat=0.10" not in options and cluster <= 512 * KiB)
 
 
+def test_a_layer_replaced_since_the_chain_was_probed_is_not_summed(tmp_path):
+    """The chain's images are opened again to be read: another file put in one's
+    place since it was probed is an error for that layer, never its figures."""
+    top, mid, base = three_layers(tmp_path)
+    chain = probe_chain(top)
+    stand_in = tmp_path / "stand-in.qcow2"
+    qemu_img_create(stand_in, "qcow2", "16M")
+    os.replace(stand_in, mid)
+    top_result, mid_result, base_result = chain_allocations(chain.images, "qcow2")
+    assert isinstance(top_result, Allocation) and isinstance(base_result, Allocation)
+    assert not isinstance(mid_result, Allocation) and mid_result.code == "source"
+    assert "another file than the one probed" in mid_result.reason
+
+
 def test_top_alone_needs_no_backing_file(tmp_path):
     """The top's own map, read with its backing ignored: the backing may be gone."""
     top, mid, base = three_layers(tmp_path)
