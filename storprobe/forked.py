@@ -89,7 +89,10 @@ class _Dealer:
 
     def __init__(self, work: Callable[[S], R], items: Sequence[S], children: list[_Child], jobs: int) -> None:
         self.work, self.items = work, items
-        self.live = children[:]
+        self.live = {child.answers: child for child in children}  # by the descriptor its answers come on
+        self.poller = select.poll()  # not select.select: a descriptor over 1023 is fine
+        for fd in self.live:
+            self.poller.register(fd, select.POLLIN)
         self.done: dict[int, object] = {}  # index -> result, not yet yielded
         self.held: dict[int, _Child] = {}  # index -> the child working on it
         self.orphans: set[int] = set()  # items of children that died, to do here
@@ -120,7 +123,7 @@ class _Dealer:
     def _deal(self, index: int) -> None:
         """Give each child items until it holds :data:`QUEUED`, within the window."""
         end = min(len(self.items), index + self.window)
-        for child in self.live:
+        for child in self.live.values():
             while child.queued < QUEUED and self.next_free < end:
                 if not child.give(self.next_free):
                     break
@@ -131,11 +134,12 @@ class _Dealer:
         """Take the answers children have sent (with ``block``, wait for one)."""
         if not self.live:
             return
-        ready, _, _ = select.select(self.live, [], [], None if block else 0)
-        for child in ready:
+        for fd, _ in self.poller.poll(None if block else 0):
+            child = self.live[fd]
             answer = child.receive()
             if answer is None:  # it died: what it held is done here
-                self.live.remove(child)
+                self.poller.unregister(fd)
+                del self.live[fd]
                 lost = [i for i, holder in self.held.items() if holder is child]
                 for i in lost:
                     del self.held[i]
@@ -152,9 +156,6 @@ class _Child:
     def __init__(self, pid: int, tasks: int, answers: int) -> None:
         self.pid, self.tasks, self.answers = pid, tasks, answers  # answers -1: stopped
         self.queued = 0
-
-    def fileno(self) -> int:
-        return self.answers
 
     @classmethod
     def start(cls, work: Callable[[S], R], items: Sequence[S]) -> _Child | None:

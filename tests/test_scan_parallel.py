@@ -107,6 +107,28 @@ def test_a_process_with_more_to_do_is_given_less():
 
 
 @forks
+def test_children_answer_on_descriptors_past_select_s_limit():
+    """A process with over a thousand files open (a library's caller may have
+    them) still hears its children: they are polled, not select()ed (FD_SETSIZE)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"at most {hard} open files here")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        assert max(held) > 1024
+        done = list(ordered_map(lambda i: (i, os.getpid()), list(range(40)), 3))
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert [i for i, _ in done] == list(range(40))
+    _assert_no_children_left()
+
+
+@forks
 def test_a_child_that_dies_leaves_its_items_to_the_parent():
     parent = os.getpid()
 
