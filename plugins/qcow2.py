@@ -777,14 +777,19 @@ class Qcow2Map:
 
     # -- tables ------------------------------------------------------------------------
 
+    def _l1_piece(self, l1_index: int) -> tuple[bytes, int]:
+        """The piece of the L1 table (read and cached at once) that holds entry
+        ``l1_index`` (below ``l1_size``), and that entry's byte in it."""
+        at = l1_index * 8
+        piece = at - at % L1_PIECE
+        return self.host.table(self.l1_offset + piece, min(L1_PIECE, self.l1_size * 8 - piece)), at - piece
+
     def _l2_table(self, l1_index: int) -> bytes | None:
         """The L2 table of L1 entry ``l1_index``, None when it has none."""
         if l1_index >= self.l1_size:
             return None
-        at = l1_index * 8
-        piece = at - at % L1_PIECE
-        table = self.host.table(self.l1_offset + piece, min(L1_PIECE, self.l1_size * 8 - piece))
-        l2_offset = int.from_bytes(table[at - piece : at - piece + 8], "big") & L1E_OFFSET_MASK
+        table, at = self._l1_piece(l1_index)
+        l2_offset = int.from_bytes(table[at : at + 8], "big") & L1E_OFFSET_MASK
         if not l2_offset:
             return None
         if l2_offset % self.cluster_size:
@@ -796,11 +801,10 @@ class Qcow2Map:
     def _zero_l1_entries(self, l1_index: int) -> int:
         """How many L1 entries from ``l1_index`` on are zero (at least 1), within
         the piece of the table that holds it."""
-        at = l1_index * 8
         if l1_index >= self.l1_size:
             return 1
-        piece = at - at % L1_PIECE
-        rest = self.host.table(self.l1_offset + piece, min(L1_PIECE, self.l1_size * 8 - piece))[at - piece :]
+        table, at = self._l1_piece(l1_index)
+        rest = table[at:]
         return max(1, (len(rest) - len(rest.lstrip(b"\0"))) // 8)
 
     def _entry(self, table: bytes, index: int) -> tuple[int, int]:
