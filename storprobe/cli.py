@@ -76,7 +76,7 @@ def _parser(command: str | None = None) -> _Parser:
     parser.add_argument("--version", action=_Version, help="print storprobe's version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_CommandParser)
     parser.commands = sub.choices
-    for name, declare in _COMMANDS.items():
+    for name, (declare, _) in _COMMANDS.items():
         if command in (None, name):
             declare(sub)
     return parser
@@ -414,22 +414,6 @@ def _declare_formats(sub: _Commands) -> None:
         "--output", choices=("human", "json"), default="human",
         help="human: a table; json: an array of objects (default: %(default)s)",
     )
-
-
-#: Each command and what declares its parser, in the order the help lists them.
-_COMMANDS: dict[str, Callable[[_Commands], None]] = {
-    "info": _declare_info,
-    "scan": _declare_scan,
-    "check": _declare_check,
-    "verify": _declare_verify,
-    "map": _declare_map,
-    "inspect": _declare_inspect,
-    "compare": _declare_compare,
-    "convert": _declare_convert,
-    "measure": _declare_measure,
-    "validate": _declare_validate,
-    "formats": _declare_formats,
-}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -1182,13 +1166,8 @@ def _run(argv: Sequence[str] | None) -> int:
         command.error(f"unrecognized arguments: {' '.join(unknown)}")
     for useless in _useless_options(args):
         command.error(useless)
-    commands = {
-        "measure": _measure,
-        "info": _info, "scan": _scan, "check": _check, "verify": _verify,
-        "map": _map, "validate": _validate, "formats": _formats,
-    }
-    commands |= {"compare": _compare, "convert": _convert, "inspect": _inspect}
-    return commands[args.command](args)
+    _, run_command = _COMMANDS[args.command]
+    return run_command(args)
 
 
 def _useless_options(args: argparse.Namespace) -> Iterator[str]:
@@ -1302,5 +1281,21 @@ def _discard(stream: TextIO | None) -> None:
         os.close(null)
 
 
+#: Each command, in the order the help lists them: what declares its arguments,
+#: and what runs it (to its exit status).
+_COMMANDS: dict[str, tuple[Callable[[_Commands], None], Callable[[argparse.Namespace], int]]] = {
+    "info": (_declare_info, _info),
+    "scan": (_declare_scan, _scan),
+    "check": (_declare_check, _check),
+    "verify": (_declare_verify, _verify),
+    "map": (_declare_map, _map),
+    "inspect": (_declare_inspect, _inspect),
+    "compare": (_declare_compare, _compare),
+    "convert": (_declare_convert, _convert),
+    "measure": (_declare_measure, _measure),
+    "validate": (_declare_validate, _validate),
+    "formats": (_declare_formats, _formats),
+}
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
