@@ -8,8 +8,8 @@ threads: each volume is opened up to :data:`READAHEAD` entries before it is
 probed and the kernel is asked to start reading its head and tail
 (``posix_fadvise``), so a cold disk serves many reads at once. :func:`scan`
 yields records; :func:`scan_map` renders them (to text, say) in worker
-processes, one per CPU, each taking every ``jobs``-th batch, and yields the
-results in the same name order.
+processes, one per CPU, each handed batches as it asks for them
+(:mod:`storprobe.forked`), and yields the results in the same name order.
 """
 
 import os
