@@ -94,8 +94,7 @@ class _Dealer:
         for fd in self.live:
             self.poller.register(fd, select.POLLIN)
         self.done: dict[int, object] = {}  # index -> result, not yet yielded
-        self.held: dict[int, _Child] = {}  # index -> the child working on it
-        self.orphans: set[int] = set()  # items of children that died, to do here
+        self.held: dict[int, _Child] = {}  # index -> the child working on it (a dead child's are dropped)
         self.next_free = 0  # items below it are handed out or done
         self.window = WINDOW * jobs
 
@@ -106,7 +105,7 @@ class _Dealer:
                 self._deal(index)
                 if index in self.done:
                     break
-                if index in self.orphans or (index not in self.held and index == self.next_free):
+                if index not in self.held:  # nobody's yet, or a dead child's
                     self._here(index)
                 elif self.next_free < min(len(self.items), index + self.window):
                     self._here(self.next_free)  # while a child works on the one needed
@@ -115,7 +114,6 @@ class _Dealer:
             yield self.done.pop(index)  # type: ignore[misc]
 
     def _here(self, index: int) -> None:
-        self.orphans.discard(index)
         if index == self.next_free:
             self.next_free += 1
         self.done[index] = self.work(self.items[index])
@@ -140,10 +138,8 @@ class _Dealer:
             if answer is None:  # it died: what it held is done here
                 self.poller.unregister(fd)
                 del self.live[fd]
-                lost = [i for i, holder in self.held.items() if holder is child]
-                for i in lost:
+                for i in [i for i, holder in self.held.items() if holder is child]:
                     del self.held[i]
-                self.orphans.update(lost)
                 continue
             index, result = answer
             del self.held[index]
